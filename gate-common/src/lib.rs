@@ -1,0 +1,216 @@
+//! Types and constants shared by the eBPF programs (`gate-ebpf`) and the agent (`gate-user`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding fields, so both sides agree
+//! on the layout byte for byte and the kernel never hashes uninitialised padding.
+#![no_std]
+
+pub mod counters;
+pub mod tcp;
+
+/// Names of the maps in the eBPF object; also the file names of their pins.
+pub mod map_names {
+    pub const ALLOW: &str = "ALLOW";
+    pub const FLOWS: &str = "FLOWS";
+    pub const RULE_STATS: &str = "RULE_STATS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const ALL: [&str; 5] = [ALLOW, FLOWS, RULE_STATS, COUNTERS, CONFIG];
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program_names {
+    /// Bridge egress: traffic entering the bridge, toward the containers. Decides.
+    pub const TOWARD_CONTAINERS: &str = "toward_containers";
+    /// Bridge ingress: traffic leaving the containers. Tracks, never drops.
+    pub const FROM_CONTAINERS: &str = "from_containers";
+}
+
+/// Capacity of the allow map: one entry per (address, protocol, port).
+pub const ALLOW_CAPACITY: u32 = 262_144;
+/// Capacity of the connection-tracking map (LRU: the least recently used flow goes first).
+pub const FLOW_CAPACITY: u32 = 262_144;
+/// Number of rule slots for per-rule counters; rule ids are `0..MAX_RULES`.
+pub const MAX_RULES: u32 = 16_384;
+/// Rule id of flows that no allow rule admitted (started by a container).
+pub const NO_RULE: u32 = u32::MAX;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// An address in map keys: IPv6, with IPv4 as IPv4-mapped (`::ffff:a.b.c.d`), so one key type
+/// serves both families.
+pub type Addr = [u8; 16];
+
+/// Maps an IPv4 address (network byte order) into [`Addr`].
+#[inline(always)]
+pub const fn ipv4_mapped(v4: [u8; 4]) -> Addr {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+}
+
+/// Key of the allow map: a new connection to `addr`, `proto`, `port` may pass.
+/// For ICMP echo, `port` is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllowKey {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl AllowKey {
+    pub const fn new(addr: Addr, proto: u8, port: u16) -> Self {
+        Self { addr, port, proto, _pad: 0 }
+    }
+}
+
+/// Value of the allow map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllowValue {
+    /// Index into the per-rule counters.
+    pub rule_id: u32,
+}
+
+/// Key of the connection-tracking map, oriented from the container's side: the same key
+/// whichever direction a packet travels, so each packet costs one lookup.
+/// For ICMP echo both ports hold the echo identifier.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub container_addr: Addr,
+    pub remote_addr: Addr,
+    /// Host byte order.
+    pub container_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Who opened a tracked connection.
+pub const ORIGIN_REMOTE: u8 = 1;
+pub const ORIGIN_CONTAINER: u8 = 2;
+
+/// Set in [`FlowState::flags`] once the side that did not open the flow has sent a packet.
+pub const FLOW_REPLIED: u8 = 1;
+
+/// Value of the connection-tracking map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowState {
+    /// `bpf_ktime_get_ns` of the last packet.
+    pub last_seen_ns: u64,
+    /// The allow rule that admitted the flow, or [`NO_RULE`].
+    pub rule_id: u32,
+    /// One of [`tcp`]'s states; 0 for other protocols.
+    pub tcp_state: u8,
+    /// [`ORIGIN_REMOTE`] or [`ORIGIN_CONTAINER`].
+    pub origin: u8,
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// Seconds to nanoseconds.
+const fn secs(s: u64) -> u64 {
+    s * 1_000_000_000
+}
+
+/// Idle timeouts, close to Linux conntrack's defaults.
+pub const UDP_TIMEOUT_NS: u64 = secs(30);
+pub const UDP_REPLIED_TIMEOUT_NS: u64 = secs(180);
+pub const ICMP_TIMEOUT_NS: u64 = secs(30);
+
+impl FlowState {
+    /// How long the flow may stay idle before it counts as gone.
+    #[inline(always)]
+    pub fn idle_timeout_ns(&self, proto: u8) -> u64 {
+        match proto {
+            PROTO_TCP => tcp::timeout_ns(self.tcp_state),
+            PROTO_UDP if self.flags & FLOW_REPLIED != 0 => UDP_REPLIED_TIMEOUT_NS,
+            PROTO_UDP => UDP_TIMEOUT_NS,
+            _ => ICMP_TIMEOUT_NS,
+        }
+    }
+
+    #[inline(always)]
+    pub fn is_live(&self, proto: u8, now_ns: u64) -> bool {
+        now_ns.wrapping_sub(self.last_seen_ns) <= self.idle_timeout_ns(proto)
+    }
+}
+
+/// Per-rule counters (per CPU in the kernel; the agent sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Set in [`Config::flags`]: count what would be dropped, drop nothing.
+pub const CONFIG_AUDIT: u32 = 1;
+/// Set in [`Config::flags`]: gate traffic from the host's own stack too.
+pub const CONFIG_GATE_HOST: u32 = 2;
+
+/// The single entry of the config map. All zero (the state before the agent writes it)
+/// means enforce and let the host's own traffic pass: the safe default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub flags: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C), Copy, without implicit padding, valid for any bit pattern.
+    unsafe impl aya::Pod for super::AllowKey {}
+    unsafe impl aya::Pod for super::AllowValue {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::RuleStats {}
+    unsafe impl aya::Pod for super::Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<AllowKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<AllowValue>(), 4);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<FlowState>(), 8 + 4 + 4);
+        assert_eq!(size_of::<RuleStats>(), 16);
+        assert_eq!(size_of::<Config>(), 4);
+    }
+
+    #[test]
+    fn ipv4_is_mapped_into_ipv6() {
+        assert_eq!(
+            ipv4_mapped([10, 0, 0, 2]),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 2]
+        );
+    }
+
+    #[test]
+    fn udp_flow_lives_longer_once_replied() {
+        let mut flow = FlowState {
+            last_seen_ns: 1_000,
+            rule_id: 0,
+            tcp_state: 0,
+            origin: ORIGIN_CONTAINER,
+            flags: 0,
+            _pad: 0,
+        };
+        let later = 1_000 + secs(60);
+        assert!(!flow.is_live(PROTO_UDP, later));
+        flow.flags |= FLOW_REPLIED;
+        assert!(flow.is_live(PROTO_UDP, later));
+        assert!(!flow.is_live(PROTO_UDP, 1_000 + secs(181)));
+    }
+}

@@ -1,0 +1,1 @@
+fn main(){ println!("{}", gate_user::EBPF_OBJECT.len()); }
