@@ -93,17 +93,32 @@ impl Default for Transport {
 }
 
 /// What `parse` found. The transport fields go to the caller's `Transport`, written in place
-/// to keep the BPF stack small.
+/// to keep the BPF stack small; a plain `u8` so it returns in a register.
+#[repr(u8)]
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Parsed {
     /// Not IPv4 or IPv6.
     NotIp,
     /// A TCP, UDP or ICMP packet, or another IP protocol (ports 0).
     Packet,
-    /// An ICMP error. The transport describes the embedded packet it is about, as that
-    /// packet was sent; `to_its_sender` tells whether the error goes back to the address that
-    /// sent the embedded packet (as a genuine error does).
-    IcmpError { to_its_sender: bool },
+    /// An ICMP error going back to the sender of the packet it embeds (as a genuine error
+    /// does). The transport describes that embedded packet, as it was sent.
+    IcmpErrorToSender,
+    /// An ICMP error about a packet someone else sent.
+    IcmpErrorForeign,
+    Malformed,
+    Fragment,
+    UnsupportedHeader,
+}
+
+impl From<ParseError> for Parsed {
+    fn from(err: ParseError) -> Self {
+        match err {
+            ParseError::Malformed => Parsed::Malformed,
+            ParseError::Fragment => Parsed::Fragment,
+            ParseError::UnsupportedHeader => Parsed::UnsupportedHeader,
+        }
+    }
 }
 
 #[inline(always)]
@@ -111,15 +126,17 @@ fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
     ctx.load::<T>(offset).map_err(|_| ParseError::Malformed)
 }
 
-/// Parses the frame in `ctx` into `t`; `notes` collects `NOTE_*` bits.
+/// Parses the frame in `ctx` into `t`; `notes` collects `NOTE_*` bits. A function of its own
+/// (not inlined) so its stack frame is separate from the decision's.
 #[inline(never)]
-pub fn parse(ctx: &TcContext, t: &mut Transport, notes: &mut u8) -> Result<Parsed, ParseError> {
-    let eth: EthHdr = load(ctx, 0)?;
-    match eth.ether_type() {
-        Ok(EtherType::Ipv4) => parse_ipv4(ctx, EthHdr::LEN, t, notes),
-        Ok(EtherType::Ipv6) => parse_ipv6(ctx, EthHdr::LEN, t, notes),
-        _ => Ok(Parsed::NotIp),
-    }
+pub fn parse(ctx: &TcContext, t: &mut Transport, notes: &mut u8) -> Parsed {
+    let parsed = match load::<EthHdr>(ctx, 0).map(|eth| eth.ether_type()) {
+        Ok(Ok(EtherType::Ipv4)) => parse_ipv4(ctx, EthHdr::LEN, t, notes),
+        Ok(Ok(EtherType::Ipv6)) => parse_ipv6(ctx, EthHdr::LEN, t, notes),
+        Ok(_) => Ok(Parsed::NotIp),
+        Err(err) => Err(err),
+    };
+    parsed.unwrap_or_else(Parsed::from)
 }
 
 #[inline(always)]
@@ -298,7 +315,7 @@ fn embedded_ipv4(ctx: &TcContext, offset: usize, t: &mut Transport) -> Result<Pa
     t.src = sender;
     t.dst = ipv4_mapped(ip.dst_addr);
     embedded_transport(ctx, offset + header_len, ip.proto, t)?;
-    Ok(Parsed::IcmpError { to_its_sender })
+    Ok(if to_its_sender { Parsed::IcmpErrorToSender } else { Parsed::IcmpErrorForeign })
 }
 
 /// Replaces `t` with the IPv6 packet embedded in an ICMPv6 error at `offset`. Extension
@@ -314,7 +331,7 @@ fn embedded_ipv6(ctx: &TcContext, offset: usize, t: &mut Transport) -> Result<Pa
     t.src = sender;
     t.dst = load(ctx, offset + 24)?;
     embedded_transport(ctx, offset + Ipv6Hdr::LEN, fixed[6], t)?;
-    Ok(Parsed::IcmpError { to_its_sender })
+    Ok(if to_its_sender { Parsed::IcmpErrorToSender } else { Parsed::IcmpErrorForeign })
 }
 
 /// ICMP errors carry at least the first 8 bytes of the transport header: enough for ports

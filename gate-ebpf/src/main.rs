@@ -25,7 +25,7 @@ use gate_common::{
     ORIGIN_REMOTE, PROTO_TCP, RuleStats, counters::*, tcp,
 };
 use gate_ebpf::{
-    Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, ParseError, Parsed, Transport, parse,
+    Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Transport, parse,
 };
 
 #[map]
@@ -93,17 +93,16 @@ fn try_toward_containers(ctx: &TcContext, flags: u32) -> Verdict {
     let parsed = parse(ctx, &mut packet, &mut notes);
     note(notes);
     match parsed {
-        Err(err) => Verdict::Drop(parse_error_reason(err)),
-        Ok(Parsed::NotIp) => Verdict::Pass(PASS_NOT_IP),
+        Parsed::NotIp => Verdict::Pass(PASS_NOT_IP),
+        Parsed::Packet => toward_container(ctx, &packet),
         // The embedded packet is one the container sent: it matches a flow as sent.
-        Ok(Parsed::IcmpError { to_its_sender }) => {
-            if to_its_sender && FLOWS.get_ptr(container_sent(&packet)).is_some() {
-                Verdict::Pass(PASS_RELATED)
-            } else {
-                Verdict::Drop(DROP_ICMP_UNTRACKED)
-            }
+        Parsed::IcmpErrorToSender if FLOWS.get_ptr(container_sent(&packet)).is_some() => {
+            Verdict::Pass(PASS_RELATED)
         }
-        Ok(Parsed::Packet) => toward_container(ctx, &packet),
+        Parsed::IcmpErrorToSender | Parsed::IcmpErrorForeign => Verdict::Drop(DROP_ICMP_UNTRACKED),
+        Parsed::Malformed => Verdict::Drop(DROP_MALFORMED),
+        Parsed::Fragment => Verdict::Drop(DROP_FRAGMENT),
+        Parsed::UnsupportedHeader => Verdict::Drop(DROP_UNSUPPORTED_HEADER),
     }
 }
 
@@ -153,7 +152,9 @@ fn try_from_containers(ctx: &TcContext) {
     // Never drop what a container sends; what cannot be parsed is not tracked.
     let mut packet = Transport::new();
     let mut notes = 0;
-    let Ok(Parsed::Packet) = parse(ctx, &mut packet, &mut notes) else { return };
+    if parse(ctx, &mut packet, &mut notes) != Parsed::Packet {
+        return;
+    }
     let key = container_sent(&packet);
     // SAFETY: ktime has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -261,15 +262,6 @@ fn note(notes: u8) {
     }
     if notes & NOTE_IPV6_EXTENSIONS != 0 {
         count(SEEN_IPV6_EXTENSIONS);
-    }
-}
-
-#[inline(always)]
-fn parse_error_reason(err: ParseError) -> u32 {
-    match err {
-        ParseError::Malformed => DROP_MALFORMED,
-        ParseError::Fragment => DROP_FRAGMENT,
-        ParseError::UnsupportedHeader => DROP_UNSUPPORTED_HEADER,
     }
 }
 

@@ -1,1 +1,7 @@
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gate-ebpf"));
+//! portgate's user-space side: the host agent and the pieces the CLI shares with it.
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod datapath;
+pub mod policy;

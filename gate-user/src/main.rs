@@ -1,1 +1,14 @@
-fn main(){ println!("{}", gate_user::EBPF_OBJECT.len()); }
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let cli = gate_user::cli::Cli::parse();
+    match gate_user::cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", gate_user::cli::error_text(&err));
+            ExitCode::FAILURE
+        }
+    }
+}

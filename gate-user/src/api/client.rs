@@ -1,0 +1,41 @@
+//! The CLI's side of the control socket.
+
+use std::{
+    io::{self, Read as _, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use super::{MAX_REQUEST_BYTES, Reply, Request, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the agent at {path}: {source} (is `portgate agent` running? is --socket right?)")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("talking to the agent at {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("the agent sent an unreadable answer: {0}")]
+    Decode(serde_json::Error),
+    /// The agent refused the request; its message says why.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends one request and waits for the answer.
+pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
+    let io_err = |source| ClientError::Io { path: socket.to_owned(), source };
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|source| ClientError::Connect { path: socket.to_owned(), source })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io_err)?;
+    let mut body = serde_json::to_vec(request).map_err(ClientError::Decode)?;
+    body.push(b'\n');
+    stream.write_all(&body).map_err(io_err)?;
+    stream.shutdown(std::net::Shutdown::Write).map_err(io_err)?;
+    let mut answer = Vec::new();
+    stream.take(MAX_REQUEST_BYTES * 256).read_to_end(&mut answer).map_err(io_err)?;
+    match serde_json::from_slice(&answer).map_err(ClientError::Decode)? {
+        Response::Ok(reply) => Ok(reply),
+        Response::Error(message) => Err(ClientError::Refused(message)),
+    }
+}

@@ -1,0 +1,141 @@
+//! The few system calls aya 0.14 does not wrap: BPF_PROG_TEST_RUN, BPF_OBJ_GET with
+//! BPF_LINK_DETACH, statfs, mount, if_nametoindex.
+
+use std::{
+    ffi::CString,
+    io,
+    mem::size_of,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Size of the kernel's `struct __sk_buff`, the context of a TC program's test run.
+const SK_BUFF_CTX_WORDS: usize = 48;
+/// Word index of `__sk_buff.ingress_ifindex` (byte offset 36).
+const INGRESS_IFINDEX_WORD: usize = 9;
+
+fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
+    // SAFETY: `attr` is a valid, initialised bpf_attr variant of the size passed.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// The result of running a program on a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestRun {
+    /// The program's return value.
+    pub retval: i32,
+    /// Average nanoseconds per run, as the kernel measured it.
+    pub duration_ns: u32,
+}
+
+/// Runs a TC program on `frame` (an Ethernet frame) `repeat` times in the kernel.
+/// `ingress_ifindex` 0 looks like traffic from the host's own stack; anything else like a
+/// forwarded packet.
+pub fn test_run(
+    prog: BorrowedFd<'_>,
+    frame: &[u8],
+    ingress_ifindex: u32,
+    repeat: u32,
+) -> io::Result<TestRun> {
+    let mut ctx = [0u32; SK_BUFF_CTX_WORDS];
+    ctx[INGRESS_IFINDEX_WORD] = ingress_ifindex;
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ctx_size_in: size_of_val(&ctx) as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ..Default::default()
+    };
+    sys_bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(TestRun { retval: attr.retval as i32, duration_ns: attr.duration })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// Detaches the link pinned at `path` (its programs stop running at once).
+pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    let pathname = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut get = ObjGetAttr { pathname: pathname.as_ptr() as u64, ..Default::default() };
+    let fd = sys_bpf(BPF_OBJ_GET, &mut get)?;
+    // SAFETY: BPF_OBJ_GET returned a new file descriptor that we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut detach = LinkDetachAttr { link_fd: fd.as_raw_fd() as u32 };
+    match sys_bpf(BPF_LINK_DETACH, &mut detach) {
+        // A link whose interface is gone is already detached.
+        Err(err) if err.raw_os_error() == Some(libc::ENOLINK) => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+pub fn ifindex(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// The filesystem magic number of `path`'s filesystem.
+pub fn fs_type(path: &Path) -> Option<i64> {
+    let path = CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statfs writes into the zeroed struct we pass.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let ret = unsafe { libc::statfs(path.as_ptr(), &mut stat) };
+    (ret == 0).then_some(stat.f_type as i64)
+}
+
+pub fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let target = CString::new(target.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let bpf = c"bpf";
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let ret = unsafe {
+        libc::mount(bpf.as_ptr(), target.as_ptr(), bpf.as_ptr(), 0, std::ptr::null())
+    };
+    if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
