@@ -1,1 +1,56 @@
+//! Test harness for portgate's end-to-end tests.
+//!
+//! Real over mock: a [`Sandbox`] is three real network namespaces (a host with a bridge, a
+//! client routed through the host, a container on the bridge), an [`Agent`] is the real
+//! `portgate` binary loading its programs into the real kernel, and the servers and clients
+//! in [`net`] are plain `std::net` sockets opened inside those namespaces. Traffic never
+//! leaves the namespaces a sandbox created.
+//!
+//! Everything here needs root; [`require_root`] lets a test skip, saying why.
 
+pub mod agent;
+pub mod net;
+pub mod sandbox;
+
+pub use agent::{Agent, portgate_bin};
+pub use net::{TcpEchoServer, UdpEchoServer};
+pub use sandbox::Sandbox;
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Whether the test may run. When not root, prints why the test is skipped and returns false:
+/// a skip is never silently a pass.
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    // Straight to stderr, not eprintln!: libtest captures the print macros of passing tests,
+    // and a skip must be seen, not shown as a silent pass.
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped: {}: needs root (loads eBPF programs, creates network namespaces)",
+        current_test_name()
+    );
+    false
+}
+
+/// The name of the running test: libtest names each test's thread after it.
+pub fn current_test_name() -> String {
+    match std::thread::current().name() {
+        Some(name) if name != "main" => name.to_owned(),
+        _ => "<unknown test>".to_owned(),
+    }
+}
+
+/// A name unique to this process and call: `pgt-<pid>-<n>`. Leftovers of a killed run carry
+/// a dead pid, which is how [`sandbox::reap_stale`] recognises them.
+pub fn unique_name() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "pgt-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}

@@ -1,0 +1,281 @@
+//! Servers and clients on plain `std::net` sockets, opened inside a sandbox's namespaces.
+//!
+//! The echo protocol is one line: the client sends a line, the server sends it back. "Answers"
+//! means a user would see a response; "times out" means the gate dropped the connection
+//! request (not refused: a refusal would mean the packet reached the container).
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::Sandbox;
+
+/// How long a connection request that should be dropped is given before calling it a timeout.
+pub const SHOULD_TIME_OUT: Duration = Duration::from_millis(1500);
+/// How long something that should answer may take (generous: only a failure waits this long).
+pub const SHOULD_ANSWER: Duration = Duration::from_secs(5);
+/// How long to wait for a UDP reply that should not come.
+pub const NO_REPLY: Duration = Duration::from_millis(1000);
+
+/// Parses "10.99.0.2:80" or "[fd99::2]:80".
+pub fn sa(s: &str) -> SocketAddr {
+    s.parse()
+        .unwrap_or_else(|e| panic!("bad socket address {s:?}: {e}"))
+}
+
+/// A TCP line-echo server listening in a namespace, one thread per connection.
+pub struct TcpEchoServer {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    listener_fd: i32,
+    stopping: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<TcpStream>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpEchoServer {
+    /// Listens on `addr` inside namespace `ns`.
+    pub fn start(sandbox: &Sandbox, ns: &str, addr: SocketAddr) -> Self {
+        let listener = sandbox
+            .in_netns(ns, || TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("listen on {addr} in {ns}: {e}"));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let listener_fd = listener.as_raw_fd();
+        let thread = {
+            let (accepted, stopping, connections) =
+                (accepted.clone(), stopping.clone(), connections.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stopping.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(clone) = stream.try_clone() {
+                        connections
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(clone);
+                    }
+                    std::thread::spawn(move || echo_lines(stream));
+                }
+            })
+        };
+        TcpEchoServer {
+            addr,
+            accepted,
+            listener_fd,
+            stopping,
+            connections,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+fn echo_lines(stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if writer.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TcpEchoServer {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // Wakes the blocked accept (it returns EINVAL); the fd stays owned by the thread.
+        // SAFETY: the listener is alive until the thread, joined below, returns.
+        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        for stream in self
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// A UDP echo server in a namespace: every datagram goes back to its sender.
+pub struct UdpEchoServer {
+    pub addr: SocketAddr,
+    received: Arc<AtomicUsize>,
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEchoServer {
+    pub fn start(sandbox: &Sandbox, ns: &str, addr: SocketAddr) -> Self {
+        let socket = sandbox
+            .in_netns(ns, || UdpSocket::bind(addr))
+            .unwrap_or_else(|e| panic!("bind udp {addr} in {ns}: {e}"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("set_read_timeout");
+        let received = Arc::new(AtomicUsize::new(0));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (received, stopping) = (received.clone(), stopping.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stopping.load(Ordering::SeqCst) {
+                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                        received.fetch_add(1, Ordering::SeqCst);
+                        let _ = socket.send_to(&buf[..n], from);
+                    }
+                }
+            })
+        };
+        UdpEchoServer {
+            addr,
+            received,
+            stopping,
+            thread: Some(thread),
+        }
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> usize {
+        self.received.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for UdpEchoServer {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Opens a TCP connection from namespace `ns`.
+pub fn tcp_connect(
+    sandbox: &Sandbox,
+    ns: &str,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let stream = sandbox.in_netns(ns, || TcpStream::connect_timeout(&addr, timeout))?;
+    stream.set_read_timeout(Some(SHOULD_ANSWER))?;
+    stream.set_write_timeout(Some(SHOULD_ANSWER))?;
+    Ok(stream)
+}
+
+/// Sends one line on an open connection and reads the echo.
+pub fn exchange(stream: &mut TcpStream, message: &str) -> io::Result<String> {
+    assert!(!message.contains('\n'));
+    stream.write_all(format!("{message}\n").as_bytes())?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
+    }
+    Ok(line.trim_end_matches('\n').to_owned())
+}
+
+/// Asserts that a connection from `ns` to `addr` is answered and a request gets its response.
+pub fn assert_tcp_answers(sandbox: &Sandbox, ns: &str, addr: SocketAddr) {
+    let mut stream = tcp_connect(sandbox, ns, addr, SHOULD_ANSWER)
+        .unwrap_or_else(|e| panic!("TCP connection to {addr} should be answered, got: {e}"));
+    let message = format!("hello {addr}");
+    let reply = exchange(&mut stream, &message)
+        .unwrap_or_else(|e| panic!("TCP request to {addr} should get a response, got: {e}"));
+    assert_eq!(reply, message, "echo from {addr}");
+}
+
+/// Asserts that a connection request from `ns` to `addr` gets no answer at all (dropped),
+/// within [`SHOULD_TIME_OUT`].
+pub fn assert_tcp_times_out(sandbox: &Sandbox, ns: &str, addr: SocketAddr) {
+    match tcp_connect(sandbox, ns, addr, SHOULD_TIME_OUT) {
+        Ok(_) => {
+            panic!("TCP connection to {addr} was answered; it should have timed out (dropped)")
+        }
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+        Err(e) => panic!(
+            "TCP connection to {addr} should time out (dropped by the gate), got instead: {e} \
+             ({:?})",
+            e.kind()
+        ),
+    }
+}
+
+/// Sends one datagram from `ns` to `addr` and waits up to `timeout` for a reply.
+pub fn udp_request(
+    sandbox: &Sandbox,
+    ns: &str,
+    addr: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        sa("0.0.0.0:0")
+    } else {
+        sa("[::]:0")
+    };
+    let socket = sandbox
+        .in_netns(ns, || UdpSocket::bind(local))
+        .unwrap_or_else(|e| panic!("bind udp client in {ns}: {e}"));
+    socket
+        .set_read_timeout(Some(timeout))
+        .expect("set_read_timeout");
+    socket
+        .send_to(payload, addr)
+        .unwrap_or_else(|e| panic!("send udp to {addr}: {e}"));
+    let mut buf = [0u8; 2048];
+    loop {
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) if from == addr => return Some(buf[..n].to_vec()),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Asserts that a UDP request from `ns` to `addr` gets its echo.
+pub fn assert_udp_answers(sandbox: &Sandbox, ns: &str, addr: SocketAddr) {
+    let payload = format!("udp hello {addr}");
+    let reply = udp_request(sandbox, ns, addr, payload.as_bytes(), SHOULD_ANSWER)
+        .unwrap_or_else(|| panic!("UDP request to {addr} should get a reply, got none"));
+    assert_eq!(reply, payload.as_bytes(), "UDP echo from {addr}");
+}
+
+/// Asserts that a UDP request from `ns` to `addr` gets no reply within [`NO_REPLY`].
+pub fn assert_udp_no_reply(sandbox: &Sandbox, ns: &str, addr: SocketAddr) {
+    if let Some(reply) = udp_request(sandbox, ns, addr, b"should be dropped", NO_REPLY) {
+        panic!(
+            "UDP request to {addr} got a reply ({:?}); it should have been dropped",
+            String::from_utf8_lossy(&reply)
+        );
+    }
+}

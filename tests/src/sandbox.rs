@@ -1,0 +1,291 @@
+//! Three network namespaces wired like a container host:
+//!
+//! ```text
+//!  client ns                host ns (ip_forward=1)                     container ns
+//!  eth0 10.98.0.2/24  ───  vcli 10.98.0.1/24                           eth0 10.99.0.2/24
+//!       fd98::2/64              fd98::1/64                                  fd99::2/64
+//!                          pgbr0 10.99.0.1/24, fd99::1/64 ── vctr ───  (veth)
+//! ```
+//!
+//! The client's default routes point at the host, the container's at the bridge, so client
+//! to container traffic is forwarded by the host and leaves through the bridge's TC egress
+//! hook, exactly like traffic from outside to a published container port. Interface names
+//! live inside the sandbox's own namespaces, so the fixed names and addresses don't collide
+//! between sandboxes running in parallel.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Once;
+
+use crate::unique_name;
+
+/// The bridge the agent gates, inside the host namespace.
+pub const BRIDGE: &str = "pgbr0";
+
+pub const HOST_V4: &str = "10.98.0.1";
+pub const HOST_V6: &str = "fd98::1";
+pub const CLIENT_V4: &str = "10.98.0.2";
+pub const CLIENT_V6: &str = "fd98::2";
+pub const BRIDGE_V4: &str = "10.99.0.1";
+pub const BRIDGE_V6: &str = "fd99::1";
+pub const CONTAINER_V4: &str = "10.99.0.2";
+pub const CONTAINER_V6: &str = "fd99::2";
+
+/// A host, a client and a container namespace, deleted on drop (also when a test panics).
+pub struct Sandbox {
+    /// Unique prefix of everything this sandbox names, `pgt-<pid>-<n>`.
+    pub id: String,
+    /// Name of the host namespace (holds the bridge; the agent runs here).
+    pub host: String,
+    /// Name of the client namespace ("outside").
+    pub client: String,
+    /// Name of the container namespace (on the bridge).
+    pub container: String,
+}
+
+impl Sandbox {
+    /// Creates the namespaces and wires them. Panics with the failing command's output when
+    /// anything goes wrong (after deleting what was created).
+    pub fn new() -> Self {
+        reap_stale();
+        let id = unique_name();
+        let sandbox = Sandbox {
+            host: format!("{id}-h"),
+            client: format!("{id}-c"),
+            container: format!("{id}-k"),
+            id,
+        };
+        // From here on, a panic drops `sandbox`, which deletes whatever was created.
+        sandbox.setup();
+        sandbox
+    }
+
+    fn setup(&self) {
+        let (h, c, k) = (
+            self.host.as_str(),
+            self.client.as_str(),
+            self.container.as_str(),
+        );
+        for ns in [h, c, k] {
+            run(Command::new("ip").args(["netns", "add", ns]));
+        }
+        for ns in [h, c, k] {
+            ip(ns, &["link", "set", "lo", "up"]);
+            // Addresses are usable at once: no duplicate address detection, not even for the
+            // link-local ones that neighbour discovery uses.
+            sysctl(
+                ns,
+                &[
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                ],
+            );
+        }
+        sysctl(
+            h,
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        );
+
+        // Client <-> host.
+        ip(
+            h,
+            &[
+                "link", "add", "vcli", "type", "veth", "peer", "name", "eth0", "netns", c,
+            ],
+        );
+        addr(
+            h,
+            "vcli",
+            &format!("{HOST_V4}/24"),
+            &format!("{HOST_V6}/64"),
+        );
+        addr(
+            c,
+            "eth0",
+            &format!("{CLIENT_V4}/24"),
+            &format!("{CLIENT_V6}/64"),
+        );
+
+        // Host bridge <-> container.
+        ip(h, &["link", "add", BRIDGE, "type", "bridge"]);
+        ip(
+            h,
+            &[
+                "link", "add", "vctr", "type", "veth", "peer", "name", "eth0", "netns", k,
+            ],
+        );
+        ip(h, &["link", "set", "vctr", "master", BRIDGE]);
+        addr(
+            h,
+            BRIDGE,
+            &format!("{BRIDGE_V4}/24"),
+            &format!("{BRIDGE_V6}/64"),
+        );
+        addr(
+            k,
+            "eth0",
+            &format!("{CONTAINER_V4}/24"),
+            &format!("{CONTAINER_V6}/64"),
+        );
+
+        for (ns, dev) in [
+            (h, "vcli"),
+            (h, "vctr"),
+            (h, BRIDGE),
+            (c, "eth0"),
+            (k, "eth0"),
+        ] {
+            ip(ns, &["link", "set", dev, "up"]);
+        }
+        ip(c, &["route", "add", "default", "via", HOST_V4]);
+        ip(c, &["-6", "route", "add", "default", "via", HOST_V6]);
+        ip(k, &["route", "add", "default", "via", BRIDGE_V4]);
+        ip(k, &["-6", "route", "add", "default", "via", BRIDGE_V6]);
+    }
+
+    /// Path of a namespace's handle, `/run/netns/NAME`.
+    pub fn netns_path(ns: &str) -> PathBuf {
+        Path::new("/run/netns").join(ns)
+    }
+
+    /// Runs `f` on a fresh thread that has entered network namespace `ns` (one of
+    /// [`Sandbox::host`], [`Sandbox::client`], [`Sandbox::container`]). Sockets created in
+    /// `f` belong to that namespace for their whole life, whichever thread uses them later.
+    /// A panic in `f` is propagated.
+    pub fn in_netns<T: Send>(&self, ns: &str, f: impl FnOnce() -> T + Send) -> T {
+        let handle = File::open(Self::netns_path(ns))
+            .unwrap_or_else(|e| panic!("open network namespace {ns}: {e}"));
+        std::thread::scope(|scope| {
+            let thread = scope.spawn(move || {
+                // SAFETY: setns on a valid namespace fd; it affects only this thread, which
+                // exists for `f` alone.
+                if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    panic!("setns({ns}): {}", io::Error::last_os_error());
+                }
+                drop(handle);
+                f()
+            });
+            match thread.join() {
+                Ok(value) => value,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+
+    /// A command that runs `program` inside network namespace `ns`. It enters the namespace
+    /// with `setns` just before `exec`, and nothing else: unlike `ip netns exec` it keeps the
+    /// mount namespace, so /sys/fs/bpf stays visible.
+    pub fn command_in(&self, ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let handle = File::open(Self::netns_path(ns))
+            .unwrap_or_else(|e| panic!("open network namespace {ns}: {e}"));
+        let mut command = Command::new(program);
+        // SAFETY: the closure only makes the async-signal-safe setns system call.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
+    }
+
+    /// Runs `ping -c 1 -W <wait_secs> <address>` in `ns`; true when the echo was answered.
+    pub fn ping(&self, ns: &str, address: &str, wait_secs: u32) -> bool {
+        let output = self
+            .command_in(ns, "ping")
+            .args(["-n", "-c", "1", "-W", &wait_secs.to_string(), address])
+            .output()
+            .expect("run ping (iputils-ping installed?)");
+        output.status.success()
+    }
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Best effort: a namespace that was never created just fails to delete.
+        for ns in [&self.container, &self.client, &self.host] {
+            if Self::netns_path(ns).exists() {
+                let _ = Command::new("ip").args(["netns", "delete", ns]).output();
+            }
+        }
+    }
+}
+
+/// Deletes namespaces and bpffs pin directories named `pgt-<pid>-...` whose process is gone:
+/// the leftovers of a test run that was killed before its Drops ran. Once per process.
+pub fn reap_stale() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        for (dir, is_netns) in [("/run/netns", true), ("/sys/fs/bpf", false)] {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(pid) = stale_owner(&name) else {
+                    continue;
+                };
+                if Path::new("/proc").join(pid.to_string()).exists() {
+                    continue;
+                }
+                if is_netns {
+                    let _ = Command::new("ip").args(["netns", "delete", &name]).output();
+                } else {
+                    crate::agent::remove_pins(&entry.path());
+                }
+            }
+        }
+    });
+}
+
+/// The pid in a name made by [`unique_name`].
+fn stale_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("pgt-")?;
+    let pid = rest.split('-').next()?.parse().ok()?;
+    (pid != std::process::id()).then_some(pid)
+}
+
+/// Runs a command; panics with its output unless it succeeds.
+fn run(command: &mut Command) {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("run {command:?}: {e} (is iproute2 installed?)"));
+    if !output.status.success() {
+        panic!(
+            "{command:?} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// `ip -n NS ARGS...`
+fn ip(ns: &str, args: &[&str]) {
+    run(Command::new("ip").args(["-n", ns]).args(args));
+}
+
+/// `ip netns exec NS sysctl -qw SETTINGS...`
+fn sysctl(ns: &str, settings: &[&str]) {
+    run(Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-qw"])
+        .args(settings));
+}
+
+/// One IPv4 and one IPv6 address (without duplicate address detection) on `dev`.
+fn addr(ns: &str, dev: &str, v4: &str, v6: &str) {
+    ip(ns, &["addr", "add", v4, "dev", dev]);
+    ip(ns, &["-6", "addr", "add", v6, "dev", dev, "nodad"]);
+}

@@ -1,0 +1,521 @@
+//! End-to-end tests: real namespaces, a real bridge, the real agent in the real kernel.
+//! Each test builds its own sandbox and agent, so tests run in parallel. Need root; without
+//! it each test says it is skipped.
+
+use portgate_tests::agent::{counter, find_rule, rule_counters, rules};
+use portgate_tests::net::{
+    SHOULD_ANSWER, assert_tcp_answers, assert_tcp_times_out, assert_udp_answers,
+    assert_udp_no_reply, exchange, sa, tcp_connect,
+};
+use portgate_tests::sandbox::{CLIENT_V4, CLIENT_V6, CONTAINER_V4, CONTAINER_V6};
+use portgate_tests::{Agent, Sandbox, TcpEchoServer, UdpEchoServer, require_root};
+
+/// Skips the test (saying why) unless running as root.
+macro_rules! require_root {
+    () => {
+        if !require_root() {
+            return;
+        }
+    };
+}
+
+#[test]
+fn baseline_without_gate_everything_answers() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let _web6 = TcpEchoServer::start(&sb, &sb.container, sa("[fd99::2]:80"));
+    let _dns = UdpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:53"));
+    let _outside = TcpEchoServer::start(&sb, &sb.client, sa("10.98.0.2:9000"));
+
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+    assert_tcp_answers(&sb, &sb.client, sa("[fd99::2]:80"));
+    assert_udp_answers(&sb, &sb.client, sa("10.99.0.2:53"));
+    assert_tcp_answers(&sb, &sb.container, sa("10.98.0.2:9000"));
+    assert!(
+        sb.ping(&sb.client, CONTAINER_V4, 2),
+        "client should reach the container by ping"
+    );
+    assert!(
+        sb.ping(&sb.client, CONTAINER_V6, 2),
+        "client should reach the container by ping -6"
+    );
+    assert!(
+        sb.ping(&sb.container, CLIENT_V4, 2),
+        "container should reach the client by ping"
+    );
+    // Nothing listens on 81: without a gate the container's kernel refuses at once, which is
+    // what tells a dropped connection (timeout) from a closed port.
+    let refused = tcp_connect(&sb, &sb.client, sa("10.99.0.2:81"), SHOULD_ANSWER).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+}
+
+/// (address, protocol, port_start, port_end) of every listed rule, sorted: what a user
+/// reads in `portgate list`, without the counters.
+fn rule_set(list: &serde_json::Value) -> Vec<(String, String, u64, u64)> {
+    let mut set: Vec<_> = rules(list)
+        .iter()
+        .map(|r| {
+            (
+                r["address"].as_str().unwrap_or_default().to_owned(),
+                r["protocol"].as_str().unwrap_or_default().to_owned(),
+                r["port_start"].as_u64().unwrap_or(u64::MAX),
+                r["port_end"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect();
+    set.sort();
+    set
+}
+
+/// Whether any listed rule admits (address, protocol, port).
+fn listed_covers(list: &serde_json::Value, address: &str, protocol: &str, port: u64) -> bool {
+    rule_set(list)
+        .iter()
+        .any(|(a, p, s, e)| a == address && p == protocol && *s <= port && port <= *e)
+}
+
+/// Asserts a rule's packets and bytes moved since `before` (packets, bytes).
+fn assert_rule_counters_moved(
+    agent: &Agent,
+    address: &str,
+    proto: &str,
+    port: u64,
+    before: (u64, u64),
+) {
+    let list = agent.list_json();
+    let rule = find_rule(&list, address, proto, port, port)
+        .unwrap_or_else(|| panic!("rule {address} {port}/{proto} not listed: {list}"));
+    let (packets, bytes) = rule_counters(rule);
+    assert!(
+        packets > before.0 && bytes > before.1,
+        "rule {address} {port}/{proto}: counters should move with the traffic it admitted: \
+         before {before:?}, after ({packets}, {bytes})"
+    );
+    // Every packet of a TCP/IP connection is at least 40 bytes of headers.
+    assert!(
+        bytes - before.1 >= 40 * (packets - before.0),
+        "rule {address} {port}/{proto}: {} bytes for {} packets is too few",
+        bytes - before.1,
+        packets - before.0
+    );
+}
+
+fn rule_counters_of(agent: &Agent, address: &str, proto: &str, port: u64) -> (u64, u64) {
+    let list = agent.list_json();
+    let rule = find_rule(&list, address, proto, port, port)
+        .unwrap_or_else(|| panic!("rule {address} {port}/{proto} not listed: {list}"));
+    rule_counters(rule)
+}
+
+/// Asserts a failed CLI call in the contract's form: non-zero exit, one line on stderr
+/// starting with "error: ". Returns that line.
+fn assert_cli_error(output: &std::process::Output, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "`{what}` should fail, exited {} (stderr: {stderr})",
+        output.status
+    );
+    let message = stderr.trim_end();
+    assert!(
+        message.starts_with("error: ") && !message.contains('\n'),
+        "`{what}`: expected one line on stderr starting with \"error: \", got:\n{stderr}"
+    );
+    message.to_owned()
+}
+
+#[test]
+fn not_allowed_port_does_not_answer_and_counts_a_drop() {
+    require_root!();
+    let sb = Sandbox::new();
+    let web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let agent = Agent::start(&sb);
+
+    let status = agent.status_json();
+    assert_eq!(status["mode"], "enforce", "{status}");
+    let bridges = status["bridges"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no bridges: {status}"));
+    assert!(
+        bridges
+            .iter()
+            .any(|b| b["name"] == "pgbr0" && b["attached"] == true),
+        "pgbr0 should be listed as attached: {status}"
+    );
+    let dropped_before = counter(&status, "drop", "not_allowed");
+
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+    assert_eq!(
+        web.accepted(),
+        0,
+        "the container should never have seen the connection"
+    );
+
+    let dropped_after = counter(&agent.status_json(), "drop", "not_allowed");
+    assert!(
+        dropped_after > dropped_before,
+        "drop counter not_allowed should move: before {dropped_before}, after {dropped_after}"
+    );
+}
+
+#[test]
+fn allowed_port_answers_and_its_rule_counts_the_traffic() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let other = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:81"));
+    let agent = Agent::start(&sb);
+
+    agent.allow(CONTAINER_V4, "80");
+    let before = rule_counters_of(&agent, CONTAINER_V4, "tcp", 80);
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+    assert_rule_counters_moved(&agent, CONTAINER_V4, "tcp", 80, before);
+
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:81"));
+    assert_eq!(
+        other.accepted(),
+        0,
+        "port 81 has no rule: the container should not see it"
+    );
+}
+
+#[test]
+fn ipv6_allowed_port_answers_and_others_do_not() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("[fd99::2]:80"));
+    let other = TcpEchoServer::start(&sb, &sb.container, sa("[fd99::2]:81"));
+    let agent = Agent::start(&sb);
+
+    assert_tcp_times_out(&sb, &sb.client, sa("[fd99::2]:80"));
+    agent.allow(CONTAINER_V6, "80/tcp");
+    let before = rule_counters_of(&agent, CONTAINER_V6, "tcp", 80);
+    assert_tcp_answers(&sb, &sb.client, sa("[fd99::2]:80"));
+    assert_rule_counters_moved(&agent, CONTAINER_V6, "tcp", 80, before);
+
+    assert_tcp_times_out(&sb, &sb.client, sa("[fd99::2]:81"));
+    assert_eq!(other.accepted(), 0);
+}
+
+#[test]
+fn deny_closes_the_port_again() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let agent = Agent::start(&sb);
+
+    agent.allow(CONTAINER_V4, "80");
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+    agent.deny(CONTAINER_V4, "80");
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+    let list = agent.list_json();
+    assert!(
+        !listed_covers(&list, CONTAINER_V4, "tcp", 80),
+        "denied rule still listed: {list}"
+    );
+}
+
+#[test]
+fn range_rule_admits_its_ports_and_deny_cuts_a_hole() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _servers: Vec<_> = (8000..=8003)
+        .map(|port| TcpEchoServer::start(&sb, &sb.container, sa(&format!("10.99.0.2:{port}"))))
+        .collect();
+    let agent = Agent::start(&sb);
+    let port = |p: u16| sa(&format!("10.99.0.2:{p}"));
+
+    agent.allow(CONTAINER_V4, "8000-8002/tcp");
+    let list = agent.list_json();
+    assert!(
+        find_rule(&list, CONTAINER_V4, "tcp", 8000, 8002).is_some(),
+        "range not listed: {list}"
+    );
+    assert_tcp_answers(&sb, &sb.client, port(8001));
+    assert_tcp_times_out(&sb, &sb.client, port(8003));
+
+    agent.deny(CONTAINER_V4, "8001");
+    assert_tcp_answers(&sb, &sb.client, port(8000));
+    assert_tcp_answers(&sb, &sb.client, port(8002));
+    assert_tcp_times_out(&sb, &sb.client, port(8001));
+    let list = agent.list_json();
+    assert!(
+        !listed_covers(&list, CONTAINER_V4, "tcp", 8001),
+        "8001 still listed: {list}"
+    );
+    assert!(
+        listed_covers(&list, CONTAINER_V4, "tcp", 8000),
+        "8000 no longer listed: {list}"
+    );
+    assert!(
+        listed_covers(&list, CONTAINER_V4, "tcp", 8002),
+        "8002 no longer listed: {list}"
+    );
+}
+
+#[test]
+fn udp_allowed_port_answers_and_others_get_no_reply() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _dns = UdpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:53"));
+    let _dns6 = UdpEchoServer::start(&sb, &sb.container, sa("[fd99::2]:53"));
+    let other = UdpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:54"));
+    let agent = Agent::start(&sb);
+
+    assert_udp_no_reply(&sb, &sb.client, sa("10.99.0.2:53"));
+    agent.allow(CONTAINER_V4, "53/udp");
+    agent.allow(CONTAINER_V6, "53/udp");
+    let before = rule_counters_of(&agent, CONTAINER_V4, "udp", 53);
+    assert_udp_answers(&sb, &sb.client, sa("10.99.0.2:53"));
+    assert_udp_answers(&sb, &sb.client, sa("[fd99::2]:53"));
+    let after = rule_counters_of(&agent, CONTAINER_V4, "udp", 53);
+    assert!(
+        after.0 >= before.0 + 2,
+        "request and reply should count: {before:?} -> {after:?}"
+    );
+
+    assert_udp_no_reply(&sb, &sb.client, sa("10.99.0.2:54"));
+    assert_eq!(
+        other.received(),
+        0,
+        "54/udp has no rule: the container should not see it"
+    );
+    // A UDP rule does not open TCP on the same port.
+    let _tcp53 = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:53"));
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:53"));
+}
+
+#[test]
+fn container_initiated_traffic_needs_no_rule_but_inbound_ping_does() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _outside = TcpEchoServer::start(&sb, &sb.client, sa("10.98.0.2:9000"));
+    let _outside_udp = UdpEchoServer::start(&sb, &sb.client, sa("10.98.0.2:9053"));
+    let agent = Agent::start(&sb);
+
+    // Replies to what the container started come back in, with no rule at all.
+    assert_tcp_answers(&sb, &sb.container, sa("10.98.0.2:9000"));
+    assert_udp_answers(&sb, &sb.container, sa("10.98.0.2:9053"));
+    assert!(
+        sb.ping(&sb.container, CLIENT_V4, 2),
+        "ping from the container should be answered"
+    );
+    assert!(
+        sb.ping(&sb.container, CLIENT_V6, 2),
+        "ping -6 from the container should be answered"
+    );
+
+    // An echo request from outside is a new connection like any other.
+    assert!(
+        !sb.ping(&sb.client, CONTAINER_V4, 1),
+        "ping to the container should be dropped"
+    );
+    agent.allow(CONTAINER_V4, "icmp");
+    assert!(
+        sb.ping(&sb.client, CONTAINER_V4, 2),
+        "ping should be answered once icmp is allowed"
+    );
+}
+
+#[test]
+fn established_connection_survives_an_agent_restart() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let _other = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:81"));
+    let mut agent = Agent::start(&sb);
+    agent.allow(CONTAINER_V4, "80");
+
+    let mut conn = tcp_connect(&sb, &sb.client, sa("10.99.0.2:80"), SHOULD_ANSWER)
+        .expect("connection to the allowed port");
+    assert_eq!(
+        exchange(&mut conn, "before").expect("echo before the restart"),
+        "before"
+    );
+
+    agent.stop();
+    // Fail closed: the gate keeps enforcing while no agent runs...
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:81"));
+    // ...and keeps admitting what it admitted.
+    assert_eq!(
+        exchange(&mut conn, "stopped").expect("echo while the agent is stopped"),
+        "stopped"
+    );
+
+    agent.spawn();
+    agent.wait_ready();
+    assert_eq!(
+        exchange(&mut conn, "after").expect("echo after the restart"),
+        "after"
+    );
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:81"));
+}
+
+#[test]
+fn killed_agent_keeps_enforcing_and_starts_again() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let _other = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:81"));
+    let mut agent = Agent::start(&sb);
+    agent.allow(CONTAINER_V4, "80");
+
+    // A crash (SIGKILL) leaves the socket file and the pins behind, and the gate in place.
+    agent.kill();
+    assert_cli_error(&agent.cli(&["status"]), "portgate status (agent killed)");
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:81"));
+
+    agent.spawn();
+    agent.wait_ready();
+    assert!(find_rule(&agent.list_json(), CONTAINER_V4, "tcp", 80, 80).is_some());
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:81"));
+}
+
+#[test]
+fn rules_persist_across_a_restart() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let mut agent = Agent::start(&sb);
+    agent.allow(CONTAINER_V4, "80");
+    agent.allow(CONTAINER_V4, "8000-8002/tcp");
+    agent.allow(CONTAINER_V6, "53/udp");
+    agent.allow(CONTAINER_V4, "icmp");
+    let before = rule_set(&agent.list_json());
+    assert_eq!(before.len(), 4, "four rules added: {before:?}");
+
+    agent.restart();
+    let after = rule_set(&agent.list_json());
+    assert_eq!(after, before, "rules after the restart");
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+    assert!(
+        sb.ping(&sb.client, CONTAINER_V4, 2),
+        "icmp rule should still admit pings"
+    );
+}
+
+#[test]
+fn bad_input_is_rejected_and_changes_nothing() {
+    require_root!();
+    let sb = Sandbox::new();
+    let agent = Agent::start(&sb);
+    agent.allow(CONTAINER_V4, "80");
+    let before = agent.list_json();
+
+    for args in [
+        ["allow", CONTAINER_V4, "0"],
+        ["allow", CONTAINER_V4, "70000"],
+        ["allow", CONTAINER_V4, "80/sctp"],
+        ["allow", "not-an-address", "80"],
+    ] {
+        let what = format!("portgate {}", args.join(" "));
+        let message = assert_cli_error(&agent.cli(&args), &what);
+        eprintln!("{what} -> {message}");
+        let after = agent.list_json();
+        assert_eq!(
+            after["rules"], before["rules"],
+            "`{what}` changed the rules"
+        );
+    }
+}
+
+#[test]
+fn cli_without_a_running_agent_fails_clearly() {
+    // No root needed: nothing is loaded, nothing namespaced.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("nobody-listens.sock");
+    for args in [
+        &["status"][..],
+        &["list", "--json"],
+        &["allow", CONTAINER_V4, "80"],
+    ] {
+        let output = std::process::Command::new(portgate_tests::portgate_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .env_remove("PORTGATE_SOCKET")
+            .output()
+            .expect("run portgate");
+        let what = format!("portgate --socket {} {}", socket.display(), args.join(" "));
+        let message = assert_cli_error(&output, &what);
+        eprintln!("{what} -> {message}");
+        assert!(
+            message.contains(&*socket.to_string_lossy())
+                || message.to_lowercase().contains("agent"),
+            "`{what}`: the error should name the socket or the agent: {message}"
+        );
+        assert!(
+            output.stdout.is_empty(),
+            "`{what}` printed to stdout: {:?}",
+            output.stdout
+        );
+    }
+}
+
+#[test]
+fn audit_mode_lets_everything_through_and_counts_what_it_would_drop() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let agent = Agent::start_with(&sb, &["--mode", "audit"]);
+
+    let status = agent.status_json();
+    assert_eq!(status["mode"], "audit", "{status}");
+    let audit_before = counter(&status, "event", "audit_passed");
+    let not_allowed_before = counter(&status, "drop", "not_allowed");
+
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+
+    let status = agent.status_json();
+    let audit_after = counter(&status, "event", "audit_passed");
+    let not_allowed_after = counter(&status, "drop", "not_allowed");
+    assert!(
+        audit_after > audit_before,
+        "audit_passed should move: {audit_before} -> {audit_after}"
+    );
+    assert!(
+        not_allowed_after > not_allowed_before,
+        "not_allowed should move in audit mode too: {not_allowed_before} -> {not_allowed_after}"
+    );
+}
+
+#[test]
+fn uninstall_removes_the_gate() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let mut agent = Agent::start(&sb);
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+
+    agent.stop();
+    let message = assert_cli_error(&agent.cli(&["status"]), "portgate status (agent stopped)");
+    eprintln!("portgate status (agent stopped) -> {message}");
+    assert!(
+        agent.bpffs.exists(),
+        "pins should stay while the agent is stopped"
+    );
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+
+    let output = agent.uninstall();
+    assert!(
+        output.status.success(),
+        "portgate uninstall --bpffs {} failed ({}): {}",
+        agent.bpffs.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !agent.bpffs.exists(),
+        "pin dir {} should be gone",
+        agent.bpffs.display()
+    );
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+}
