@@ -1,9 +1,11 @@
-//! The host agent: loads the gate, keeps the allow map equal to the saved rules, and serves
-//! the control socket until SIGINT or SIGTERM. Enforcement outlives it (pinned links).
+//! The host agent: loads the gate, keeps the allow map equal to the saved rules resolved
+//! against the running containers, and serves the control socket until SIGINT or SIGTERM.
+//! Enforcement outlives it (pinned links).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -11,26 +13,55 @@ use gate_common::{ALLOW_CAPACITY, FLOW_CAPACITY, counters};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
 };
 use tracing::{error, info, warn};
 
 use crate::{
     api::{
-        BridgeStatus, Changed, Fill, Flows, Reply, Request, Response, RuleList, RuleView, Status,
+        BridgeStatus, Changed, EngineStatus, Fill, Flows, NetfilterStatus, Reply, Request, Response, RuleList,
+        RuleView, Status,
         server::{self, ControlSocket},
     },
     datapath::{Datapath, GateConfig, sys},
-    policy::{self, PortSpec, RuleSet, RuleStore},
+    netfilter::Delegation,
+    policy::{Ports, Resolved, ResolvedRule, Resolver, RuleSet, RuleStore, Target},
+    runtime::{self, Container, Engine, RuntimeEvent, Snapshot},
 };
+
+/// Bridges `--bridge auto` gates whenever they exist, besides those of the engines' networks.
+const DEFAULT_BRIDGES: [&str; 2] = ["docker0", "podman0"];
+/// How often the agent re-checks bridges and the netfilter delegation rules.
+const TICK: Duration = Duration::from_secs(2);
 
 /// How the agent was asked to run.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
+    /// Bridges named explicitly; they must exist at start.
     pub bridges: Vec<String>,
+    /// Also gate docker0, podman0 and the engines' bridge networks as they appear.
+    pub auto_bridges: bool,
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
     pub socket: PathBuf,
     pub gate: GateConfig,
+    /// Engines to watch, with their sockets.
+    pub engines: Vec<(Engine, PathBuf)>,
+    /// Allow every container's published ports (Docker's old behaviour, chosen explicitly).
+    pub default_published: bool,
+    /// Install the netfilter delegation rules where FORWARD would drop.
+    pub netfilter: bool,
+}
+
+#[derive(Debug)]
+struct EngineState {
+    socket: PathBuf,
+    connected: bool,
+    /// The last snapshot; kept (and enforced) while the engine is away.
+    snapshot: Option<Snapshot>,
+    syncs: u64,
+    events: u64,
+    last_error: Option<String>,
 }
 
 /// The agent's state while it serves.
@@ -39,18 +70,22 @@ pub struct Agent {
     datapath: Datapath,
     rules: RuleSet,
     store: RuleStore,
+    resolver: Resolver,
+    resolved: Resolved,
+    engines: BTreeMap<Engine, EngineState>,
+    delegation: Option<Delegation>,
 }
 
 impl Agent {
-    /// Loads the saved rules and the datapath, and attaches to every bridge. Any failure here
+    /// Loads the saved rules and the datapath, and attaches to the bridges. Any failure here
     /// leaves a previously attached gate exactly as it was.
     pub fn start(options: AgentOptions) -> anyhow::Result<Self> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             bail!("portgate agent must run as root: it loads eBPF programs and attaches them to bridges");
         }
-        if options.bridges.is_empty() {
-            bail!("no bridge to gate: pass --bridge IFACE (for example docker0 or podman0)");
+        if options.bridges.is_empty() && !options.auto_bridges {
+            bail!("no bridge to gate: pass --bridge IFACE (for example docker0 or podman0) or --bridge auto");
         }
         for bridge in &options.bridges {
             if sys::ifindex(bridge).is_none() {
@@ -59,24 +94,50 @@ impl Agent {
         }
         let store = RuleStore::new(&options.state_dir);
         let rules = store.load()?;
-        let mut datapath = Datapath::load(&options.bpffs, options.gate)
+        let datapath = Datapath::load(&options.bpffs, options.gate)
             .with_context(|| format!("loading the gate under {}", options.bpffs.display()))?;
-        // Rules first, then programs: the new programs never run on a stale allow map.
-        datapath.sync_allow(&rules.allow_entries()).context("writing the allow map")?;
-        for bridge in &options.bridges {
-            datapath.attach(bridge)?;
-        }
+        let engines = options
+            .engines
+            .iter()
+            .map(|(engine, socket)| {
+                let state = EngineState {
+                    socket: socket.clone(),
+                    connected: false,
+                    snapshot: None,
+                    syncs: 0,
+                    events: 0,
+                    last_error: None,
+                };
+                (*engine, state)
+            })
+            .collect();
+        let delegation = options.netfilter.then(Delegation::new);
+        let mut agent = Self {
+            options,
+            datapath,
+            rules,
+            store,
+            resolver: Resolver::default(),
+            resolved: Resolved::default(),
+            engines,
+            delegation,
+        };
+        // Rules first, then programs: the new programs never run on a stale allow map. Until
+        // the engines have reported, entries for containers stay as the last agent left them.
+        agent.reconcile().context("writing the allow map")?;
+        agent.attach_bridges(true)?;
         info!(
-            rules = rules.rules().len(),
-            bridges = ?options.bridges,
-            audit = options.gate.audit,
-            gate_host_traffic = options.gate.gate_host_traffic,
+            rules = agent.rules.rules().len(),
+            bridges = ?agent.datapath.bridges().iter().map(|b| &b.name).collect::<Vec<_>>(),
+            engines = ?agent.engines.keys().collect::<Vec<_>>(),
+            audit = agent.options.gate.audit,
+            gate_host_traffic = agent.options.gate.gate_host_traffic,
             "gate loaded"
         );
-        Ok(Self { options, datapath, rules, store })
+        Ok(agent)
     }
 
-    /// Serves the control socket until SIGINT or SIGTERM.
+    /// Serves the control socket and follows the engines until SIGINT or SIGTERM.
     pub async fn serve(mut self) -> anyhow::Result<()> {
         let socket = ControlSocket::bind(&self.options.socket)?;
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -88,6 +149,12 @@ impl Agent {
                 .ok()
         });
         tokio::spawn(drain_ebpf_logs(logs));
+        let (events_tx, mut events) = mpsc::channel(16);
+        for (engine, state) in &self.engines {
+            tokio::spawn(runtime::watch(*engine, state.socket.clone(), events_tx.clone()));
+        }
+        drop(events_tx);
+        let mut tick = tokio::time::interval(TICK);
         info!(socket = %socket.path().display(), "agent ready");
         loop {
             tokio::select! {
@@ -101,16 +168,121 @@ impl Agent {
                     Ok(None) => {}
                     Err(err) => warn!("control socket accept failed: {err}"),
                 },
+                Some(event) = events.recv() => self.on_runtime_event(event),
+                _ = tick.tick() => self.on_tick(),
             }
         }
         info!("stopping; the gate stays attached and keeps enforcing");
         Ok(())
     }
 
+    fn on_runtime_event(&mut self, event: RuntimeEvent) {
+        match event {
+            RuntimeEvent::Synced { engine, snapshot, after_event } => {
+                let Some(state) = self.engines.get_mut(&engine) else { return };
+                if !state.connected {
+                    info!(%engine, "engine connected");
+                }
+                state.connected = true;
+                state.last_error = None;
+                state.syncs += 1;
+                state.events += u64::from(after_event);
+                if state.snapshot.as_ref() == Some(&snapshot) {
+                    return;
+                }
+                state.snapshot = Some(snapshot);
+                if let Err(err) = self.attach_bridges(false).and_then(|()| self.reconcile()) {
+                    error!("applying {engine}'s containers failed: {err:#}");
+                }
+            }
+            RuntimeEvent::Disconnected { engine, error } => {
+                let Some(state) = self.engines.get_mut(&engine) else { return };
+                if state.connected || state.last_error.is_none() {
+                    warn!(%engine, socket = %state.socket.display(), "engine unreachable ({error}); enforcing what is known, reconnecting");
+                }
+                state.connected = false;
+                state.last_error = Some(error);
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if let Err(err) = self.attach_bridges(false) {
+            warn!("{err:#}");
+        }
+        if let Some(delegation) = &mut self.delegation {
+            if let Err(err) = delegation.check_and_restore() {
+                warn!("checking the netfilter delegation rules: {err}");
+            }
+        }
+    }
+
+    /// The bridges to gate now: the explicit ones, and with `--bridge auto` the default and
+    /// engine bridges that exist.
+    fn wanted_bridges(&self) -> BTreeSet<String> {
+        let mut wanted: BTreeSet<String> = self.options.bridges.iter().cloned().collect();
+        if self.options.auto_bridges {
+            let engine_bridges = self
+                .engines
+                .values()
+                .filter_map(|s| s.snapshot.as_ref())
+                .flat_map(|s| s.bridges.iter().cloned());
+            wanted.extend(DEFAULT_BRIDGES.iter().map(|b| (*b).to_owned()).chain(engine_bridges));
+        }
+        wanted
+    }
+
+    /// Attaches to wanted bridges that exist and are not attached (new, or re-created), then
+    /// makes sure their netfilter delegation is in place. With `strict`, any failure is an
+    /// error (start-up); later, a failing bridge is logged and retried on the next tick.
+    fn attach_bridges(&mut self, strict: bool) -> anyhow::Result<()> {
+        let mut changed = false;
+        for name in self.wanted_bridges() {
+            let Some(ifindex) = sys::ifindex(&name) else { continue };
+            let current = self.datapath.bridges().iter().find(|b| b.name == name);
+            if current.is_some_and(|b| b.ifindex == ifindex && self.datapath.is_attached(b)) {
+                continue;
+            }
+            match self.datapath.attach(&name) {
+                Ok(()) => changed = true,
+                Err(err) if !strict => warn!("{err}; retrying"),
+                Err(err) => return Err(err.into()),
+            }
+        }
+        if changed || strict {
+            let bridges: Vec<String> = self.datapath.bridges().iter().map(|b| b.name.clone()).collect();
+            if let Some(delegation) = &mut self.delegation {
+                delegation.ensure(&bridges).context("installing the netfilter delegation rules")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn containers(&self) -> Vec<Container> {
+        self.engines
+            .values()
+            .filter_map(|s| s.snapshot.as_ref())
+            .flat_map(|s| s.containers.iter().cloned())
+            .collect()
+    }
+
+    /// Resolves the rules against the containers and writes the allow map. Stale entries are
+    /// removed only once every engine has reported: an agent that just started must not drop
+    /// what its predecessor allowed for containers it has not seen yet.
+    fn reconcile(&mut self) -> anyhow::Result<()> {
+        let resolved =
+            self.resolver.resolve(&self.rules, &self.containers(), self.options.default_published);
+        let all_known = self.engines.values().all(|s| s.snapshot.is_some());
+        self.datapath.reset_rule_stats(&resolved.new_ids)?;
+        self.datapath.sync_allow(&resolved.entries, all_known)?;
+        self.resolved = resolved;
+        Ok(())
+    }
+
     fn handle(&mut self, request: Request) -> Response {
         let result = match request {
-            Request::Allow { address, ports } => self.change(&address, &ports, true),
-            Request::Deny { address, ports } => self.change(&address, &ports, false),
+            Request::Allow { target, ports, published } => self.change(&target, ports.as_deref(), published, true),
+            Request::Deny { target, ports, published } => self.change(&target, ports.as_deref(), published, false),
             Request::List => self.list().map(Reply::List),
             Request::Status => self.status().map(|s| Reply::Status(Box::new(s))),
         };
@@ -122,61 +294,62 @@ impl Agent {
 
     /// Applies an allow or deny: saved first, then written to the map. If the map write
     /// fails, the previous rules are restored in both places.
-    fn change(&mut self, address: &str, ports: &str, allow: bool) -> anyhow::Result<Reply> {
-        let address = policy::parse_address(address)?;
-        let spec: PortSpec = ports.parse()?;
-        let mut next = self.rules.clone();
-        let message = if allow {
-            let id = next.allow(address, spec)?;
-            format!("allowed {address} {spec} (rule {id})")
-        } else {
-            next.deny(address, spec)?;
-            format!("denied {address} {spec}; established connections continue")
+    fn change(
+        &mut self,
+        target: &str,
+        ports: Option<&str>,
+        published: bool,
+        allow: bool,
+    ) -> anyhow::Result<Reply> {
+        let target: Target = target.parse()?;
+        let ports = match (ports, published) {
+            (Some(_), true) => bail!("give either ports or --published, not both"),
+            (None, false) => bail!("which ports? give PORTS (e.g. 80/tcp) or --published"),
+            (Some(spec), false) => Ports::Spec(spec.parse()?),
+            (None, true) => Ports::Published,
         };
+        let mut next = self.rules.clone();
+        let mut message = if allow {
+            let id = next.allow(target.clone(), ports)?;
+            format!("allowed {target} {ports} (rule {id})")
+        } else {
+            next.deny(&target, ports)?;
+            format!("denied {target} {ports}; established connections continue")
+        };
+        let old_ids: BTreeSet<u32> = self.rules.rules().iter().map(|r| r.id).collect();
+        let new_ids: BTreeSet<u32> =
+            next.rules().iter().map(|r| r.id).filter(|id| !old_ids.contains(id)).collect();
         self.store.save(&next)?;
-        if let Err(err) = self.apply(&next) {
+        let previous = std::mem::replace(&mut self.rules, next);
+        if let Err(err) = self.datapath.reset_rule_stats(&new_ids).map_err(anyhow::Error::from).and_then(|()| self.reconcile()) {
             error!("applying rules failed, restoring the previous ones: {err:#}");
+            self.rules = previous;
             self.store.save(&self.rules)?;
-            self.apply(&self.rules.clone())?;
+            self.reconcile()?;
             return Err(err);
         }
-        self.rules = next;
         info!("{message}");
-        let rules = self.views(|r| r.address == address && (r.spec.protocol == spec.protocol))?;
+        let rules = self.views(|r| r.target == target);
+        if allow && matches!(target, Target::Container(_)) && !rules.iter().any(|r| r.active) {
+            message.push_str("; no such container is running: the rule waits for it (inactive)");
+        }
         Ok(Reply::Changed(Changed { message, rules }))
     }
 
-    fn apply(&mut self, next: &RuleSet) -> anyhow::Result<()> {
-        let old: BTreeSet<u32> = self.rules.rules().iter().map(|r| r.id).collect();
-        let new: BTreeSet<u32> =
-            next.rules().iter().map(|r| r.id).filter(|id| !old.contains(id)).collect();
-        self.datapath.reset_rule_stats(&new)?;
-        self.datapath.sync_allow(&next.allow_entries())?;
-        Ok(())
-    }
-
-    fn views(&self, filter: impl Fn(&policy::Rule) -> bool) -> anyhow::Result<Vec<RuleView>> {
-        self.rules
-            .rules()
+    fn views(&self, filter: impl Fn(&ResolvedRule) -> bool) -> Vec<RuleView> {
+        self.resolved
+            .rules
             .iter()
             .filter(|r| filter(r))
             .map(|rule| {
-                let stats = self.datapath.rule_stats(rule.id)?;
-                Ok(RuleView {
-                    id: rule.id,
-                    address: rule.address.to_string(),
-                    protocol: rule.spec.protocol.to_string(),
-                    port_start: rule.spec.port_start,
-                    port_end: rule.spec.port_end,
-                    packets: stats.packets,
-                    bytes: stats.bytes,
-                })
+                let stats = self.datapath.rule_stats(rule.id).unwrap_or_default();
+                rule_view(rule, stats.packets, stats.bytes)
             })
             .collect()
     }
 
     fn list(&self) -> anyhow::Result<RuleList> {
-        Ok(RuleList { rules: self.views(|_| true)? })
+        Ok(RuleList { rules: self.views(|_| true) })
     }
 
     fn status(&self) -> anyhow::Result<Status> {
@@ -206,11 +379,63 @@ impl Agent {
                     attached: self.datapath.is_attached(b),
                 })
                 .collect(),
-            rules: self.rules.rules().len(),
+            rules: self.resolved.rules.len(),
             allow_entries: Fill { used: self.datapath.allow_entries()?, capacity: ALLOW_CAPACITY },
             flows: Flows { tracked: self.datapath.tracked_flows()?, capacity: FLOW_CAPACITY },
+            engines: self
+                .engines
+                .iter()
+                .map(|(engine, s)| EngineStatus {
+                    engine: engine.to_string(),
+                    socket: s.socket.display().to_string(),
+                    connected: s.connected,
+                    containers: s.snapshot.as_ref().map_or(0, |s| s.containers.len()),
+                    syncs: s.syncs,
+                    events: s.events,
+                    last_error: s.last_error.clone(),
+                })
+                .collect(),
+            netfilter: self
+                .delegation
+                .as_ref()
+                .map(|d| {
+                    d.status()
+                        .into_iter()
+                        .map(|n| NetfilterStatus {
+                            bridge: n.bridge,
+                            backend: n.backend,
+                            chain: n.chain,
+                            installed: n.installed,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             counters: by_kind,
         })
+    }
+}
+
+fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64) -> RuleView {
+    let (protocol, port_start, port_end) = match rule.ports {
+        Ports::Spec(spec) => (spec.protocol.to_string(), spec.port_start, spec.port_end),
+        Ports::Published => ("published".to_owned(), 0, 0),
+    };
+    RuleView {
+        id: rule.id,
+        target: rule.target.to_string(),
+        container: rule.containers.first().cloned(),
+        published: rule.ports == Ports::Published,
+        source: rule.source,
+        active: rule.is_active(),
+        address: rule.addresses.first().map_or_else(|| rule.target.to_string(), ToString::to_string),
+        addresses: rule.addresses.iter().map(ToString::to_string).collect(),
+        ports: rule.specs.iter().map(ToString::to_string).collect(),
+        host_ports: rule.host_ports.clone(),
+        protocol,
+        port_start,
+        port_end,
+        packets,
+        bytes,
     }
 }
 

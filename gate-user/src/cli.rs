@@ -9,8 +9,11 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     agent::{Agent, AgentOptions},
     api::{DEFAULT_SOCKET, Reply, Request, RuleView, Status, client},
+    policy::Source,
     datapath::{self, DEFAULT_BPFFS_DIR, GateConfig},
-    policy::{self, PortSpec},
+    netfilter,
+    policy::{PortSpec, Target},
+    runtime::{DEFAULT_DOCKER_SOCKET, DEFAULT_PODMAN_SOCKET, Engine},
 };
 
 const ABOUT: &str = "An eBPF port gate for container bridges.
@@ -35,10 +38,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the host agent in the foreground (root). Stops on SIGINT/SIGTERM; the gate stays.
     Agent(AgentArgs),
-    /// Allow new connections to ADDRESS on PORTS.
-    #[command(after_help = "Examples:\n  portgate allow 172.17.0.2 80\n  portgate allow fd00::2 53/udp\n  portgate allow 10.88.0.5 8000-8010/tcp\n  portgate allow 172.17.0.2 icmp")]
+    /// Allow new connections to TARGET (an address or a container) on PORTS.
+    #[command(after_help = "Examples:\n  portgate allow 172.17.0.2 80\n  portgate allow fd00::2 53/udp\n  portgate allow web 8000-8010/tcp     (container by name; follows it across restarts)\n  portgate allow --published web      (exactly the ports `web` publishes)\n  portgate allow 172.17.0.2 icmp\n\nContainers can also allow themselves: --label portgate.allow=80/tcp,53/udp")]
     Allow(RuleArgs),
-    /// Stop allowing new connections to ADDRESS on PORTS (established ones continue).
+    /// Stop allowing new connections to TARGET on PORTS (established ones continue).
     Deny(RuleArgs),
     /// Show the allow rules with their packet and byte counters.
     List {
@@ -62,17 +65,39 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct RuleArgs {
-    /// Container address (IPv4 or IPv6).
-    pub address: String,
+    /// Container address (IPv4 or IPv6), or a container name or ID.
+    pub target: String,
     /// PORT, PORT/tcp, PORT/udp, FIRST-LAST/PROTO, or `icmp` (echo). TCP when no protocol.
-    pub ports: String,
+    #[arg(required_unless_present = "published", conflicts_with = "published")]
+    pub ports: Option<String>,
+    /// The ports the container publishes (host port -> container port), whatever they are.
+    #[arg(long)]
+    pub published: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Bridge to gate (repeat for more), e.g. docker0, podman0.
+    /// Bridge to gate (repeat for more), e.g. docker0, podman0; `auto`: docker0, podman0 and
+    /// the bridges of the engines' networks, including ones created later.
     #[arg(long = "bridge", value_name = "IFACE", required = true)]
     pub bridges: Vec<String>,
+    /// Container engines to follow; auto watches the sockets that exist.
+    #[arg(long, value_enum, default_value_t = RuntimeChoice::Auto)]
+    pub runtime: RuntimeChoice,
+    /// Docker's API socket.
+    #[arg(long, default_value = DEFAULT_DOCKER_SOCKET)]
+    pub docker_socket: PathBuf,
+    /// Podman's Docker-compatible API socket (`podman system service`).
+    #[arg(long, default_value = DEFAULT_PODMAN_SOCKET)]
+    pub podman_socket: PathBuf,
+    /// deny: only what rules and labels allow; published: also every container's published
+    /// ports (Docker's own behaviour, as an explicit choice).
+    #[arg(long, value_enum, default_value_t = DefaultPolicy::Deny)]
+    pub default_policy: DefaultPolicy,
+    /// Do not install the netfilter rules that hand published ports to the gate where the
+    /// FORWARD policy would drop them.
+    #[arg(long)]
+    pub no_netfilter: bool,
     /// Where the rules are saved.
     #[arg(long, default_value = "/var/lib/portgate")]
     pub state_dir: PathBuf,
@@ -85,6 +110,20 @@ pub struct AgentArgs {
     /// Gate connections from the host's own stack too (by default they pass).
     #[arg(long)]
     pub gate_host_traffic: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeChoice {
+    Docker,
+    Podman,
+    Auto,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DefaultPolicy {
+    Deny,
+    Published,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -118,8 +157,22 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let auto_bridges = args.bridges.iter().any(|b| b == "auto");
+    let bridges = args.bridges.into_iter().filter(|b| b != "auto").collect();
+    let docker = (Engine::Docker, args.docker_socket);
+    let podman = (Engine::Podman, args.podman_socket);
+    let engines = match args.runtime {
+        RuntimeChoice::Docker => vec![docker],
+        RuntimeChoice::Podman => vec![podman],
+        RuntimeChoice::None => vec![],
+        RuntimeChoice::Auto => [docker, podman].into_iter().filter(|(_, s)| s.exists()).collect(),
+    };
     let options = AgentOptions {
-        bridges: args.bridges,
+        bridges,
+        auto_bridges,
+        engines,
+        default_published: args.default_policy == DefaultPolicy::Published,
+        netfilter: !args.no_netfilter,
         state_dir: args.state_dir,
         bpffs: args.bpffs,
         socket,
@@ -140,12 +193,15 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
 
 fn change(socket: &std::path::Path, args: RuleArgs, allow: bool) -> anyhow::Result<()> {
     // Check locally first, so bad input fails fast even without an agent.
-    policy::parse_address(&args.address)?;
-    args.ports.parse::<PortSpec>()?;
+    args.target.parse::<Target>()?;
+    if let Some(ports) = &args.ports {
+        ports.parse::<PortSpec>()?;
+    }
+    let RuleArgs { target, ports, published } = args;
     let request = if allow {
-        Request::Allow { address: args.address, ports: args.ports }
+        Request::Allow { target, ports, published }
     } else {
-        Request::Deny { address: args.address, ports: args.ports }
+        Request::Deny { target, ports, published }
     };
     match client::call(socket, &request)? {
         Reply::Changed(changed) => {
@@ -164,8 +220,9 @@ fn uninstall(socket: &std::path::Path, bpffs: &std::path::Path) -> anyhow::Resul
         );
     }
     let done = datapath::uninstall(bpffs)?;
+    let rules = netfilter::remove_all()?;
     println!(
-        "detached {} link(s), removed {} pin(s) under {}; traffic to the bridges is no longer gated",
+        "detached {} link(s), removed {} pin(s) under {} and {rules} netfilter delegation rule(s); traffic to the bridges is no longer gated",
         done.links,
         done.pins,
         bpffs.display()
@@ -197,26 +254,37 @@ fn unexpected(reply: Reply) -> anyhow::Result<()> {
     anyhow::bail!("the agent answered something unexpected: {reply:?}")
 }
 
-fn ports_text(rule: &RuleView) -> String {
-    match (rule.protocol.as_str(), rule.port_start == rule.port_end) {
-        ("icmp", _) => "icmp".to_owned(),
-        (proto, true) => format!("{}/{proto}", rule.port_start),
-        (proto, false) => format!("{}-{}/{proto}", rule.port_start, rule.port_end),
-    }
-}
-
 pub fn format_rules(rules: &[RuleView]) -> String {
     if rules.is_empty() {
         return "no rules: every new connection into the gated bridges is dropped\n".to_owned();
     }
-    let mut out = format!("{:<5} {:<40} {:<16} {:>12} {:>14}\n", "ID", "ADDRESS", "PORTS", "PACKETS", "BYTES");
+    let mut out = format!(
+        "{:<5} {:<20} {:<16} {:<26} {:<16} {:<10} {:<14} {:>10} {:>12}\n",
+        "ID", "TARGET", "CONTAINER", "ADDRESS", "PORTS", "HOST", "STATE", "PACKETS", "BYTES"
+    );
     for rule in rules {
+        let ports = if rule.published && rule.ports.is_empty() {
+            "published".to_owned()
+        } else {
+            rule.ports.join(",")
+        };
+        let host: Vec<String> = rule.host_ports.iter().map(ToString::to_string).collect();
+        let state = match (rule.active, rule.source) {
+            (false, _) => "inactive".to_owned(),
+            (true, Source::Cli) => "active".to_owned(),
+            (true, Source::Label) => "active (label)".to_owned(),
+            (true, Source::DefaultPolicy) => "active (policy)".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "{:<5} {:<40} {:<16} {:>12} {:>14}",
+            "{:<5} {:<20} {:<16} {:<26} {:<16} {:<10} {:<14} {:>10} {:>12}",
             rule.id,
-            rule.address,
-            ports_text(rule),
+            rule.target,
+            rule.container.as_deref().unwrap_or("-"),
+            if rule.addresses.is_empty() { "-".to_owned() } else { rule.addresses.join(",") },
+            ports,
+            if host.is_empty() { "-".to_owned() } else { host.join(",") },
+            state,
             rule.packets,
             rule.bytes
         );
@@ -238,6 +306,19 @@ pub fn format_status(status: &Status) -> String {
         status.rules, status.allow_entries.used, status.allow_entries.capacity
     );
     let _ = writeln!(out, "flows:    {} tracked of {}", status.flows.tracked, status.flows.capacity);
+    for engine in &status.engines {
+        let state = if engine.connected { "connected" } else { "DISCONNECTED" };
+        let error = engine.last_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "engine:   {} {state}{error}, {} containers, {} syncs, {} events, {}",
+            engine.engine, engine.containers, engine.syncs, engine.events, engine.socket
+        );
+    }
+    for rule in &status.netfilter {
+        let state = if rule.installed { "installed" } else { "not needed" };
+        let _ = writeln!(out, "netfilter: {} via {} {} {state}", rule.bridge, rule.backend, rule.chain);
+    }
     let _ = writeln!(out, "pins:     {}", status.bpffs);
     let _ = writeln!(out, "rules in: {}", status.state_file);
     for (kind, title) in [("pass", "passed"), ("drop", "dropped"), ("event", "events")] {

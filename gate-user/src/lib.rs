@@ -4,4 +4,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod datapath;
+#[path = "netfilter_stub.rs"]
+pub mod netfilter;
 pub mod policy;
+pub mod runtime;

@@ -3,7 +3,6 @@
 //! Needs root (and bpffs on /sys/fs/bpf); skipped with a message otherwise.
 
 use std::{
-    net::IpAddr,
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -12,7 +11,7 @@ use etherparse::PacketBuilder;
 use gate_common::{counters, program_names};
 use gate_user::{
     datapath::{self, Datapath, GateConfig, sys},
-    policy::{RuleSet, parse_address},
+    policy::{Ports, Resolver, RuleSet, Target, parse_address},
 };
 
 const CONTAINER4: [u8; 4] = [10, 99, 0, 2];
@@ -57,13 +56,18 @@ impl Gate {
     }
 
     fn allow(&mut self, address: &str, ports: &str) {
-        self.rules.allow(addr(address), ports.parse().expect("spec")).expect("allow");
-        self.datapath.sync_allow(&self.rules.allow_entries()).expect("sync");
+        self.rules.allow(target(address), spec(ports)).expect("allow");
+        self.sync();
     }
 
     fn deny(&mut self, address: &str, ports: &str) {
-        self.rules.deny(addr(address), ports.parse().expect("spec")).expect("deny");
-        self.datapath.sync_allow(&self.rules.allow_entries()).expect("sync");
+        self.rules.deny(&target(address), spec(ports)).expect("deny");
+        self.sync();
+    }
+
+    fn sync(&mut self) {
+        let resolved = Resolver::default().resolve(&self.rules, &[], false);
+        self.datapath.sync_allow(&resolved.entries, true).expect("sync");
     }
 
     fn run(&self, program: &'static str, frame: &[u8], ingress_ifindex: u32) -> Verdict {
@@ -102,8 +106,12 @@ impl Drop for Gate {
     }
 }
 
-fn addr(s: &str) -> IpAddr {
-    parse_address(s).expect("address")
+fn target(s: &str) -> Target {
+    Target::Address(parse_address(s).expect("address"))
+}
+
+fn spec(s: &str) -> Ports {
+    Ports::Spec(s.parse().expect("port spec"))
 }
 
 /// TCP flags for the frame builders.

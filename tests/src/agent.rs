@@ -97,7 +97,7 @@ impl<'a> Agent<'a> {
         let mut command = self.sandbox.command_in(&self.sandbox.host, &self.bin);
         command
             .arg("agent")
-            .args(["--bridge", BRIDGE])
+            .args(["--bridge", BRIDGE, "--runtime", "none"])
             .arg("--bpffs")
             .arg(&self.bpffs)
             .arg("--state-dir")

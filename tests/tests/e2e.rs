@@ -414,7 +414,8 @@ fn bad_input_is_rejected_and_changes_nothing() {
         ["allow", CONTAINER_V4, "0"],
         ["allow", CONTAINER_V4, "70000"],
         ["allow", CONTAINER_V4, "80/sctp"],
-        ["allow", "not-an-address", "80"],
+        ["allow", "not an address!", "80"],
+        ["allow", "10.99.0.256", "80"],
     ] {
         let what = format!("portgate {}", args.join(" "));
         let message = assert_cli_error(&agent.cli(&args), &what);

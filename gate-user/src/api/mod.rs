@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::Source;
+
 pub const DEFAULT_SOCKET: &str = "/run/portgate/portgate.sock";
 /// Requests are tiny; anything larger is refused.
 pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
@@ -15,8 +17,9 @@ pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    Allow { address: String, ports: String },
-    Deny { address: String, ports: String },
+    /// `target`: an address or a container name or ID; `ports` or `published`.
+    Allow { target: String, ports: Option<String>, published: bool },
+    Deny { target: String, ports: Option<String>, published: bool },
     List,
     Status,
 }
@@ -51,7 +54,23 @@ pub struct RuleList {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RuleView {
     pub id: u32,
+    /// What the rule names: an address, or a container name or ID.
+    pub target: String,
+    /// The running container the target matched, if any.
+    pub container: Option<String>,
+    /// Opens whatever the container publishes.
+    pub published: bool,
+    pub source: Source,
+    /// Opens at least one port on at least one address now.
+    pub active: bool,
+    /// The first address (or the target, while inactive).
     pub address: String,
+    pub addresses: Vec<String>,
+    /// The port specs in force, e.g. ["80/tcp"].
+    pub ports: Vec<String>,
+    /// Host ports that the engines map to these container ports.
+    pub host_ports: Vec<u16>,
+    /// tcp, udp, icmp, or "published".
     pub protocol: String,
     pub port_start: u16,
     pub port_end: u16,
@@ -70,6 +89,9 @@ pub struct Status {
     pub rules: usize,
     pub allow_entries: Fill,
     pub flows: Flows,
+    pub engines: Vec<EngineStatus>,
+    /// The netfilter delegation rules the agent keeps in place.
+    pub netfilter: Vec<NetfilterStatus>,
     /// Counters by kind ("pass", "drop", "event"), then by name.
     pub counters: BTreeMap<String, BTreeMap<String, u64>>,
 }
@@ -92,4 +114,25 @@ pub struct Flows {
     /// Entries in the tracking table, including idle ones not yet evicted.
     pub tracked: usize,
     pub capacity: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EngineStatus {
+    pub engine: String,
+    pub socket: String,
+    pub connected: bool,
+    pub containers: usize,
+    /// Snapshots taken (at connect, after events, periodically).
+    pub syncs: u64,
+    /// Snapshots taken because of engine events.
+    pub events: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NetfilterStatus {
+    pub bridge: String,
+    pub backend: String,
+    pub chain: String,
+    pub installed: bool,
 }

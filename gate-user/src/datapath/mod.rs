@@ -299,9 +299,13 @@ impl Datapath {
         map.set(0, Config { flags: config.flags() }, 0).map_err(map_err(name))
     }
 
-    /// Makes the allow map equal to `desired`: new and changed entries first, then stale ones
-    /// removed, so a port that stays allowed is never missing in between.
-    pub fn sync_allow(&mut self, desired: &BTreeMap<AllowKey, AllowValue>) -> Result<()> {
+    /// Makes the allow map equal to `desired`: new and changed entries first, then (with
+    /// `remove_stale`) stale ones removed, so a port that stays allowed is never missing.
+    pub fn sync_allow(
+        &mut self,
+        desired: &BTreeMap<AllowKey, AllowValue>,
+        remove_stale: bool,
+    ) -> Result<()> {
         let name = map_names::ALLOW;
         let mut map: HashMap<_, AllowKey, AllowValue> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
@@ -312,7 +316,7 @@ impl Datapath {
                 map.insert(key, value, 0).map_err(map_err(name))?;
             }
         }
-        for key in current.keys().filter(|key| !desired.contains_key(key)) {
+        for key in current.keys().filter(|key| remove_stale && !desired.contains_key(key)) {
             map.remove(key).map_err(map_err(name))?;
         }
         Ok(())

@@ -82,7 +82,7 @@ impl RuleStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{parse_address, PortSpec};
+    use crate::policy::{Ports, Target};
 
     #[test]
     fn rules_round_trip_through_the_file() {
@@ -90,8 +90,9 @@ mod tests {
         let store = RuleStore::new(&dir.path().join("state"));
         assert!(store.load().expect("missing file is empty").rules().is_empty());
         let mut rules = RuleSet::default();
-        let spec: PortSpec = "8000-8010/udp".parse().expect("spec");
-        rules.allow(parse_address("fd00::2").expect("addr"), spec).expect("allow");
+        let spec = Ports::Spec("8000-8010/udp".parse().expect("spec"));
+        rules.allow("fd00::2".parse::<Target>().expect("target"), spec).expect("allow");
+        rules.allow("web".parse::<Target>().expect("target"), Ports::Published).expect("allow");
         store.save(&rules).expect("save");
         assert_eq!(store.load().expect("load"), rules);
     }

@@ -1,0 +1,244 @@
+//! Container engines as the source of truth: Docker's Engine API and Podman's
+//! Docker-compatible API, watched over their unix sockets with bollard.
+//!
+//! Each engine gets a task that connects, takes a full snapshot (running containers with
+//! their addresses, published ports and labels; the bridges of the engine's networks), then
+//! re-takes it after every container or network event. When the engine goes away the task
+//! says so and reconnects with backoff; the agent keeps enforcing the last snapshot.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::IpAddr,
+    path::PathBuf,
+    time::Duration,
+};
+
+use bollard::{
+    API_DEFAULT_VERSION, Docker,
+    models::{ContainerInspectResponse, Network},
+    query_parameters::{EventsOptions, ListContainersOptions, ListNetworksOptions},
+};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use futures_util::StreamExt as _;
+use tracing::{info, warn};
+
+use crate::policy::Protocol;
+
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+pub const DEFAULT_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
+/// Label that allows ports for as long as the container runs: `80/tcp,53/udp`.
+pub const ALLOW_LABEL: &str = "portgate.allow";
+
+/// Events arrive in bursts (a `docker run` is several); one snapshot after a short pause.
+const SETTLE: Duration = Duration::from_millis(200);
+/// A full re-sync now and then, in case an event was missed.
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    Docker,
+    Podman,
+}
+
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Engine::Docker => "docker",
+            Engine::Podman => "podman",
+        })
+    }
+}
+
+/// A host port that maps to a container port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Published {
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: Protocol,
+}
+
+/// What the gate needs to know about a running container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Container {
+    pub engine: Engine,
+    pub id: String,
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+    pub published: Vec<Published>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Container {
+    /// Whether `target` names this container: its name, its ID, or an ID prefix of at least
+    /// 12 characters (the short form engines print).
+    pub fn is_named(&self, target: &str) -> bool {
+        self.name == target || (target.len() >= 12 && self.id.starts_with(target))
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub containers: Vec<Container>,
+    /// Linux bridges of the engine's bridge networks.
+    pub bridges: Vec<String>,
+}
+
+#[derive(Debug)]
+pub enum RuntimeEvent {
+    Synced { engine: Engine, snapshot: Snapshot, after_event: bool },
+    Disconnected { engine: Engine, error: String },
+}
+
+/// Watches one engine forever, sending what it sees to `events`.
+pub async fn watch(engine: Engine, socket: PathBuf, events: mpsc::Sender<RuntimeEvent>) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let error = match session(engine, &socket, &events, &mut backoff).await {
+            Ok(()) => "event stream ended".to_owned(),
+            Err(err) => err.to_string(),
+        };
+        if events.send(RuntimeEvent::Disconnected { engine, error }).await.is_err() {
+            return; // the agent is shutting down
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One connection: snapshot, then a snapshot after each burst of events.
+async fn session(
+    engine: Engine,
+    socket: &std::path::Path,
+    events: &mpsc::Sender<RuntimeEvent>,
+    backoff: &mut Duration,
+) -> Result<(), bollard::errors::Error> {
+    let path = socket.to_string_lossy();
+    let docker = Docker::connect_with_unix(&path, 30, API_DEFAULT_VERSION)?
+        .negotiate_version()
+        .await?;
+    let filters = HashMap::from([("type".to_owned(), vec!["container".to_owned(), "network".to_owned()])]);
+    // Subscribe before the snapshot, so nothing between the two is missed.
+    let mut stream =
+        Box::pin(docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() })));
+    let snapshot = take_snapshot(engine, &docker).await?;
+    info!(%engine, socket = %path, containers = snapshot.containers.len(), "engine synced");
+    *backoff = Duration::from_millis(500);
+    if events.send(RuntimeEvent::Synced { engine, snapshot, after_event: false }).await.is_err() {
+        return Ok(());
+    }
+    loop {
+        let next = tokio::time::timeout(RESYNC_EVERY, stream.next()).await;
+        let after_event = match next {
+            Ok(Some(Ok(_))) => true,
+            Ok(Some(Err(err))) => return Err(err),
+            Ok(None) => return Ok(()),
+            Err(_) => false, // periodic re-sync
+        };
+        // Let the burst finish, then take one snapshot for all of it.
+        let settle = tokio::time::sleep(SETTLE);
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                _ = &mut settle => break,
+                next = stream.next() => match next {
+                    Some(Ok(_)) => {}
+                    Some(Err(err)) => return Err(err),
+                    None => return Ok(()),
+                },
+            }
+        }
+        let snapshot = take_snapshot(engine, &docker).await?;
+        if events.send(RuntimeEvent::Synced { engine, snapshot, after_event }).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+async fn take_snapshot(engine: Engine, docker: &Docker) -> Result<Snapshot, bollard::errors::Error> {
+    let networks = docker.list_networks(None::<ListNetworksOptions>).await?;
+    let mut bridges: Vec<String> = networks.iter().filter_map(|n| bridge_of(engine, n)).collect();
+    bridges.sort();
+    bridges.dedup();
+    let summaries = docker.list_containers(None::<ListContainersOptions>).await?;
+    let mut containers = Vec::with_capacity(summaries.len());
+    for id in summaries.into_iter().filter_map(|s| s.id) {
+        match docker.inspect_container(&id, None).await {
+            Ok(inspect) => containers.extend(container_facts(engine, inspect)),
+            // Gone between list and inspect: the next event brings a new snapshot.
+            Err(err) => warn!(%engine, id, "cannot inspect container: {err}"),
+        }
+    }
+    containers.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Snapshot { containers, bridges })
+}
+
+/// The Linux bridge behind a bridge network, as each engine names it.
+fn bridge_of(engine: Engine, network: &Network) -> Option<String> {
+    if network.driver.as_deref() != Some("bridge") {
+        return None;
+    }
+    if let Some(name) =
+        network.options.as_ref().and_then(|o| o.get("com.docker.network.bridge.name"))
+    {
+        return Some(name.clone());
+    }
+    match (engine, network.name.as_deref(), network.id.as_deref()) {
+        (Engine::Docker, Some("bridge"), _) => Some("docker0".to_owned()),
+        (Engine::Docker, _, Some(id)) => Some(format!("br-{}", id.get(..12).unwrap_or(id))),
+        (Engine::Podman, Some("podman"), _) => Some("podman0".to_owned()),
+        _ => None,
+    }
+}
+
+fn container_facts(engine: Engine, inspect: ContainerInspectResponse) -> Option<Container> {
+    let id = inspect.id?;
+    let name = inspect.name.unwrap_or_default().trim_start_matches('/').to_owned();
+    let labels = inspect
+        .config
+        .and_then(|c| c.labels)
+        .map(|l| l.into_iter().collect())
+        .unwrap_or_default();
+    let settings = inspect.network_settings.unwrap_or_default();
+    let mut addresses: Vec<IpAddr> = settings
+        .networks
+        .unwrap_or_default()
+        .values()
+        .flat_map(|ep| [ep.ip_address.clone(), ep.global_ipv6_address.clone()])
+        .flatten()
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    let mut published: Vec<Published> = settings
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|(port, bindings)| {
+            let (port, proto) = port.split_once('/').unwrap_or((port.as_str(), "tcp"));
+            let protocol = match proto {
+                "tcp" => Some(Protocol::Tcp),
+                "udp" => Some(Protocol::Udp),
+                _ => None,
+            };
+            let container_port = port.parse::<u16>().ok();
+            bindings
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(move |b| {
+                    Some(Published {
+                        host_port: b.host_port?.parse().ok()?,
+                        container_port: container_port?,
+                        protocol: protocol?,
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    published.sort();
+    published.dedup();
+    Some(Container { engine, id, name, addresses, published, labels })
+}
