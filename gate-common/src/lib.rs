@@ -14,7 +14,12 @@ pub mod map_names {
     pub const RULE_STATS: &str = "RULE_STATS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const CONFIG: &str = "CONFIG";
-    pub const ALL: [&str; 5] = [ALLOW, FLOWS, RULE_STATS, COUNTERS, CONFIG];
+    pub const BRIDGE_DROPS: &str = "BRIDGE_DROPS";
+    pub const DROP_EVENTS: &str = "DROP_EVENTS";
+    pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
+    /// Maps pinned so that they outlive the agent (the ring buffer and its budget are not:
+    /// a new agent reads events from its own programs).
+    pub const PINNED: [&str; 6] = [ALLOW, FLOWS, RULE_STATS, COUNTERS, CONFIG, BRIDGE_DROPS];
 }
 
 /// Names of the programs in the eBPF object.
@@ -33,6 +38,12 @@ pub const FLOW_CAPACITY: u32 = 262_144;
 pub const MAX_RULES: u32 = 16_384;
 /// Rule id of flows that no allow rule admitted (started by a container).
 pub const NO_RULE: u32 = u32::MAX;
+/// Capacity of the per-bridge drop counters: (bridge, reason) pairs.
+pub const BRIDGE_DROPS_CAPACITY: u32 = 4_096;
+/// Size of the drop-event ring buffer.
+pub const DROP_EVENTS_BYTES: u32 = 256 * 1024;
+/// Drop events each CPU may report per second; the rest are counted as suppressed.
+pub const DROP_EVENTS_PER_SECOND: u32 = 100;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -163,6 +174,47 @@ pub struct Config {
     pub flags: u32,
 }
 
+/// Key of the per-bridge drop counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BridgeDropKey {
+    pub ifindex: u32,
+    /// A `counters::DROP_*` index.
+    pub reason: u32,
+}
+
+/// A dropped (or, in audit mode, would-be-dropped) packet, reported through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropEvent {
+    /// `bpf_ktime_get_ns` (monotonic, since boot).
+    pub timestamp_ns: u64,
+    pub src: Addr,
+    pub dst: Addr,
+    /// The bridge.
+    pub ifindex: u32,
+    /// Events this CPU suppressed (rate limit) since its previous report.
+    pub suppressed: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// A `counters::DROP_*` index.
+    pub reason: u8,
+    /// IP protocol number; 0 when the packet could not be parsed that far.
+    pub proto: u8,
+    /// 1 when the gate was in audit mode and let the packet pass.
+    pub audit: u8,
+    pub _pad: [u8; 9],
+}
+
+/// Per-CPU state of the drop-event rate limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    pub window_start_ns: u64,
+    pub sent: u32,
+    pub suppressed: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are repr(C), Copy, without implicit padding, valid for any bit pattern.
@@ -172,6 +224,9 @@ mod pod {
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::RuleStats {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::BridgeDropKey {}
+    unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::EventBudget {}
 }
 
 #[cfg(test)]
@@ -187,6 +242,9 @@ mod tests {
         assert_eq!(size_of::<FlowState>(), 8 + 4 + 4);
         assert_eq!(size_of::<RuleStats>(), 16);
         assert_eq!(size_of::<Config>(), 4);
+        assert_eq!(size_of::<BridgeDropKey>(), 8);
+        assert_eq!(size_of::<DropEvent>(), 8 + 16 + 16 + 4 + 4 + 2 + 2 + 1 + 1 + 1 + 9);
+        assert_eq!(size_of::<EventBudget>(), 16);
     }
 
     #[test]

@@ -15,12 +15,13 @@ use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
 use gate_common::{
-    ALLOW_CAPACITY, AllowKey, AllowValue, CONFIG_AUDIT, CONFIG_GATE_HOST, Config,
+    ALLOW_CAPACITY, AllowKey, AllowValue, BRIDGE_DROPS_CAPACITY, BridgeDropKey, CONFIG_AUDIT,
+    CONFIG_GATE_HOST, Config, DROP_EVENTS_BYTES, DROP_EVENTS_PER_SECOND, DropEvent, EventBudget,
     FLOW_CAPACITY, FLOW_REPLIED, FlowKey, FlowState, MAX_RULES, NO_RULE, ORIGIN_CONTAINER,
     ORIGIN_REMOTE, PROTO_TCP, RuleStats, counters::*, tcp,
 };
@@ -43,6 +44,18 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNT, 0);
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
+#[map]
+static BRIDGE_DROPS: PerCpuHashMap<BridgeDropKey, u64> =
+    PerCpuHashMap::with_max_entries(BRIDGE_DROPS_CAPACITY, 0);
+
+#[map]
+static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(DROP_EVENTS_BYTES, 0);
+
+#[map]
+static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+
+const NS_PER_SECOND: u64 = 1_000_000_000;
+
 /// "Next" in a TCX chain (pass, unless a later program decides otherwise); with legacy tc,
 /// the default action, which passes.
 const PASS: i32 = TC_ACT_UNSPEC;
@@ -57,14 +70,17 @@ enum Verdict {
 pub fn toward_containers(ctx: TcContext) -> i32 {
     // A missing config entry reads as all-zero: enforce.
     let flags = CONFIG.get(0).map_or(0, |c| c.flags);
-    match try_toward_containers(&ctx, flags) {
+    let mut packet = Transport::new();
+    match try_toward_containers(&ctx, flags, &mut packet) {
         Verdict::Pass(counter) => {
             count(counter);
             PASS
         }
         Verdict::Drop(reason) => {
             count(reason);
-            if flags & CONFIG_AUDIT != 0 {
+            let audit = flags & CONFIG_AUDIT != 0;
+            record_drop(&ctx, &packet, reason, audit);
+            if audit {
                 count(AUDIT_PASSED);
                 PASS
             } else {
@@ -81,22 +97,21 @@ pub fn from_containers(ctx: TcContext) -> i32 {
     PASS
 }
 
-fn try_toward_containers(ctx: &TcContext, flags: u32) -> Verdict {
+fn try_toward_containers(ctx: &TcContext, flags: u32, packet: &mut Transport) -> Verdict {
     // Sent by the host itself (no receiving interface): not forwarded from outside.
     // SAFETY: the context pointer is valid for the whole program run.
     let ingress_ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     if ingress_ifindex == 0 && flags & CONFIG_GATE_HOST == 0 {
         return Verdict::Pass(PASS_HOST);
     }
-    let mut packet = Transport::new();
     let mut notes = 0;
-    let parsed = parse(ctx, &mut packet, &mut notes);
+    let parsed = parse(ctx, packet, &mut notes);
     note(notes);
     match parsed {
         Parsed::NotIp => Verdict::Pass(PASS_NOT_IP),
-        Parsed::Packet => toward_container(ctx, &packet),
+        Parsed::Packet => toward_container(ctx, packet),
         // The embedded packet is one the container sent: it matches a flow as sent.
-        Parsed::IcmpErrorToSender if FLOWS.get_ptr(container_sent(&packet)).is_some() => {
+        Parsed::IcmpErrorToSender if FLOWS.get_ptr(container_sent(packet)).is_some() => {
             Verdict::Pass(PASS_RELATED)
         }
         Parsed::IcmpErrorToSender | Parsed::IcmpErrorForeign => Verdict::Drop(DROP_ICMP_UNTRACKED),
@@ -232,6 +247,57 @@ fn open_flow(
             warn!(ctx, "portgate: flow table insert failed: {}", err);
         }
     }
+}
+
+/// Counts a drop for its bridge and reports it through the ring buffer, within this CPU's
+/// budget of events per second; what is over budget is counted and reported with the next
+/// event, so a flood cannot swamp the agent.
+#[inline(never)]
+fn record_drop(ctx: &TcContext, packet: &Transport, reason: u32, audit: bool) {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let key = BridgeDropKey { ifindex, reason };
+    match BRIDGE_DROPS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        Some(value) => unsafe { *value += 1 },
+        None => {
+            let _ = BRIDGE_DROPS.insert(&key, &1, 0);
+        }
+    }
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else { return };
+    // SAFETY: per-CPU slot, only this CPU writes it.
+    let budget = unsafe { &mut *budget };
+    // SAFETY: ktime has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(budget.window_start_ns) >= NS_PER_SECOND {
+        budget.window_start_ns = now;
+        budget.sent = 0;
+    }
+    if budget.sent >= DROP_EVENTS_PER_SECOND {
+        budget.suppressed += 1;
+        return;
+    }
+    let Some(mut entry) = DROP_EVENTS.reserve::<DropEvent>(0) else {
+        // The agent is not keeping up (or not running): count it as suppressed.
+        budget.suppressed += 1;
+        return;
+    };
+    entry.write(DropEvent {
+        timestamp_ns: now,
+        src: packet.src,
+        dst: packet.dst,
+        ifindex,
+        suppressed: budget.suppressed,
+        src_port: packet.src_port,
+        dst_port: packet.dst_port,
+        reason: reason as u8,
+        proto: packet.proto,
+        audit: audit as u8,
+        _pad: [0; 9],
+    });
+    entry.submit(0);
+    budget.sent += 1;
+    budget.suppressed = 0;
 }
 
 #[inline(always)]

@@ -71,8 +71,12 @@ impl Gate {
     }
 
     fn run(&self, program: &'static str, frame: &[u8], ingress_ifindex: u32) -> Verdict {
+        self.run_repeated(program, frame, ingress_ifindex, 1)
+    }
+
+    fn run_repeated(&self, program: &'static str, frame: &[u8], ingress_ifindex: u32, repeat: u32) -> Verdict {
         let fd = self.datapath.program_fd(program).expect("program fd");
-        let run = sys::test_run(fd, frame, ingress_ifindex, 1).expect("BPF_PROG_TEST_RUN");
+        let run = sys::test_run(fd, frame, ingress_ifindex, repeat).expect("BPF_PROG_TEST_RUN");
         match run.retval {
             -1 => Verdict::Pass,
             2 => Verdict::Drop,
@@ -511,4 +515,46 @@ fn audit_mode_counts_but_passes() {
     assert_eq!(gate.counter("malformed"), 1);
     assert_eq!(gate.counter("audit_passed"), 2);
     assert_eq!(gate.counter("flow_created"), 0, "audit creates no state for would-drops");
+}
+
+#[test]
+fn drops_are_counted_per_bridge_and_reported_within_a_budget() {
+    let Some(mut gate) = Gate::load(GateConfig::default()) else { return };
+    // The budget is per CPU, and a test run executes on the calling CPU: stay on one.
+    // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size_of_val(&set), &set), 0, "pin to CPU 0");
+    }
+    let mut events = gate.datapath.take_drop_events().expect("ring buffer");
+    let syn = tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN);
+    // 150 drops in one burst on one CPU: over the budget of 100 events per second.
+    let burst = gate_common::DROP_EVENTS_PER_SECOND + 50;
+    let verdict = gate.run_repeated(program_names::TOWARD_CONTAINERS, &syn, FORWARDED, burst);
+    assert_eq!(verdict, Verdict::Drop);
+    let per_bridge: u64 = gate
+        .datapath
+        .bridge_drops()
+        .expect("bridge drops")
+        .iter()
+        .filter(|(key, _)| key.reason == counters::DROP_NOT_ALLOWED)
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(per_bridge, u64::from(burst));
+    let mut reported = Vec::new();
+    while let Some(item) = events.next() {
+        reported.push(datapath::decode_drop_event(&item).expect("event"));
+    }
+    assert_eq!(reported.len(), gate_common::DROP_EVENTS_PER_SECOND as usize);
+    let first = reported[0];
+    assert_eq!((first.src, first.dst), (gate_common::ipv4_mapped(REMOTE4), gate_common::ipv4_mapped(CONTAINER4)));
+    assert_eq!((first.src_port, first.dst_port, first.proto), (40000, 80, 6));
+    assert_eq!(u32::from(first.reason), counters::DROP_NOT_ALLOWED);
+    assert_eq!(first.audit, 0);
+    // The next window's first event reports what was suppressed.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(gate.toward(&syn), Verdict::Drop);
+    let next = datapath::decode_drop_event(&events.next().expect("an event after the pause")).expect("event");
+    assert_eq!(next.suppressed, 50);
 }

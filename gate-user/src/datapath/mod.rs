@@ -18,7 +18,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapError, MapInfo, MapType, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, MapData, MapError, MapInfo, MapType, PerCpuArray, PerCpuHashMap,
+        PerCpuValues, RingBuf,
+    },
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
@@ -26,7 +29,7 @@ use aya::{
     },
 };
 use gate_common::{
-    ALLOW_CAPACITY, AllowKey, AllowValue, CONFIG_AUDIT, CONFIG_GATE_HOST, Config, FLOW_CAPACITY,
+    ALLOW_CAPACITY, AllowKey, AllowValue, BRIDGE_DROPS_CAPACITY, BridgeDropKey, CONFIG_AUDIT, DropEvent, CONFIG_GATE_HOST, Config, FLOW_CAPACITY,
     FlowKey, FlowState, MAX_RULES, RuleStats, counters, map_names, program_names,
 };
 use tracing::{info, warn};
@@ -167,8 +170,8 @@ impl Hook {
     }
 }
 
-/// What each map must look like: (name, type, key size, value size, capacity).
-fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 5] {
+/// What each pinned map must look like: (name, type, key size, value size, capacity).
+fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 6] {
     use std::mem::size_of;
     [
         (map_names::ALLOW, MapType::Hash, size_of::<AllowKey>(), size_of::<AllowValue>(), ALLOW_CAPACITY),
@@ -176,6 +179,7 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 5] {
         (map_names::RULE_STATS, MapType::PerCpuArray, 4, size_of::<RuleStats>(), MAX_RULES),
         (map_names::COUNTERS, MapType::PerCpuArray, 4, size_of::<u64>(), counters::COUNT),
         (map_names::CONFIG, MapType::Array, 4, size_of::<Config>(), 1),
+        (map_names::BRIDGE_DROPS, MapType::PerCpuHash, size_of::<BridgeDropKey>(), size_of::<u64>(), BRIDGE_DROPS_CAPACITY),
     ]
 }
 
@@ -198,7 +202,7 @@ impl Datapath {
         check_pinned_maps(&pins)?;
 
         let map_paths: Vec<(&str, PathBuf)> =
-            map_names::ALL.iter().map(|name| (*name, pins.map(name))).collect();
+            map_names::PINNED.iter().map(|name| (*name, pins.map(name))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
@@ -365,6 +369,24 @@ impl Datapath {
             .collect()
     }
 
+    /// Drops per (bridge ifindex, reason counter), summed over CPUs.
+    pub fn bridge_drops(&self) -> Result<BTreeMap<BridgeDropKey, u64>> {
+        let name = map_names::BRIDGE_DROPS;
+        let map: PerCpuHashMap<_, BridgeDropKey, u64> =
+            PerCpuHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        map.iter()
+            .map(|item| item.map(|(key, values)| (key, values.iter().sum())))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(name))
+    }
+
+    /// Takes the drop-event ring buffer out of the object, for the agent to read.
+    pub fn take_drop_events(&mut self) -> Result<RingBuf<MapData>> {
+        let name = map_names::DROP_EVENTS;
+        let map = self.ebpf.take_map(name).ok_or(DatapathError::Missing(name))?;
+        RingBuf::try_from(map).map_err(map_err(name))
+    }
+
     /// Entries in the connection-tracking table (including idle ones not yet evicted).
     pub fn tracked_flows(&self) -> Result<usize> {
         let name = map_names::FLOWS;
@@ -393,6 +415,13 @@ impl Datapath {
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
         self.ebpf.map_mut(name).ok_or(DatapathError::Missing(name))
     }
+}
+
+/// Decodes one drop event from the ring buffer.
+pub fn decode_drop_event(bytes: &[u8]) -> Option<DropEvent> {
+    (bytes.len() >= std::mem::size_of::<DropEvent>())
+        // SAFETY: long enough, DropEvent is plain old data valid for any bits; unaligned read.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DropEvent>()) })
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {

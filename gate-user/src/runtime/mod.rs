@@ -189,7 +189,9 @@ fn bridge_of(engine: Engine, network: &Network) -> Option<String> {
     match (engine, network.name.as_deref(), network.id.as_deref()) {
         (Engine::Docker, Some("bridge"), _) => Some("docker0".to_owned()),
         (Engine::Docker, _, Some(id)) => Some(format!("br-{}", id.get(..12).unwrap_or(id))),
-        (Engine::Podman, Some("podman"), _) => Some("podman0".to_owned()),
+        // Podman's compatible API calls its default network "bridge"; the names of the
+        // bridges of other Podman networks are not in that API.
+        (Engine::Podman, Some("podman" | "bridge"), _) => Some("podman0".to_owned()),
         _ => None,
     }
 }

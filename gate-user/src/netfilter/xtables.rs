@@ -1,0 +1,295 @@
+//! The iptables backends: `iptables-legacy`, `iptables-nft` and their ip6tables twins, always
+//! in the `filter` table.
+
+use std::path::Path;
+
+use tracing::warn;
+
+use super::{
+    Location, NetfilterError, OwnRule, RuleId, Survey, bridge_of_comment, comment_for,
+    exec::{Invocation, find_binary},
+};
+
+/// One iptables binary and how to tell, without side effects, that it has no tables at all.
+#[derive(Debug)]
+pub(super) struct Xtables {
+    /// Also the binary's name, and the backend's name in statuses.
+    pub(super) name: &'static str,
+    /// For the legacy backends: the /proc/net file listing the tables that exist in this
+    /// network namespace. Listing a legacy table that does not exist creates it (and makes
+    /// every `iptables-nft` call warn "iptables-legacy tables present"), so it is checked
+    /// first and the binary is not run at all when the filter table is absent.
+    legacy_tables: Option<&'static str>,
+}
+
+pub(super) const BACKENDS: [Xtables; 4] = [
+    Xtables { name: "iptables-legacy", legacy_tables: Some("ip_tables_names") },
+    Xtables { name: "iptables-nft", legacy_tables: None },
+    Xtables { name: "ip6tables-legacy", legacy_tables: Some("ip6_tables_names") },
+    Xtables { name: "ip6tables-nft", legacy_tables: None },
+];
+
+pub(super) const DOCKER_USER: &str = "DOCKER-USER";
+const FORWARD: &str = "FORWARD";
+/// How long to wait for the xtables lock another iptables process holds (legacy only).
+const WAIT_SECONDS: &str = "5";
+
+/// The rule's match and target, after `-I CHAIN 1` / `-C CHAIN` / `-D CHAIN`; also exactly
+/// how `-S` prints it back.
+pub(super) fn rule_spec(bridge: &str) -> Vec<String> {
+    [
+        "-o",
+        bridge,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "DNAT",
+        "-m",
+        "comment",
+        "--comment",
+        &comment_for(bridge),
+        "-j",
+        "ACCEPT",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+fn invocation<'a>(tool: &'a Path, args: impl IntoIterator<Item = String>) -> Invocation<'a> {
+    let mut all = vec!["-w".to_owned(), WAIT_SECONDS.to_owned(), "-t".to_owned(), "filter".to_owned()];
+    all.extend(args);
+    Invocation::new(tool, all)
+}
+
+/// Whether the legacy `filter` table exists in the calling thread's network namespace.
+fn legacy_filter_exists(names_file: &str) -> bool {
+    // thread-self, not self: the caller may be a thread that entered another namespace.
+    ["/proc/thread-self/net", "/proc/self/net"]
+        .iter()
+        .map(|dir| Path::new(dir).join(names_file))
+        .find_map(|path| std::fs::read_to_string(path).ok())
+        .is_some_and(|names| names.lines().any(|name| name.trim() == "filter"))
+}
+
+/// What this backend's `filter` table says: where the rule belongs (nowhere when FORWARD
+/// would not drop) and every rule that carries a portgate comment. None when the backend is
+/// absent (no binary, no legacy table, or a table only the `nft` tool can read).
+pub(super) fn survey(backend: &Xtables) -> Result<Option<Survey>, NetfilterError> {
+    let Some(tool) = find_binary(backend.name) else {
+        return Ok(None);
+    };
+    if let Some(names_file) = backend.legacy_tables
+        && !legacy_filter_exists(names_file)
+    {
+        return Ok(None);
+    }
+    let list = invocation(&tool, ["-S".to_owned()]);
+    let output = list.output()?;
+    if !output.status.success() {
+        let error = list.failed(&output);
+        if String::from_utf8_lossy(&output.stderr).contains("incompatible") {
+            // The table was made with `nft` and is handled (natively) by the nftables backend.
+            warn!(backend = backend.name, %error, "table not readable by iptables; skipped");
+            return Ok(None);
+        }
+        return Err(error);
+    }
+    let listing = parse_listing(&String::from_utf8_lossy(&output.stdout)).map_err(|detail| {
+        NetfilterError::Parse { command: list.display(), detail }
+    })?;
+    Ok(Some(Survey { tool, json: false, targets: listing.targets(), own: listing.own }))
+}
+
+/// The parts of `iptables -S` that matter here.
+#[derive(Debug, Default)]
+pub(super) struct Listing {
+    forward_policy: Option<String>,
+    chains: Vec<String>,
+    /// FORWARD's rules, each as its tokens after `-A FORWARD`.
+    forward_rules: Vec<Vec<String>>,
+    pub(super) own: Vec<OwnRule>,
+}
+
+impl Listing {
+    /// Whether a packet that no earlier rule accepts ends up dropped in FORWARD: a DROP
+    /// policy, or an unconditional DROP/REJECT as FORWARD's last rule (firewalld's iptables
+    /// backend, hand-written firewalls).
+    pub(super) fn forward_drops(&self) -> bool {
+        let last_drops = self.forward_rules.last().is_some_and(|rule| {
+            matches!(rule.as_slice(), [j, target, ..] if j == "-j" && (target == "DROP" || target == "REJECT"))
+        });
+        self.forward_policy.as_deref() == Some("DROP") || last_drops
+    }
+
+    /// DOCKER-USER when it exists and FORWARD jumps to it (Docker owns FORWARD and keeps that
+    /// jump first), FORWARD otherwise. A DOCKER-USER that FORWARD no longer reaches (Docker
+    /// stopped and its rules were flushed) would make the rule useless.
+    pub(super) fn target_chain(&self) -> &'static str {
+        let jumps = self
+            .forward_rules
+            .iter()
+            .any(|rule| matches!(rule.as_slice(), [j, chain] if j == "-j" && chain == DOCKER_USER));
+        if jumps && self.chains.iter().any(|chain| chain == DOCKER_USER) { DOCKER_USER } else { FORWARD }
+    }
+
+    fn targets(&self) -> Vec<Location> {
+        if self.forward_drops() {
+            vec![Location::Chain(self.target_chain().to_owned())]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+pub(super) fn parse_listing(text: &str) -> Result<Listing, String> {
+    let mut listing = Listing::default();
+    for line in text.lines().map(str::trim).filter(|line| !line.is_empty() && !line.starts_with('#')) {
+        let tokens = split_words(line).map_err(|e| format!("{e} in line {line:?}"))?;
+        match tokens.as_slice() {
+            [p, chain, policy] if p == "-P" => {
+                if chain == FORWARD {
+                    listing.forward_policy = Some(policy.clone());
+                }
+            }
+            [n, chain] if n == "-N" => listing.chains.push(chain.clone()),
+            [a, chain, rest @ ..] if a == "-A" => {
+                if chain == FORWARD {
+                    listing.forward_rules.push(rest.to_vec());
+                }
+                let ours = rest
+                    .windows(2)
+                    .find(|pair| pair[0] == "--comment")
+                    .and_then(|pair| bridge_of_comment(&pair[1]));
+                if let Some(bridge) = ours {
+                    listing.own.push(OwnRule {
+                        location: Location::Chain(chain.clone()),
+                        bridge: bridge.to_owned(),
+                        id: RuleId::Spec(rest.to_vec()),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(listing)
+}
+
+/// Splits a line of `iptables -S` into words: whitespace separates, double quotes group and
+/// a backslash escapes the next character inside them (how iptables quotes comments).
+pub(super) fn split_words(line: &str) -> Result<Vec<String>, &'static str> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        None => return Err("unterminated quote"),
+                        Some('"') => break,
+                        Some('\\') => word.push(chars.next().ok_or("unterminated escape")?),
+                        Some(other) => word.push(other),
+                    }
+                }
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            other => {
+                in_word = true;
+                word.push(other);
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    Ok(words)
+}
+
+/// `-C`: whether the exact rule is in `chain`.
+pub(super) fn check(survey: &Survey, chain: &str, bridge: &str) -> Result<bool, NetfilterError> {
+    let mut args = vec!["-C".to_owned(), chain.to_owned()];
+    args.extend(rule_spec(bridge));
+    let check = invocation(&survey.tool, args);
+    let output = check.output()?;
+    match output.status.code() {
+        Some(0) => Ok(true),
+        // "Bad rule (does a matching rule exist in that chain?)" or no such chain.
+        Some(1) => Ok(false),
+        _ => Err(check.failed(&output)),
+    }
+}
+
+/// `-I CHAIN 1`: the rule goes first, before anything that could drop the connection.
+pub(super) fn insert(survey: &Survey, chain: &str, bridge: &str) -> Result<(), NetfilterError> {
+    let mut args = vec!["-I".to_owned(), chain.to_owned(), "1".to_owned()];
+    args.extend(rule_spec(bridge));
+    invocation(&survey.tool, args).run().map(drop)
+}
+
+/// `-D CHAIN <the rule exactly as listed>`: deletes by full specification, comment included,
+/// so it can only ever remove a rule identical to ours (never by position, which a
+/// concurrent change could shift onto someone else's rule).
+pub(super) fn delete(survey: &Survey, rule: &OwnRule) -> Result<(), NetfilterError> {
+    let (Location::Chain(chain), RuleId::Spec(spec)) = (&rule.location, &rule.id) else {
+        return Ok(());
+    };
+    let mut args = vec!["-D".to_owned(), chain.clone()];
+    args.extend(spec.iter().cloned());
+    invocation(&survey.tool, args).run().map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_quoted_comments() {
+        let words = split_words(r#"-A FORWARD -m comment --comment "a \"b\" c" -j ACCEPT"#)
+            .expect("split");
+        assert_eq!(words, ["-A", "FORWARD", "-m", "comment", "--comment", "a \"b\" c", "-j", "ACCEPT"]);
+        assert!(split_words(r#"-A "x"#).is_err());
+    }
+
+    #[test]
+    fn reads_a_docker_host() {
+        let text = r#"-P INPUT ACCEPT
+-P FORWARD DROP
+-P OUTPUT ACCEPT
+-N DOCKER
+-N DOCKER-USER
+-A FORWARD -j DOCKER-USER
+-A FORWARD -o docker0 -j DOCKER
+-A DOCKER-USER -o docker0 -m conntrack --ctstate DNAT -m comment --comment "portgate: delegate docker0 to the eBPF gate" -j ACCEPT
+-A DOCKER-USER -m comment --comment "someone else" -j ACCEPT
+-A DOCKER-USER -j RETURN
+"#;
+        let listing = parse_listing(text).expect("parse");
+        assert!(listing.forward_drops());
+        assert_eq!(listing.target_chain(), DOCKER_USER);
+        assert_eq!(listing.own.len(), 1);
+        assert_eq!(listing.own[0].bridge, "docker0");
+        assert_eq!(listing.own[0].id, RuleId::Spec(rule_spec("docker0")));
+    }
+
+    #[test]
+    fn policy_accept_needs_nothing_unless_forward_ends_in_a_drop() {
+        let accept = parse_listing("-P FORWARD ACCEPT\n-A FORWARD -i x -j DROP\n").expect("parse");
+        assert!(!accept.forward_drops());
+        let reject = parse_listing(
+            "-P FORWARD ACCEPT\n-A FORWARD -j REJECT --reject-with icmp-host-prohibited\n",
+        )
+        .expect("parse");
+        assert!(reject.forward_drops());
+        assert_eq!(reject.target_chain(), FORWARD);
+        // DOCKER-USER that FORWARD does not reach is not used.
+        let stale = parse_listing("-P FORWARD DROP\n-N DOCKER-USER\n").expect("parse");
+        assert_eq!(stale.target_chain(), FORWARD);
+    }
+}
