@@ -4,28 +4,31 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
     path::PathBuf,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
-use gate_common::{ALLOW_CAPACITY, FLOW_CAPACITY, counters};
+use gate_common::{ALLOW_CAPACITY, DropEvent, FLOW_CAPACITY, counters};
 use tokio::{
-    io::unix::AsyncFd,
+    io::{AsyncWriteExt as _, unix::AsyncFd},
+    net::UnixStream,
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{broadcast, mpsc},
 };
 use tracing::{error, info, warn};
 
 use crate::{
     api::{
-        BridgeStatus, Changed, EngineStatus, Fill, Flows, NetfilterStatus, Reply, Request, Response, RuleList,
-        RuleView, Status,
+        BridgeDrops, BridgeStatus, Changed, DropEventStats, EngineStatus, Fill, Flows,
+        NetfilterStatus, Reply, Request, Response, RuleList, RuleView, Status, WatchEvent,
         server::{self, ControlSocket},
     },
-    datapath::{Datapath, GateConfig, sys},
+    datapath::{self, Datapath, GateConfig, sys},
+    metrics,
     netfilter::Delegation,
-    policy::{Ports, Resolved, ResolvedRule, Resolver, RuleSet, RuleStore, Target},
+    policy::{Ports, Resolved, addr_from_map, ResolvedRule, Resolver, RuleSet, RuleStore, Target},
     runtime::{self, Container, Engine, RuntimeEvent, Snapshot},
 };
 
@@ -33,6 +36,8 @@ use crate::{
 const DEFAULT_BRIDGES: [&str; 2] = ["docker0", "podman0"];
 /// How often the agent re-checks bridges and the netfilter delegation rules.
 const TICK: Duration = Duration::from_secs(2);
+/// Drop events waiting for the agent loop; beyond this they count as suppressed.
+const DROP_EVENT_QUEUE: usize = 1024;
 
 /// How the agent was asked to run.
 #[derive(Clone, Debug)]
@@ -51,6 +56,8 @@ pub struct AgentOptions {
     pub default_published: bool,
     /// Install the netfilter delegation rules where FORWARD would drop.
     pub netfilter: bool,
+    /// Where to serve Prometheus metrics; none: not at all.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -74,6 +81,9 @@ pub struct Agent {
     resolved: Resolved,
     engines: BTreeMap<Engine, EngineState>,
     delegation: Option<Delegation>,
+    drop_events: DropEventStats,
+    /// Fan-out of drop events to `portgate watch` clients.
+    watchers: broadcast::Sender<WatchEvent>,
 }
 
 impl Agent {
@@ -121,6 +131,8 @@ impl Agent {
             resolved: Resolved::default(),
             engines,
             delegation,
+            drop_events: DropEventStats::default(),
+            watchers: broadcast::channel(256).0,
         };
         // Rules first, then programs: the new programs never run on a stale allow map. Until
         // the engines have reported, entries for containers stay as the last agent left them.
@@ -149,6 +161,24 @@ impl Agent {
                 .ok()
         });
         tokio::spawn(drain_ebpf_logs(logs));
+        let (drops_tx, mut drops) = mpsc::channel(DROP_EVENT_QUEUE);
+        let ring = self.datapath.take_drop_events()?;
+        // SAFETY: the ring buffer owns its map fd, open and unchanged while it lives.
+        let ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|err| anyhow::anyhow!("cannot watch the drop events: {err}"))?;
+        tokio::spawn(read_drop_events(ring, drops_tx));
+        let (scrape_tx, mut scrapes) = mpsc::channel(4);
+        if let Some(addr) = self.options.metrics_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            info!(%addr, "serving Prometheus metrics on /metrics");
+            tokio::spawn(async move {
+                if let Err(err) = metrics::serve(listener, scrape_tx).await {
+                    error!("metrics server stopped: {err}");
+                }
+            });
+        }
         let (events_tx, mut events) = mpsc::channel(16);
         for (engine, state) in &self.engines {
             tokio::spawn(runtime::watch(*engine, state.socket.clone(), events_tx.clone()));
@@ -161,6 +191,9 @@ impl Agent {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 next = socket.next() => match next {
+                    Ok(Some((Request::Watch, stream))) => {
+                        tokio::spawn(stream_watch(stream, self.watchers.subscribe()));
+                    }
                     Ok(Some((request, mut stream))) => {
                         let response = self.handle(request);
                         server::reply(&mut stream, &response).await;
@@ -169,6 +202,14 @@ impl Agent {
                     Err(err) => warn!("control socket accept failed: {err}"),
                 },
                 Some(event) = events.recv() => self.on_runtime_event(event),
+                Some(drop) = drops.recv() => self.on_drop_event(drop),
+                Some(reply) = scrapes.recv() => {
+                    let body = self.metrics_text().unwrap_or_else(|err| {
+                        error!("building metrics: {err:#}");
+                        String::new()
+                    });
+                    let _ = reply.send(body);
+                }
                 _ = tick.tick() => self.on_tick(),
             }
         }
@@ -204,6 +245,49 @@ impl Agent {
                 state.last_error = Some(error);
             }
         }
+    }
+
+    fn on_drop_event(&mut self, drop: Option<DropEvent>) {
+        let Some(drop) = drop else {
+            // Lost between the kernel and this loop (queue full).
+            self.drop_events.suppressed += 1;
+            return;
+        };
+        self.drop_events.reported += 1;
+        self.drop_events.suppressed += u64::from(drop.suppressed);
+        if self.watchers.receiver_count() == 0 {
+            return;
+        }
+        let destination = addr_from_map(drop.dst);
+        let container = self.containers().into_iter().find(|c| c.addresses.contains(&destination));
+        let event = WatchEvent {
+            time: humantime::format_rfc3339_millis(wall_clock(drop.timestamp_ns)).to_string(),
+            bridge: self.bridge_name(drop.ifindex),
+            source: addr_from_map(drop.src).to_string(),
+            source_port: drop.src_port,
+            destination: destination.to_string(),
+            destination_port: drop.dst_port,
+            protocol: protocol_name(drop.proto),
+            reason: counter_name(u32::from(drop.reason)),
+            container: container.map(|c| c.name),
+            audit: drop.audit != 0,
+            suppressed: drop.suppressed,
+        };
+        let _ = self.watchers.send(event);
+    }
+
+    fn bridge_name(&self, ifindex: u32) -> String {
+        self.datapath
+            .bridges()
+            .iter()
+            .find(|b| b.ifindex == ifindex)
+            .map_or_else(|| format!("ifindex {ifindex}"), |b| b.name.clone())
+    }
+
+    fn metrics_text(&self) -> anyhow::Result<String> {
+        let status = self.status()?;
+        let rules = self.list()?.rules;
+        Ok(metrics::encode(&status, &rules)?)
     }
 
     fn on_tick(&mut self) {
@@ -285,11 +369,26 @@ impl Agent {
             Request::Deny { target, ports, published } => self.change(&target, ports.as_deref(), published, false),
             Request::List => self.list().map(Reply::List),
             Request::Status => self.status().map(|s| Reply::Status(Box::new(s))),
+            Request::Mode { audit } => self.set_mode(audit),
+            // Served by `serve`, which hands the connection to a streaming task.
+            Request::Watch => Err(anyhow::anyhow!("watch is a streaming request")),
         };
         match result {
             Ok(reply) => Response::Ok(reply),
             Err(err) => Response::Error(crate::cli::error_text(&err)),
         }
+    }
+
+    /// Switches between enforce and audit; the flow table is untouched, so tracked
+    /// connections carry on either way.
+    fn set_mode(&mut self, audit: bool) -> anyhow::Result<Reply> {
+        let gate = GateConfig { audit, ..self.options.gate };
+        self.datapath.set_config(gate)?;
+        self.options.gate = gate;
+        let mode = if audit { "audit: nothing is dropped, would-be drops are counted" } else { "enforce" };
+        let message = format!("mode {mode}; tracked connections kept");
+        info!("{message}");
+        Ok(Reply::Changed(Changed { message, rules: Vec::new() }))
     }
 
     /// Applies an allow or deny: saved first, then written to the map. If the map write
@@ -395,6 +494,18 @@ impl Agent {
                     last_error: s.last_error.clone(),
                 })
                 .collect(),
+            bridge_drops: self
+                .datapath
+                .bridge_drops()?
+                .into_iter()
+                .map(|(key, packets)| BridgeDrops {
+                    bridge: self.bridge_name(key.ifindex),
+                    reason: counter_name(key.reason),
+                    packets,
+                })
+                .collect(),
+            drop_events: self.drop_events,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
             netfilter: self
                 .delegation
                 .as_ref()
@@ -436,6 +547,84 @@ fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64) -> RuleView {
         port_end,
         packets,
         bytes,
+    }
+}
+
+fn counter_name(index: u32) -> String {
+    counters::ALL
+        .iter()
+        .find(|(i, _, _)| *i == index)
+        .map_or_else(|| format!("counter {index}"), |(_, name, _)| (*name).to_owned())
+}
+
+fn protocol_name(proto: u8) -> String {
+    match proto {
+        gate_common::PROTO_TCP => "tcp".to_owned(),
+        gate_common::PROTO_UDP => "udp".to_owned(),
+        gate_common::PROTO_ICMP => "icmp".to_owned(),
+        gate_common::PROTO_ICMPV6 => "icmpv6".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// The wall-clock time of a `bpf_ktime_get_ns` (CLOCK_MONOTONIC) timestamp.
+fn wall_clock(monotonic_ns: u64) -> SystemTime {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    SystemTime::now() - Duration::from_nanos(now_ns.saturating_sub(monotonic_ns))
+}
+
+/// Moves drop events from the kernel's ring buffer to the agent loop. `None` stands for an
+/// event lost because the loop is behind.
+async fn read_drop_events(
+    mut ring: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    events: mpsc::Sender<Option<DropEvent>>,
+) {
+    loop {
+        let mut guard = match ring.readable_mut().await {
+            Ok(guard) => guard,
+            Err(err) => {
+                warn!("drop event buffer unreadable: {err}");
+                return;
+            }
+        };
+        while let Some(item) = guard.get_inner_mut().next() {
+            let event = datapath::decode_drop_event(&item);
+            match events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // Report the loss once there is room again.
+                    if events.send(None).await.is_err() {
+                        return;
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Streams drop events to one `portgate watch` client as JSON lines, until it hangs up.
+async fn stream_watch(mut stream: UnixStream, mut events: broadcast::Receiver<WatchEvent>) {
+    loop {
+        let line = match events.recv().await {
+            Ok(event) => serde_json::to_string(&event).map(|mut l| {
+                l.push('\n');
+                l
+            }),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                warn!(missed, "a watch client fell behind");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Ok(line) = line else { continue };
+        if stream.write_all(line.as_bytes()).await.is_err() {
+            return;
+        }
     }
 }
 

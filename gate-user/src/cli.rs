@@ -8,7 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::{
     agent::{Agent, AgentOptions},
-    api::{DEFAULT_SOCKET, Reply, Request, RuleView, Status, client},
+    api::{DEFAULT_SOCKET, Reply, Request, RuleView, Status, WatchEvent, client},
     policy::Source,
     datapath::{self, DEFAULT_BPFFS_DIR, GateConfig},
     netfilter,
@@ -55,6 +55,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Follow dropped (or, in audit mode, would-be-dropped) connection attempts live.
+    Watch {
+        /// Print one JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch the running gate between enforce and audit; tracked connections are kept.
+    Mode {
+        #[arg(value_enum)]
+        mode: Mode,
+    },
     /// Detach the gate from every bridge and remove its pins (run with the agent stopped).
     Uninstall {
         /// The bpffs directory holding the pins.
@@ -98,6 +109,9 @@ pub struct AgentArgs {
     /// FORWARD policy would drop them.
     #[arg(long)]
     pub no_netfilter: bool,
+    /// Serve Prometheus metrics on ADDR (/metrics); `off` to serve none.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9560", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
     /// Where the rules are saved.
     #[arg(long, default_value = "/var/lib/portgate")]
     pub state_dir: PathBuf,
@@ -110,6 +124,19 @@ pub struct AgentArgs {
     /// Gate connections from the host's own stack too (by default they pass).
     #[arg(long)]
     pub gate_host_traffic: bool,
+}
+
+/// `--metrics-addr`: an address, or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|addr| MetricsAddr(Some(addr)))
+        .map_err(|_| format!("expected IP:PORT (e.g. 127.0.0.1:9560) or off, got {s:?}"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -147,6 +174,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Reply::Status(status) => Ok(print!("{}", format_status(&status))),
             other => unexpected(other),
         },
+        Command::Watch { json } => client::watch(&cli.socket, |event| {
+            if json {
+                println!("{}", serde_json::to_string(&event)?);
+            } else {
+                println!("{}", format_watch_event(&event));
+            }
+            Ok(())
+        }),
+        Command::Mode { mode } => match client::call(&cli.socket, &Request::Mode { audit: mode == Mode::Audit })? {
+            Reply::Changed(changed) => Ok(println!("{}", changed.message)),
+            other => unexpected(other),
+        },
         Command::Uninstall { bpffs } => uninstall(&cli.socket, &bpffs),
     }
 }
@@ -173,6 +212,7 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         engines,
         default_published: args.default_policy == DefaultPolicy::Published,
         netfilter: !args.no_netfilter,
+        metrics_addr: args.metrics_addr.0,
         state_dir: args.state_dir,
         bpffs: args.bpffs,
         socket,
@@ -292,6 +332,26 @@ pub fn format_rules(rules: &[RuleView]) -> String {
     out
 }
 
+pub fn format_watch_event(event: &WatchEvent) -> String {
+    let verdict = if event.audit { "would drop" } else { "dropped" };
+    let container = event.container.as_deref().map(|c| format!(" ({c})")).unwrap_or_default();
+    let suppressed = match event.suppressed {
+        0 => String::new(),
+        n => format!(" [+{n} suppressed before]"),
+    };
+    format!(
+        "{} {} {verdict} {} {}:{} -> {}:{}{container} {}{suppressed}",
+        event.time,
+        event.bridge,
+        event.protocol,
+        event.source,
+        event.source_port,
+        event.destination,
+        event.destination_port,
+        event.reason,
+    )
+}
+
 pub fn format_status(status: &Status) -> String {
     let mut out = String::new();
     let host = if status.gate_host_traffic { "gated" } else { "passes" };
@@ -306,6 +366,14 @@ pub fn format_status(status: &Status) -> String {
         status.rules, status.allow_entries.used, status.allow_entries.capacity
     );
     let _ = writeln!(out, "flows:    {} tracked of {}", status.flows.tracked, status.flows.capacity);
+    let _ = writeln!(
+        out,
+        "events:   {} drop events reported, {} suppressed by the rate limit",
+        status.drop_events.reported, status.drop_events.suppressed
+    );
+    for drops in &status.bridge_drops {
+        let _ = writeln!(out, "drops:    {} {} {}", drops.bridge, drops.reason, drops.packets);
+    }
     for engine in &status.engines {
         let state = if engine.connected { "connected" } else { "DISCONNECTED" };
         let error = engine.last_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();

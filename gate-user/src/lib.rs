@@ -4,6 +4,8 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod datapath;
+#[path = "metrics_stub.rs"]
+pub mod metrics;
 #[path = "netfilter_stub.rs"]
 pub mod netfilter;
 pub mod policy;

@@ -22,6 +22,10 @@ pub enum Request {
     Deny { target: String, ports: Option<String>, published: bool },
     List,
     Status,
+    /// Switch between enforce and audit at run time; tracked connections are kept.
+    Mode { audit: bool },
+    /// Stream drop events as JSON lines until the client hangs up.
+    Watch,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -94,6 +98,45 @@ pub struct Status {
     pub netfilter: Vec<NetfilterStatus>,
     /// Counters by kind ("pass", "drop", "event"), then by name.
     pub counters: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Drops (or, in audit mode, would-be drops) per bridge and reason.
+    pub bridge_drops: Vec<BridgeDrops>,
+    /// Drop events read from the kernel, and those the kernel's rate limit suppressed.
+    pub drop_events: DropEventStats,
+    pub version: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BridgeDrops {
+    pub bridge: String,
+    pub reason: String,
+    pub packets: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct DropEventStats {
+    pub reported: u64,
+    pub suppressed: u64,
+}
+
+/// One dropped (or, in audit mode, would-be-dropped) connection attempt, for `portgate watch`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WatchEvent {
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub bridge: String,
+    pub source: String,
+    pub source_port: u16,
+    pub destination: String,
+    pub destination_port: u16,
+    /// tcp, udp, icmp, icmpv6, or the IP protocol number.
+    pub protocol: String,
+    pub reason: String,
+    /// The container that owns the destination address, when known.
+    pub container: Option<String>,
+    /// The gate was in audit mode: the packet passed.
+    pub audit: bool,
+    /// Events the kernel suppressed (rate limit) just before this one, on the same CPU.
+    pub suppressed: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

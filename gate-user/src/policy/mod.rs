@@ -226,6 +226,12 @@ pub fn map_addr(address: IpAddr) -> gate_common::Addr {
     }
 }
 
+/// The address of a map key, back as an IP address (IPv4-mapped ones as IPv4).
+pub fn addr_from_map(addr: gate_common::Addr) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(addr);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
 /// The set of allow rules, kept in id order.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleSet {

@@ -1,0 +1,456 @@
+//! Netfilter delegation: the one firewall rule per gated bridge that hands the decision about
+//! published ports to the gate.
+//!
+//! # Why a rule is needed at all
+//!
+//! A packet from outside to a published port passes PREROUTING (where Docker or netavark
+//! DNATs it to the container's address), then the FORWARD filter, then the bridge's TC
+//! egress hook, where the gate runs. The gate therefore sees only what FORWARD lets through.
+//! When FORWARD would drop a new connection (a `DROP` policy: ufw, hardened hosts, or
+//! Docker itself; or an unconditional DROP/REJECT as FORWARD's last rule: firewalld), the
+//! gate never gets to decide. Docker accepts each published port itself, in its own chain;
+//! Podman (netavark) accepts only replies and outbound traffic, so with a DROP policy its
+//! published ports simply time out.
+//!
+//! # What the agent adds
+//!
+//! Only where FORWARD would drop, and for each gated bridge, exactly one rule in each place
+//! that would drop it:
+//!
+//! * iptables, legacy and nft (`iptables-legacy`/`iptables-nft`, and `ip6tables-*` for
+//!   IPv6), table `filter`, inserted at position 1 of `DOCKER-USER` when Docker owns
+//!   FORWARD (that chain exists and FORWARD jumps to it), else of `FORWARD`:
+//!
+//!   ```text
+//!   -o <bridge> -m conntrack --ctstate DNAT \
+//!       -m comment --comment "portgate: delegate <bridge> to the eBPF gate" -j ACCEPT
+//!   ```
+//!
+//! * native nftables (tables made with `nft`, not iptables-nft's): at the top of every
+//!   `filter` chain on the `forward` hook (families ip, ip6, inet) whose policy is drop or
+//!   whose last rule drops or rejects everything (an accept in one such base chain does not
+//!   skip the others, so each needs the rule):
+//!
+//!   ```text
+//!   oifname "<bridge>" ct status dnat accept comment "portgate: delegate <bridge> to the eBPF gate"
+//!   ```
+//!
+//! Nothing is added where FORWARD accepts anyway (reported as "not needed"), and nothing is
+//! created in a backend the host does not use (a legacy table that does not exist is not
+//! even listed, since listing would create it).
+//!
+//! # Why it is narrow enough
+//!
+//! * `--ctstate DNAT` / `ct status dnat`: only connections whose destination the container
+//!   engine rewrote, i.e. published ports. Traffic routed to a container address directly,
+//!   and traffic between bridges, still meets the host's own FORWARD rules.
+//! * `-o <bridge>` / `oifname`: only packets leaving through that bridge, exactly the ones
+//!   the gate's TC egress program inspects next. The gate drops every new connection its
+//!   allow list does not allow, so for published ports the gate's allow list becomes the
+//!   policy, for Podman and Docker alike. Replies and container-initiated traffic are not
+//!   touched (the engines' own rules accept them).
+//!
+//! # Lifecycle and ownership
+//!
+//! * The agent installs the rules at start (unless `--no-netfilter`) and re-checks them
+//!   every 2 s (`iptables -C`, or the nftables listing): a firewall reload that removed a
+//!   rule gets it back, logged as "restored" at warn level. If the right place changes
+//!   (Docker started and created DOCKER-USER, the policy went back to ACCEPT, a bridge is
+//!   no longer gated) the rule moves or goes.
+//! * `portgate uninstall` removes every rule carrying a portgate delegation comment, in
+//!   every backend.
+//! * The comment is the only mark of ownership: rules without it are never modified or
+//!   deleted. iptables rules are deleted by their full specification (comment included),
+//!   never by position; nftables rules by the handle read in the listing just before.
+//! * The tools are run directly (absolute path, arguments, no shell); a missing tool means
+//!   that backend is absent. The calls are synchronous: run them off the async runtime.
+
+mod exec;
+mod nft;
+mod xtables;
+
+use std::{collections::BTreeSet, io};
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+/// Every delegation comment is `COMMENT_PREFIX <bridge> COMMENT_SUFFIX`.
+pub const COMMENT_PREFIX: &str = "portgate: delegate ";
+pub const COMMENT_SUFFIX: &str = " to the eBPF gate";
+
+/// Status when no backend's FORWARD path would drop: no rule is needed for the bridge.
+pub const BACKEND_NONE: &str = "none";
+pub const CHAIN_NOT_NEEDED: &str = "not needed";
+
+/// The comment that marks (and identifies) the rule for `bridge`.
+pub fn comment_for(bridge: &str) -> String {
+    format!("{COMMENT_PREFIX}{bridge}{COMMENT_SUFFIX}")
+}
+
+/// The bridge a delegation comment names, if `comment` is exactly one of ours.
+pub fn bridge_of_comment(comment: &str) -> Option<&str> {
+    let bridge = comment.strip_prefix(COMMENT_PREFIX)?.strip_suffix(COMMENT_SUFFIX)?;
+    check_bridge(bridge).ok().map(|()| bridge)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetfilterError {
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command { command: String, status: String, stderr: String },
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("unexpected output from `{command}`: {detail}")]
+    Parse { command: String, detail: String },
+    #[error("bridge name {name:?}: {reason}")]
+    InvalidBridge { name: String, reason: &'static str },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Where a bridge's rule is, per backend that needs one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DelegationStatus {
+    pub bridge: String,
+    /// "iptables-legacy", "iptables-nft", "ip6tables-legacy", "ip6tables-nft", "nftables",
+    /// or "none" when no backend's FORWARD path would drop (then `chain` is "not needed").
+    pub backend: String,
+    /// "FORWARD" or "DOCKER-USER" for iptables; "<family> <table> <chain>" for nftables.
+    pub chain: String,
+    pub installed: bool,
+}
+
+/// Remembers which bridges are delegated and what it installed, so that the periodic check
+/// can put back what a firewall reload removed.
+#[derive(Debug, Default)]
+pub struct Delegation {
+    bridges: Vec<String>,
+    ensured: bool,
+    statuses: Vec<DelegationStatus>,
+}
+
+impl Delegation {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes sure each bridge has its rule wherever FORWARD would drop; returns per-bridge
+    /// status. `bridges` is the complete list of gated bridges: delegation rules of bridges
+    /// not in it are removed. Every backend is handled even when one fails; the first error
+    /// is returned (the others are logged) and `status()` still tells what was done.
+    pub fn ensure(&mut self, bridges: &[String]) -> Result<Vec<DelegationStatus>, NetfilterError> {
+        for bridge in bridges {
+            check_bridge(bridge)?;
+        }
+        let mut unique = Vec::new();
+        for bridge in bridges {
+            if !unique.contains(bridge) {
+                unique.push(bridge.clone());
+            }
+        }
+        self.bridges = unique;
+        self.ensured = true;
+        let outcome = self.reconcile();
+        self.statuses = outcome.statuses.clone();
+        first_error(outcome.errors).map_or(Ok(outcome.statuses), Err)
+    }
+
+    /// Called every 2 s by the agent: re-checks each rule (`iptables -C`, the nftables
+    /// listing) and re-inserts what a firewall reload removed, logging "restored" at warn
+    /// level; follows a change of place (DOCKER-USER appeared, policy changed). Returns how
+    /// many rules it inserted. Does nothing before the first `ensure`.
+    pub fn check_and_restore(&mut self) -> Result<usize, NetfilterError> {
+        if !self.ensured {
+            return Ok(0);
+        }
+        let outcome = self.reconcile();
+        self.statuses = outcome.statuses;
+        first_error(outcome.errors).map_or(Ok(outcome.inserted), Err)
+    }
+
+    pub fn status(&self) -> Vec<DelegationStatus> {
+        self.statuses.clone()
+    }
+
+    /// Brings every backend in line with `self.bridges`.
+    fn reconcile(&self) -> Outcome {
+        let previously: BTreeSet<(&str, &str, &str)> = self
+            .statuses
+            .iter()
+            .filter(|status| status.installed)
+            .map(|status| (status.backend.as_str(), status.chain.as_str(), status.bridge.as_str()))
+            .collect();
+        let mut outcome = Outcome::default();
+        let mut surveyed_all = true;
+        for backend in Backend::all() {
+            let survey = match backend.survey() {
+                Ok(Some(survey)) => survey,
+                Ok(None) => continue,
+                Err(error) => {
+                    surveyed_all = false;
+                    outcome.errors.push(error);
+                    continue;
+                }
+            };
+            let mut kept = vec![false; survey.own.len()];
+            for target in &survey.targets {
+                let chain = target.display();
+                for bridge in &self.bridges {
+                    let here: Vec<usize> = (0..survey.own.len())
+                        .filter(|&i| survey.own[i].location == *target && survey.own[i].bridge == *bridge)
+                        .collect();
+                    let result = backend.present(&survey, target, bridge, &here).and_then(|keep| {
+                        match keep {
+                            Some(i) => {
+                                kept[i] = true;
+                                Ok(())
+                            }
+                            None => backend.insert(&survey, target, bridge).map(|()| {
+                                outcome.inserted += 1;
+                                if previously.contains(&(backend.name(), chain.as_str(), bridge.as_str())) {
+                                    warn!(bridge = %bridge, backend = backend.name(), chain = %chain,
+                                        "delegation rule restored (a firewall reload had removed it)");
+                                } else {
+                                    info!(bridge = %bridge, backend = backend.name(), chain = %chain,
+                                        "delegation rule installed");
+                                }
+                            }),
+                        }
+                    });
+                    let installed = result.is_ok();
+                    if let Err(error) = result {
+                        outcome.errors.push(error);
+                    }
+                    outcome.statuses.push(DelegationStatus {
+                        bridge: bridge.clone(),
+                        backend: backend.name().to_owned(),
+                        chain: chain.clone(),
+                        installed,
+                    });
+                }
+            }
+            // Ours but not wanted: duplicates, the old place after a move, no longer needed,
+            // or a bridge that is no longer gated.
+            for (rule, _) in survey.own.iter().zip(&kept).filter(|(_, kept)| !**kept) {
+                match backend.delete(&survey, rule) {
+                    Ok(()) => info!(bridge = %rule.bridge, backend = backend.name(),
+                        chain = %rule.location.display(), "delegation rule removed"),
+                    Err(error) => outcome.errors.push(error),
+                }
+            }
+        }
+        if surveyed_all {
+            for bridge in &self.bridges {
+                if !outcome.statuses.iter().any(|status| status.bridge == *bridge) {
+                    outcome.statuses.push(DelegationStatus {
+                        bridge: bridge.clone(),
+                        backend: BACKEND_NONE.to_owned(),
+                        chain: CHAIN_NOT_NEEDED.to_owned(),
+                        installed: false,
+                    });
+                }
+            }
+        }
+        outcome
+    }
+}
+
+/// Removes every rule carrying a portgate delegation comment, in every backend (for
+/// `portgate uninstall`); returns how many. Rules without that comment are never touched.
+pub fn remove_all() -> Result<usize, NetfilterError> {
+    let mut removed = 0;
+    let mut errors = Vec::new();
+    for backend in Backend::all() {
+        let survey = match backend.survey() {
+            Ok(Some(survey)) => survey,
+            Ok(None) => continue,
+            Err(error) => {
+                errors.push(error);
+                continue;
+            }
+        };
+        for rule in &survey.own {
+            match backend.delete(&survey, rule) {
+                Ok(()) => {
+                    removed += 1;
+                    info!(bridge = %rule.bridge, backend = backend.name(),
+                        chain = %rule.location.display(), "delegation rule removed");
+                }
+                Err(error) => errors.push(error),
+            }
+        }
+    }
+    first_error(errors).map_or(Ok(removed), Err)
+}
+
+/// Interface names the rule may carry: what Docker and Podman name bridges, nothing that
+/// iptables or nft would read as a wildcard (`+`, `*`) or that needs quoting.
+fn check_bridge(name: &str) -> Result<(), NetfilterError> {
+    let reason = if name.is_empty() || name.len() > 15 {
+        Some("must be 1 to 15 characters long")
+    } else if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        Some("only letters, digits, '-', '_' and '.' are supported")
+    } else if name.starts_with(['-', '.']) {
+        Some("must not start with '-' or '.'")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(NetfilterError::InvalidBridge { name: name.to_owned(), reason }),
+        None => Ok(()),
+    }
+}
+
+fn first_error(errors: Vec<NetfilterError>) -> Option<NetfilterError> {
+    let mut errors = errors.into_iter();
+    let first = errors.next()?;
+    for other in errors {
+        warn!(error = %other, "netfilter delegation");
+    }
+    Some(first)
+}
+
+#[derive(Debug, Default)]
+struct Outcome {
+    statuses: Vec<DelegationStatus>,
+    inserted: usize,
+    errors: Vec<NetfilterError>,
+}
+
+/// A chain, as a backend names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Location {
+    /// An iptables chain in the filter table.
+    Chain(String),
+    Nft { family: String, table: String, chain: String },
+}
+
+impl Location {
+    fn display(&self) -> String {
+        match self {
+            Location::Chain(chain) => chain.clone(),
+            Location::Nft { family, table, chain } => format!("{family} {table} {chain}"),
+        }
+    }
+}
+
+/// How to delete a rule: its specification (iptables) or its handle (nftables).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RuleId {
+    Spec(Vec<String>),
+    Handle(u64),
+}
+
+/// A rule carrying one of our comments.
+#[derive(Debug, Clone)]
+struct OwnRule {
+    location: Location,
+    bridge: String,
+    id: RuleId,
+}
+
+/// One backend's state, read just before acting on it.
+#[derive(Debug)]
+struct Survey {
+    tool: std::path::PathBuf,
+    /// nftables: whether `nft` speaks JSON (commands are sent as JSON then).
+    json: bool,
+    /// The chains where each gated bridge needs its rule (empty: FORWARD would not drop).
+    targets: Vec<Location>,
+    own: Vec<OwnRule>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Xtables(&'static xtables::Xtables),
+    Nft,
+}
+
+impl Backend {
+    fn all() -> impl Iterator<Item = Backend> {
+        xtables::BACKENDS.iter().map(Backend::Xtables).chain([Backend::Nft])
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Xtables(backend) => backend.name,
+            Backend::Nft => nft::BACKEND,
+        }
+    }
+
+    fn survey(&self) -> Result<Option<Survey>, NetfilterError> {
+        match self {
+            Backend::Xtables(backend) => xtables::survey(backend),
+            Backend::Nft => nft::survey(),
+        }
+    }
+
+    /// Whether the rule for `bridge` is in `target`, and if so which of `candidates` (our
+    /// rules there for that bridge, indexes into `survey.own`) to keep.
+    fn present(
+        &self,
+        survey: &Survey,
+        target: &Location,
+        bridge: &str,
+        candidates: &[usize],
+    ) -> Result<Option<usize>, NetfilterError> {
+        let Some(&first) = candidates.first() else {
+            return Ok(None);
+        };
+        match (self, target) {
+            (Backend::Xtables(_), Location::Chain(chain)) => {
+                if !xtables::check(survey, chain, bridge)? {
+                    // Only look-alikes with our comment: replaced (and deleted as unwanted).
+                    return Ok(None);
+                }
+                let exact = RuleId::Spec(xtables::rule_spec(bridge));
+                Ok(Some(
+                    candidates.iter().copied().find(|&i| survey.own[i].id == exact).unwrap_or(first),
+                ))
+            }
+            _ => Ok(Some(first)),
+        }
+    }
+
+    fn insert(&self, survey: &Survey, target: &Location, bridge: &str) -> Result<(), NetfilterError> {
+        match (self, target) {
+            (Backend::Xtables(_), Location::Chain(chain)) => xtables::insert(survey, chain, bridge),
+            (Backend::Nft, _) => nft::insert(survey, target, bridge),
+            (Backend::Xtables(_), Location::Nft { .. }) => Ok(()),
+        }
+    }
+
+    fn delete(&self, survey: &Survey, rule: &OwnRule) -> Result<(), NetfilterError> {
+        match self {
+            Backend::Xtables(_) => xtables::delete(survey, rule),
+            Backend::Nft => nft::delete(survey, rule),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comments_round_trip() {
+        assert_eq!(comment_for("podman0"), "portgate: delegate podman0 to the eBPF gate");
+        assert_eq!(bridge_of_comment(&comment_for("br-0123456789ab")), Some("br-0123456789ab"));
+        assert_eq!(bridge_of_comment("portgate: delegate a b to the eBPF gate"), None);
+        assert_eq!(bridge_of_comment("portgate: delegate br0 to the eBPF gate!"), None);
+        assert_eq!(bridge_of_comment("something else"), None);
+    }
+
+    #[test]
+    fn bridge_names() {
+        for ok in ["docker0", "podman0", "br-0123456789ab", "cni-podman0", "a.b_c"] {
+            assert!(check_bridge(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "br+", "br*", "-o", ".x", "a b", "a\"b", "sixteen-chars-xx"] {
+            assert!(check_bridge(bad).is_err(), "{bad}");
+        }
+    }
+}
