@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use gate_common::{ALLOW_CAPACITY, DropEvent, FLOW_CAPACITY, counters};
+use gate_common::{DropEvent, counters};
 use tokio::{
     io::{AsyncWriteExt as _, unix::AsyncFd},
     net::UnixStream,
@@ -25,7 +25,7 @@ use crate::{
         NetfilterStatus, Reply, Request, Response, RuleList, RuleView, Status, WatchEvent,
         server::{self, ControlSocket},
     },
-    datapath::{self, Datapath, GateConfig, sys},
+    datapath::{self, Capacities, Datapath, GateConfig, sys},
     metrics,
     netfilter::Delegation,
     policy::{Ports, Resolved, addr_from_map, ResolvedRule, Resolver, RuleSet, RuleStore, Target},
@@ -58,6 +58,7 @@ pub struct AgentOptions {
     pub netfilter: bool,
     /// Where to serve Prometheus metrics; none: not at all.
     pub metrics_addr: Option<SocketAddr>,
+    pub capacities: Capacities,
 }
 
 #[derive(Debug)]
@@ -104,7 +105,7 @@ impl Agent {
         }
         let store = RuleStore::new(&options.state_dir);
         let rules = store.load()?;
-        let datapath = Datapath::load(&options.bpffs, options.gate)
+        let datapath = Datapath::load_with(&options.bpffs, options.gate, options.capacities)
             .with_context(|| format!("loading the gate under {}", options.bpffs.display()))?;
         let engines = options
             .engines
@@ -479,8 +480,14 @@ impl Agent {
                 })
                 .collect(),
             rules: self.resolved.rules.len(),
-            allow_entries: Fill { used: self.datapath.allow_entries()?, capacity: ALLOW_CAPACITY },
-            flows: Flows { tracked: self.datapath.tracked_flows()?, capacity: FLOW_CAPACITY },
+            allow_entries: Fill {
+                used: self.datapath.allow_entries()?,
+                capacity: self.datapath.capacities().allow,
+            },
+            flows: Flows {
+                tracked: self.datapath.tracked_flows()?,
+                capacity: self.datapath.capacities().flows,
+            },
             engines: self
                 .engines
                 .iter()

@@ -10,7 +10,7 @@ use crate::{
     agent::{Agent, AgentOptions},
     api::{DEFAULT_SOCKET, Reply, Request, RuleView, Status, WatchEvent, client},
     policy::Source,
-    datapath::{self, DEFAULT_BPFFS_DIR, GateConfig},
+    datapath::{self, Capacities, DEFAULT_BPFFS_DIR, GateConfig},
     netfilter,
     policy::{PortSpec, Target},
     runtime::{DEFAULT_DOCKER_SOCKET, DEFAULT_PODMAN_SOCKET, Engine},
@@ -109,6 +109,10 @@ pub struct AgentArgs {
     /// FORWARD policy would drop them.
     #[arg(long)]
     pub no_netfilter: bool,
+    /// Connections the gate can track at once (least recently used go first when full).
+    /// Changing it on a host where the gate runs needs `portgate uninstall` first.
+    #[arg(long, default_value_t = gate_common::FLOW_CAPACITY, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub max_flows: u32,
     /// Serve Prometheus metrics on ADDR (/metrics); `off` to serve none.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9560", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,
@@ -213,6 +217,7 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         default_published: args.default_policy == DefaultPolicy::Published,
         netfilter: !args.no_netfilter,
         metrics_addr: args.metrics_addr.0,
+        capacities: Capacities { flows: args.max_flows, ..Capacities::default() },
         state_dir: args.state_dir,
         bpffs: args.bpffs,
         socket,

@@ -6,7 +6,6 @@ pub mod cli;
 pub mod datapath;
 #[path = "metrics_stub.rs"]
 pub mod metrics;
-#[path = "netfilter_stub.rs"]
 pub mod netfilter;
 pub mod policy;
 pub mod runtime;

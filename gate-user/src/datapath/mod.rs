@@ -170,12 +170,27 @@ impl Hook {
     }
 }
 
+/// Sizes of the maps that grow with the host: set at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    /// Allow-map entries: one per (address, protocol, port).
+    pub allow: u32,
+    /// Tracked connections (LRU).
+    pub flows: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self { allow: ALLOW_CAPACITY, flows: FLOW_CAPACITY }
+    }
+}
+
 /// What each pinned map must look like: (name, type, key size, value size, capacity).
-fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 6] {
+fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usize, u32); 6] {
     use std::mem::size_of;
     [
-        (map_names::ALLOW, MapType::Hash, size_of::<AllowKey>(), size_of::<AllowValue>(), ALLOW_CAPACITY),
-        (map_names::FLOWS, MapType::LruHash, size_of::<FlowKey>(), size_of::<FlowState>(), FLOW_CAPACITY),
+        (map_names::ALLOW, MapType::Hash, size_of::<AllowKey>(), size_of::<AllowValue>(), capacities.allow),
+        (map_names::FLOWS, MapType::LruHash, size_of::<FlowKey>(), size_of::<FlowState>(), capacities.flows),
         (map_names::RULE_STATS, MapType::PerCpuArray, 4, size_of::<RuleStats>(), MAX_RULES),
         (map_names::COUNTERS, MapType::PerCpuArray, 4, size_of::<u64>(), counters::COUNT),
         (map_names::CONFIG, MapType::Array, 4, size_of::<Config>(), 1),
@@ -188,18 +203,24 @@ pub struct Datapath {
     ebpf: Ebpf,
     pins: Pins,
     bridges: Vec<Bridge>,
+    capacities: Capacities,
 }
 
 impl Datapath {
+    /// Loads the programs with the default capacities; see [`Datapath::load_with`].
+    pub fn load(bpffs_dir: &Path, config: GateConfig) -> Result<Self> {
+        Self::load_with(bpffs_dir, config, Capacities::default())
+    }
+
     /// Loads the programs, reusing the maps pinned under `bpffs_dir` when they fit, and
     /// applies `config`. Nothing is attached yet: see [`Datapath::attach`].
-    pub fn load(bpffs_dir: &Path, config: GateConfig) -> Result<Self> {
+    pub fn load_with(bpffs_dir: &Path, config: GateConfig, capacities: Capacities) -> Result<Self> {
         ensure_bpffs(bpffs_dir)?;
         let pins = Pins::new(bpffs_dir);
         for dir in [pins.maps(), pins.programs(), pins.links()] {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        check_pinned_maps(&pins)?;
+        check_pinned_maps(&pins, capacities)?;
 
         let map_paths: Vec<(&str, PathBuf)> =
             map_names::PINNED.iter().map(|name| (*name, pins.map(name))).collect();
@@ -207,6 +228,9 @@ impl Datapath {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        loader
+            .map_max_entries(map_names::ALLOW, capacities.allow)
+            .map_max_entries(map_names::FLOWS, capacities.flows);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for hook in Hook::ALL {
             let name = hook.program();
@@ -217,7 +241,7 @@ impl Datapath {
             remove_if_present(&pin)?;
             program.pin(&pin).map_err(|source| DatapathError::Pin { path: pin.clone(), source })?;
         }
-        let mut datapath = Self { ebpf, pins, bridges: Vec::new() };
+        let mut datapath = Self { ebpf, pins, bridges: Vec::new(), capacities };
         datapath.set_config(config)?;
         Ok(datapath)
     }
@@ -279,6 +303,10 @@ impl Datapath {
         self.bridges.retain(|b| b.name != bridge);
         self.bridges.push(Bridge { name: bridge.to_owned(), ifindex });
         Ok(())
+    }
+
+    pub fn capacities(&self) -> Capacities {
+        self.capacities
     }
 
     pub fn bridges(&self) -> &[Bridge] {
@@ -439,8 +467,8 @@ fn possible_cpus() -> Result<usize> {
 }
 
 /// Refuses pinned maps whose type, key, value or capacity differ from this build's.
-fn check_pinned_maps(pins: &Pins) -> Result<()> {
-    for (name, map_type, key_size, value_size, capacity) in expected_maps() {
+fn check_pinned_maps(pins: &Pins, capacities: Capacities) -> Result<()> {
+    for (name, map_type, key_size, value_size, capacity) in expected_maps(capacities) {
         let path = pins.map(name);
         if !path.exists() {
             continue;
