@@ -1,1 +1,97 @@
-fn main(){}
+//! Developer tasks for portgate: `cargo xtask setup | build | test | demo | bench`.
+//!
+//! Everything here shells out to the tools a developer would type by hand (apt-get, cargo,
+//! rustup, ip, socat), printing each command before it runs.
+mod demo;
+mod proc;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for portgate",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (Debian 12, as root); idempotent.
+    Setup {
+        /// Only report what is present or missing; change nothing; fail if anything is missing.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Build the default workspace members (the eBPF object is built by gate-user's build.rs).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run setup, build, and every test: unit, program and end-to-end (the CI command; root).
+    Test {
+        /// Passed to the final `cargo test -p portgate-tests -- --test-threads=2 ...`
+        /// (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build portgate and show the gate dropping, allowing and answering in a sandbox of
+    /// network namespaces (root).
+    Demo,
+    /// Benchmarks (not implemented yet).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup { check } => setup::run(if check {
+            setup::Mode::Check
+        } else {
+            setup::Mode::Install
+        }),
+        Task::Build { release } => build(release),
+        Task::Test { args } => test::run(&args),
+        Task::Demo => demo::run(),
+        Task::Bench => Err(anyhow::anyhow!("bench: not implemented yet (see issue 5)")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo xtask build [--release]`: a quick check of the build prerequisites (full setup only
+/// when something is missing), then `cargo build [--release]` of the default members.
+fn build(release: bool) -> anyhow::Result<()> {
+    let missing = setup::missing_for_build()?;
+    if missing.is_empty() {
+        println!(
+            "ok: build prerequisites present (bpf-linker, Debian BPF toolchain packages, rustup links)"
+        );
+    } else {
+        println!(
+            "missing for the build: {}; running setup",
+            missing.join(", ")
+        );
+        setup::run(setup::Mode::Install)?;
+    }
+    let mut cmd = proc::cargo();
+    cmd.arg("build");
+    if release {
+        cmd.arg("--release");
+    }
+    proc::run(&mut cmd)
+}

@@ -1,0 +1,756 @@
+//! `cargo xtask demo`: the gate dropping, allowing and answering, in a sandbox of network
+//! namespaces that stands in for a container host.
+//!
+//! ```text
+//!  pgd-client-PID          pgd-host-PID (ip_forward=1)                    pgd-ctr-PID
+//!  eth0 10.98.0.2 ---veth--- veth-client 10.98.0.1
+//!                            pgbr0 10.99.0.1 (bridge, gated) -- veth-ctr ---veth--- eth0 10.99.0.2:80
+//! ```
+//! The agent runs in the host namespace, entered with setns(2) rather than `ip netns exec`,
+//! which would remount /sys and hide /sys/fs/bpf. Everything is removed afterwards, also on
+//! errors and Ctrl-C (the signal only sets a flag; the guard's clean-up runs).
+use std::{
+    fs::{self, File},
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::{proc, setup};
+
+const BRIDGE: &str = "pgbr0";
+const CLIENT_ADDR: &str = "10.98.0.2";
+const HOST_ADDR: &str = "10.98.0.1";
+const BRIDGE_ADDR: &str = "10.99.0.1";
+const CONTAINER_ADDR: &str = "10.99.0.2";
+const PORT: u16 = 80;
+const BODY: &str = "hello from the container";
+/// How long the client waits for the TCP handshake: a dropped SYN shows up as this timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn run() -> Result<()> {
+    if !proc::is_root() {
+        bail!("the demo needs root: it creates network namespaces and loads eBPF programs");
+    }
+    heading("setup");
+    setup::run(setup::Mode::Install)?;
+    heading("building portgate (release)");
+    proc::run(proc::cargo().args(["build", "--release", "--package", "gate-user"]))?;
+    let portgate = proc::target_dir()?.join("release/portgate");
+    if !portgate.is_file() {
+        bail!("the build did not produce {}", portgate.display());
+    }
+
+    proc::catch_signals();
+    let mut sandbox = Sandbox::new(portgate);
+    let result = sandbox.play();
+    if result.is_err() && proc::check_interrupted().is_ok() {
+        sandbox.show_agent_log();
+    }
+    sandbox.cleanup();
+    let checks = result?;
+
+    heading("result");
+    for check in &checks {
+        println!(
+            "{}  {}",
+            if check.ok { "OK        " } else { "UNEXPECTED" },
+            check.what
+        );
+    }
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    if failed > 0 {
+        bail!(
+            "demo failed: {failed} of {} observations did not match",
+            checks.len()
+        );
+    }
+    println!(
+        "\nThe gate dropped the connection, answered it once allowed, and dropped it again after deny."
+    );
+    print_real_host_usage();
+    Ok(())
+}
+
+fn print_real_host_usage() {
+    println!(
+        "
+On a real container host, run the agent on the engines' bridges (foreground, logs on stderr):
+    sudo portgate agent --bridge docker0 --bridge podman0
+and allow connections to containers by their address and port (after Docker's or Podman's DNAT):
+    portgate allow 172.17.0.2 80/tcp
+    portgate allow 10.88.0.5 8000-8010/tcp
+    portgate list
+    portgate status
+    portgate deny 172.17.0.2 80/tcp
+Enforcement stays in place when the agent exits (fail closed); `portgate uninstall` removes it."
+    );
+}
+
+fn heading(title: &str) {
+    println!("\n==================== {title} ====================");
+}
+
+/// One observation the demo expects.
+struct Check {
+    what: String,
+    ok: bool,
+}
+
+/// What a request from the client saw.
+enum Outcome {
+    Answered(String),
+    TimedOut,
+    Other(String),
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Answered(body) => write!(f, "answered: {body:?}"),
+            Outcome::TimedOut => {
+                write!(
+                    f,
+                    "timed out: no answer to the SYN within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                )
+            }
+            Outcome::Other(what) => write!(f, "{what}"),
+        }
+    }
+}
+
+/// The namespaces, processes and files of one demo run; [`Sandbox::cleanup`] (also run on drop)
+/// removes all of them.
+struct Sandbox {
+    portgate: PathBuf,
+    host: String,
+    client: String,
+    container: String,
+    /// Namespaces created so far, in creation order.
+    namespaces: Vec<String>,
+    dir: PathBuf,
+    bpffs: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+    server: Option<Child>,
+    agent: Option<Child>,
+    agent_spawned: bool,
+    cleaned: bool,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+impl Sandbox {
+    fn new(portgate: PathBuf) -> Self {
+        let id = std::process::id();
+        let dir = PathBuf::from(format!("/tmp/portgate-demo-{id}"));
+        Self {
+            portgate,
+            host: format!("pgd-host-{id}"),
+            client: format!("pgd-client-{id}"),
+            container: format!("pgd-ctr-{id}"),
+            namespaces: Vec::new(),
+            bpffs: PathBuf::from(format!("/sys/fs/bpf/portgate-demo-{id}")),
+            socket: dir.join("portgate.sock"),
+            log: dir.join("agent.log"),
+            dir,
+            server: None,
+            agent: None,
+            agent_spawned: false,
+            cleaned: false,
+        }
+    }
+
+    fn play(&mut self) -> Result<Vec<Check>> {
+        self.build_topology()?;
+        self.start_server()?;
+
+        heading("step 0: without portgate, the container answers");
+        println!(
+            "This only shows that the sandbox routes: the client reaches the container through the host."
+        );
+        let mut outcome = self.request()?;
+        for _ in 0..4 {
+            if matches!(outcome, Outcome::Answered(_)) {
+                break;
+            }
+            println!("({outcome}; retrying while the links come up)");
+            proc::sleep(Duration::from_secs(1))?;
+            outcome = self.request()?;
+        }
+        println!("-> {outcome}");
+        if !matches!(outcome, Outcome::Answered(_)) {
+            bail!(
+                "the sandbox does not work without portgate ({outcome}); this is not a portgate failure"
+            );
+        }
+
+        self.start_agent()?;
+        let mut checks = Vec::new();
+
+        heading("step 1: no rule yet, the gate drops the connection");
+        let outcome = self.request()?;
+        println!("-> {outcome}");
+        checks.push(Check {
+            what: format!("1. before allow: dropped (observed: {outcome})"),
+            ok: matches!(outcome, Outcome::TimedOut),
+        });
+        self.show_drop_counters()?;
+
+        heading("step 2: allow the container's port");
+        let allowed = self.portgate_cli(&["allow", CONTAINER_ADDR, "80/tcp"])?;
+        checks.push(Check {
+            what: "2. `portgate allow 10.99.0.2 80/tcp` succeeds".into(),
+            ok: allowed,
+        });
+
+        heading("step 3: the same request is answered");
+        let outcome = self.request()?;
+        println!("-> {outcome}");
+        checks.push(Check {
+            what: format!("3. after allow: answered (observed: {outcome})"),
+            ok: matches!(&outcome, Outcome::Answered(body) if body.contains(BODY)),
+        });
+
+        heading("step 4: the rule and its counters");
+        self.portgate_cli(&["list"])?;
+
+        heading("step 5: deny, and the gate drops new connections again");
+        let denied = self.portgate_cli(&["deny", CONTAINER_ADDR, "80/tcp"])?;
+        checks.push(Check {
+            what: "5. `portgate deny 10.99.0.2 80/tcp` succeeds".into(),
+            ok: denied,
+        });
+        let outcome = self.request()?;
+        println!("-> {outcome}");
+        checks.push(Check {
+            what: format!("5. after deny: dropped (observed: {outcome})"),
+            ok: matches!(outcome, Outcome::TimedOut),
+        });
+        self.show_drop_counters()?;
+        Ok(checks)
+    }
+
+    fn build_topology(&mut self) -> Result<()> {
+        heading("sandbox: three network namespaces stand in for a container host");
+        println!(
+            "  {client}: the client 10.98.0.2, somewhere outside
+  {host}: the host, routing (ip_forward=1) between 10.98.0.1 and the bridge {BRIDGE} 10.99.0.1
+  {ctr}: a container 10.99.0.2 on {BRIDGE}, serving HTTP on port 80
+Nothing here touches the machine's own network namespace.\n",
+            client = self.client,
+            host = self.host,
+            ctr = self.container,
+        );
+        for ns in [
+            self.host.clone(),
+            self.client.clone(),
+            self.container.clone(),
+        ] {
+            ip_checked(&["netns", "add", &ns])?;
+            self.namespaces.push(ns.clone());
+            ip_checked(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        let (h, c, k) = (
+            self.host.as_str(),
+            self.client.as_str(),
+            self.container.as_str(),
+        );
+
+        println!("$ (in {h}) echo 1 > /proc/sys/net/ipv4/ip_forward");
+        in_netns_thread(h, || fs::write("/proc/sys/net/ipv4/ip_forward", "1"))?
+            .context("cannot enable ip_forward in the host namespace")?;
+
+        // Client <-> host.
+        ip_checked(&[
+            "-n",
+            h,
+            "link",
+            "add",
+            "veth-client",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            c,
+        ])?;
+        ip_checked(&[
+            "-n",
+            h,
+            "addr",
+            "add",
+            &format!("{HOST_ADDR}/24"),
+            "dev",
+            "veth-client",
+        ])?;
+        ip_checked(&["-n", h, "link", "set", "veth-client", "up"])?;
+        ip_checked(&[
+            "-n",
+            c,
+            "addr",
+            "add",
+            &format!("{CLIENT_ADDR}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip_checked(&["-n", c, "link", "set", "eth0", "up"])?;
+        ip_checked(&["-n", c, "route", "add", "default", "via", HOST_ADDR])?;
+
+        // The bridge and the container.
+        ip_checked(&["-n", h, "link", "add", BRIDGE, "type", "bridge"])?;
+        ip_checked(&[
+            "-n",
+            h,
+            "addr",
+            "add",
+            &format!("{BRIDGE_ADDR}/24"),
+            "dev",
+            BRIDGE,
+        ])?;
+        ip_checked(&["-n", h, "link", "set", BRIDGE, "up"])?;
+        ip_checked(&[
+            "-n", h, "link", "add", "veth-ctr", "type", "veth", "peer", "name", "eth0", "netns", k,
+        ])?;
+        ip_checked(&["-n", h, "link", "set", "veth-ctr", "master", BRIDGE])?;
+        ip_checked(&["-n", h, "link", "set", "veth-ctr", "up"])?;
+        ip_checked(&[
+            "-n",
+            k,
+            "addr",
+            "add",
+            &format!("{CONTAINER_ADDR}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip_checked(&["-n", k, "link", "set", "eth0", "up"])?;
+        ip_checked(&["-n", k, "route", "add", "default", "via", BRIDGE_ADDR])?;
+        Ok(())
+    }
+
+    fn start_server(&mut self) -> Result<()> {
+        heading("the container's HTTP server");
+        let mut cmd = Command::new("socat");
+        cmd.arg(format!("TCP-LISTEN:{PORT},fork,reuseaddr"))
+            .arg(format!("SYSTEM:echo HTTP/1.0 200 OK; echo; echo {BODY}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own process group: Ctrl-C reaches only this program, which stops it in order.
+            .process_group(0);
+        println!("$ (in {}) {} &", self.container, proc::display(&cmd));
+        self.server = Some(spawn_in_netns(&self.container, &mut cmd)?);
+        // Wait until it listens (or fail if it exited).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(server) = self.server.as_mut()
+                && let Some(status) = server.try_wait().context("waiting for socat")?
+            {
+                bail!("the HTTP server (socat) exited at once ({status})");
+            }
+            let addr = SocketAddr::from(([127, 0, 0, 1], PORT));
+            if in_netns_thread(&self.container, move || {
+                TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+            })?
+            .is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("the HTTP server (socat) does not listen on port {PORT} after 5 s");
+            }
+            proc::sleep(Duration::from_millis(100))?;
+        }
+    }
+
+    fn start_agent(&mut self) -> Result<()> {
+        heading("starting the portgate agent in the host namespace");
+        fs::create_dir_all(self.dir.join("state"))
+            .with_context(|| format!("cannot create {}", self.dir.display()))?;
+        let log = File::create(&self.log)
+            .with_context(|| format!("cannot create {}", self.log.display()))?;
+        let log_err = log
+            .try_clone()
+            .context("cannot duplicate the log file handle")?;
+        let mut cmd = Command::new(&self.portgate);
+        cmd.args(["agent", "--bridge", BRIDGE, "--runtime", "none", "--bpffs"])
+            .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0);
+        println!(
+            "$ (in {}) {} 2>{} &",
+            self.host,
+            proc::display(&cmd),
+            self.log.display()
+        );
+        println!(
+            "(entered with setns(2), not `ip netns exec`, which would remount /sys and hide /sys/fs/bpf;\n \
+             --runtime none: the sandbox's \"container\" is a namespace, not a Docker or Podman container)"
+        );
+        self.agent = Some(spawn_in_netns(&self.host, &mut cmd)?);
+        self.agent_spawned = true;
+
+        let started = Instant::now();
+        loop {
+            proc::check_interrupted()?;
+            if let Some(agent) = self.agent.as_mut()
+                && let Some(status) = agent.try_wait().context("waiting for the agent")?
+            {
+                self.agent = None;
+                bail!("the agent exited during start-up ({status})");
+            }
+            let mut status = self.portgate_command(&["status"]);
+            if proc::capture(&mut status, CLI_TIMEOUT)?.status.success() {
+                break;
+            }
+            if started.elapsed() >= AGENT_READY_TIMEOUT {
+                bail!(
+                    "the agent did not answer `portgate status` within {} s",
+                    AGENT_READY_TIMEOUT.as_secs()
+                );
+            }
+            proc::sleep(Duration::from_millis(200))?;
+        }
+        println!(
+            "agent ready after {:.1} s (its control socket answers)",
+            started.elapsed().as_secs_f64()
+        );
+        println!(
+            "The commands below talk to it with --socket {} (on a real host the default, /run/portgate/portgate.sock, needs no option).",
+            self.socket.display()
+        );
+        Ok(())
+    }
+
+    /// `portgate --socket S ARGS`.
+    fn portgate_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.portgate);
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        cmd
+    }
+
+    /// Runs a CLI command, shows it and its output; returns whether it exited 0.
+    fn portgate_cli(&self, args: &[&str]) -> Result<bool> {
+        proc::check_interrupted()?;
+        println!("$ portgate {}", args.join(" "));
+        let out = proc::capture(&mut self.portgate_command(args), CLI_TIMEOUT)?;
+        let text = out.combined();
+        if !text.is_empty() {
+            println!("{}", indent(&text));
+        }
+        if !out.status.success() {
+            println!("(exited with {})", out.status);
+        }
+        Ok(out.status.success())
+    }
+
+    /// `portgate status --json`, reduced to its drop counters.
+    fn show_drop_counters(&self) -> Result<()> {
+        proc::check_interrupted()?;
+        println!("$ portgate status --json   # the drop counters");
+        let out = proc::capture(
+            &mut self.portgate_command(&["status", "--json"]),
+            CLI_TIMEOUT,
+        )?;
+        let drops = serde_json::from_str::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|status| {
+                status
+                    .pointer("/counters/drop")
+                    .and_then(|d| d.as_object())
+                    .cloned()
+            });
+        match drops {
+            Some(drops) if out.status.success() => {
+                let line: Vec<String> = drops
+                    .iter()
+                    .map(|(name, n)| format!("{name}={n}"))
+                    .collect();
+                println!("    drop: {}", line.join(" "));
+                if drops
+                    .get("not_allowed")
+                    .and_then(|n| n.as_u64())
+                    .is_some_and(|n| n > 0)
+                {
+                    println!(
+                        "(the client's SYNs, with no allow rule, are counted under not_allowed)"
+                    );
+                }
+            }
+            _ => {
+                // Not the documented JSON: show whatever it printed.
+                println!("{}", indent(&out.combined()));
+            }
+        }
+        Ok(())
+    }
+
+    /// An HTTP request from the client namespace to the container.
+    fn request(&self) -> Result<Outcome> {
+        proc::check_interrupted()?;
+        println!(
+            "$ (in {}) printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w {} {CONTAINER_ADDR} {PORT}",
+            self.client,
+            CONNECT_TIMEOUT.as_secs()
+        );
+        let addr = SocketAddr::from(([10, 99, 0, 2], PORT));
+        in_netns_thread(&self.client, move || http_get(addr))
+    }
+
+    fn show_agent_log(&self) {
+        if !self.agent_spawned {
+            return;
+        }
+        println!("\n---- agent log ({}), last lines ----", self.log.display());
+        match fs::read_to_string(&self.log) {
+            Ok(text) => {
+                let lines: Vec<&str> = text.lines().collect();
+                for line in &lines[lines.len().saturating_sub(40)..] {
+                    println!("{line}");
+                }
+            }
+            Err(err) => println!("(cannot read it: {err})"),
+        }
+        println!("---- end of agent log ----");
+    }
+
+    /// Stops the processes and removes namespaces, pins and files; reports but survives errors.
+    fn cleanup(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.cleaned = true;
+        heading("cleaning up");
+        if let Some(agent) = self.agent.take() {
+            println!("stopping the agent (SIGTERM)");
+            match terminate(agent, false) {
+                Ok(status) if status.success() => println!("agent exited cleanly ({status})"),
+                Ok(status) => println!("warning: the agent exited with {status}"),
+                Err(err) => println!("warning: {err:#}"),
+            }
+        }
+        if self.agent_spawned {
+            let mut cmd = Command::new(&self.portgate);
+            cmd.arg("uninstall").arg("--bpffs").arg(&self.bpffs);
+            println!("$ (in {}) {}", self.host, proc::display(&cmd));
+            cmd.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .stdin(Stdio::null());
+            let result = if self.namespaces.contains(&self.host) {
+                spawn_in_netns(&self.host, &mut cmd)
+            } else {
+                cmd.spawn().context("cannot run portgate uninstall")
+            }
+            .and_then(|child| proc::wait_captured(&cmd, child, CLI_TIMEOUT));
+            match result {
+                Ok(out) => {
+                    if !out.combined().is_empty() {
+                        println!("{}", indent(&out.combined()));
+                    }
+                    if !out.status.success() {
+                        println!("warning: portgate uninstall failed ({})", out.status);
+                    }
+                }
+                Err(err) => println!("warning: {err:#}"),
+            }
+        }
+        if let Some(server) = self.server.take() {
+            println!("stopping the HTTP server");
+            if let Err(err) = terminate(server, true) {
+                println!("warning: {err:#}");
+            }
+        }
+        for ns in self.namespaces.drain(..).rev() {
+            if let Err(err) = ip(&["netns", "delete", &ns]) {
+                println!("warning: {err:#}");
+            }
+        }
+        for path in [&self.bpffs, &self.dir] {
+            if path.exists() {
+                println!("$ rm -r {}", path.display());
+                if let Err(err) = fs::remove_dir_all(path) {
+                    println!("warning: cannot remove {}: {err}", path.display());
+                }
+            }
+        }
+    }
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|line| format!("    {line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `ip ARGS`, printed; fails with its stderr. (No check for Ctrl-C: clean-up uses it.)
+fn ip(args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new("ip");
+    cmd.args(args);
+    println!("$ {}", proc::display(&cmd));
+    let out = proc::capture(&mut cmd, Duration::from_secs(30))?;
+    if !out.status.success() {
+        bail!("`{}` failed: {}", proc::display(&cmd), out.stderr.trim());
+    }
+    Ok(())
+}
+
+/// [`ip`], but stops first when a signal arrived.
+fn ip_checked(args: &[&str]) -> Result<()> {
+    proc::check_interrupted()?;
+    ip(args)
+}
+
+fn netns_path(ns: &str) -> PathBuf {
+    Path::new("/run/netns").join(ns)
+}
+
+fn open_netns(ns: &str) -> Result<File> {
+    let path = netns_path(ns);
+    File::open(&path)
+        .with_context(|| format!("cannot open the network namespace {}", path.display()))
+}
+
+fn setns(file: &File) -> io::Result<()> {
+    // SAFETY: setns only reads the fd, which `file` keeps open.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Spawns `cmd` inside the network namespace `ns` (and nothing else: mounts stay as they are).
+fn spawn_in_netns(ns: &str, cmd: &mut Command) -> Result<Child> {
+    let file = open_netns(ns)?;
+    let fd = file.as_raw_fd();
+    // SAFETY: the closure runs between fork and exec and only calls setns(2), which is
+    // async-signal-safe, on an fd that `file` keeps open until spawn has returned.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{}` in {ns}", proc::display(cmd)));
+    drop(file);
+    child
+}
+
+/// Runs `f` on a thread that has entered the network namespace `ns`: sockets it creates belong
+/// to that namespace. The thread ends with `f`, so no other code runs in the namespace.
+fn in_netns_thread<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let file = open_netns(ns)?;
+    let handle = thread::spawn(move || -> io::Result<T> {
+        setns(&file)?;
+        Ok(f())
+    });
+    handle
+        .join()
+        .map_err(|_| anyhow!("the thread in {ns} panicked"))?
+        .with_context(|| format!("cannot enter the network namespace {ns}"))
+}
+
+/// `GET /` over HTTP/1.0; a connect timeout means the SYN got no answer.
+fn http_get(addr: SocketAddr) -> Outcome {
+    let mut stream = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+        Ok(stream) => stream,
+        Err(err) if err.kind() == io::ErrorKind::TimedOut => return Outcome::TimedOut,
+        Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {
+            return Outcome::Other(
+                "connection refused (RST): not what a gate drop looks like".into(),
+            );
+        }
+        Err(err) => return Outcome::Other(format!("connect failed: {err}")),
+    };
+    let exchange = stream
+        .set_read_timeout(Some(READ_TIMEOUT))
+        .and_then(|()| stream.write_all(b"GET / HTTP/1.0\r\n\r\n"));
+    if let Err(err) = exchange {
+        return Outcome::Other(format!("connected, but sending failed: {err}"));
+    }
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    let error = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => break Some(err),
+        }
+    };
+    let text = String::from_utf8_lossy(&response);
+    // The body follows the blank line after the headers.
+    let body = text
+        .split_once("\n\n")
+        .or_else(|| text.split_once("\r\n\r\n"))
+        .map_or(text.as_ref(), |(_, body)| body)
+        .trim();
+    if text.starts_with("HTTP/1.0 200") && !body.is_empty() {
+        Outcome::Answered(body.to_owned())
+    } else {
+        match error {
+            Some(err) => Outcome::Other(format!("connected, but no answer: {err}")),
+            None => Outcome::Other(format!("connected, but an unexpected answer: {text:?}")),
+        }
+    }
+}
+
+/// SIGTERM (to the process group when `group`), then SIGKILL after 10 s.
+fn terminate(mut child: Child, group: bool) -> Result<std::process::ExitStatus> {
+    let pid = libc::pid_t::try_from(child.id()).context("process id out of range")?;
+    if let Some(status) = child.try_wait().context("waiting for a child")? {
+        return Ok(status);
+    }
+    let target = if group { -pid } else { pid };
+    // SAFETY: kill has no memory-safety preconditions; the child is not yet reaped, so its pid
+    // (and process group, which it leads) cannot have been reused.
+    unsafe {
+        libc::kill(target, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().context("waiting for a child")? {
+            return Ok(status);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    println!("warning: pid {pid} still running 10 s after SIGTERM, sending SIGKILL");
+    if group {
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+    child.kill().context("cannot kill a child")?;
+    child.wait().context("waiting for a killed child")
+}

@@ -1,0 +1,361 @@
+//! `cargo xtask setup [--check]`: what building and testing portgate need on Debian 12.
+//!
+//! Steps, each reported as "ok: ..." (present) or "installing ..." (changed):
+//! 1. apt packages: Debian's Rust with its prebuilt BPF `core`, LLVM 22 for bpf-linker, the
+//!    network tools the tests and the demo use, and the container engines the engine tests run;
+//! 2. bpf-linker 0.13.0, built against Debian's LLVM 22;
+//! 3. `rustup toolchain link debian /usr`, so aya-build can select Debian's compiler;
+//! 4. (report only) which toolchain gate-user's build.rs will use for the eBPF object;
+//! 5. bpffs mounted at /sys/fs/bpf.
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::proc;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Report only; fail if anything is missing.
+    Check,
+    /// Install what is missing (root only).
+    Install,
+}
+
+/// Every apt package setup installs.
+pub const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "bpftool",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "tcpdump",
+    "iperf3",
+    "socat",
+    "netcat-openbsd",
+    "iputils-ping",
+    "wrk",
+    // The container engines the end-to-end engine tests start themselves (tests/src/engines.rs:
+    // dockerd, containerd, podman, and a static busybox for the local image). Installed, never
+    // started or enabled here.
+    "docker.io",
+    "containerd",
+    "podman",
+    "busybox-static",
+];
+
+/// The apt packages `cargo build` needs; the others are tools for the tests and the demo.
+const BUILD_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Name of the rustup toolchain linked to Debian's Rust in /usr (gate-user's build.rs uses it).
+const DEBIAN_TOOLCHAIN: &str = "debian";
+const BPFFS: &str = "/sys/fs/bpf";
+
+pub fn run(mode: Mode) -> Result<()> {
+    let root = proc::is_root();
+    let install = mode == Mode::Install && root;
+    match (mode, root) {
+        (Mode::Check, _) => println!("== setup --check: reporting only, changing nothing"),
+        (Mode::Install, true) => println!("== setup: installing what is missing"),
+        (Mode::Install, false) => println!("== setup: not root, so reporting only"),
+    }
+    let mut missing: Vec<String> = Vec::new();
+    let mut changed: Vec<String> = Vec::new();
+    let mut present = 0usize;
+
+    // 1. apt packages.
+    let absent = missing_packages(APT_PACKAGES)?;
+    for pkg in APT_PACKAGES
+        .iter()
+        .filter(|pkg| !absent.iter().any(|a| a == *pkg))
+    {
+        println!("ok: {pkg} already installed");
+        present += 1;
+    }
+    if !absent.is_empty() {
+        let list = absent.join(" ");
+        if install {
+            println!("installing apt packages: {list}");
+            apt_get(&["update"])?;
+            let mut args = vec!["install", "-y", "--no-install-recommends"];
+            args.extend(absent.iter().map(String::as_str));
+            apt_get(&args)?;
+            changed.push(format!("apt packages ({list})"));
+        } else {
+            println!("missing: apt packages {list}");
+            missing.push(format!("apt packages: {list}"));
+        }
+    }
+
+    // 2. bpf-linker.
+    match bpf_linker_version() {
+        Some(version) if reports_version(&version, BPF_LINKER_VERSION) => {
+            println!("ok: bpf-linker {BPF_LINKER_VERSION} already installed");
+            present += 1;
+        }
+        found => {
+            let found = found.map_or_else(|| "not found".to_owned(), |v| format!("found {v:?}"));
+            if install {
+                println!(
+                    "installing bpf-linker {BPF_LINKER_VERSION} against Debian's LLVM 22 ({found}; builds for a minute or so)"
+                );
+                install_bpf_linker()?;
+                changed.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+            } else {
+                println!("missing: bpf-linker {BPF_LINKER_VERSION} ({found})");
+                missing.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+            }
+        }
+    }
+
+    // 3. The rustup toolchain `debian` -> /usr.
+    let toolchains = match rustup_toolchains() {
+        Ok(toolchains) => Some(toolchains),
+        // Setup does not install rustup itself; without install rights, report it with the rest.
+        Err(err) if !install => {
+            println!("missing: {err:#}");
+            missing.push("rustup".to_owned());
+            None
+        }
+        Err(err) => return Err(err),
+    };
+    match &toolchains {
+        None => {}
+        Some(list) if list.iter().any(|t| t == DEBIAN_TOOLCHAIN) => {
+            println!("ok: rustup toolchain `{DEBIAN_TOOLCHAIN}` already linked");
+            present += 1;
+        }
+        Some(_) if install => {
+            println!(
+                "installing: rustup toolchain link {DEBIAN_TOOLCHAIN} /usr (Debian's Rust with the prebuilt BPF core)"
+            );
+            proc::run(Command::new("rustup").args([
+                "toolchain",
+                "link",
+                DEBIAN_TOOLCHAIN,
+                "/usr",
+            ]))?;
+            changed.push(format!("rustup toolchain `{DEBIAN_TOOLCHAIN}`"));
+        }
+        Some(_) => {
+            println!(
+                "missing: rustup toolchain `{DEBIAN_TOOLCHAIN}` (rustup toolchain link {DEBIAN_TOOLCHAIN} /usr)"
+            );
+            missing.push(format!("rustup toolchain `{DEBIAN_TOOLCHAIN}`"));
+        }
+    }
+
+    // 4. Which toolchain builds the eBPF object (report only).
+    if let Some(list) = &toolchains {
+        println!("info: {}", bpf_toolchain_note(list));
+    }
+
+    // 5. bpffs.
+    if bpffs_mounted()? {
+        println!("ok: bpffs already mounted at {BPFFS}");
+        present += 1;
+    } else if install {
+        println!("installing: mount -t bpf bpf {BPFFS}");
+        proc::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+        changed.push(format!("bpffs at {BPFFS}"));
+    } else {
+        println!("missing: bpffs is not mounted at {BPFFS} (mount -t bpf bpf {BPFFS})");
+        missing.push(format!("bpffs at {BPFFS}"));
+    }
+
+    if !missing.is_empty() {
+        println!("setup: {present} present, missing: {}", missing.join("; "));
+        if mode == Mode::Install {
+            bail!(
+                "setup must run as root to install what is missing: run `cargo xtask setup` as root"
+            );
+        }
+        bail!(
+            "setup --check: {} missing; run `cargo xtask setup` as root",
+            missing.len()
+        );
+    }
+    if changed.is_empty() {
+        println!("setup: everything already in place ({present} checks ok), nothing changed");
+    } else {
+        println!(
+            "setup: {present} already in place, installed: {}",
+            changed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A quick check of what `cargo build` needs; the list is empty when nothing is missing.
+pub fn missing_for_build() -> Result<Vec<String>> {
+    let mut missing: Vec<String> = missing_packages(BUILD_PACKAGES)?
+        .into_iter()
+        .map(|p| format!("apt package {p}"))
+        .collect();
+    if !bpf_linker_version().is_some_and(|v| reports_version(&v, BPF_LINKER_VERSION)) {
+        missing.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+    }
+    let toolchains = rustup_toolchains()?;
+    if !toolchains.iter().any(|t| t == DEBIAN_TOOLCHAIN) && !nightly_has_rust_src(&toolchains) {
+        missing.push(format!("rustup toolchain `{DEBIAN_TOOLCHAIN}`"));
+    }
+    Ok(missing)
+}
+
+/// The packages of `packages` that dpkg does not report as installed.
+fn missing_packages(packages: &[&str]) -> Result<Vec<String>> {
+    let mut cmd = Command::new("dpkg-query");
+    cmd.arg("-W")
+        .arg("-f=${Package}\\t${Status}\\n")
+        .args(packages);
+    // Exit status 1 only means that some package is unknown to dpkg; stdout still lists the rest.
+    let out = proc::capture(&mut cmd, Duration::from_secs(60))
+        .context("cannot query dpkg: this setup supports Debian 12 (bookworm) only")?;
+    let installed: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter_map(|line| {
+            let (name, status) = line.split_once('\t')?;
+            // "install ok installed" (or "hold ok installed"): the last word is the state.
+            (status.split_whitespace().last() == Some("installed")).then_some(name)
+        })
+        .collect();
+    Ok(packages
+        .iter()
+        .filter(|p| !installed.contains(p))
+        .map(|p| (*p).to_owned())
+        .collect())
+}
+
+fn apt_get(args: &[&str]) -> Result<()> {
+    proc::run(
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn bpf_linker_version() -> Option<String> {
+    proc::output_if_ok("bpf-linker", &["--version"]).map(|v| v.trim().to_owned())
+}
+
+/// Whether `bpf-linker --version` output names exactly `version` ("bpf-linker 0.13.0").
+fn reports_version(output: &str, version: &str) -> bool {
+    output.split_whitespace().any(|word| word == version)
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        // Outside the workspace, so that its .cargo/config.toml plays no part.
+        .current_dir("/")
+        .env_remove("RUSTC_BOOTSTRAP")
+        .env_remove("RUSTUP_TOOLCHAIN");
+    proc::run(&mut cmd).context("building bpf-linker failed (it needs llvm-22-dev, libpolly-22-dev, zlib1g-dev, libzstd-dev)")?;
+    match bpf_linker_version() {
+        Some(v) if reports_version(&v, BPF_LINKER_VERSION) => Ok(()),
+        found => bail!(
+            "bpf-linker was installed but `bpf-linker --version` reports {found:?}: is ~/.cargo/bin first on PATH?"
+        ),
+    }
+}
+
+/// Names of rustup's toolchains ("stable-x86_64-unknown-linux-gnu", "debian", ...).
+fn rustup_toolchains() -> Result<Vec<String>> {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["toolchain", "list"]);
+    let out = proc::capture(&mut cmd, Duration::from_secs(60)).context(
+        "cannot run rustup: install it first (https://rustup.rs) and put ~/.cargo/bin on PATH",
+    )?;
+    if !out.status.success() {
+        bail!("`rustup toolchain list` failed: {}", out.stderr.trim());
+    }
+    Ok(out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Mirrors gate-user's build.rs: rustup's nightly, if it has rust-src.
+fn nightly_has_rust_src(toolchains: &[String]) -> bool {
+    if !toolchains
+        .iter()
+        .any(|t| t == "nightly" || t.starts_with("nightly-"))
+    {
+        return false;
+    }
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .env("RUSTUP_AUTO_INSTALL", "0");
+    proc::capture(&mut cmd, Duration::from_secs(60))
+        .ok()
+        .filter(|out| out.status.success())
+        .is_some_and(|out| {
+            Path::new(out.stdout.trim())
+                .join("lib/rustlib/src/rust/library/core")
+                .exists()
+        })
+}
+
+fn bpf_toolchain_note(toolchains: &[String]) -> String {
+    if let Ok(custom) = std::env::var("PORTGATE_BPF_TOOLCHAIN") {
+        return format!(
+            "PORTGATE_BPF_TOOLCHAIN={custom}: gate-user's build.rs builds the eBPF object with that toolchain"
+        );
+    }
+    if nightly_has_rust_src(toolchains) {
+        "rustup's nightly has rust-src: gate-user's build.rs builds the eBPF object with it \
+         (the usual aya path, -Z build-std=core)"
+            .to_owned()
+    } else {
+        format!(
+            "rustup's nightly has no rust-src: gate-user's build.rs builds the eBPF object with the \
+             `{DEBIAN_TOOLCHAIN}` toolchain (Debian's Rust and its prebuilt BPF core)"
+        )
+    }
+}
+
+fn bpffs_mounted() -> Result<bool> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("cannot read /proc/self/mounts")?;
+    Ok(mounts.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&BPFFS) && fields.get(2) == Some(&"bpf")
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_match_is_exact() {
+        assert!(reports_version("bpf-linker 0.13.0", "0.13.0"));
+        assert!(!reports_version("bpf-linker 0.13.01", "0.13.0"));
+        assert!(!reports_version("bpf-linker 0.9.13", "0.13.0"));
+    }
+
+    #[test]
+    fn build_packages_are_setup_packages() {
+        assert!(BUILD_PACKAGES.iter().all(|p| APT_PACKAGES.contains(p)));
+    }
+}

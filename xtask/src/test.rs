@@ -1,0 +1,124 @@
+//! `cargo xtask test [ARGS]`: every test, in stages, with a summary line per stage.
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+use crate::{proc, setup};
+
+enum Outcome {
+    Passed(Duration),
+    Failed(Duration, String),
+    Skipped(&'static str),
+}
+
+struct Stage {
+    name: &'static str,
+    /// Whether a failure makes the later stages pointless.
+    blocks_later: bool,
+    command: Option<Command>,
+}
+
+pub fn run(extra_args: &[String]) -> Result<()> {
+    if !proc::is_root() {
+        println!(
+            "note: not running as root: the tests that load eBPF programs (gate-user's program \
+             tests) or build network namespaces (portgate-tests) need root and will be skipped, \
+             each printing `skipped: ...`; setup cannot install anything"
+        );
+    }
+
+    let mut stages = vec![
+        Stage {
+            name: "setup",
+            blocks_later: true,
+            command: None,
+        },
+        Stage {
+            name: "cargo build --release",
+            blocks_later: true,
+            command: Some(cargo(&["build", "--release"])),
+        },
+        Stage {
+            name: "cargo build",
+            blocks_later: true,
+            command: Some(cargo(&["build"])),
+        },
+        Stage {
+            name: "unit and program tests (gate-common, gate-user)",
+            blocks_later: false,
+            command: Some(cargo(&["test", "-p", "gate-common", "-p", "gate-user"])),
+        },
+        Stage {
+            name: "end-to-end tests (portgate-tests)",
+            blocks_later: false,
+            command: Some({
+                let mut cmd = cargo(&["test", "-p", "portgate-tests", "--", "--test-threads=2"]);
+                cmd.args(extra_args);
+                // The tests run `$PORTGATE_BIN`, else <workspace>/target/debug/portgate; name the
+                // binary the debug build stage produced, wherever the target directory is.
+                if std::env::var_os("PORTGATE_BIN").is_none()
+                    && let Ok(target) = proc::target_dir()
+                {
+                    cmd.env("PORTGATE_BIN", target.join("debug/portgate"));
+                }
+                cmd
+            }),
+        },
+    ];
+
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    let mut blocked = false;
+    for stage in &mut stages {
+        if blocked {
+            outcomes.push(Outcome::Skipped("an earlier stage failed"));
+            continue;
+        }
+        println!("\n==================== {} ====================", stage.name);
+        let started = Instant::now();
+        let result = match stage.command.as_mut() {
+            None => setup::run(setup::Mode::Install),
+            Some(cmd) => proc::run(cmd),
+        };
+        let outcome = match result {
+            Ok(()) => Outcome::Passed(started.elapsed()),
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                blocked = stage.blocks_later;
+                Outcome::Failed(started.elapsed(), format!("{err:#}"))
+            }
+        };
+        outcomes.push(outcome);
+    }
+
+    println!("\n==================== summary ====================");
+    let mut failed = 0;
+    for (stage, outcome) in stages.iter().zip(&outcomes) {
+        match outcome {
+            Outcome::Passed(took) => {
+                println!("PASS  {:<48} {:>6.1} s", stage.name, took.as_secs_f64())
+            }
+            Outcome::Failed(took, why) => {
+                failed += 1;
+                println!(
+                    "FAIL  {:<48} {:>6.1} s  {why}",
+                    stage.name,
+                    took.as_secs_f64()
+                );
+            }
+            Outcome::Skipped(why) => println!("SKIP  {:<48}          ({why})", stage.name),
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} stage(s) failed");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = proc::cargo();
+    cmd.args(args);
+    cmd
+}
