@@ -18,8 +18,9 @@
 //! that would drop it:
 //!
 //! * iptables, legacy and nft (`iptables-legacy`/`iptables-nft`, and `ip6tables-*` for
-//!   IPv6), table `filter`, inserted at position 1 of `DOCKER-USER` when Docker owns
-//!   FORWARD (that chain exists and FORWARD jumps to it), else of `FORWARD`:
+//!   IPv6; plain `iptables`/`ip6tables` on hosts that have neither variant), table
+//!   `filter`, inserted at position 1 of `DOCKER-USER` when Docker owns FORWARD (that chain
+//!   exists and FORWARD jumps to it), else of `FORWARD`:
 //!
 //!   ```text
 //!   -o <bridge> -m conntrack --ctstate DNAT \
@@ -115,8 +116,10 @@ pub enum NetfilterError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DelegationStatus {
     pub bridge: String,
-    /// "iptables-legacy", "iptables-nft", "ip6tables-legacy", "ip6tables-nft", "nftables",
-    /// or "none" when no backend's FORWARD path would drop (then `chain` is "not needed").
+    /// "iptables-legacy", "iptables-nft", "ip6tables-legacy", "ip6tables-nft", "nftables"
+    /// ("iptables"/"ip6tables" where only the plain binary exists), or "none" when no
+    /// backend's FORWARD path would drop (then `chain` is "not needed" and `installed` false).
+    /// `installed` false with a real backend means the rule is missing (an error was returned).
     pub backend: String,
     /// "FORWARD" or "DOCKER-USER" for iptables; "<family> <table> <chain>" for nftables.
     pub chain: String,

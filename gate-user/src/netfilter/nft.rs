@@ -2,6 +2,7 @@
 //! iptables-nft manages, which the iptables backends handle).
 
 use serde_json::{Value, json};
+use tracing::debug;
 
 use super::{
     Location, NetfilterError, OwnRule, RuleId, Survey, bridge_of_comment, comment_for,
@@ -263,6 +264,12 @@ pub(super) fn survey() -> Result<Option<Survey>, NetfilterError> {
         let text = list_text.run()?;
         (parse_text(&text), false, list_text)
     } else {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if stderr.contains("Protocol not supported") || stderr.contains("Operation not supported") {
+            // A kernel without nf_tables: no native rules can exist.
+            debug!(error = %list_json.failed(&output), "nftables not available in this kernel; skipped");
+            return Ok(None);
+        }
         return Err(list_json.failed(&output));
     };
     let chains =

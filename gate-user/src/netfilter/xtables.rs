@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{
     Location, NetfilterError, OwnRule, RuleId, Survey, bridge_of_comment, comment_for,
@@ -15,6 +15,9 @@ use super::{
 pub(super) struct Xtables {
     /// Also the binary's name, and the backend's name in statuses.
     pub(super) name: &'static str,
+    /// A plain `iptables` (hosts with iptables before 1.8, which has neither variant) is
+    /// used only when none of these exist.
+    only_without: &'static [&'static str],
     /// For the legacy backends: the /proc/net file listing the tables that exist in this
     /// network namespace. Listing a legacy table that does not exist creates it (and makes
     /// every `iptables-nft` call warn "iptables-legacy tables present"), so it is checked
@@ -22,12 +25,26 @@ pub(super) struct Xtables {
     legacy_tables: Option<&'static str>,
 }
 
-pub(super) const BACKENDS: [Xtables; 4] = [
-    Xtables { name: "iptables-legacy", legacy_tables: Some("ip_tables_names") },
-    Xtables { name: "iptables-nft", legacy_tables: None },
-    Xtables { name: "ip6tables-legacy", legacy_tables: Some("ip6_tables_names") },
-    Xtables { name: "ip6tables-nft", legacy_tables: None },
+pub(super) const BACKENDS: [Xtables; 6] = [
+    Xtables { name: "iptables-legacy", only_without: &[], legacy_tables: Some("ip_tables_names") },
+    Xtables { name: "iptables-nft", only_without: &[], legacy_tables: None },
+    Xtables {
+        name: "iptables",
+        only_without: &["iptables-legacy", "iptables-nft"],
+        legacy_tables: None,
+    },
+    Xtables { name: "ip6tables-legacy", only_without: &[], legacy_tables: Some("ip6_tables_names") },
+    Xtables { name: "ip6tables-nft", only_without: &[], legacy_tables: None },
+    Xtables {
+        name: "ip6tables",
+        only_without: &["ip6tables-legacy", "ip6tables-nft"],
+        legacy_tables: None,
+    },
 ];
+
+/// iptables' exit status when the kernel lacks the table or its module ("can't initialize
+/// iptables table"): this backend does not exist here.
+const VERSION_PROBLEM: i32 = 3;
 
 pub(super) const DOCKER_USER: &str = "DOCKER-USER";
 const FORWARD: &str = "FORWARD";
@@ -75,6 +92,9 @@ fn legacy_filter_exists(names_file: &str) -> bool {
 /// would not drop) and every rule that carries a portgate comment. None when the backend is
 /// absent (no binary, no legacy table, or a table only the `nft` tool can read).
 pub(super) fn survey(backend: &Xtables) -> Result<Option<Survey>, NetfilterError> {
+    if backend.only_without.iter().any(|other| find_binary(other).is_some()) {
+        return Ok(None);
+    }
     let Some(tool) = find_binary(backend.name) else {
         return Ok(None);
     };
@@ -90,6 +110,10 @@ pub(super) fn survey(backend: &Xtables) -> Result<Option<Survey>, NetfilterError
         if String::from_utf8_lossy(&output.stderr).contains("incompatible") {
             // The table was made with `nft` and is handled (natively) by the nftables backend.
             warn!(backend = backend.name, %error, "table not readable by iptables; skipped");
+            return Ok(None);
+        }
+        if output.status.code() == Some(VERSION_PROBLEM) {
+            debug!(backend = backend.name, %error, "not available in this kernel; skipped");
             return Ok(None);
         }
         return Err(error);

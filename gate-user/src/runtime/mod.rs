@@ -189,11 +189,25 @@ fn bridge_of(engine: Engine, network: &Network) -> Option<String> {
     match (engine, network.name.as_deref(), network.id.as_deref()) {
         (Engine::Docker, Some("bridge"), _) => Some("docker0".to_owned()),
         (Engine::Docker, _, Some(id)) => Some(format!("br-{}", id.get(..12).unwrap_or(id))),
-        // Podman's compatible API calls its default network "bridge"; the names of the
-        // bridges of other Podman networks are not in that API.
+        // Podman's compatible API calls its default network "bridge"; the bridges of other
+        // networks are only in netavark's network files.
         (Engine::Podman, Some("podman" | "bridge"), _) => Some("podman0".to_owned()),
+        (Engine::Podman, Some(name), _) => podman_network_interface(name),
         _ => None,
     }
+}
+
+/// Where netavark (Podman 4 as root) keeps its network definitions.
+const PODMAN_NETWORKS_DIR: &str = "/etc/containers/networks";
+
+fn podman_network_interface(network: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct NetworkFile {
+        network_interface: Option<String>,
+    }
+    let path = std::path::Path::new(PODMAN_NETWORKS_DIR).join(format!("{network}.json"));
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str::<NetworkFile>(&text).ok()?.network_interface
 }
 
 fn container_facts(engine: Engine, inspect: ContainerInspectResponse) -> Option<Container> {
@@ -243,4 +257,65 @@ fn container_facts(engine: Engine, inspect: ContainerInspectResponse) -> Option<
     published.sort();
     published.dedup();
     Some(Container { engine, id, name, addresses, published, labels })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Trimmed from `docker inspect` of `docker run -p 8080:80 -p 5353:53/udp --label ...`.
+    const INSPECT: &str = r#"{
+        "Id": "4013436478f9e4c7ad8aa8d1d3d6482fca666fda1187e799cc8bfa0a33264a8a",
+        "Name": "/web",
+        "Config": {"Labels": {"portgate.allow": "443/tcp"}},
+        "NetworkSettings": {
+            "Ports": {
+                "80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}, {"HostIp": "::", "HostPort": "8080"}],
+                "53/udp": [{"HostIp": "0.0.0.0", "HostPort": "5353"}],
+                "9000/tcp": null
+            },
+            "Networks": {
+                "bridge": {"IPAddress": "172.17.0.2", "GlobalIPv6Address": ""},
+                "backend": {"IPAddress": "172.18.0.5", "GlobalIPv6Address": "fd00:18::5"}
+            }
+        }
+    }"#;
+
+    #[test]
+    fn inspect_output_becomes_container_facts() {
+        let inspect: ContainerInspectResponse = serde_json::from_str(INSPECT).expect("inspect JSON");
+        let c = container_facts(Engine::Docker, inspect).expect("facts");
+        assert_eq!(c.name, "web");
+        assert!(c.is_named("web") && c.is_named("4013436478f9") && !c.is_named("4013"));
+        let addresses: Vec<String> = c.addresses.iter().map(ToString::to_string).collect();
+        assert_eq!(addresses, ["172.17.0.2", "172.18.0.5", "fd00:18::5"]);
+        assert_eq!(
+            c.published,
+            [
+                Published { host_port: 5353, container_port: 53, protocol: Protocol::Udp },
+                Published { host_port: 8080, container_port: 80, protocol: Protocol::Tcp },
+            ]
+        );
+        assert_eq!(c.labels.get(ALLOW_LABEL).map(String::as_str), Some("443/tcp"));
+    }
+
+    #[test]
+    fn bridge_names_follow_each_engine() {
+        let network = |name: &str, id: &str, bridge_option: Option<&str>| Network {
+            name: Some(name.to_owned()),
+            id: Some(id.to_owned()),
+            driver: Some("bridge".to_owned()),
+            options: bridge_option
+                .map(|b| HashMap::from([("com.docker.network.bridge.name".to_owned(), b.to_owned())])),
+            ..Default::default()
+        };
+        assert_eq!(bridge_of(Engine::Docker, &network("bridge", "abc", Some("docker0"))).as_deref(), Some("docker0"));
+        assert_eq!(
+            bridge_of(Engine::Docker, &network("backend", "0123456789abcdef", None)).as_deref(),
+            Some("br-0123456789ab")
+        );
+        assert_eq!(bridge_of(Engine::Podman, &network("bridge", "x", None)).as_deref(), Some("podman0"));
+        let host = Network { driver: Some("host".to_owned()), ..network("host", "h", None) };
+        assert_eq!(bridge_of(Engine::Docker, &host), None);
+    }
 }
