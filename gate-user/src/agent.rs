@@ -27,7 +27,7 @@ use crate::{
     },
     datapath::{self, Capacities, Datapath, GateConfig, sys},
     metrics,
-    netfilter::Delegation,
+    netfilter::{Delegation, DelegationStatus},
     policy::{Ports, Resolved, addr_from_map, ResolvedRule, Resolver, RuleSet, RuleStore, Target},
     runtime::{self, Container, Engine, RuntimeEvent, Snapshot},
 };
@@ -81,7 +81,7 @@ pub struct Agent {
     resolver: Resolver,
     resolved: Resolved,
     engines: BTreeMap<Engine, EngineState>,
-    delegation: Option<Delegation>,
+    delegation: Option<NetfilterKeeper>,
     drop_events: DropEventStats,
     /// Fan-out of drop events to `portgate watch` clients.
     watchers: broadcast::Sender<WatchEvent>,
@@ -122,7 +122,7 @@ impl Agent {
                 (*engine, state)
             })
             .collect();
-        let delegation = options.netfilter.then(Delegation::new);
+        let delegation = options.netfilter.then(NetfilterKeeper::start);
         let mut agent = Self {
             options,
             datapath,
@@ -295,11 +295,6 @@ impl Agent {
         if let Err(err) = self.attach_bridges(false) {
             warn!("{err:#}");
         }
-        if let Some(delegation) = &mut self.delegation {
-            if let Err(err) = delegation.check_and_restore() {
-                warn!("checking the netfilter delegation rules: {err}");
-            }
-        }
     }
 
     /// The bridges to gate now: the explicit ones, and with `--bridge auto` the default and
@@ -336,8 +331,8 @@ impl Agent {
         }
         if changed || strict {
             let bridges: Vec<String> = self.datapath.bridges().iter().map(|b| b.name.clone()).collect();
-            if let Some(delegation) = &mut self.delegation {
-                delegation.ensure(&bridges).context("installing the netfilter delegation rules")?;
+            if let Some(delegation) = &self.delegation {
+                delegation.ensure(bridges);
             }
         }
         Ok(())
@@ -554,6 +549,51 @@ fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64) -> RuleView {
         port_end,
         packets,
         bytes,
+    }
+}
+
+/// Keeps the netfilter delegation rules in place from a thread of its own: iptables may wait
+/// seconds for its lock, which must not stall the agent loop.
+struct NetfilterKeeper {
+    bridges: std::sync::mpsc::Sender<Vec<String>>,
+    status: std::sync::Arc<std::sync::Mutex<Vec<DelegationStatus>>>,
+}
+
+impl NetfilterKeeper {
+    fn start() -> Self {
+        let (bridges, wanted) = std::sync::mpsc::channel::<Vec<String>>();
+        let status = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let shared = std::sync::Arc::clone(&status);
+        std::thread::spawn(move || {
+            let mut delegation = Delegation::new();
+            loop {
+                let result = match wanted.recv_timeout(TICK) {
+                    Ok(bridges) => delegation.ensure(&bridges).map(drop),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        delegation.check_and_restore().map(drop)
+                    }
+                    // The agent is stopping; the rules stay, as the gate does.
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                };
+                if let Err(err) = result {
+                    error!("netfilter delegation rules: {err}");
+                }
+                if let Ok(mut status) = shared.lock() {
+                    *status = delegation.status();
+                }
+            }
+        });
+        Self { bridges, status }
+    }
+
+    fn ensure(&self, bridges: Vec<String>) {
+        if self.bridges.send(bridges).is_err() {
+            error!("the netfilter keeper thread is gone; delegation rules are no longer checked");
+        }
+    }
+
+    fn status(&self) -> Vec<DelegationStatus> {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 

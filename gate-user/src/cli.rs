@@ -389,7 +389,11 @@ pub fn format_status(status: &Status) -> String {
         );
     }
     for rule in &status.netfilter {
-        let state = if rule.installed { "installed" } else { "not needed" };
+        let state = match (rule.installed, rule.backend.as_str()) {
+            (true, _) => "installed",
+            (false, netfilter::BACKEND_NONE) => "not needed",
+            (false, _) => "MISSING (could not be installed; see the agent log)",
+        };
         let _ = writeln!(out, "netfilter: {} via {} {} {state}", rule.bridge, rule.backend, rule.chain);
     }
     let _ = writeln!(out, "pins:     {}", status.bpffs);

@@ -241,8 +241,11 @@ fn a_reload_that_removes_the_rule_is_repaired() {
     // A reload with iptables-restore of a ruleset saved without our rule.
     let saved = ns.exec(&["iptables-nft-save", "-t", "filter"]);
     let comment = netfilter::comment_for(BR);
-    let without: String =
-        saved.lines().filter(|line| !line.contains(&comment)).map(|line| format!("{line}\n")).collect();
+    let without: String = saved
+        .lines()
+        .filter(|line| !line.contains(&comment))
+        .map(|line| format!("{line}\n"))
+        .collect();
     assert_ne!(saved.lines().count(), without.lines().count());
     ns.exec_stdin(&["iptables-nft-restore"], &without);
     assert!(ns.rules("iptables-nft", "DOCKER-USER").iter().all(|line| !line.contains(&comment)));
@@ -257,7 +260,9 @@ fn install_and_remove(ns: &Netns, tool: &str, backend: &str) {
     let foreign = [
         format!("-A FORWARD -o {BR} -m comment --comment \"someone else\" -j ACCEPT"),
         // Looks like ours but is not exactly our comment.
-        format!("-A FORWARD -o {BR} -m comment --comment \"portgate: delegate {BR} to a firewall\" -j ACCEPT"),
+        format!(
+            "-A FORWARD -o {BR} -m comment --comment \"portgate: delegate {BR} to a firewall\" -j ACCEPT"
+        ),
         format!("-A FORWARD -o {BR} -m conntrack --ctstate DNAT -j ACCEPT"),
     ];
     for rule in &foreign {
@@ -265,7 +270,11 @@ fn install_and_remove(ns: &Netns, tool: &str, backend: &str) {
             .split('"')
             .enumerate()
             .flat_map(|(i, part)| {
-                if i % 2 == 1 { vec![part.to_owned()] } else { part.split_whitespace().map(str::to_owned).collect() }
+                if i % 2 == 1 {
+                    vec![part.to_owned()]
+                } else {
+                    part.split_whitespace().map(str::to_owned).collect()
+                }
             })
             .collect();
         let mut args = vec![tool];
@@ -332,7 +341,15 @@ fn ip6tables_legacy_and_nft() {
 #[test]
 fn firewalld_style_final_reject_counts_as_dropping() {
     let Some(ns) = Netns::new() else { return };
-    ns.exec(&["iptables-nft", "-A", "FORWARD", "-j", "REJECT", "--reject-with", "icmp-host-prohibited"]);
+    ns.exec(&[
+        "iptables-nft",
+        "-A",
+        "FORWARD",
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "icmp-host-prohibited",
+    ]);
     let mut delegation = Delegation::new();
     assert_eq!(ns.ensure(&mut delegation, &[BR]), [status(BR, "iptables-nft", "FORWARD")]);
     assert_eq!(ns.rules("iptables-nft", "FORWARD")[0], ours("FORWARD", BR));
@@ -344,8 +361,11 @@ fn nft_rules(ns: &Netns, family: &str, table: &str, chain: &str) -> Vec<String> 
         .lines()
         .map(str::trim)
         .filter(|line| {
-            !line.is_empty() && !line.starts_with("table ") && !line.starts_with("chain ")
-                && !line.starts_with("type ") && *line != "}"
+            !line.is_empty()
+                && !line.starts_with("table ")
+                && !line.starts_with("chain ")
+                && !line.starts_with("type ")
+                && *line != "}"
         })
         .map(str::to_owned)
         .collect()
@@ -492,16 +512,27 @@ fn dnat_traffic_passes_a_forward_drop_router_only_with_the_rule() {
     // Podman's situation: a published port (DNAT), FORWARD DROP, and only the container's
     // own traffic accepted (netavark's `-s 10.88.0.0/16 -j ACCEPT`).
     router.exec(&[
-        "iptables-nft", "-t", "nat", "-A", "PREROUTING", "-d", "10.98.0.1", "-p", "tcp", "--dport",
-        "8080", "-j", "DNAT", "--to-destination", "10.99.0.2:80",
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        "10.98.0.1",
+        "-p",
+        "tcp",
+        "--dport",
+        "8080",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "10.99.0.2:80",
     ]);
     router.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
     router.exec(&["iptables-nft", "-A", "FORWARD", "-i", BR, "-j", "ACCEPT"]);
     let _server = Server::start(&container, "10.99.0.2:80".parse().expect("address"));
 
-    let timed_out = |result: std::io::Result<String>| {
-        matches!(&result, Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock))
-    };
+    let timed_out = |result: std::io::Result<String>| matches!(&result, Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock));
     let before = connect(&client, "10.98.0.1:8080");
     assert!(timed_out(before), "published port must time out under FORWARD DROP without the rule");
 
@@ -509,7 +540,10 @@ fn dnat_traffic_passes_a_forward_drop_router_only_with_the_rule() {
     assert_eq!(router.ensure(&mut delegation, &[BR]), [status(BR, "iptables-nft", "FORWARD")]);
     assert_eq!(connect(&client, "10.98.0.1:8080").expect("published port after ensure"), "hello");
     // Narrow: the container's address itself, routed without DNAT, is still dropped.
-    assert!(timed_out(connect(&client, "10.99.0.2:80")), "routed traffic must still meet FORWARD DROP");
+    assert!(
+        timed_out(connect(&client, "10.99.0.2:80")),
+        "routed traffic must still meet FORWARD DROP"
+    );
 
     assert_eq!(router.remove_all(), 1);
     assert!(timed_out(connect(&client, "10.98.0.1:8080")), "times out again after remove_all");

@@ -42,7 +42,10 @@ pub(super) struct Invocation<'a> {
 }
 
 impl<'a> Invocation<'a> {
-    pub(super) fn new(program: &'a Path, args: impl IntoIterator<Item = impl Into<String>>) -> Self {
+    pub(super) fn new(
+        program: &'a Path,
+        args: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
         Self { program, args: args.into_iter().map(Into::into).collect(), stdin: None }
     }
 
@@ -77,8 +80,7 @@ impl<'a> Invocation<'a> {
 
     /// Runs it and returns its output, whatever the exit status.
     pub(super) fn output(&self) -> Result<Output, NetfilterError> {
-        let spawn_error =
-            |source| NetfilterError::Spawn { command: self.display(), source };
+        let spawn_error = |source| NetfilterError::Spawn { command: self.display(), source };
         let mut command = Command::new(self.program);
         command
             .args(&self.args)

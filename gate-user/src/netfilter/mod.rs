@@ -43,13 +43,18 @@
 //! # Why it is narrow enough
 //!
 //! * `--ctstate DNAT` / `ct status dnat`: only connections whose destination the container
-//!   engine rewrote, i.e. published ports. Traffic routed to a container address directly,
-//!   and traffic between bridges, still meets the host's own FORWARD rules.
+//!   engine rewrote, i.e. published ports. Traffic routed to a container address directly
+//!   (not DNATed), from outside or from another bridge, still meets the host's own FORWARD
+//!   rules.
 //! * `-o <bridge>` / `oifname`: only packets leaving through that bridge, exactly the ones
 //!   the gate's TC egress program inspects next. The gate drops every new connection its
 //!   allow list does not allow, so for published ports the gate's allow list becomes the
 //!   policy, for Podman and Docker alike. Replies and container-initiated traffic are not
 //!   touched (the engines' own rules accept them).
+//! * The rule relies on the gate: on its own it would open every published port of the
+//!   bridge, as Docker's own rules do. It exists only for bridges the gate is attached to;
+//!   the gate stays attached when the agent exits (fail closed), and `portgate uninstall`
+//!   removes the rules together with the programs.
 //!
 //! # Lifecycle and ownership
 //!
@@ -203,15 +208,19 @@ impl Delegation {
                 let chain = target.display();
                 for bridge in &self.bridges {
                     let here: Vec<usize> = (0..survey.own.len())
-                        .filter(|&i| survey.own[i].location == *target && survey.own[i].bridge == *bridge)
+                        .filter(|&i| {
+                            survey.own[i].location == *target && survey.own[i].bridge == *bridge
+                        })
                         .collect();
                     let result = backend.present(&survey, target, bridge, &here).and_then(|keep| {
                         match keep {
-                            Some(i) => {
-                                kept[i] = true;
+                            Found::Present(keep) => {
+                                if let Some(i) = keep {
+                                    kept[i] = true;
+                                }
                                 Ok(())
                             }
-                            None => backend.insert(&survey, target, bridge).map(|()| {
+                            Found::Missing => backend.insert(&survey, target, bridge).map(|()| {
                                 outcome.inserted += 1;
                                 if previously.contains(&(backend.name(), chain.as_str(), bridge.as_str())) {
                                     warn!(bridge = %bridge, backend = backend.name(), chain = %chain,
@@ -328,7 +337,11 @@ struct Outcome {
 enum Location {
     /// An iptables chain in the filter table.
     Chain(String),
-    Nft { family: String, table: String, chain: String },
+    Nft {
+        family: String,
+        table: String,
+        chain: String,
+    },
 }
 
 impl Location {
@@ -366,6 +379,13 @@ struct Survey {
     own: Vec<OwnRule>,
 }
 
+/// The outcome of looking for a bridge's rule in one chain.
+enum Found {
+    Missing,
+    /// Present; the survey's rule that is it, if the listing recognised it.
+    Present(Option<usize>),
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Backend {
     Xtables(&'static xtables::Xtables),
@@ -391,34 +411,38 @@ impl Backend {
         }
     }
 
-    /// Whether the rule for `bridge` is in `target`, and if so which of `candidates` (our
-    /// rules there for that bridge, indexes into `survey.own`) to keep.
+    /// Whether the rule for `bridge` is in `target`, and which of `candidates` (our rules
+    /// there for that bridge, indexes into `survey.own`) to keep.
     fn present(
         &self,
         survey: &Survey,
         target: &Location,
         bridge: &str,
         candidates: &[usize],
-    ) -> Result<Option<usize>, NetfilterError> {
-        let Some(&first) = candidates.first() else {
-            return Ok(None);
-        };
+    ) -> Result<Found, NetfilterError> {
         match (self, target) {
             (Backend::Xtables(_), Location::Chain(chain)) => {
+                // `-C` decides, even when the listing showed nothing: should a future
+                // iptables print our rule in a form not recognised above, the rule is still
+                // found and never inserted twice.
                 if !xtables::check(survey, chain, bridge)? {
-                    // Only look-alikes with our comment: replaced (and deleted as unwanted).
-                    return Ok(None);
+                    // At most look-alikes with our comment: replaced (deleted as unwanted).
+                    return Ok(Found::Missing);
                 }
                 let exact = RuleId::Spec(xtables::rule_spec(bridge));
-                Ok(Some(
-                    candidates.iter().copied().find(|&i| survey.own[i].id == exact).unwrap_or(first),
-                ))
+                let keep = candidates.iter().copied().find(|&i| survey.own[i].id == exact);
+                Ok(Found::Present(keep.or(candidates.first().copied())))
             }
-            _ => Ok(Some(first)),
+            _ => Ok(candidates.first().map_or(Found::Missing, |&i| Found::Present(Some(i)))),
         }
     }
 
-    fn insert(&self, survey: &Survey, target: &Location, bridge: &str) -> Result<(), NetfilterError> {
+    fn insert(
+        &self,
+        survey: &Survey,
+        target: &Location,
+        bridge: &str,
+    ) -> Result<(), NetfilterError> {
         match (self, target) {
             (Backend::Xtables(_), Location::Chain(chain)) => xtables::insert(survey, chain, bridge),
             (Backend::Nft, _) => nft::insert(survey, target, bridge),

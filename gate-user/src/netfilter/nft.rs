@@ -66,17 +66,15 @@ impl Chain {
             && base.hook == "forward"
             && matches!(self.family.as_str(), "ip" | "ip6" | "inet")
             && !self.managed_by_iptables()
-            && (base.policy == "drop" || self.rules.last().is_some_and(|rule| rule.drops_everything))
+            && (base.policy == "drop"
+                || self.rules.last().is_some_and(|rule| rule.drops_everything))
     }
 }
 
 /// The chains of `nft -j list ruleset`.
 pub(super) fn parse_json(text: &str) -> Result<Vec<Chain>, String> {
     let root: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    let items = root
-        .get("nftables")
-        .and_then(Value::as_array)
-        .ok_or("no \"nftables\" array")?;
+    let items = root.get("nftables").and_then(Value::as_array).ok_or("no \"nftables\" array")?;
     let str_of = |object: &Value, key: &str| {
         object.get(key).and_then(Value::as_str).unwrap_or_default().to_owned()
     };
@@ -305,12 +303,17 @@ fn plain(name: &str) -> Result<&str, NetfilterError> {
 }
 
 /// `nft insert rule`: the rule goes first in the chain.
-pub(super) fn insert(survey: &Survey, location: &Location, bridge: &str) -> Result<(), NetfilterError> {
+pub(super) fn insert(
+    survey: &Survey,
+    location: &Location,
+    bridge: &str,
+) -> Result<(), NetfilterError> {
     let Location::Nft { family, table, chain } = location else {
         return Ok(());
     };
     let invocation = if survey.json {
-        let batch = json!({"nftables": [{"insert": {"rule": rule_json(family, table, chain, bridge)}}]});
+        let batch =
+            json!({"nftables": [{"insert": {"rule": rule_json(family, table, chain, bridge)}}]});
         Invocation::new(&survey.tool, ["-j", "-f", "-"]).stdin(batch.to_string())
     } else {
         Invocation::new(
@@ -339,7 +342,8 @@ pub(super) fn insert(survey: &Survey, location: &Location, bridge: &str) -> Resu
 /// reused while a table exists; only a table deleted and re-created (with a rule in a chain of
 /// the same name) between that listing and this call could make it name another rule.
 pub(super) fn delete(survey: &Survey, rule: &OwnRule) -> Result<(), NetfilterError> {
-    let (Location::Nft { family, table, chain }, RuleId::Handle(handle)) = (&rule.location, &rule.id)
+    let (Location::Nft { family, table, chain }, RuleId::Handle(handle)) =
+        (&rule.location, &rule.id)
     else {
         return Ok(());
     };

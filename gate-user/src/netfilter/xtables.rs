@@ -33,7 +33,11 @@ pub(super) const BACKENDS: [Xtables; 6] = [
         only_without: &["iptables-legacy", "iptables-nft"],
         legacy_tables: None,
     },
-    Xtables { name: "ip6tables-legacy", only_without: &[], legacy_tables: Some("ip6_tables_names") },
+    Xtables {
+        name: "ip6tables-legacy",
+        only_without: &[],
+        legacy_tables: Some("ip6_tables_names"),
+    },
     Xtables { name: "ip6tables-nft", only_without: &[], legacy_tables: None },
     Xtables {
         name: "ip6tables",
@@ -73,7 +77,8 @@ pub(super) fn rule_spec(bridge: &str) -> Vec<String> {
 }
 
 fn invocation<'a>(tool: &'a Path, args: impl IntoIterator<Item = String>) -> Invocation<'a> {
-    let mut all = vec!["-w".to_owned(), WAIT_SECONDS.to_owned(), "-t".to_owned(), "filter".to_owned()];
+    let mut all =
+        vec!["-w".to_owned(), WAIT_SECONDS.to_owned(), "-t".to_owned(), "filter".to_owned()];
     all.extend(args);
     Invocation::new(tool, all)
 }
@@ -118,9 +123,8 @@ pub(super) fn survey(backend: &Xtables) -> Result<Option<Survey>, NetfilterError
         }
         return Err(error);
     }
-    let listing = parse_listing(&String::from_utf8_lossy(&output.stdout)).map_err(|detail| {
-        NetfilterError::Parse { command: list.display(), detail }
-    })?;
+    let listing = parse_listing(&String::from_utf8_lossy(&output.stdout))
+        .map_err(|detail| NetfilterError::Parse { command: list.display(), detail })?;
     Ok(Some(Survey { tool, json: false, targets: listing.targets(), own: listing.own }))
 }
 
@@ -153,7 +157,11 @@ impl Listing {
             .forward_rules
             .iter()
             .any(|rule| matches!(rule.as_slice(), [j, chain] if j == "-j" && chain == DOCKER_USER));
-        if jumps && self.chains.iter().any(|chain| chain == DOCKER_USER) { DOCKER_USER } else { FORWARD }
+        if jumps && self.chains.iter().any(|chain| chain == DOCKER_USER) {
+            DOCKER_USER
+        } else {
+            FORWARD
+        }
     }
 
     fn targets(&self) -> Vec<Location> {
@@ -167,13 +175,13 @@ impl Listing {
 
 pub(super) fn parse_listing(text: &str) -> Result<Listing, String> {
     let mut listing = Listing::default();
-    for line in text.lines().map(str::trim).filter(|line| !line.is_empty() && !line.starts_with('#')) {
+    for line in
+        text.lines().map(str::trim).filter(|line| !line.is_empty() && !line.starts_with('#'))
+    {
         let tokens = split_words(line).map_err(|e| format!("{e} in line {line:?}"))?;
         match tokens.as_slice() {
-            [p, chain, policy] if p == "-P" => {
-                if chain == FORWARD {
-                    listing.forward_policy = Some(policy.clone());
-                }
+            [p, chain, policy] if p == "-P" && chain == FORWARD => {
+                listing.forward_policy = Some(policy.clone());
             }
             [n, chain] if n == "-N" => listing.chains.push(chain.clone()),
             [a, chain, rest @ ..] if a == "-A" => {
@@ -275,9 +283,12 @@ mod tests {
 
     #[test]
     fn splits_quoted_comments() {
-        let words = split_words(r#"-A FORWARD -m comment --comment "a \"b\" c" -j ACCEPT"#)
-            .expect("split");
-        assert_eq!(words, ["-A", "FORWARD", "-m", "comment", "--comment", "a \"b\" c", "-j", "ACCEPT"]);
+        let words =
+            split_words(r#"-A FORWARD -m comment --comment "a \"b\" c" -j ACCEPT"#).expect("split");
+        assert_eq!(
+            words,
+            ["-A", "FORWARD", "-m", "comment", "--comment", "a \"b\" c", "-j", "ACCEPT"]
+        );
         assert!(split_words(r#"-A "x"#).is_err());
     }
 
