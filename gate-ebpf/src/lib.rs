@@ -84,6 +84,16 @@ impl Transport {
     pub const fn new() -> Self {
         Self::EMPTY
     }
+
+    /// Starts the transport part over for a header of protocol `proto`.
+    #[inline(always)]
+    fn reset_transport(&mut self, proto: u8) {
+        self.proto = proto;
+        self.src_port = 0;
+        self.dst_port = 0;
+        self.tcp_flags = 0;
+        self.icmp = Icmp::None;
+    }
 }
 
 impl Default for Transport {
@@ -230,11 +240,7 @@ fn parse_ipv6(
 /// Reads the transport header at `offset` into `t`; returns the ICMP type (0 otherwise).
 #[inline(always)]
 fn transport(ctx: &TcContext, offset: usize, proto: u8, t: &mut Transport) -> Result<u8, ParseError> {
-    t.proto = proto;
-    t.src_port = 0;
-    t.dst_port = 0;
-    t.tcp_flags = 0;
-    t.icmp = Icmp::None;
+    t.reset_transport(proto);
     match proto {
         PROTO_TCP => {
             let h: TcpHdr = load(ctx, offset)?;
@@ -344,11 +350,7 @@ fn embedded_transport(
     t: &mut Transport,
 ) -> Result<(), ParseError> {
     let h: [u8; 8] = load(ctx, offset)?;
-    t.proto = proto;
-    t.src_port = 0;
-    t.dst_port = 0;
-    t.tcp_flags = 0;
-    t.icmp = Icmp::None;
+    t.reset_transport(proto);
     match proto {
         PROTO_TCP | PROTO_UDP => {
             t.src_port = u16::from_be_bytes([h[0], h[1]]);
