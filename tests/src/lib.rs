@@ -9,6 +9,7 @@
 //! Everything here needs root; [`require_root`] lets a test skip, saying why.
 
 pub mod agent;
+pub mod engines;
 pub mod net;
 pub mod sandbox;
 

@@ -45,8 +45,18 @@ pub const APT_PACKAGES: &[&str] = &[
     // started or enabled here.
     "docker.io",
     "containerd",
+    "runc",
+    "tini",
     "podman",
+    "conmon",
+    "golang-github-containers-common",
+    // Podman's netavark backend (bridge podman0); without it, and with
+    // --no-install-recommends, Podman falls back to CNI and a cni-podman0 bridge.
+    "netavark",
+    "aardvark-dns",
     "busybox-static",
+    // A real Prometheus server and promtool, for the metrics tests.
+    "prometheus",
 ];
 
 /// The apt packages `cargo build` needs; the others are tools for the tests and the demo.

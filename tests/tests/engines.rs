@@ -1,0 +1,629 @@
+//! Engine tests: real Docker and Podman on this host, the motivating scenario (a client in
+//! its own namespace routed through the host, FORWARD policy DROP), and the real agent with
+//! `--bridge auto --runtime auto` in the root namespace.
+//!
+//! The tests share the root namespace (its FORWARD policy, docker0, podman0, the daemons), so
+//! they run one at a time under [`SERIAL`]. Without root or without the engines installed each
+//! test says it is skipped (`PORTGATE_REQUIRE_ENGINES=1` turns that into a failure).
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use portgate_tests::engines::{
+    Download, Engine, EngineAgent, Engines, FOLLOW_TIMEOUT, IMAGE, PongServer, Scenario, body_of,
+    container_rules, engine_status, free_port, host_ports, httpd_script, iptables_delete,
+    iptables_rules, unique,
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Takes the global test lock (a failed test poisons it; the next one goes on anyway) and
+/// the engine environment; returns from the test (skipped) when there is none.
+macro_rules! setup {
+    () => {{
+        let serial: MutexGuard<'static, ()> = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(engines) = Engines::get() else {
+            return;
+        };
+        (serial, engines)
+    }};
+}
+
+/// The comment of the delegation rule for `bridge` (docs-contract.md).
+fn delegation_comment(bridge: &str) -> String {
+    format!("portgate: delegate {bridge} to the eBPF gate")
+}
+
+/// Every rule in the root namespace's filter table that portgate installed.
+fn portgate_rules() -> Vec<String> {
+    let output = std::process::Command::new("iptables")
+        .arg("-S")
+        .output()
+        .expect("run iptables -S");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.contains("portgate"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn baseline_without_agent_docker_answers_and_podman_times_out() {
+    let (_serial, engines) = setup!();
+    let leftovers = portgate_rules();
+    assert!(
+        leftovers.is_empty(),
+        "portgate rules are left in the root namespace (an agent still runs, or a test did not \
+         uninstall): {leftovers:?}"
+    );
+    let sc = Scenario::new();
+    let (dport, pport) = (free_port(), free_port());
+    let (dname, pname) = (unique("web-d"), unique("web-p"));
+    let _docker = engines.run_httpd(Engine::Docker, &dname, dport, &[]);
+    let _podman = engines.run_httpd(Engine::Podman, &pname, pport, &[]);
+
+    sc.assert_answers(
+        sc.published(dport),
+        &body_of(&dname),
+        "Docker's published port, no gate (Docker's own ACCEPT rule lets it through)",
+    );
+    sc.assert_times_out(
+        sc.published(pport),
+        "Podman's published port, no gate (nothing accepts NEW connections: FORWARD DROP wins)",
+    );
+}
+
+#[test]
+fn default_deny_then_allow_by_name_by_label_and_deny() {
+    let (_serial, engines) = setup!();
+    let sc = Scenario::new();
+    let (dport, pport, lport) = (free_port(), free_port(), free_port());
+    let (dname, pname, lname) = (unique("web-d"), unique("web-p"), unique("label-p"));
+    let _docker = engines.run_httpd(Engine::Docker, &dname, dport, &[]);
+    let _podman = engines.run_httpd(Engine::Podman, &pname, pport, &[]);
+    let _labelled = engines.run_httpd(
+        Engine::Podman,
+        &lname,
+        lport,
+        &["--label", "portgate.allow=80/tcp"],
+    );
+    let agent = EngineAgent::start(&[]);
+    agent.wait_engines_connected(&["docker", "podman"]);
+
+    sc.assert_times_out(
+        sc.published(dport),
+        "Docker's published port under default deny",
+    );
+    sc.assert_times_out(
+        sc.published(pport),
+        "Podman's published port under default deny",
+    );
+
+    // The label allows its container's port, with no CLI call at all.
+    sc.assert_answers_within(
+        sc.published(lport),
+        &body_of(&lname),
+        FOLLOW_TIMEOUT,
+        "Podman container started with --label portgate.allow=80/tcp",
+    );
+    let list = agent.list_json();
+    let labelled = container_rules(&list, &lname);
+    assert!(
+        labelled
+            .iter()
+            .any(|r| r["source"] == "label" && r["active"] == true && r["port_start"] == 80),
+        "the label's rule should be listed (source label, active, port 80) for {lname}: {list}"
+    );
+
+    agent.allow(&dname, "80/tcp");
+    sc.assert_answers(
+        sc.published(dport),
+        &body_of(&dname),
+        "Docker container after `portgate allow NAME 80/tcp`",
+    );
+    agent.allow(&pname, "80/tcp");
+    sc.assert_answers(
+        sc.published(pport),
+        &body_of(&pname),
+        "Podman container after `portgate allow NAME 80/tcp`",
+    );
+
+    agent.deny(&dname, "80/tcp");
+    sc.assert_times_out(
+        sc.published(dport),
+        "Docker container after `portgate deny NAME 80/tcp`",
+    );
+    sc.assert_answers(
+        sc.published(pport),
+        &body_of(&pname),
+        "Podman container (still allowed) after denying the Docker one",
+    );
+    sc.assert_answers(
+        sc.published(lport),
+        &body_of(&lname),
+        "labelled Podman container after denying the Docker one",
+    );
+}
+
+#[test]
+fn allow_published_opens_exactly_the_published_ports_and_lists_them() {
+    let (_serial, engines) = setup!();
+    let sc = Scenario::new();
+    let (p80, p81, ppod) = (free_port(), free_port(), free_port());
+    let (dname, pname) = (unique("pub-d"), unique("pub-p"));
+    let script = httpd_script(&dname, &[81, 80], 0);
+    let (publish80, publish81) = (format!("{p80}:80"), format!("{p81}:81"));
+    let docker = engines.docker_run(
+        &dname,
+        &[
+            "-p", &publish80, "-p", &publish81, IMAGE, "/bin/sh", "-c", &script,
+        ],
+    );
+    docker.wait_serving(80);
+    docker.wait_serving(81);
+    let _podman = engines.run_httpd(Engine::Podman, &pname, ppod, &[]);
+    let agent = EngineAgent::start(&[]);
+    agent.wait_engines_connected(&["docker", "podman"]);
+
+    sc.assert_times_out(sc.published(p80), "published 80 before allow --published");
+    sc.assert_times_out(sc.published(p81), "published 81 before allow --published");
+
+    agent.cli_ok(&["allow", "--published", &dname]);
+    agent.cli_ok(&["allow", "--published", &pname]);
+    let body = body_of(&dname);
+    sc.assert_answers(
+        sc.published(p80),
+        &body,
+        "Docker port 80 after allow --published",
+    );
+    sc.assert_answers(
+        sc.published(p81),
+        &body,
+        "Docker port 81 after allow --published",
+    );
+    sc.assert_answers(
+        sc.published(ppod),
+        &body_of(&pname),
+        "Podman port 80 after allow --published",
+    );
+
+    let list = agent.list_json();
+    let rules = container_rules(&list, &dname);
+    assert!(!rules.is_empty(), "no rule lists container {dname}: {list}");
+    let address = docker.address();
+    for rule in &rules {
+        assert_eq!(rule["active"], true, "rule of a running container: {rule}");
+        assert_eq!(rule["published"], true, "rule made by --published: {rule}");
+        assert_eq!(rule["source"], "cli", "rule made by the CLI: {rule}");
+        assert_eq!(rule["target"], dname.as_str(), "target as given: {rule}");
+        let addresses: Vec<&str> = rule["addresses"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        assert!(
+            addresses.contains(&address.as_str()),
+            "rule should resolve to the container's address {address}: {rule}"
+        );
+    }
+    let listed_host_ports = host_ports(&rules);
+    assert_eq!(
+        listed_host_ports,
+        BTreeSet::from([u64::from(p80), u64::from(p81)]),
+        "host_ports of {dname}'s rules: {list}"
+    );
+    let prules = container_rules(&list, &pname);
+    assert_eq!(
+        host_ports(&prules),
+        BTreeSet::from([u64::from(ppod)]),
+        "host_ports of {pname}'s rules: {list}"
+    );
+
+    agent.cli_ok(&["deny", "--published", &dname]);
+    sc.assert_times_out(sc.published(p80), "published 80 after deny --published");
+    sc.assert_times_out(sc.published(p81), "published 81 after deny --published");
+    let list = agent.list_json();
+    assert!(
+        container_rules(&list, &dname).is_empty(),
+        "deny --published should remove {dname}'s rules: {list}"
+    );
+    sc.assert_answers(
+        sc.published(ppod),
+        &body_of(&pname),
+        "Podman container unaffected by denying the Docker one",
+    );
+}
+
+#[test]
+fn rule_follows_the_container_across_restarts() {
+    let (_serial, engines) = setup!();
+    let sc = Scenario::new();
+    let (aport, fport, lport) = (free_port(), free_port(), free_port());
+    let (aname, fname, lname) = (unique("follow-d"), unique("filler-d"), unique("follow-p"));
+    let allowed = engines.run_httpd(Engine::Docker, &aname, aport, &[]);
+    let labelled = engines.run_httpd(
+        Engine::Podman,
+        &lname,
+        lport,
+        &["--label", "portgate.allow=80/tcp"],
+    );
+    let agent = EngineAgent::start(&[]);
+    agent.wait_engines_connected(&["docker", "podman"]);
+    agent.allow(&aname, "80/tcp");
+    sc.assert_answers(
+        sc.published(aport),
+        &body_of(&aname),
+        "allowed Docker container",
+    );
+    sc.assert_answers_within(
+        sc.published(lport),
+        &body_of(&lname),
+        FOLLOW_TIMEOUT,
+        "labelled Podman container",
+    );
+
+    // Stop it, let another container start while its address is free, start it again: its
+    // address may change, and the rule must follow the name, not the old address.
+    let old_address = allowed.address();
+    allowed.stop();
+    let filler = engines.run_httpd(Engine::Docker, &fname, fport, &[]);
+    let filler_address = filler.address();
+    allowed.start();
+    let new_address = allowed.wait_serving(80);
+    eprintln!("{aname}: {old_address} -> {new_address}; filler {fname} got {filler_address}");
+    let took = sc.assert_answers_within(
+        sc.published(aport),
+        &body_of(&aname),
+        FOLLOW_TIMEOUT,
+        "allowed Docker container after docker stop + start (no CLI call)",
+    );
+    eprintln!("answered {took:?} after the start");
+    sc.assert_times_out(
+        sc.published(fport),
+        &format!(
+            "filler container (not allowed; it has {filler_address}, the allowed one had \
+             {old_address})"
+        ),
+    );
+
+    allowed.restart();
+    allowed.wait_serving(80);
+    sc.assert_answers_within(
+        sc.published(aport),
+        &body_of(&aname),
+        FOLLOW_TIMEOUT,
+        "allowed Docker container after docker restart",
+    );
+
+    labelled.restart();
+    labelled.wait_serving(80);
+    sc.assert_answers_within(
+        sc.published(lport),
+        &body_of(&lname),
+        FOLLOW_TIMEOUT,
+        "labelled Podman container after podman restart",
+    );
+
+    let list = agent.list_json();
+    let rules = container_rules(&list, &aname);
+    let address = allowed.address();
+    assert!(
+        rules.iter().any(|r| r["active"] == true
+            && r["addresses"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|v| v == address.as_str()))),
+        "{aname}'s rule should be active on its current address {address}: {list}"
+    );
+    sc.assert_times_out(sc.published(fport), "filler container at the end");
+}
+
+#[test]
+fn dockerd_restart_keeps_enforcement_and_the_agent_resyncs() {
+    let (_serial, engines) = setup!();
+    if let Err(why) = engines.may_restart_dockerd() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: dockerd_restart_keeps_enforcement_and_the_agent_resyncs: {why}"
+        );
+        return;
+    }
+    let sc = Scenario::new();
+    let (wport, dport, lport) = (free_port(), free_port(), free_port());
+    let (wname, dname, lname) = (unique("always-w"), unique("always-d"), unique("label-p"));
+    let allowed = engines.run_httpd(Engine::Docker, &wname, wport, &["--restart", "always"]);
+    let denied = engines.run_httpd(Engine::Docker, &dname, dport, &["--restart", "always"]);
+    let _labelled = engines.run_httpd(
+        Engine::Podman,
+        &lname,
+        lport,
+        &["--label", "portgate.allow=80/tcp"],
+    );
+    let agent = EngineAgent::start(&[]);
+    let status = agent.wait_engines_connected(&["docker", "podman"]);
+    let syncs_before = engine_status(&status, "docker").expect("docker engine")["syncs"]
+        .as_u64()
+        .expect("syncs");
+    agent.allow(&wname, "80/tcp");
+    sc.assert_answers(
+        sc.published(wport),
+        &body_of(&wname),
+        "allowed Docker container",
+    );
+    sc.assert_times_out(sc.published(dport), "not-allowed Docker container");
+    sc.assert_answers_within(
+        sc.published(lport),
+        &body_of(&lname),
+        FOLLOW_TIMEOUT,
+        "labelled Podman container",
+    );
+
+    // dockerd crashes: containers keep running under containerd, Docker's NAT rules stay.
+    engines.kill_dockerd();
+    let deadline = Instant::now() + FOLLOW_TIMEOUT;
+    loop {
+        let status = agent.status_json();
+        let docker = engine_status(&status, "docker").expect("docker engine listed");
+        if docker["connected"] == false {
+            eprintln!("while dockerd is down: {docker}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status should say docker is not connected within {FOLLOW_TIMEOUT:?} of dockerd's \
+             death: {docker}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The gate keeps enforcing what it knew.
+    sc.assert_answers(
+        sc.published(wport),
+        &body_of(&wname),
+        "allowed Docker container while dockerd is down",
+    );
+    sc.assert_times_out(
+        sc.published(dport),
+        "not-allowed Docker container while dockerd is down",
+    );
+    sc.assert_answers(
+        sc.published(lport),
+        &body_of(&lname),
+        "labelled Podman container while dockerd is down",
+    );
+
+    engines.start_dockerd();
+    // Without live-restore, dockerd restarts the containers (--restart always).
+    allowed.wait_serving(80);
+    denied.wait_serving(80);
+    let deadline = Instant::now() + FOLLOW_TIMEOUT;
+    loop {
+        let status = agent.status_json();
+        let docker = engine_status(&status, "docker").expect("docker engine listed");
+        let syncs = docker["syncs"].as_u64().unwrap_or(0);
+        if docker["connected"] == true && syncs > syncs_before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after dockerd is back the agent should reconnect and re-sync within \
+             {FOLLOW_TIMEOUT:?} (syncs before: {syncs_before}): {docker}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sc.assert_answers_within(
+        sc.published(wport),
+        &body_of(&wname),
+        FOLLOW_TIMEOUT,
+        "allowed Docker container after dockerd restarted it",
+    );
+    sc.assert_times_out(
+        sc.published(dport),
+        "not-allowed Docker container after dockerd restarted it",
+    );
+}
+
+#[test]
+fn download_survives_an_agent_restart() {
+    const MIB: u64 = 1024 * 1024;
+    const SIZE_MIB: u32 = 200;
+    let (_serial, engines) = setup!();
+    let sc = Scenario::new();
+    let (dport, pport) = (free_port(), free_port());
+    let (dname, pname) = (unique("big-d"), unique("big-p"));
+    let script_d = httpd_script(&dname, &[80], SIZE_MIB);
+    let script_p = httpd_script(&pname, &[80], SIZE_MIB);
+    let (pub_d, pub_p) = (format!("{dport}:80"), format!("{pport}:80"));
+    let docker = engines.docker_run(&dname, &["-p", &pub_d, IMAGE, "/bin/sh", "-c", &script_d]);
+    let podman = engines.podman_run(&pname, &["-p", &pub_p, IMAGE, "/bin/sh", "-c", &script_p]);
+    docker.wait_serving(80);
+    podman.wait_serving(80);
+    let mut agent = EngineAgent::start(&[]);
+    agent.wait_engines_connected(&["docker", "podman"]);
+    agent.allow(&dname, "80/tcp");
+    agent.allow(&pname, "80/tcp");
+
+    // 200 MiB each at 20 MiB/s: about 10 s, with the restart after the first 20 MiB.
+    let through_docker = Download::start(&sc.client, sc.published(dport), "/big", 20 * MIB);
+    let through_podman = Download::start(&sc.client, sc.published(pport), "/big", 20 * MIB);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while through_docker.received() < 20 * MIB || through_podman.received() < 20 * MIB {
+        assert!(
+            Instant::now() < deadline,
+            "downloads did not get going: docker {} bytes, podman {} bytes",
+            through_docker.received(),
+            through_podman.received()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let at_restart = (through_docker.received(), through_podman.received());
+    agent.restart();
+    let after_restart = (through_docker.received(), through_podman.received());
+    eprintln!(
+        "received at SIGTERM {at_restart:?}, when the agent was ready again {after_restart:?}"
+    );
+    assert!(
+        after_restart.0 < u64::from(SIZE_MIB) * MIB && after_restart.1 < u64::from(SIZE_MIB) * MIB,
+        "the downloads should still be running after the restart: {after_restart:?}"
+    );
+
+    for (engine, download) in [("docker", through_docker), ("podman", through_podman)] {
+        let (length, received) = download
+            .finish()
+            .unwrap_or_else(|e| panic!("download through {engine} broke: {e} ({:?})", e.kind()));
+        assert_eq!(
+            length,
+            u64::from(SIZE_MIB) * MIB,
+            "{engine}: Content-Length"
+        );
+        assert_eq!(received, length, "{engine}: bytes received");
+    }
+    // New connections still follow the rules after the restart.
+    sc.assert_answers(
+        sc.published(dport),
+        &body_of(&dname),
+        "Docker after the restart",
+    );
+    sc.assert_answers(
+        sc.published(pport),
+        &body_of(&pname),
+        "Podman after the restart",
+    );
+}
+
+#[test]
+fn deleted_delegation_rule_is_restored() {
+    let (_serial, engines) = setup!();
+    let sc = Scenario::new();
+    let (lport, dport) = (free_port(), free_port());
+    let (lname, dname) = (unique("label-p"), unique("web-d"));
+    let _labelled = engines.run_httpd(
+        Engine::Podman,
+        &lname,
+        lport,
+        &["--label", "portgate.allow=80/tcp"],
+    );
+    let _docker = engines.run_httpd(
+        Engine::Docker,
+        &dname,
+        dport,
+        &["--label", "portgate.allow=80/tcp"],
+    );
+    let agent = EngineAgent::start(&[]);
+    agent.wait_engines_connected(&["docker", "podman"]);
+    sc.assert_answers_within(
+        sc.published(lport),
+        &body_of(&lname),
+        FOLLOW_TIMEOUT,
+        "labelled Podman container",
+    );
+
+    let status = agent.status_json();
+    let netfilter = status["netfilter"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status --json has no netfilter array: {status}"));
+    let podman0 = netfilter
+        .iter()
+        .find(|n| n["bridge"] == "podman0")
+        .unwrap_or_else(|| panic!("no delegation rule for podman0 under FORWARD DROP: {status}"));
+    assert_eq!(
+        podman0["installed"], true,
+        "podman0's delegation rule: {status}"
+    );
+    for entry in netfilter {
+        let bridge = entry["bridge"].as_str().expect("bridge");
+        let chain = entry["chain"].as_str().expect("chain");
+        let backend = entry["backend"].as_str().unwrap_or("iptables");
+        let bin = match backend {
+            "iptables-legacy" => "iptables-legacy",
+            _ => "iptables",
+        };
+        let comment = delegation_comment(bridge);
+        let find = || {
+            iptables_rules(bin, chain)
+                .into_iter()
+                .find(|l| l.contains(&comment) && l.contains(&format!("-o {bridge}")))
+        };
+        let rule = find().unwrap_or_else(|| {
+            panic!(
+                "{bridge}: status says {entry} but `{bin} -S {chain}` has no rule with \
+                 {comment:?}: {:?}",
+                iptables_rules(bin, chain)
+            )
+        });
+        assert!(
+            rule.contains("DNAT") && rule.contains("-j ACCEPT"),
+            "{bridge}: the delegation rule should accept only DNATed connections: {rule}"
+        );
+        iptables_delete(bin, &rule);
+        assert!(
+            find().is_none(),
+            "{bridge}: deleting {rule} did not remove it"
+        );
+        let deleted = Instant::now();
+        let deadline = deleted + Duration::from_secs(6);
+        while find().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{bridge}: the agent did not restore {rule:?} in {bin} {chain} within 6 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "{bridge}: restored {:?} after the delete",
+            deleted.elapsed()
+        );
+    }
+    sc.assert_answers(
+        sc.published(lport),
+        &body_of(&lname),
+        "labelled Podman container after the delegation rule was restored",
+    );
+    sc.assert_answers_within(
+        sc.published(dport),
+        &body_of(&dname),
+        FOLLOW_TIMEOUT,
+        "labelled Docker container after the delegation rule was restored",
+    );
+}
+
+#[test]
+fn containers_reach_the_outside_with_no_rule() {
+    let (_serial, engines) = setup!();
+    let sc = Scenario::new();
+    let server = PongServer::start(
+        &sc.client,
+        std::net::SocketAddr::from((sc.client_addr, 9000)),
+    );
+    let agent = EngineAgent::start(&[]);
+    agent.wait_engines_connected(&["docker", "podman"]);
+    for engine in [Engine::Docker, Engine::Podman] {
+        let name = unique(&format!("nc-{}", engine.name()));
+        let script = format!(
+            "echo hello-from-{} | /bin/busybox nc -w 5 {} 9000",
+            engine.name(),
+            sc.client_addr
+        );
+        let output = engines.run_to_completion(
+            engine,
+            &name,
+            &[IMAGE, "/bin/sh", "-c", &script],
+            Duration::from_secs(60),
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(
+            stdout.trim(),
+            format!("pong hello-from-{}", engine.name()),
+            "a {} container's connection to the outside ({}:9000) should get its reply \
+             ({}; stderr: {})",
+            engine.name(),
+            sc.client_addr,
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert_eq!(
+        server.accepted(),
+        2,
+        "the outside server should have seen both containers"
+    );
+}
