@@ -4,7 +4,6 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod datapath;
-#[path = "metrics_stub.rs"]
 pub mod metrics;
 pub mod netfilter;
 pub mod policy;

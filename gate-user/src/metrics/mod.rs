@@ -63,7 +63,7 @@ use hyper::{
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric as _},
+    encoding::{DescriptorEncoder, EncodeMetric as _, MetricEncoder},
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, info::Info},
     registry::{Registry, Unit},
 };
@@ -79,7 +79,8 @@ use crate::{
 };
 
 /// The content type of [`encode`]'s output.
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// The content type for clients that do not ask for OpenMetrics.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -144,8 +145,13 @@ pub async fn serve(
 /// Accept errors that say nothing about the listener itself.
 fn is_transient(err: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(err.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | OutOfMemory)
-        || matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO))
+    matches!(
+        err.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | OutOfMemory
+    ) || matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO)
+    )
 }
 
 async fn respond(
@@ -153,11 +159,16 @@ async fn respond(
     scrape: mpsc::Sender<oneshot::Sender<String>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.uri().path() != PATH {
-        return Ok(plain(StatusCode::NOT_FOUND, "not found: metrics are on /metrics\n"));
+        return Ok(plain(
+            StatusCode::NOT_FOUND,
+            "not found: metrics are on /metrics\n",
+        ));
     }
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
         let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
-        response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return Ok(response);
     }
     let openmetrics = accepts_openmetrics(request.headers());
@@ -175,7 +186,12 @@ async fn respond(
                 "the agent could not read the datapath; see its log\n",
             ));
         }
-        Ok(None) => return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "the agent is not serving metrics\n")),
+        Ok(None) => {
+            return Ok(plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the agent is not serving metrics\n",
+            ));
+        }
         Err(_) => {
             return Ok(plain(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -189,16 +205,20 @@ async fn respond(
         (TEXT_CONTENT_TYPE, to_text_format(&body))
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
-    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     Ok(response)
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -286,7 +306,13 @@ enum Kind {
 
 impl Family {
     fn new(kind: Kind, name: &'static str, help: &'static str) -> Self {
-        Self { name, help, unit: None, kind, samples: Vec::new() }
+        Self {
+            name,
+            help,
+            unit: None,
+            kind,
+            samples: Vec::new(),
+        }
     }
 
     fn counter(name: &'static str, help: &'static str) -> Self {
@@ -337,12 +363,25 @@ fn port_label(rule: &RuleView) -> String {
 impl Snapshot {
     fn new(status: &Status, rules: &[RuleView]) -> Self {
         let counter = |kind: &str, name: &str| {
-            status.counters.get(kind).and_then(|c| c.get(name)).copied().unwrap_or(0)
+            status
+                .counters
+                .get(kind)
+                .and_then(|c| c.get(name))
+                .copied()
+                .unwrap_or(0)
         };
         let verdicts = ["pass", "drop"].into_iter().flat_map(|verdict| {
-            status.counters.get(verdict).into_iter().flatten().map(move |(reason, value)| {
-                (vec![("verdict", verdict.to_owned()), ("reason", reason.clone())], *value)
-            })
+            status
+                .counters
+                .get(verdict)
+                .into_iter()
+                .flatten()
+                .map(move |(reason, value)| {
+                    (
+                        vec![("verdict", verdict.to_owned()), ("reason", reason.clone())],
+                        *value,
+                    )
+                })
         });
         let events = status
             .counters
@@ -357,12 +396,16 @@ impl Snapshot {
         for bridge in &status.bridges {
             for (_, reason, kind) in counters::ALL {
                 if *kind == counters::Kind::Drop {
-                    drops.entry((bridge.name.clone(), (*reason).to_owned())).or_default();
+                    drops
+                        .entry((bridge.name.clone(), (*reason).to_owned()))
+                        .or_default();
                 }
             }
         }
         for d in &status.bridge_drops {
-            *drops.entry((d.bridge.clone(), d.reason.clone())).or_default() += d.packets;
+            *drops
+                .entry((d.bridge.clone(), d.reason.clone()))
+                .or_default() += d.packets;
         }
         let mut attached: BTreeMap<&str, bool> = BTreeMap::new();
         for bridge in &status.bridges {
@@ -376,7 +419,9 @@ impl Snapshot {
         }
         for rule in rules {
             let state = if rule.active { "active" } else { "inactive" };
-            *rule_counts.entry((source_name(rule.source), state)).or_default() += 1;
+            *rule_counts
+                .entry((source_name(rule.source), state))
+                .or_default() += 1;
         }
         let rule_labels = |rule: &RuleView| -> Labels {
             vec![
@@ -489,7 +534,10 @@ impl Snapshot {
             Family::gauge("host_traffic_gated", "1 when connections from the host's own stack are gated too, else 0.")
                 .sample(vec![], flag(status.gate_host_traffic)),
         ];
-        Self { families, version: status.version.clone() }
+        Self {
+            families,
+            version: status.version.clone(),
+        }
     }
 }
 
@@ -500,17 +548,33 @@ impl Collector for Snapshot {
                 Kind::Counter => MetricType::Counter,
                 Kind::Gauge => MetricType::Gauge,
             };
-            let mut metric = encoder.encode_descriptor(family.name, family.help, family.unit.as_ref(), metric_type)?;
-            for (labels, value) in &family.samples {
-                let sample = metric.encode_family(labels)?;
-                match family.kind {
-                    Kind::Counter => ConstCounter::new(*value).encode(sample)?,
-                    Kind::Gauge => ConstGauge::new(*value).encode(sample)?,
+            let mut metric = encoder.encode_descriptor(
+                family.name,
+                family.help,
+                family.unit.as_ref(),
+                metric_type,
+            )?;
+            let encode = |value: u64, sample: MetricEncoder| match family.kind {
+                Kind::Counter => ConstCounter::new(value).encode(sample),
+                Kind::Gauge => ConstGauge::new(value).encode(sample),
+            };
+            match family.samples.as_slice() {
+                // Without labels: `name 1`, not `name{} 1`.
+                [(labels, value)] if labels.is_empty() => encode(*value, metric)?,
+                samples => {
+                    for (labels, value) in samples {
+                        encode(*value, metric.encode_family(labels)?)?;
+                    }
                 }
             }
         }
         let info = Info::new(vec![("version", self.version.clone())]);
-        let metric = encoder.encode_descriptor("build", "The running portgate agent's version; always 1.", None, info.metric_type())?;
+        let metric = encoder.encode_descriptor(
+            "build",
+            "The running portgate agent's version; always 1.",
+            None,
+            info.metric_type(),
+        )?;
         info.encode(metric)
     }
 }
@@ -535,7 +599,10 @@ mod tests {
                 counters::Kind::Drop => "drop",
                 counters::Kind::Event => "event",
             };
-            counters.entry(kind.into()).or_default().insert((*name).into(), 100 + u64::from(*index));
+            counters
+                .entry(kind.into())
+                .or_default()
+                .insert((*name).into(), 100 + u64::from(*index));
         }
         Status {
             mode: "enforce".into(),
@@ -543,12 +610,26 @@ mod tests {
             bpffs: "/sys/fs/bpf/portgate".into(),
             state_file: "/var/lib/portgate/rules.json".into(),
             bridges: vec![
-                BridgeStatus { name: "docker0".into(), ifindex: 3, attached: true },
-                BridgeStatus { name: "podman0".into(), ifindex: 4, attached: false },
+                BridgeStatus {
+                    name: "docker0".into(),
+                    ifindex: 3,
+                    attached: true,
+                },
+                BridgeStatus {
+                    name: "podman0".into(),
+                    ifindex: 4,
+                    attached: false,
+                },
             ],
             rules: 3,
-            allow_entries: Fill { used: 12, capacity: 262_144 },
-            flows: Flows { tracked: 7, capacity: 262_144 },
+            allow_entries: Fill {
+                used: 12,
+                capacity: 262_144,
+            },
+            flows: Flows {
+                tracked: 7,
+                capacity: 262_144,
+            },
             engines: vec![EngineStatus {
                 engine: "docker".into(),
                 socket: "/var/run/docker.sock".into(),
@@ -566,10 +647,21 @@ mod tests {
             }],
             counters,
             bridge_drops: vec![
-                BridgeDrops { bridge: "docker0".into(), reason: "not_allowed".into(), packets: 9 },
-                BridgeDrops { bridge: "docker0".into(), reason: "tcp_no_state".into(), packets: 2 },
+                BridgeDrops {
+                    bridge: "docker0".into(),
+                    reason: "not_allowed".into(),
+                    packets: 9,
+                },
+                BridgeDrops {
+                    bridge: "docker0".into(),
+                    reason: "tcp_no_state".into(),
+                    packets: 2,
+                },
             ],
-            drop_events: DropEventStats { reported: 8, suppressed: 1 },
+            drop_events: DropEventStats {
+                reported: 8,
+                suppressed: 1,
+            },
             version: "1.2.3".into(),
         }
     }
@@ -577,7 +669,11 @@ mod tests {
     fn rule(id: u32, source: Source, active: bool, protocol: &str, ports: (u16, u16)) -> RuleView {
         RuleView {
             id,
-            target: if active { "web".into() } else { "gone\"db\\x".into() },
+            target: if active {
+                "web".into()
+            } else {
+                "gone\"db\\x".into()
+            },
             container: active.then(|| "web".into()),
             published: protocol == "published",
             source,
@@ -624,15 +720,24 @@ mod tests {
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').unwrap();
-                assert!(declared.insert(name.to_owned(), kind.to_owned()).is_none(), "{name} declared twice");
+                assert!(
+                    declared.insert(name.to_owned(), kind.to_owned()).is_none(),
+                    "{name} declared twice"
+                );
                 assert!(name.starts_with("portgate_"), "{name}");
                 if kind == "counter" {
-                    assert!(!name.ends_with("_total"), "OpenMetrics declares counters without _total: {name}");
+                    assert!(
+                        !name.ends_with("_total"),
+                        "OpenMetrics declares counters without _total: {name}"
+                    );
                 }
             }
             if let Some(rest) = line.strip_prefix("# HELP ") {
                 let (_, help) = rest.split_once(' ').unwrap();
-                assert!(!help.contains(['\\', '"']), "help must need no escaping: {help}");
+                assert!(
+                    !help.contains(['\\', '"']),
+                    "help must need no escaping: {help}"
+                );
             }
         }
         // Every sample belongs to a declared family, with the suffix its type demands.
@@ -672,10 +777,20 @@ mod tests {
             ("portgate_host_traffic_gated", "gauge"),
             ("portgate_build", "info"),
         ];
-        let expected: BTreeMap<String, String> =
-            expected.iter().map(|(n, k)| ((*n).to_owned(), (*k).to_owned())).collect();
+        let expected: BTreeMap<String, String> = expected
+            .iter()
+            .map(|(n, k)| ((*n).to_owned(), (*k).to_owned()))
+            .collect();
         assert_eq!(declared, expected);
-        assert!(text.contains("# UNIT portgate_rule_bytes bytes\n"), "{text}");
+        assert!(
+            text.contains("# UNIT portgate_rule_bytes bytes\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nportgate_tracked_connections 7\n"),
+            "samples without labels have no braces: {text}"
+        );
+        assert!(!text.contains("{}"), "{text}");
     }
 
     #[test]
@@ -695,50 +810,146 @@ mod tests {
         ];
         assert_eq!(v("portgate_rule_packets_total", &rule0), 1);
         assert_eq!(v("portgate_rule_bytes_total", &rule0), 60);
-        assert_eq!(v("portgate_rule_packets_total", &[("rule", "1"), ("port", "8000-8010"), ("container", "")]), 11);
-        assert_eq!(v("portgate_rule_bytes_total", &[("rule", "8192"), ("source", "label"), ("port", ""), ("protocol", "icmp")]), 8_192_060);
+        assert_eq!(
+            v(
+                "portgate_rule_packets_total",
+                &[("rule", "1"), ("port", "8000-8010"), ("container", "")]
+            ),
+            11
+        );
+        assert_eq!(
+            v(
+                "portgate_rule_bytes_total",
+                &[
+                    ("rule", "8192"),
+                    ("source", "label"),
+                    ("port", ""),
+                    ("protocol", "icmp")
+                ]
+            ),
+            8_192_060
+        );
         // Label values are escaped.
         assert!(text.contains(r#"target="gone\"db\\x""#), "{text}");
 
         let new_allowed = 100 + u64::from(counters::PASS_NEW_ALLOWED);
         assert_eq!(v("portgate_connections_accepted_total", &[]), new_allowed);
-        assert_eq!(v("portgate_packets_total", &[("verdict", "pass"), ("reason", "new_allowed")]), new_allowed);
         assert_eq!(
-            v("portgate_packets_total", &[("verdict", "drop"), ("reason", "not_allowed")]),
+            v(
+                "portgate_packets_total",
+                &[("verdict", "pass"), ("reason", "new_allowed")]
+            ),
+            new_allowed
+        );
+        assert_eq!(
+            v(
+                "portgate_packets_total",
+                &[("verdict", "drop"), ("reason", "not_allowed")]
+            ),
             100 + u64::from(counters::DROP_NOT_ALLOWED)
         );
         assert_eq!(
-            v("portgate_datapath_events_total", &[("event", "flow_insert_failed")]),
+            v(
+                "portgate_datapath_events_total",
+                &[("event", "flow_insert_failed")]
+            ),
             100 + u64::from(counters::FLOW_INSERT_FAILED)
         );
-        assert_eq!(value(&text, "portgate_packets_total", &[("reason", "flow_created")]), None);
+        assert_eq!(
+            value(
+                &text,
+                "portgate_packets_total",
+                &[("reason", "flow_created")]
+            ),
+            None
+        );
 
-        assert_eq!(v("portgate_drops_total", &[("bridge", "docker0"), ("reason", "not_allowed")]), 9);
-        assert_eq!(v("portgate_drops_total", &[("bridge", "docker0"), ("reason", "tcp_no_state")]), 2);
+        assert_eq!(
+            v(
+                "portgate_drops_total",
+                &[("bridge", "docker0"), ("reason", "not_allowed")]
+            ),
+            9
+        );
+        assert_eq!(
+            v(
+                "portgate_drops_total",
+                &[("bridge", "docker0"), ("reason", "tcp_no_state")]
+            ),
+            2
+        );
         // Every bridge and drop reason is there from the start.
-        assert_eq!(v("portgate_drops_total", &[("bridge", "podman0"), ("reason", "not_allowed")]), 0);
-        assert_eq!(v("portgate_drops_total", &[("bridge", "docker0"), ("reason", "fragment")]), 0);
-        let drop_reasons = counters::ALL.iter().filter(|c| c.2 == counters::Kind::Drop).count();
-        assert_eq!(text.lines().filter(|l| l.starts_with("portgate_drops_total{")).count(), 2 * drop_reasons);
+        assert_eq!(
+            v(
+                "portgate_drops_total",
+                &[("bridge", "podman0"), ("reason", "not_allowed")]
+            ),
+            0
+        );
+        assert_eq!(
+            v(
+                "portgate_drops_total",
+                &[("bridge", "docker0"), ("reason", "fragment")]
+            ),
+            0
+        );
+        let drop_reasons = counters::ALL
+            .iter()
+            .filter(|c| c.2 == counters::Kind::Drop)
+            .count();
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("portgate_drops_total{"))
+                .count(),
+            2 * drop_reasons
+        );
 
         assert_eq!(v("portgate_tracked_connections", &[]), 7);
         assert_eq!(v("portgate_tracked_connections_capacity", &[]), 262_144);
         assert_eq!(v("portgate_allow_entries", &[]), 12);
         assert_eq!(v("portgate_allow_entries_capacity", &[]), 262_144);
-        assert_eq!(v("portgate_rules", &[("source", "cli"), ("state", "active")]), 1);
-        assert_eq!(v("portgate_rules", &[("source", "cli"), ("state", "inactive")]), 1);
-        assert_eq!(v("portgate_rules", &[("source", "label"), ("state", "active")]), 1);
-        assert_eq!(v("portgate_rules", &[("source", "default-policy"), ("state", "inactive")]), 0);
+        assert_eq!(
+            v("portgate_rules", &[("source", "cli"), ("state", "active")]),
+            1
+        );
+        assert_eq!(
+            v(
+                "portgate_rules",
+                &[("source", "cli"), ("state", "inactive")]
+            ),
+            1
+        );
+        assert_eq!(
+            v(
+                "portgate_rules",
+                &[("source", "label"), ("state", "active")]
+            ),
+            1
+        );
+        assert_eq!(
+            v(
+                "portgate_rules",
+                &[("source", "default-policy"), ("state", "inactive")]
+            ),
+            0
+        );
         assert_eq!(v("portgate_bridge_attached", &[("bridge", "docker0")]), 1);
         assert_eq!(v("portgate_bridge_attached", &[("bridge", "podman0")]), 0);
         assert_eq!(v("portgate_engine_connected", &[("engine", "docker")]), 1);
         assert_eq!(v("portgate_engine_containers", &[("engine", "docker")]), 2);
         assert_eq!(v("portgate_engine_syncs_total", &[("engine", "docker")]), 5);
-        assert_eq!(v("portgate_engine_events_total", &[("engine", "docker")]), 3);
+        assert_eq!(
+            v("portgate_engine_events_total", &[("engine", "docker")]),
+            3
+        );
         assert_eq!(
             v(
                 "portgate_netfilter_delegation_installed",
-                &[("bridge", "docker0"), ("backend", "iptables-legacy"), ("chain", "DOCKER-USER")]
+                &[
+                    ("bridge", "docker0"),
+                    ("backend", "iptables-legacy"),
+                    ("chain", "DOCKER-USER")
+                ]
             ),
             1
         );
@@ -759,24 +970,58 @@ mod tests {
         status.mode = "audit".into();
         let text = encode(&status, &[]).unwrap();
         assert!(text.contains("# TYPE portgate_rule_packets counter\n"));
-        assert!(!text.contains("portgate_rule_packets_total"));
-        assert!(!text.contains("portgate_drops_total"));
+        let samples = |name: &str| text.lines().filter(|l| l.starts_with(name)).count();
+        assert_eq!(samples("portgate_rule_packets_total"), 0, "{text}");
+        assert_eq!(samples("portgate_drops_total"), 0, "{text}");
         assert_eq!(value(&text, "portgate_audit_mode", &[]), Some(1));
-        assert_eq!(value(&text, "portgate_rules", &[("source", "cli"), ("state", "active")]), Some(0));
+        assert_eq!(
+            value(
+                &text,
+                "portgate_rules",
+                &[("source", "cli"), ("state", "active")]
+            ),
+            Some(0)
+        );
     }
 
     #[test]
     fn text_format_declares_sample_names() {
         let text = to_text_format(&exposition());
-        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
-        assert!(text.contains("# TYPE portgate_rule_packets_total counter\n"), "{text}");
-        assert!(text.contains("# HELP portgate_rule_bytes_total Bytes "), "{text}");
-        assert!(text.contains("# TYPE portgate_rule_bytes_total counter\n"), "{text}");
-        assert!(text.contains("# TYPE portgate_build_info gauge\n"), "{text}");
-        assert!(text.contains("# TYPE portgate_tracked_connections gauge\n"), "{text}");
-        assert!(text.contains("portgate_build_info{version=\"1.2.3\"} 1\n"), "{text}");
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE portgate_rule_packets_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP portgate_rule_bytes_total Bytes "),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE portgate_rule_bytes_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE portgate_build_info gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE portgate_tracked_connections gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portgate_build_info{version=\"1.2.3\"} 1\n"),
+            "{text}"
+        );
         // Samples are untouched.
-        let samples = |t: &str| t.lines().filter(|l| !l.starts_with('#')).map(str::to_owned).collect::<Vec<_>>();
+        let samples = |t: &str| {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(samples(&text), samples(&exposition()));
     }
 
@@ -804,7 +1049,12 @@ mod tests {
         };
         {
             use std::io::Write as _;
-            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
         }
         let output = child.wait_with_output().unwrap();
         assert!(
@@ -826,7 +1076,9 @@ mod tests {
         assert!(accept(
             "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
         ));
-        assert!(accept("Application/OpenMetrics-Text; version=1.0.0; charset=utf-8"));
+        assert!(accept(
+            "Application/OpenMetrics-Text; version=1.0.0; charset=utf-8"
+        ));
         assert!(!accept("*/*"));
         assert!(!accept("text/plain;version=0.0.4"));
         assert!(!accept("application/openmetrics-text;q=0"));
@@ -841,7 +1093,11 @@ mod tests {
         stream.read_to_string(&mut response).await.unwrap();
         let (head, body) = response.split_once("\r\n\r\n").unwrap();
         let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-        (status.to_owned(), headers.to_ascii_lowercase(), body.to_owned())
+        (
+            status.to_owned(),
+            headers.to_ascii_lowercase(),
+            body.to_owned(),
+        )
     }
 
     /// Starts `serve` on a loopback port, with `agent` answering scrapes.
@@ -872,12 +1128,21 @@ mod tests {
         )
         .await;
         assert!(status_line.contains(" 200 "), "{status_line}");
-        assert!(headers.contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"), "{headers}");
+        assert!(
+            headers.contains(
+                "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+            ),
+            "{headers}"
+        );
         assert_eq!(body, exposition());
 
-        let (status_line, headers, body) = http(addr, "GET /metrics HTTP/1.0\r\nAccept: */*\r\n\r\n").await;
+        let (status_line, headers, body) =
+            http(addr, "GET /metrics HTTP/1.0\r\nAccept: */*\r\n\r\n").await;
         assert!(status_line.contains(" 200 "), "{status_line}");
-        assert!(headers.contains("content-type: text/plain; version=0.0.4; charset=utf-8"), "{headers}");
+        assert!(
+            headers.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+            "{headers}"
+        );
         assert_eq!(body, to_text_format(&exposition()));
 
         let (status_line, _, body) = http(addr, "HEAD /metrics HTTP/1.0\r\n\r\n").await;
@@ -888,7 +1153,8 @@ mod tests {
         assert!(status_line.contains(" 404 "), "{status_line}");
         let (status_line, _, _) = http(addr, "GET /metricsx HTTP/1.0\r\n\r\n").await;
         assert!(status_line.contains(" 404 "), "{status_line}");
-        let (status_line, headers, _) = http(addr, "POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n").await;
+        let (status_line, headers, _) =
+            http(addr, "POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n").await;
         assert!(status_line.contains(" 405 "), "{status_line}");
         assert!(headers.contains("allow: get, head"), "{headers}");
     }
@@ -931,9 +1197,15 @@ mod tests {
     #[test]
     fn label_names_are_unique_per_family() {
         let text = exposition();
-        for line in text.lines().filter(|l| !l.starts_with('#') && l.contains('{')) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains('{'))
+        {
             let inner = &line[line.find('{').unwrap() + 1..line.rfind('}').unwrap()];
-            let names: Vec<&str> = inner.split("\",").map(|kv| kv.split('=').next().unwrap()).collect();
+            let names: Vec<&str> = inner
+                .split("\",")
+                .map(|kv| kv.split('=').next().unwrap())
+                .collect();
             let unique: BTreeSet<&str> = names.iter().copied().collect();
             assert_eq!(unique.len(), names.len(), "{line}");
         }
