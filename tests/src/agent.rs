@@ -1,14 +1,17 @@
-//! The real `portgate` agent, run in a sandbox's host namespace with its own pin directory,
-//! state directory and control socket, and the CLI that talks to it.
+//! The real `portgate` agent, run in a sandbox's host namespace (or the root namespace, for
+//! the engine tests) with its own pin directory, state directory and control socket, and the
+//! CLI that talks to it.
 
 use std::fs::OpenOptions;
+use std::marker::PhantomData;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::sandbox::{BRIDGE, Sandbox};
+use crate::sandbox::{BRIDGE, Sandbox, netns_command};
 use crate::unique_name;
 
 /// How long the agent may take to answer `status` after it was started.
@@ -33,10 +36,15 @@ pub fn portgate_bin() -> PathBuf {
     path
 }
 
-/// A running (or stopped) `portgate agent` for one sandbox. Dropping it kills the agent,
-/// runs `portgate uninstall` on its pin directory and removes what is left of it.
+/// A running (or stopped) `portgate agent`, in a sandbox's host namespace or in the root
+/// namespace. Dropping it kills the agent, runs `portgate uninstall` on its pin directory and
+/// removes what is left of it.
 pub struct Agent<'a> {
-    sandbox: &'a Sandbox,
+    /// The network namespace the agent and its CLI run in; `None`: the root namespace.
+    netns: Option<String>,
+    /// `--bridge ... --runtime ...`: what the agent gates.
+    base_args: Vec<String>,
+    _sandbox: PhantomData<&'a Sandbox>,
     pub bin: PathBuf,
     /// Holds the state directory, the control socket and the log.
     pub dir: tempfile::TempDir,
@@ -67,20 +75,34 @@ impl<'a> Agent<'a> {
 
     /// An agent that is not running yet: paths chosen, nothing started.
     pub fn new(sandbox: &'a Sandbox, extra_args: &[&str]) -> Self {
+        let base_args = ["--bridge", BRIDGE, "--runtime", "none"];
+        Self::with(Some(sandbox.host.clone()), &base_args, extra_args, &unique_name())
+    }
+
+    /// An agent in the root namespace (not started), gating what `base_args` say (e.g.
+    /// `--bridge auto --runtime auto`), its pins under `/sys/fs/bpf/<pin_name>`.
+    pub fn in_root_namespace(base_args: &[&str], extra_args: &[&str], pin_name: &str) -> Agent<'static> {
+        Agent::with(None, base_args, extra_args, pin_name)
+    }
+
+    fn with(netns: Option<String>, base_args: &[&str], extra_args: &[&str], pin_name: &str) -> Self {
         let bin = portgate_bin();
         let dir = tempfile::Builder::new()
             .prefix("pgt-agent-")
             .tempdir()
             .expect("tempdir");
+        let strings = |args: &[&str]| args.iter().map(|s| s.to_string()).collect();
         Agent {
-            sandbox,
+            netns,
+            base_args: strings(base_args),
+            _sandbox: PhantomData,
             bin,
-            bpffs: Path::new("/sys/fs/bpf").join(unique_name()),
+            bpffs: Path::new("/sys/fs/bpf").join(pin_name),
             state_dir: dir.path().join("state"),
             socket: dir.path().join("portgate.sock"),
             log: dir.path().join("agent.log"),
             dir,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_args: strings(extra_args),
             child: None,
         }
     }
@@ -94,10 +116,10 @@ impl<'a> Agent<'a> {
             .open(&self.log)
             .expect("open agent log");
         let log_err = log.try_clone().expect("clone log fd");
-        let mut command = self.sandbox.command_in(&self.sandbox.host, &self.bin);
+        let mut command = self.portgate();
         command
             .arg("agent")
-            .args(["--bridge", BRIDGE, "--runtime", "none"])
+            .args(&self.base_args)
             .arg("--bpffs")
             .arg(&self.bpffs)
             .arg("--state-dir")
@@ -105,9 +127,17 @@ impl<'a> Agent<'a> {
             .arg("--socket")
             .arg(&self.socket)
             .args(&self.extra_args)
-            .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
+        // If the test process dies without its Drops (killed), the agent goes with it instead
+        // of gating bridges for nobody; the next run removes its pins.
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
@@ -200,7 +230,7 @@ impl<'a> Agent<'a> {
         }
     }
 
-    /// `portgate --socket S ARGS...`, run in the host namespace.
+    /// `portgate --socket S ARGS...`, run in the agent's namespace.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.portgate()
             .arg("--socket")
@@ -224,14 +254,14 @@ impl<'a> Agent<'a> {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
-    /// `portgate allow ADDRESS PORTSPEC`, asserting success.
-    pub fn allow(&self, address: &str, portspec: &str) {
-        self.cli_ok(&["allow", address, portspec]);
+    /// `portgate allow TARGET PORTSPEC`, asserting success.
+    pub fn allow(&self, target: &str, portspec: &str) {
+        self.cli_ok(&["allow", target, portspec]);
     }
 
-    /// `portgate deny ADDRESS PORTSPEC`, asserting success.
-    pub fn deny(&self, address: &str, portspec: &str) {
-        self.cli_ok(&["deny", address, portspec]);
+    /// `portgate deny TARGET PORTSPEC`, asserting success.
+    pub fn deny(&self, target: &str, portspec: &str) {
+        self.cli_ok(&["deny", target, portspec]);
     }
 
     /// `portgate list --json`, parsed.
@@ -244,7 +274,7 @@ impl<'a> Agent<'a> {
         parse_json("status --json", &self.cli_ok(&["status", "--json"]))
     }
 
-    /// `portgate uninstall --bpffs DIR`, run in the host namespace.
+    /// `portgate uninstall --bpffs DIR`, run in the agent's namespace.
     pub fn uninstall(&self) -> Output {
         self.portgate()
             .arg("uninstall")
@@ -260,7 +290,10 @@ impl<'a> Agent<'a> {
     }
 
     fn portgate(&self) -> Command {
-        let mut command = self.sandbox.command_in(&self.sandbox.host, &self.bin);
+        let mut command = match &self.netns {
+            Some(ns) => netns_command(ns, &self.bin),
+            None => Command::new(&self.bin),
+        };
         command.env_remove("PORTGATE_SOCKET").stdin(Stdio::null());
         command
     }
@@ -270,9 +303,11 @@ impl Drop for Agent<'_> {
     fn drop(&mut self) {
         // On failure, or when asked (PGT_SHOW_LOGS=1, with --nocapture), show what the agent said.
         if std::thread::panicking() || std::env::var_os("PGT_SHOW_LOGS").is_some() {
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             eprintln!(
-                "--- portgate agent log ({}) ---\n{}",
+                "--- portgate agent log ({}; {}) ---\n{}",
                 self.log.display(),
+                exited.map_or_else(|| "still running".to_owned(), |s| format!("already exited: {s}")),
                 self.log_text()
             );
         }

@@ -25,14 +25,14 @@
 //! and removed by the next run.
 
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
@@ -41,7 +41,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
 
-use crate::agent::{READY_TIMEOUT, STOP_TIMEOUT, portgate_bin, remove_pins};
+use crate::agent::{Agent, remove_pins};
+use crate::sandbox::in_netns;
 use crate::current_test_name;
 use crate::net::{SHOULD_ANSWER, SHOULD_TIME_OUT};
 
@@ -543,6 +544,9 @@ impl Engines {
             !pid_alive(pid) || is_zombie(pid)
         })
         .unwrap_or_else(|_| panic!("dockerd {pid} did not die of SIGKILL"));
+        // Nobody may reap it here (PID 1 is not an init on these machines): a zombie keeps
+        // its pid "running", and a new dockerd would refuse to start over its pidfile.
+        let _ = std::fs::remove_file("/var/run/docker.pid");
     }
 
     /// Starts dockerd again (after [`Engines::kill_dockerd`]) and waits until it answers.
@@ -1109,27 +1113,6 @@ fn reap_stale() {
 // Namespaces and HTTP.
 // ---------------------------------------------------------------------------------------------
 
-/// Runs `f` on a fresh thread that has entered network namespace `ns` (`/run/netns/NS`).
-/// Sockets created in `f` stay in that namespace. A panic in `f` is propagated.
-pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = Path::new("/run/netns").join(ns);
-    let handle = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    std::thread::scope(|scope| {
-        let thread = scope.spawn(move || {
-            // SAFETY: setns on a valid namespace fd, for this thread only.
-            if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                panic!("setns({ns}): {}", io::Error::last_os_error());
-            }
-            drop(handle);
-            f()
-        });
-        match thread.join() {
-            Ok(value) => value,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
-}
-
 /// `GET PATH HTTP/1.0` from namespace `ns` to `addr`; the body when the status is 200.
 /// `timeout` bounds the connection request; reading may take [`SHOULD_ANSWER`].
 pub fn http_get(ns: &str, addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<String> {
@@ -1308,115 +1291,21 @@ impl Drop for PongServer {
 /// `portgate agent --bridge auto --runtime auto` in the root namespace, with its own pin
 /// directory (`/sys/fs/bpf/pge-<pid>-<n>`), state directory and control socket. Dropping it
 /// kills the agent and runs `portgate uninstall` (programs, pins, delegation rules).
-pub struct EngineAgent {
-    pub bin: PathBuf,
-    pub dir: tempfile::TempDir,
-    pub bpffs: PathBuf,
-    pub state_dir: PathBuf,
-    pub socket: PathBuf,
-    pub log: PathBuf,
-    extra_args: Vec<String>,
-    child: Option<Child>,
-}
+pub struct EngineAgent;
 
 impl EngineAgent {
     /// Starts the agent and waits until it answers `status`.
-    pub fn start(extra_args: &[&str]) -> Self {
-        let mut agent = Self::new(extra_args);
+    pub fn start(extra_args: &[&str]) -> Agent<'static> {
+        reap_stale();
+        let mut agent =
+            Agent::in_root_namespace(&["--bridge", "auto", "--runtime", "auto"], extra_args, &unique(""));
         agent.spawn();
         agent.wait_ready();
         agent
     }
+}
 
-    pub fn new(extra_args: &[&str]) -> Self {
-        reap_stale();
-        let bin = portgate_bin();
-        let dir = tempfile::Builder::new()
-            .prefix("pge-agent-")
-            .tempdir()
-            .expect("tempdir");
-        EngineAgent {
-            bin,
-            bpffs: Path::new("/sys/fs/bpf").join(unique("")),
-            state_dir: dir.path().join("state"),
-            socket: dir.path().join("s.sock"),
-            log: dir.path().join("agent.log"),
-            dir,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            child: None,
-        }
-    }
-
-    pub fn spawn(&mut self) {
-        assert!(self.child.is_none(), "agent already running");
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open agent log");
-        let log_err = log.try_clone().expect("clone log fd");
-        let mut command = Command::new(&self.bin);
-        command
-            .arg("agent")
-            .args(["--bridge", "auto", "--runtime", "auto"])
-            .arg("--bpffs")
-            .arg(&self.bpffs)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(&self.extra_args)
-            .env_remove("PORTGATE_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
-        // If the test process dies without its Drops (killed), the agent goes with it instead
-        // of gating docker0 and podman0 for nobody; the next run removes its pins.
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
-        self.child = Some(child);
-    }
-
-    /// Polls `portgate status` until it succeeds; panics (with the log) when the agent exits
-    /// first or [`READY_TIMEOUT`] passes.
-    pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
-                panic!(
-                    "agent exited ({status}) before it was ready; log:\n{}",
-                    self.log_text()
-                );
-            }
-            let output = self.cli(&["status"]);
-            if output.status.success() {
-                return;
-            }
-            if Instant::now() > deadline {
-                let last = String::from_utf8_lossy(&output.stderr).into_owned();
-                self.kill();
-                panic!(
-                    "agent not ready after {READY_TIMEOUT:?} (last `status`: {last}); log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
+impl Agent<'_> {
     /// Waits until `status --json` lists every engine in `engines` as connected with at least
     /// one sync, and returns that status. Panics after [`FOLLOW_TIMEOUT`].
     pub fn wait_engines_connected(&self, engines: &[&str]) -> Value {
@@ -1441,132 +1330,6 @@ impl EngineAgent {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-
-    pub fn is_running(&mut self) -> bool {
-        match &mut self.child {
-            Some(child) => child.try_wait().ok().flatten().is_none(),
-            None => false,
-        }
-    }
-
-    /// SIGTERM, asserting a clean exit (0).
-    pub fn stop(&mut self) {
-        let status = self.terminate();
-        assert!(
-            status.success(),
-            "agent should exit 0 on SIGTERM, exited {status}; log:\n{}",
-            self.log_text()
-        );
-    }
-
-    pub fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("agent not running");
-        // SAFETY: kill on the pid of our own child, not yet reaped.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for agent") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "agent did not exit within {STOP_TIMEOUT:?} of SIGTERM; log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-        self.wait_ready();
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// `portgate --socket S ARGS...`.
-    pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .env_remove("PORTGATE_SOCKET")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run portgate")
-    }
-
-    pub fn cli_ok(&self, args: &[&str]) -> String {
-        let output = self.cli(args);
-        assert!(
-            output.status.success(),
-            "`portgate {}` failed ({}): {}{}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-
-    pub fn allow(&self, target: &str, portspec: &str) {
-        self.cli_ok(&["allow", target, portspec]);
-    }
-
-    pub fn deny(&self, target: &str, portspec: &str) {
-        self.cli_ok(&["deny", target, portspec]);
-    }
-
-    pub fn list_json(&self) -> Value {
-        parse_json("list --json", &self.cli_ok(&["list", "--json"]))
-    }
-
-    pub fn status_json(&self) -> Value {
-        parse_json("status --json", &self.cli_ok(&["status", "--json"]))
-    }
-
-    pub fn uninstall(&self) -> Output {
-        Command::new(&self.bin)
-            .arg("uninstall")
-            .arg("--bpffs")
-            .arg(&self.bpffs)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run portgate")
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
-    }
-}
-
-impl Drop for EngineAgent {
-    fn drop(&mut self) {
-        if std::thread::panicking() || std::env::var_os("PGT_SHOW_LOGS").is_some() {
-            eprintln!(
-                "--- portgate agent log ({}) ---\n{}",
-                self.log.display(),
-                self.log_text()
-            );
-        }
-        self.kill();
-        let _ = self.uninstall();
-        remove_pins(&self.bpffs);
-    }
-}
-
-fn parse_json(what: &str, text: &str) -> Value {
-    serde_json::from_str(text)
-        .unwrap_or_else(|e| panic!("`portgate {what}` is not JSON ({e}): {text}"))
 }
 
 /// The entry of `status --json` `engines[]` for `engine` ("docker" or "podman").

@@ -153,46 +153,14 @@ impl Sandbox {
     }
 
     /// Runs `f` on a fresh thread that has entered network namespace `ns` (one of
-    /// [`Sandbox::host`], [`Sandbox::client`], [`Sandbox::container`]). Sockets created in
-    /// `f` belong to that namespace for their whole life, whichever thread uses them later.
-    /// A panic in `f` is propagated.
+    /// [`Sandbox::host`], [`Sandbox::client`], [`Sandbox::container`]); see [`in_netns`].
     pub fn in_netns<T: Send>(&self, ns: &str, f: impl FnOnce() -> T + Send) -> T {
-        let handle = File::open(Self::netns_path(ns))
-            .unwrap_or_else(|e| panic!("open network namespace {ns}: {e}"));
-        std::thread::scope(|scope| {
-            let thread = scope.spawn(move || {
-                // SAFETY: setns on a valid namespace fd; it affects only this thread, which
-                // exists for `f` alone.
-                if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    panic!("setns({ns}): {}", io::Error::last_os_error());
-                }
-                drop(handle);
-                f()
-            });
-            match thread.join() {
-                Ok(value) => value,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
+        in_netns(ns, f)
     }
 
-    /// A command that runs `program` inside network namespace `ns`. It enters the namespace
-    /// with `setns` just before `exec`, and nothing else: unlike `ip netns exec` it keeps the
-    /// mount namespace, so /sys/fs/bpf stays visible.
+    /// A command that runs `program` inside network namespace `ns`; see [`netns_command`].
     pub fn command_in(&self, ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let handle = File::open(Self::netns_path(ns))
-            .unwrap_or_else(|e| panic!("open network namespace {ns}: {e}"));
-        let mut command = Command::new(program);
-        // SAFETY: the closure only makes the async-signal-safe setns system call.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        command
+        netns_command(ns, program)
     }
 
     /// Runs `ping -c 1 -W <wait_secs> <address>` in `ns`; true when the echo was answered.
@@ -288,4 +256,46 @@ fn sysctl(ns: &str, settings: &[&str]) {
 fn addr(ns: &str, dev: &str, v4: &str, v6: &str) {
     ip(ns, &["addr", "add", v4, "dev", dev]);
     ip(ns, &["-6", "addr", "add", v6, "dev", dev, "nodad"]);
+}
+
+/// Runs `f` on a fresh thread that has entered network namespace `ns` (`/run/netns/NS`).
+/// Sockets created in `f` belong to that namespace for their whole life, whichever thread
+/// uses them later. A panic in `f` is propagated.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let handle = File::open(Sandbox::netns_path(ns))
+        .unwrap_or_else(|e| panic!("open network namespace {ns}: {e}"));
+    std::thread::scope(|scope| {
+        let thread = scope.spawn(move || {
+            // SAFETY: setns on a valid namespace fd; it affects only this thread, which
+            // exists for `f` alone.
+            if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                panic!("setns({ns}): {}", io::Error::last_os_error());
+            }
+            drop(handle);
+            f()
+        });
+        match thread.join() {
+            Ok(value) => value,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// A command that runs `program` inside network namespace `ns`. It enters the namespace with
+/// `setns` just before `exec`, and nothing else: unlike `ip netns exec` it keeps the mount
+/// namespace, so /sys/fs/bpf stays visible.
+pub fn netns_command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let handle = File::open(Sandbox::netns_path(ns))
+        .unwrap_or_else(|e| panic!("open network namespace {ns}: {e}"));
+    let mut command = Command::new(program);
+    // SAFETY: the closure only makes the async-signal-safe setns system call.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
 }
