@@ -170,12 +170,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deny(args) => change(&cli.socket, args, false),
         Command::List { json } => match client::call(&cli.socket, &Request::List)? {
             Reply::List(list) if json => print_json(&list),
-            Reply::List(list) => Ok(print!("{}", format_rules(&list.rules))),
+            Reply::List(list) => {
+                print!("{}", format_rules(&list.rules));
+                Ok(())
+            }
             other => unexpected(other),
         },
         Command::Status { json } => match client::call(&cli.socket, &Request::Status)? {
             Reply::Status(status) if json => print_json(&status),
-            Reply::Status(status) => Ok(print!("{}", format_status(&status))),
+            Reply::Status(status) => {
+                print!("{}", format_status(&status));
+                Ok(())
+            }
             other => unexpected(other),
         },
         Command::Watch { json } => client::watch(&cli.socket, |event| {
@@ -187,7 +193,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Mode { mode } => match client::call(&cli.socket, &Request::Mode { audit: mode == Mode::Audit })? {
-            Reply::Changed(changed) => Ok(println!("{}", changed.message)),
+            Reply::Changed(changed) => {
+                println!("{}", changed.message);
+                Ok(())
+            }
             other => unexpected(other),
         },
         Command::Uninstall { bpffs } => uninstall(&cli.socket, &bpffs),

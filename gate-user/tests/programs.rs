@@ -90,7 +90,7 @@ impl Gate {
     }
 
     /// A packet a container sends; the ingress program never drops.
-    fn from_container(&self, frame: &[u8]) {
+    fn sent_by_container(&self, frame: &[u8]) {
         let verdict = self.run(program_names::FROM_CONTAINERS, frame, FORWARDED);
         assert_eq!(verdict, Verdict::Pass, "bridge ingress must never drop");
     }
@@ -266,7 +266,7 @@ fn new_connections_pass_only_to_allowed_ports_ipv4() {
     assert_eq!(gate.toward(&tcp4(REMOTE4, [10, 99, 0, 3], 40000, 80, SYN)), Verdict::Drop);
 
     // The handshake and the data of the admitted connection follow.
-    gate.from_container(&tcp4(CONTAINER4, REMOTE4, 80, 40000, SYN_ACK));
+    gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 40000, SYN_ACK));
     assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, ACK)), Verdict::Pass);
     assert_eq!(gate.counter("tracked"), 1);
     let stats = gate.datapath.rule_stats(0).expect("stats");
@@ -281,7 +281,7 @@ fn new_connections_pass_only_to_allowed_ports_ipv6() {
     assert_eq!(gate.toward(&syn), Verdict::Drop);
     gate.allow("fd99::2", "443");
     assert_eq!(gate.toward(&syn), Verdict::Pass);
-    gate.from_container(&tcp6(CONTAINER6, REMOTE6, 443, 40000, SYN_ACK));
+    gate.sent_by_container(&tcp6(CONTAINER6, REMOTE6, 443, 40000, SYN_ACK));
     assert_eq!(gate.toward(&tcp6(REMOTE6, CONTAINER6, 40000, 443, ACK)), Verdict::Pass);
     // The IPv4 rule space is separate.
     assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 443, SYN)), Verdict::Drop);
@@ -303,7 +303,7 @@ fn replies_to_container_connections_pass() {
     // TCP: the container connects out; the reply comes back with no rule at all.
     let reply = tcp4(REMOTE4, CONTAINER4, 443, 50000, SYN_ACK);
     assert_eq!(gate.toward(&reply), Verdict::Drop, "no reply before the request");
-    gate.from_container(&tcp4(CONTAINER4, REMOTE4, 50000, 443, SYN));
+    gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 50000, 443, SYN));
     assert_eq!(gate.toward(&reply), Verdict::Pass);
     // The reverse tuple of another port does not ride on it.
     assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 443, 50001, SYN_ACK)), Verdict::Drop);
@@ -311,14 +311,14 @@ fn replies_to_container_connections_pass() {
     // UDP over IPv6.
     let answer = udp6(REMOTE6, CONTAINER6, 53, 50002);
     assert_eq!(gate.toward(&answer), Verdict::Drop);
-    gate.from_container(&udp6(CONTAINER6, REMOTE6, 50002, 53));
+    gate.sent_by_container(&udp6(CONTAINER6, REMOTE6, 50002, 53));
     assert_eq!(gate.toward(&answer), Verdict::Pass);
 
     // Ping out, both families.
     assert_eq!(gate.toward(&echo4(REMOTE4, CONTAINER4, 7, false)), Verdict::Drop);
-    gate.from_container(&echo4(CONTAINER4, REMOTE4, 7, true));
+    gate.sent_by_container(&echo4(CONTAINER4, REMOTE4, 7, true));
     assert_eq!(gate.toward(&echo4(REMOTE4, CONTAINER4, 7, false)), Verdict::Pass);
-    gate.from_container(&echo6(CONTAINER6, REMOTE6, 8, true));
+    gate.sent_by_container(&echo6(CONTAINER6, REMOTE6, 8, true));
     assert_eq!(gate.toward(&echo6(REMOTE6, CONTAINER6, 8, false)), Verdict::Pass);
     assert_eq!(gate.counter("tracked"), 4);
 }
@@ -344,7 +344,7 @@ fn icmp_errors_pass_only_for_tracked_connections() {
     let error4 = icmp4_error(router4, CONTAINER4, &request4);
     assert_eq!(gate.toward(&error4), Verdict::Drop);
     assert_eq!(gate.counter("icmp_untracked"), 1);
-    gate.from_container(&request4);
+    gate.sent_by_container(&request4);
     assert_eq!(gate.toward(&error4), Verdict::Pass);
     assert_eq!(gate.counter("related"), 1);
     // An error sent to one container about another's packet is not related.
@@ -355,7 +355,7 @@ fn icmp_errors_pass_only_for_tracked_connections() {
     let request6 = tcp6(CONTAINER6, REMOTE6, 50011, 443, SYN);
     let error6 = icmp6_error(router6, CONTAINER6, &request6);
     assert_eq!(gate.toward(&error6), Verdict::Drop);
-    gate.from_container(&request6);
+    gate.sent_by_container(&request6);
     assert_eq!(gate.toward(&error6), Verdict::Pass);
 }
 
@@ -391,7 +391,7 @@ fn fin_and_rst_end_a_connection() {
     gate.allow("10.99.0.2", "80");
     let open = |gate: &Gate, port| {
         assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, port, 80, SYN)), Verdict::Pass);
-        gate.from_container(&tcp4(CONTAINER4, REMOTE4, 80, port, SYN_ACK));
+        gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, port, SYN_ACK));
         assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, port, 80, ACK)), Verdict::Pass);
     };
     open(&gate, 41000);
@@ -404,7 +404,7 @@ fn fin_and_rst_end_a_connection() {
     // Established connections outlive a deny...
     assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 41001, 80, ACK)), Verdict::Pass);
     // ...until reset; a new SYN on the same ports is then a new connection, and denied.
-    gate.from_container(&tcp4(CONTAINER4, REMOTE4, 80, 41001, RST));
+    gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 41001, RST));
     assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 41001, 80, SYN)), Verdict::Drop);
 }
 
