@@ -19,7 +19,11 @@ fn main() -> anyhow::Result<()> {
         .join("gate-ebpf");
     let ebpf_dir = ebpf_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
     aya_build::build_ebpf(
-        [Package { name: "gate-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        [Package {
+            name: "gate-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
         Toolchain::Custom(&toolchain),
     )
 }
@@ -31,6 +35,15 @@ fn default_toolchain() -> String {
         .ok()
         .filter(|out| out.status.success())
         .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .is_some_and(|sysroot| Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").exists());
-    if nightly_has_rust_src { "nightly" } else { "debian" }.to_owned()
+        .is_some_and(|sysroot| {
+            Path::new(&sysroot)
+                .join("lib/rustlib/src/rust/library/core")
+                .exists()
+        });
+    if nightly_has_rust_src {
+        "nightly"
+    } else {
+        "debian"
+    }
+    .to_owned()
 }

@@ -57,7 +57,9 @@ pub type Addr = [u8; 16];
 /// Maps an IPv4 address (network byte order) into [`Addr`].
 #[inline(always)]
 pub const fn ipv4_mapped(v4: [u8; 4]) -> Addr {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
 }
 
 /// Key of the allow map: a new connection to `addr`, `proto`, `port` may pass.
@@ -74,7 +76,12 @@ pub struct AllowKey {
 
 impl AllowKey {
     pub const fn new(addr: Addr, proto: u8, port: u16) -> Self {
-        Self { addr, port, proto, _pad: 0 }
+        Self {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        }
     }
 }
 
@@ -243,7 +250,10 @@ mod tests {
         assert_eq!(size_of::<RuleStats>(), 16);
         assert_eq!(size_of::<Config>(), 4);
         assert_eq!(size_of::<BridgeDropKey>(), 8);
-        assert_eq!(size_of::<DropEvent>(), 8 + 16 + 16 + 4 + 4 + 2 + 2 + 1 + 1 + 1 + 9);
+        assert_eq!(
+            size_of::<DropEvent>(),
+            8 + 16 + 16 + 4 + 4 + 2 + 2 + 1 + 1 + 1 + 9
+        );
         assert_eq!(size_of::<EventBudget>(), 16);
     }
 

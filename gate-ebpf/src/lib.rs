@@ -239,7 +239,12 @@ fn parse_ipv6(
 
 /// Reads the transport header at `offset` into `t`; returns the ICMP type (0 otherwise).
 #[inline(always)]
-fn transport(ctx: &TcContext, offset: usize, proto: u8, t: &mut Transport) -> Result<u8, ParseError> {
+fn transport(
+    ctx: &TcContext,
+    offset: usize,
+    proto: u8,
+    t: &mut Transport,
+) -> Result<u8, ParseError> {
     t.reset_transport(proto);
     match proto {
         PROTO_TCP => {
@@ -321,7 +326,11 @@ fn embedded_ipv4(ctx: &TcContext, offset: usize, t: &mut Transport) -> Result<Pa
     t.src = sender;
     t.dst = ipv4_mapped(ip.dst_addr);
     embedded_transport(ctx, offset + header_len, ip.proto, t)?;
-    Ok(if to_its_sender { Parsed::IcmpErrorToSender } else { Parsed::IcmpErrorForeign })
+    Ok(if to_its_sender {
+        Parsed::IcmpErrorToSender
+    } else {
+        Parsed::IcmpErrorForeign
+    })
 }
 
 /// Replaces `t` with the IPv6 packet embedded in an ICMPv6 error at `offset`. Extension
@@ -337,7 +346,11 @@ fn embedded_ipv6(ctx: &TcContext, offset: usize, t: &mut Transport) -> Result<Pa
     t.src = sender;
     t.dst = load(ctx, offset + 24)?;
     embedded_transport(ctx, offset + Ipv6Hdr::LEN, fixed[6], t)?;
-    Ok(if to_its_sender { Parsed::IcmpErrorToSender } else { Parsed::IcmpErrorForeign })
+    Ok(if to_its_sender {
+        Parsed::IcmpErrorToSender
+    } else {
+        Parsed::IcmpErrorForeign
+    })
 }
 
 /// ICMP errors carry at least the first 8 bytes of the transport header: enough for ports

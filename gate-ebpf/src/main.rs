@@ -25,9 +25,7 @@ use gate_common::{
     FLOW_CAPACITY, FLOW_REPLIED, FlowKey, FlowState, MAX_RULES, NO_RULE, ORIGIN_CONTAINER,
     ORIGIN_REMOTE, PROTO_TCP, RuleStats, counters::*, tcp,
 };
-use gate_ebpf::{
-    Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Transport, parse,
-};
+use gate_ebpf::{Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Transport, parse};
 
 #[map]
 static ALLOW: HashMap<AllowKey, AllowValue> = HashMap::with_max_entries(ALLOW_CAPACITY, 0);
@@ -153,7 +151,11 @@ fn toward_container(ctx: &TcContext, packet: &Transport) -> Verdict {
         });
     }
     // Echo requests are allowed per address: port 0.
-    let port = if packet.icmp == Icmp::None { packet.dst_port } else { 0 };
+    let port = if packet.icmp == Icmp::None {
+        packet.dst_port
+    } else {
+        0
+    };
     let Some(allow) = (unsafe { ALLOW.get(AllowKey::new(packet.dst, packet.proto, port)) }) else {
         return Verdict::Drop(DROP_NOT_ALLOWED);
     };
@@ -235,7 +237,11 @@ fn open_flow(
     let state = FlowState {
         last_seen_ns: now,
         rule_id,
-        tcp_state: if packet.proto == PROTO_TCP { tcp::SYN_SENT } else { 0 },
+        tcp_state: if packet.proto == PROTO_TCP {
+            tcp::SYN_SENT
+        } else {
+            0
+        },
         origin,
         flags: 0,
         _pad: 0,
@@ -264,7 +270,9 @@ fn record_drop(ctx: &TcContext, packet: &Transport, reason: u32, audit: bool) {
             let _ = BRIDGE_DROPS.insert(&key, &1, 0);
         }
     }
-    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else { return };
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
     // SAFETY: per-CPU slot, only this CPU writes it.
     let budget = unsafe { &mut *budget };
     // SAFETY: ktime has no preconditions.

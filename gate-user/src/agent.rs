@@ -28,7 +28,7 @@ use crate::{
     datapath::{self, Capacities, Datapath, GateConfig, sys},
     metrics,
     netfilter::{Delegation, DelegationStatus},
-    policy::{Ports, Resolved, addr_from_map, ResolvedRule, Resolver, RuleSet, RuleStore, Target},
+    policy::{Ports, Resolved, ResolvedRule, Resolver, RuleSet, RuleStore, Target, addr_from_map},
     runtime::{self, Container, Engine, RuntimeEvent, Snapshot},
 };
 
@@ -93,10 +93,14 @@ impl Agent {
     pub fn start(options: AgentOptions) -> anyhow::Result<Self> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            bail!("portgate agent must run as root: it loads eBPF programs and attaches them to bridges");
+            bail!(
+                "portgate agent must run as root: it loads eBPF programs and attaches them to bridges"
+            );
         }
         if options.bridges.is_empty() && !options.auto_bridges {
-            bail!("no bridge to gate: pass --bridge IFACE (for example docker0 or podman0) or --bridge auto");
+            bail!(
+                "no bridge to gate: pass --bridge IFACE (for example docker0 or podman0) or --bridge auto"
+            );
         }
         for bridge in &options.bridges {
             if sys::ifindex(bridge).is_none() {
@@ -182,7 +186,11 @@ impl Agent {
         }
         let (events_tx, mut events) = mpsc::channel(16);
         for (engine, state) in &self.engines {
-            tokio::spawn(runtime::watch(*engine, state.socket.clone(), events_tx.clone()));
+            tokio::spawn(runtime::watch(
+                *engine,
+                state.socket.clone(),
+                events_tx.clone(),
+            ));
         }
         drop(events_tx);
         let mut tick = tokio::time::interval(TICK);
@@ -220,8 +228,14 @@ impl Agent {
 
     fn on_runtime_event(&mut self, event: RuntimeEvent) {
         match event {
-            RuntimeEvent::Synced { engine, snapshot, after_event } => {
-                let Some(state) = self.engines.get_mut(&engine) else { return };
+            RuntimeEvent::Synced {
+                engine,
+                snapshot,
+                after_event,
+            } => {
+                let Some(state) = self.engines.get_mut(&engine) else {
+                    return;
+                };
                 if !state.connected {
                     info!(%engine, "engine connected");
                 }
@@ -238,7 +252,9 @@ impl Agent {
                 }
             }
             RuntimeEvent::Disconnected { engine, error } => {
-                let Some(state) = self.engines.get_mut(&engine) else { return };
+                let Some(state) = self.engines.get_mut(&engine) else {
+                    return;
+                };
                 if state.connected || state.last_error.is_none() {
                     warn!(%engine, socket = %state.socket.display(), "engine unreachable ({error}); enforcing what is known, reconnecting");
                 }
@@ -260,7 +276,10 @@ impl Agent {
             return;
         }
         let destination = addr_from_map(drop.dst);
-        let container = self.containers().into_iter().find(|c| c.addresses.contains(&destination));
+        let container = self
+            .containers()
+            .into_iter()
+            .find(|c| c.addresses.contains(&destination));
         let event = WatchEvent {
             time: humantime::format_rfc3339_millis(wall_clock(drop.timestamp_ns)).to_string(),
             bridge: self.bridge_name(drop.ifindex),
@@ -307,7 +326,12 @@ impl Agent {
                 .values()
                 .filter_map(|s| s.snapshot.as_ref())
                 .flat_map(|s| s.bridges.iter().cloned());
-            wanted.extend(DEFAULT_BRIDGES.iter().map(|b| (*b).to_owned()).chain(engine_bridges));
+            wanted.extend(
+                DEFAULT_BRIDGES
+                    .iter()
+                    .map(|b| (*b).to_owned())
+                    .chain(engine_bridges),
+            );
         }
         wanted
     }
@@ -318,7 +342,9 @@ impl Agent {
     fn attach_bridges(&mut self, strict: bool) -> anyhow::Result<()> {
         let mut changed = false;
         for name in self.wanted_bridges() {
-            let Some(ifindex) = sys::ifindex(&name) else { continue };
+            let Some(ifindex) = sys::ifindex(&name) else {
+                continue;
+            };
             let current = self.datapath.bridges().iter().find(|b| b.name == name);
             if current.is_some_and(|b| b.ifindex == ifindex && self.datapath.is_attached(b)) {
                 continue;
@@ -330,7 +356,12 @@ impl Agent {
             }
         }
         if changed || strict {
-            let bridges: Vec<String> = self.datapath.bridges().iter().map(|b| b.name.clone()).collect();
+            let bridges: Vec<String> = self
+                .datapath
+                .bridges()
+                .iter()
+                .map(|b| b.name.clone())
+                .collect();
             if let Some(delegation) = &self.delegation {
                 delegation.ensure(bridges);
             }
@@ -350,8 +381,11 @@ impl Agent {
     /// removed only once every engine has reported: an agent that just started must not drop
     /// what its predecessor allowed for containers it has not seen yet.
     fn reconcile(&mut self) -> anyhow::Result<()> {
-        let resolved =
-            self.resolver.resolve(&self.rules, &self.containers(), self.options.default_published);
+        let resolved = self.resolver.resolve(
+            &self.rules,
+            &self.containers(),
+            self.options.default_published,
+        );
         let all_known = self.engines.values().all(|s| s.snapshot.is_some());
         self.datapath.reset_rule_stats(&resolved.new_ids)?;
         self.datapath.sync_allow(&resolved.entries, all_known)?;
@@ -361,8 +395,16 @@ impl Agent {
 
     fn handle(&mut self, request: Request) -> Response {
         let result = match request {
-            Request::Allow { target, ports, published } => self.change(&target, ports.as_deref(), published, true),
-            Request::Deny { target, ports, published } => self.change(&target, ports.as_deref(), published, false),
+            Request::Allow {
+                target,
+                ports,
+                published,
+            } => self.change(&target, ports.as_deref(), published, true),
+            Request::Deny {
+                target,
+                ports,
+                published,
+            } => self.change(&target, ports.as_deref(), published, false),
             Request::List => self.list().map(Reply::List),
             Request::Status => self.status().map(|s| Reply::Status(Box::new(s))),
             Request::Mode { audit } => self.set_mode(audit),
@@ -378,13 +420,23 @@ impl Agent {
     /// Switches between enforce and audit; the flow table is untouched, so tracked
     /// connections carry on either way.
     fn set_mode(&mut self, audit: bool) -> anyhow::Result<Reply> {
-        let gate = GateConfig { audit, ..self.options.gate };
+        let gate = GateConfig {
+            audit,
+            ..self.options.gate
+        };
         self.datapath.set_config(gate)?;
         self.options.gate = gate;
-        let mode = if audit { "audit: nothing is dropped, would-be drops are counted" } else { "enforce" };
+        let mode = if audit {
+            "audit: nothing is dropped, would-be drops are counted"
+        } else {
+            "enforce"
+        };
         let message = format!("mode {mode}; tracked connections kept");
         info!("{message}");
-        Ok(Reply::Changed(Changed { message, rules: Vec::new() }))
+        Ok(Reply::Changed(Changed {
+            message,
+            rules: Vec::new(),
+        }))
     }
 
     /// Applies an allow or deny: saved first, then written to the map. If the map write
@@ -412,11 +464,20 @@ impl Agent {
             format!("denied {target} {ports}; established connections continue")
         };
         let old_ids: BTreeSet<u32> = self.rules.rules().iter().map(|r| r.id).collect();
-        let new_ids: BTreeSet<u32> =
-            next.rules().iter().map(|r| r.id).filter(|id| !old_ids.contains(id)).collect();
+        let new_ids: BTreeSet<u32> = next
+            .rules()
+            .iter()
+            .map(|r| r.id)
+            .filter(|id| !old_ids.contains(id))
+            .collect();
         self.store.save(&next)?;
         let previous = std::mem::replace(&mut self.rules, next);
-        if let Err(err) = self.datapath.reset_rule_stats(&new_ids).map_err(anyhow::Error::from).and_then(|()| self.reconcile()) {
+        if let Err(err) = self
+            .datapath
+            .reset_rule_stats(&new_ids)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| self.reconcile())
+        {
             error!("applying rules failed, restoring the previous ones: {err:#}");
             self.rules = previous;
             self.store.save(&self.rules)?;
@@ -444,7 +505,9 @@ impl Agent {
     }
 
     fn list(&self) -> anyhow::Result<RuleList> {
-        Ok(RuleList { rules: self.views(|_| true) })
+        Ok(RuleList {
+            rules: self.views(|_| true),
+        })
     }
 
     fn status(&self) -> anyhow::Result<Status> {
@@ -457,10 +520,18 @@ impl Agent {
                 counters::Kind::Event => "event",
             };
             let value = values.get(*index as usize).copied().unwrap_or(0);
-            by_kind.entry(kind.to_owned()).or_default().insert((*name).to_owned(), value);
+            by_kind
+                .entry(kind.to_owned())
+                .or_default()
+                .insert((*name).to_owned(), value);
         }
         Ok(Status {
-            mode: if self.options.gate.audit { "audit" } else { "enforce" }.to_owned(),
+            mode: if self.options.gate.audit {
+                "audit"
+            } else {
+                "enforce"
+            }
+            .to_owned(),
             gate_host_traffic: self.options.gate.gate_host_traffic,
             bpffs: self.options.bpffs.display().to_string(),
             state_file: self.store.path().display().to_string(),
@@ -540,7 +611,10 @@ fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64) -> RuleView {
         published: rule.ports == Ports::Published,
         source: rule.source,
         active: rule.is_active(),
-        address: rule.addresses.first().map_or_else(|| rule.target.to_string(), ToString::to_string),
+        address: rule
+            .addresses
+            .first()
+            .map_or_else(|| rule.target.to_string(), ToString::to_string),
         addresses: rule.addresses.iter().map(ToString::to_string).collect(),
         ports: rule.specs.iter().map(ToString::to_string).collect(),
         host_ports: rule.host_ports.clone(),
@@ -601,7 +675,10 @@ fn counter_name(index: u32) -> String {
     counters::ALL
         .iter()
         .find(|(i, _, _)| *i == index)
-        .map_or_else(|| format!("counter {index}"), |(_, name, _)| (*name).to_owned())
+        .map_or_else(
+            || format!("counter {index}"),
+            |(_, name, _)| (*name).to_owned(),
+        )
 }
 
 fn protocol_name(proto: u8) -> String {
@@ -616,7 +693,10 @@ fn protocol_name(proto: u8) -> String {
 
 /// The wall-clock time of a `bpf_ktime_get_ns` (CLOCK_MONOTONIC) timestamp.
 fn wall_clock(monotonic_ns: u64) -> SystemTime {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;

@@ -9,9 +9,9 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     agent::{Agent, AgentOptions},
     api::{DEFAULT_SOCKET, Reply, Request, RuleView, Status, WatchEvent, client},
-    policy::Source,
     datapath::{self, Capacities, DEFAULT_BPFFS_DIR, GateConfig},
     netfilter,
+    policy::Source,
     policy::{PortSpec, Target},
     runtime::{DEFAULT_DOCKER_SOCKET, DEFAULT_PODMAN_SOCKET, Engine},
 };
@@ -39,7 +39,9 @@ pub enum Command {
     /// Run the host agent in the foreground (root). Stops on SIGINT/SIGTERM; the gate stays.
     Agent(AgentArgs),
     /// Allow new connections to TARGET (an address or a container) on PORTS.
-    #[command(after_help = "Examples:\n  portgate allow 172.17.0.2 80\n  portgate allow fd00::2 53/udp\n  portgate allow web 8000-8010/tcp     (container by name; follows it across restarts)\n  portgate allow --published web      (exactly the ports `web` publishes)\n  portgate allow 172.17.0.2 icmp\n\nContainers can also allow themselves: --label portgate.allow=80/tcp,53/udp")]
+    #[command(
+        after_help = "Examples:\n  portgate allow 172.17.0.2 80\n  portgate allow fd00::2 53/udp\n  portgate allow web 8000-8010/tcp     (container by name; follows it across restarts)\n  portgate allow --published web      (exactly the ports `web` publishes)\n  portgate allow 172.17.0.2 icmp\n\nContainers can also allow themselves: --label portgate.allow=80/tcp,53/udp"
+    )]
     Allow(RuleArgs),
     /// Stop allowing new connections to TARGET on PORTS (established ones continue).
     Deny(RuleArgs),
@@ -192,7 +194,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }),
-        Command::Mode { mode } => match client::call(&cli.socket, &Request::Mode { audit: mode == Mode::Audit })? {
+        Command::Mode { mode } => match client::call(
+            &cli.socket,
+            &Request::Mode {
+                audit: mode == Mode::Audit,
+            },
+        )? {
             Reply::Changed(changed) => {
                 println!("{}", changed.message);
                 Ok(())
@@ -205,7 +212,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -217,7 +226,10 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         RuntimeChoice::Docker => vec![docker],
         RuntimeChoice::Podman => vec![podman],
         RuntimeChoice::None => vec![],
-        RuntimeChoice::Auto => [docker, podman].into_iter().filter(|(_, s)| s.exists()).collect(),
+        RuntimeChoice::Auto => [docker, podman]
+            .into_iter()
+            .filter(|(_, s)| s.exists())
+            .collect(),
     };
     let options = AgentOptions {
         bridges,
@@ -226,7 +238,10 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         default_published: args.default_policy == DefaultPolicy::Published,
         netfilter: !args.no_netfilter,
         metrics_addr: args.metrics_addr.0,
-        capacities: Capacities { flows: args.max_flows, ..Capacities::default() },
+        capacities: Capacities {
+            flows: args.max_flows,
+            ..Capacities::default()
+        },
         state_dir: args.state_dir,
         bpffs: args.bpffs,
         socket,
@@ -251,11 +266,23 @@ fn change(socket: &std::path::Path, args: RuleArgs, allow: bool) -> anyhow::Resu
     if let Some(ports) = &args.ports {
         ports.parse::<PortSpec>()?;
     }
-    let RuleArgs { target, ports, published } = args;
+    let RuleArgs {
+        target,
+        ports,
+        published,
+    } = args;
     let request = if allow {
-        Request::Allow { target, ports, published }
+        Request::Allow {
+            target,
+            ports,
+            published,
+        }
     } else {
-        Request::Deny { target, ports, published }
+        Request::Deny {
+            target,
+            ports,
+            published,
+        }
     };
     match client::call(socket, &request)? {
         Reply::Changed(changed) => {
@@ -335,9 +362,17 @@ pub fn format_rules(rules: &[RuleView]) -> String {
             rule.id,
             rule.target,
             rule.container.as_deref().unwrap_or("-"),
-            if rule.addresses.is_empty() { "-".to_owned() } else { rule.addresses.join(",") },
+            if rule.addresses.is_empty() {
+                "-".to_owned()
+            } else {
+                rule.addresses.join(",")
+            },
             ports,
-            if host.is_empty() { "-".to_owned() } else { host.join(",") },
+            if host.is_empty() {
+                "-".to_owned()
+            } else {
+                host.join(",")
+            },
             state,
             rule.packets,
             rule.bytes
@@ -348,7 +383,11 @@ pub fn format_rules(rules: &[RuleView]) -> String {
 
 pub fn format_watch_event(event: &WatchEvent) -> String {
     let verdict = if event.audit { "would drop" } else { "dropped" };
-    let container = event.container.as_deref().map(|c| format!(" ({c})")).unwrap_or_default();
+    let container = event
+        .container
+        .as_deref()
+        .map(|c| format!(" ({c})"))
+        .unwrap_or_default();
     let suppressed = match event.suppressed {
         0 => String::new(),
         n => format!(" [+{n} suppressed before]"),
@@ -368,29 +407,57 @@ pub fn format_watch_event(event: &WatchEvent) -> String {
 
 pub fn format_status(status: &Status) -> String {
     let mut out = String::new();
-    let host = if status.gate_host_traffic { "gated" } else { "passes" };
+    let host = if status.gate_host_traffic {
+        "gated"
+    } else {
+        "passes"
+    };
     let _ = writeln!(out, "mode:     {} (host traffic {host})", status.mode);
     for bridge in &status.bridges {
-        let state = if bridge.attached { "attached" } else { "NOT ATTACHED" };
-        let _ = writeln!(out, "bridge:   {} (ifindex {}) {state}", bridge.name, bridge.ifindex);
+        let state = if bridge.attached {
+            "attached"
+        } else {
+            "NOT ATTACHED"
+        };
+        let _ = writeln!(
+            out,
+            "bridge:   {} (ifindex {}) {state}",
+            bridge.name, bridge.ifindex
+        );
     }
     let _ = writeln!(
         out,
         "rules:    {} ({} of {} allow entries)",
         status.rules, status.allow_entries.used, status.allow_entries.capacity
     );
-    let _ = writeln!(out, "flows:    {} tracked of {}", status.flows.tracked, status.flows.capacity);
+    let _ = writeln!(
+        out,
+        "flows:    {} tracked of {}",
+        status.flows.tracked, status.flows.capacity
+    );
     let _ = writeln!(
         out,
         "events:   {} drop events reported, {} suppressed by the rate limit",
         status.drop_events.reported, status.drop_events.suppressed
     );
     for drops in &status.bridge_drops {
-        let _ = writeln!(out, "drops:    {} {} {}", drops.bridge, drops.reason, drops.packets);
+        let _ = writeln!(
+            out,
+            "drops:    {} {} {}",
+            drops.bridge, drops.reason, drops.packets
+        );
     }
     for engine in &status.engines {
-        let state = if engine.connected { "connected" } else { "DISCONNECTED" };
-        let error = engine.last_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
+        let state = if engine.connected {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        };
+        let error = engine
+            .last_error
+            .as_deref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
             "engine:   {} {state}{error}, {} containers, {} syncs, {} events, {}",
@@ -403,13 +470,20 @@ pub fn format_status(status: &Status) -> String {
             (false, netfilter::BACKEND_NONE) => "not needed",
             (false, _) => "MISSING (could not be installed; see the agent log)",
         };
-        let _ = writeln!(out, "netfilter: {} via {} {} {state}", rule.bridge, rule.backend, rule.chain);
+        let _ = writeln!(
+            out,
+            "netfilter: {} via {} {} {state}",
+            rule.bridge, rule.backend, rule.chain
+        );
     }
     let _ = writeln!(out, "pins:     {}", status.bpffs);
     let _ = writeln!(out, "rules in: {}", status.state_file);
     for (kind, title) in [("pass", "passed"), ("drop", "dropped"), ("event", "events")] {
         if let Some(counters) = status.counters.get(kind) {
-            let list: Vec<String> = counters.iter().map(|(name, v)| format!("{name} {v}")).collect();
+            let list: Vec<String> = counters
+                .iter()
+                .map(|(name, v)| format!("{name} {v}"))
+                .collect();
             let _ = writeln!(out, "{title:<9} {}", list.join(", "));
         }
     }

@@ -39,7 +39,11 @@ impl Netns {
             return None;
         }
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!("pgnf-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "pgnf-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let ns = Netns { name };
         run(Command::new("ip").args(["netns", "add", &ns.name]));
         Some(ns)
@@ -74,7 +78,9 @@ impl Netns {
 
     /// `ip netns exec NS ARGS...`; panics on failure; returns stdout.
     fn exec(&self, args: &[&str]) -> String {
-        run(Command::new("ip").args(["netns", "exec", &self.name]).args(args))
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args))
     }
 
     /// Feeds `input` to `ip netns exec NS ARGS...`.
@@ -85,7 +91,12 @@ impl Netns {
             .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("spawn");
-        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
         let status = child.wait().expect("wait");
         assert!(status.success(), "{args:?} <<< {input}: {status}");
     }
@@ -105,7 +116,8 @@ impl Netns {
     }
 
     fn check_and_restore(&self, delegation: &mut Delegation) -> usize {
-        self.run(|| delegation.check_and_restore()).expect("check_and_restore")
+        self.run(|| delegation.check_and_restore())
+            .expect("check_and_restore")
     }
 
     fn remove_all(&self) -> usize {
@@ -115,12 +127,16 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
     }
 }
 
 fn run(command: &mut Command) -> String {
-    let output = command.output().unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
     assert!(
         output.status.success(),
         "{command:?}: {}\n{}",
@@ -200,9 +216,15 @@ fn docker_user_gets_the_rule_when_docker_owns_forward() {
     assert_eq!(statuses, [status(BR, "iptables-nft", "DOCKER-USER")]);
     assert_eq!(
         ns.rules("iptables-nft", "DOCKER-USER"),
-        [ours("DOCKER-USER", BR), "-A DOCKER-USER -j RETURN".to_owned()]
+        [
+            ours("DOCKER-USER", BR),
+            "-A DOCKER-USER -j RETURN".to_owned()
+        ]
     );
-    assert_eq!(ns.rules("iptables-nft", "FORWARD"), ["-A FORWARD -j DOCKER-USER"]);
+    assert_eq!(
+        ns.rules("iptables-nft", "FORWARD"),
+        ["-A FORWARD -j DOCKER-USER"]
+    );
 }
 
 #[test]
@@ -210,14 +232,26 @@ fn moves_into_docker_user_when_docker_starts_later() {
     let Some(ns) = Netns::new() else { return };
     ns.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
     let mut delegation = Delegation::new();
-    assert_eq!(ns.ensure(&mut delegation, &[BR]), [status(BR, "iptables-nft", "FORWARD")]);
+    assert_eq!(
+        ns.ensure(&mut delegation, &[BR]),
+        [status(BR, "iptables-nft", "FORWARD")]
+    );
     // Docker starts: DOCKER-USER, jumped to first.
     ns.exec(&["iptables-nft", "-N", "DOCKER-USER"]);
     ns.exec(&["iptables-nft", "-I", "FORWARD", "1", "-j", "DOCKER-USER"]);
     assert_eq!(ns.check_and_restore(&mut delegation), 1);
-    assert_eq!(delegation.status(), [status(BR, "iptables-nft", "DOCKER-USER")]);
-    assert_eq!(ns.rules("iptables-nft", "DOCKER-USER"), [ours("DOCKER-USER", BR)]);
-    assert_eq!(ns.rules("iptables-nft", "FORWARD"), ["-A FORWARD -j DOCKER-USER"]);
+    assert_eq!(
+        delegation.status(),
+        [status(BR, "iptables-nft", "DOCKER-USER")]
+    );
+    assert_eq!(
+        ns.rules("iptables-nft", "DOCKER-USER"),
+        [ours("DOCKER-USER", BR)]
+    );
+    assert_eq!(
+        ns.rules("iptables-nft", "FORWARD"),
+        ["-A FORWARD -j DOCKER-USER"]
+    );
 }
 
 #[test]
@@ -248,10 +282,17 @@ fn a_reload_that_removes_the_rule_is_repaired() {
         .collect();
     assert_ne!(saved.lines().count(), without.lines().count());
     ns.exec_stdin(&["iptables-nft-restore"], &without);
-    assert!(ns.rules("iptables-nft", "DOCKER-USER").iter().all(|line| !line.contains(&comment)));
+    assert!(
+        ns.rules("iptables-nft", "DOCKER-USER")
+            .iter()
+            .all(|line| !line.contains(&comment))
+    );
     assert_eq!(ns.check_and_restore(&mut delegation), 1);
     assert_eq!(ns.rules("iptables-nft", "DOCKER-USER"), with_rule);
-    assert_eq!(delegation.status(), [status(BR, "iptables-nft", "DOCKER-USER")]);
+    assert_eq!(
+        delegation.status(),
+        [status(BR, "iptables-nft", "DOCKER-USER")]
+    );
 }
 
 /// ensure() with a drop policy, then remove_all() leaves everything not ours alone.
@@ -283,20 +324,32 @@ fn install_and_remove(ns: &Netns, tool: &str, backend: &str) {
     }
     let mut delegation = Delegation::new();
     let statuses = ns.ensure(&mut delegation, &[BR, "pgbr1"]);
-    assert_eq!(statuses, [status(BR, backend, "FORWARD"), status("pgbr1", backend, "FORWARD")]);
+    assert_eq!(
+        statuses,
+        [
+            status(BR, backend, "FORWARD"),
+            status("pgbr1", backend, "FORWARD")
+        ]
+    );
     let mut expected = vec![ours("FORWARD", "pgbr1"), ours("FORWARD", BR)];
     expected.extend(foreign.iter().cloned());
     assert_eq!(ns.rules(tool, "FORWARD"), expected);
 
     // A bridge no longer gated loses its rule.
-    assert_eq!(ns.ensure(&mut delegation, &[BR]), [status(BR, backend, "FORWARD")]);
+    assert_eq!(
+        ns.ensure(&mut delegation, &[BR]),
+        [status(BR, backend, "FORWARD")]
+    );
     let mut expected = vec![ours("FORWARD", BR)];
     expected.extend(foreign.iter().cloned());
     assert_eq!(ns.rules(tool, "FORWARD"), expected);
 
     assert_eq!(ns.remove_all(), 1);
     assert_eq!(ns.rules(tool, "FORWARD"), foreign);
-    assert!(ns.exec(&[tool, "-S", "FORWARD"]).contains("-P FORWARD DROP"));
+    assert!(
+        ns.exec(&[tool, "-S", "FORWARD"])
+            .contains("-P FORWARD DROP")
+    );
     assert_eq!(ns.remove_all(), 0);
 }
 
@@ -323,7 +376,10 @@ fn ip6tables_legacy_and_nft() {
     let statuses = ns.ensure(&mut delegation, &[BR]);
     assert_eq!(
         statuses,
-        [status(BR, "ip6tables-legacy", "FORWARD"), status(BR, "ip6tables-nft", "FORWARD")]
+        [
+            status(BR, "ip6tables-legacy", "FORWARD"),
+            status(BR, "ip6tables-nft", "FORWARD")
+        ]
     );
     for tool in ["ip6tables-legacy", "ip6tables-nft"] {
         assert_eq!(ns.rules(tool, "FORWARD"), [ours("FORWARD", BR)], "{tool}");
@@ -331,7 +387,10 @@ fn ip6tables_legacy_and_nft() {
     assert!(ns.rules("iptables-nft", "FORWARD").is_empty());
     ns.exec(&["ip6tables-legacy", "-F", "FORWARD"]);
     assert_eq!(ns.check_and_restore(&mut delegation), 1);
-    assert_eq!(ns.rules("ip6tables-legacy", "FORWARD"), [ours("FORWARD", BR)]);
+    assert_eq!(
+        ns.rules("ip6tables-legacy", "FORWARD"),
+        [ours("FORWARD", BR)]
+    );
     assert_eq!(ns.remove_all(), 2);
     for tool in ["ip6tables-legacy", "ip6tables-nft"] {
         assert!(ns.rules(tool, "FORWARD").is_empty(), "{tool}");
@@ -351,7 +410,10 @@ fn firewalld_style_final_reject_counts_as_dropping() {
         "icmp-host-prohibited",
     ]);
     let mut delegation = Delegation::new();
-    assert_eq!(ns.ensure(&mut delegation, &[BR]), [status(BR, "iptables-nft", "FORWARD")]);
+    assert_eq!(
+        ns.ensure(&mut delegation, &[BR]),
+        [status(BR, "iptables-nft", "FORWARD")]
+    );
     assert_eq!(ns.rules("iptables-nft", "FORWARD")[0], ours("FORWARD", BR));
 }
 
@@ -393,16 +455,25 @@ fn native_nftables_drop_chain() {
     let statuses = ns.ensure(&mut delegation, &[BR]);
     assert_eq!(
         statuses,
-        [status(BR, "iptables-nft", "FORWARD"), status(BR, "nftables", "inet pgfw forward")]
+        [
+            status(BR, "iptables-nft", "FORWARD"),
+            status(BR, "nftables", "inet pgfw forward")
+        ]
     );
     let ours_nft = format!(
         "oifname \"{BR}\" ct status dnat accept comment \"portgate: delegate {BR} to the eBPF gate\""
     );
     let foreign = "iifname \"pgbr0\" accept comment \"someone else\"".to_owned();
-    assert_eq!(nft_rules(&ns, "inet", "pgfw", "forward"), [ours_nft.clone(), foreign.clone()]);
+    assert_eq!(
+        nft_rules(&ns, "inet", "pgfw", "forward"),
+        [ours_nft.clone(), foreign.clone()]
+    );
     assert!(nft_rules(&ns, "inet", "pgfw", "other").is_empty());
     assert_eq!(ns.ensure(&mut delegation, &[BR]), statuses, "idempotent");
-    assert_eq!(nft_rules(&ns, "inet", "pgfw", "forward"), [ours_nft.clone(), foreign.clone()]);
+    assert_eq!(
+        nft_rules(&ns, "inet", "pgfw", "forward"),
+        [ours_nft.clone(), foreign.clone()]
+    );
 
     // A reload: the table is replaced by one without our rule (new handles).
     ns.exec_stdin(
@@ -417,7 +488,10 @@ table inet pgfw {
 "#,
     );
     assert_eq!(ns.check_and_restore(&mut delegation), 1);
-    assert_eq!(nft_rules(&ns, "inet", "pgfw", "forward"), [ours_nft, foreign.clone()]);
+    assert_eq!(
+        nft_rules(&ns, "inet", "pgfw", "forward"),
+        [ours_nft, foreign.clone()]
+    );
 
     assert_eq!(ns.remove_all(), 2);
     assert_eq!(nft_rules(&ns, "inet", "pgfw", "forward"), [foreign]);
@@ -460,7 +534,10 @@ impl Server {
                 }
             }
         });
-        Server { stop, thread: Some(thread) }
+        Server {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -488,21 +565,31 @@ fn connect(client: &Netns, addr: &str) -> std::io::Result<String> {
 #[test]
 fn dnat_traffic_passes_a_forward_drop_router_only_with_the_rule() {
     let Some(router) = Netns::new() else { return };
-    let (Some(client), Some(container)) = (Netns::new(), Netns::new()) else { return };
+    let (Some(client), Some(container)) = (Netns::new(), Netns::new()) else {
+        return;
+    };
     let ip = |args: &[&str]| run(Command::new("ip").args(args));
-    let (r, c, k) = (router.name.as_str(), client.name.as_str(), container.name.as_str());
+    let (r, c, k) = (
+        router.name.as_str(),
+        client.name.as_str(),
+        container.name.as_str(),
+    );
     // container 10.99.0.2 on bridge pgbr0 (10.99.0.1) of the router.
     ip(&["-n", r, "link", "add", BR, "type", "bridge"]);
     ip(&["-n", r, "addr", "add", "10.99.0.1/24", "dev", BR]);
     ip(&["-n", r, "link", "set", BR, "up"]);
-    ip(&["-n", r, "link", "add", "vk", "type", "veth", "peer", "name", "eth0", "netns", k]);
+    ip(&[
+        "-n", r, "link", "add", "vk", "type", "veth", "peer", "name", "eth0", "netns", k,
+    ]);
     ip(&["-n", r, "link", "set", "vk", "master", BR, "up"]);
     ip(&["-n", k, "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
     ip(&["-n", k, "link", "set", "eth0", "up"]);
     ip(&["-n", k, "link", "set", "lo", "up"]);
     ip(&["-n", k, "route", "add", "default", "via", "10.99.0.1"]);
     // client 10.98.0.2 -> router 10.98.0.1.
-    ip(&["-n", r, "link", "add", "vc", "type", "veth", "peer", "name", "eth0", "netns", c]);
+    ip(&[
+        "-n", r, "link", "add", "vc", "type", "veth", "peer", "name", "eth0", "netns", c,
+    ]);
     ip(&["-n", r, "addr", "add", "10.98.0.1/24", "dev", "vc"]);
     ip(&["-n", r, "link", "set", "vc", "up"]);
     ip(&["-n", c, "addr", "add", "10.98.0.2/24", "dev", "eth0"]);
@@ -534,11 +621,20 @@ fn dnat_traffic_passes_a_forward_drop_router_only_with_the_rule() {
 
     let timed_out = |result: std::io::Result<String>| matches!(&result, Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock));
     let before = connect(&client, "10.98.0.1:8080");
-    assert!(timed_out(before), "published port must time out under FORWARD DROP without the rule");
+    assert!(
+        timed_out(before),
+        "published port must time out under FORWARD DROP without the rule"
+    );
 
     let mut delegation = Delegation::new();
-    assert_eq!(router.ensure(&mut delegation, &[BR]), [status(BR, "iptables-nft", "FORWARD")]);
-    assert_eq!(connect(&client, "10.98.0.1:8080").expect("published port after ensure"), "hello");
+    assert_eq!(
+        router.ensure(&mut delegation, &[BR]),
+        [status(BR, "iptables-nft", "FORWARD")]
+    );
+    assert_eq!(
+        connect(&client, "10.98.0.1:8080").expect("published port after ensure"),
+        "hello"
+    );
     // Narrow: the container's address itself, routed without DNAT, is still dropped.
     assert!(
         timed_out(connect(&client, "10.99.0.2:80")),
@@ -546,5 +642,8 @@ fn dnat_traffic_passes_a_forward_drop_router_only_with_the_rule() {
     );
 
     assert_eq!(router.remove_all(), 1);
-    assert!(timed_out(connect(&client, "10.98.0.1:8080")), "times out again after remove_all");
+    assert!(
+        timed_out(connect(&client, "10.98.0.1:8080")),
+        "times out again after remove_all"
+    );
 }

@@ -52,29 +52,45 @@ impl Gate {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let datapath = Datapath::load(&dir, config).expect("load the gate");
-        Some(Self { datapath, rules: RuleSet::default(), dir })
+        Some(Self {
+            datapath,
+            rules: RuleSet::default(),
+            dir,
+        })
     }
 
     fn allow(&mut self, address: &str, ports: &str) {
-        self.rules.allow(target(address), spec(ports)).expect("allow");
+        self.rules
+            .allow(target(address), spec(ports))
+            .expect("allow");
         self.sync();
     }
 
     fn deny(&mut self, address: &str, ports: &str) {
-        self.rules.deny(&target(address), spec(ports)).expect("deny");
+        self.rules
+            .deny(&target(address), spec(ports))
+            .expect("deny");
         self.sync();
     }
 
     fn sync(&mut self) {
         let resolved = Resolver::default().resolve(&self.rules, &[], false);
-        self.datapath.sync_allow(&resolved.entries, true).expect("sync");
+        self.datapath
+            .sync_allow(&resolved.entries, true)
+            .expect("sync");
     }
 
     fn run(&self, program: &'static str, frame: &[u8], ingress_ifindex: u32) -> Verdict {
         self.run_repeated(program, frame, ingress_ifindex, 1)
     }
 
-    fn run_repeated(&self, program: &'static str, frame: &[u8], ingress_ifindex: u32, repeat: u32) -> Verdict {
+    fn run_repeated(
+        &self,
+        program: &'static str,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Verdict {
         let fd = self.datapath.program_fd(program).expect("program fd");
         let run = sys::test_run(fd, frame, ingress_ifindex, repeat).expect("BPF_PROG_TEST_RUN");
         match run.retval {
@@ -126,11 +142,36 @@ struct Flags {
     fin: bool,
     rst: bool,
 }
-const SYN: Flags = Flags { syn: true, ack: false, fin: false, rst: false };
-const SYN_ACK: Flags = Flags { syn: true, ack: true, fin: false, rst: false };
-const ACK: Flags = Flags { syn: false, ack: true, fin: false, rst: false };
-const FIN_ACK: Flags = Flags { syn: false, ack: true, fin: true, rst: false };
-const RST: Flags = Flags { syn: false, ack: false, fin: false, rst: true };
+const SYN: Flags = Flags {
+    syn: true,
+    ack: false,
+    fin: false,
+    rst: false,
+};
+const SYN_ACK: Flags = Flags {
+    syn: true,
+    ack: true,
+    fin: false,
+    rst: false,
+};
+const ACK: Flags = Flags {
+    syn: false,
+    ack: true,
+    fin: false,
+    rst: false,
+};
+const FIN_ACK: Flags = Flags {
+    syn: false,
+    ack: true,
+    fin: true,
+    rst: false,
+};
+const RST: Flags = Flags {
+    syn: false,
+    ack: false,
+    fin: false,
+    rst: true,
+};
 
 fn with_tcp(
     builder: etherparse::PacketBuilderStep<etherparse::IpHeaders>,
@@ -157,11 +198,21 @@ fn with_tcp(
 }
 
 fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: Flags) -> Vec<u8> {
-    with_tcp(PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src, dst, 64), sport, dport, flags)
+    with_tcp(
+        PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src, dst, 64),
+        sport,
+        dport,
+        flags,
+    )
 }
 
 fn tcp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, flags: Flags) -> Vec<u8> {
-    with_tcp(PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src, dst, 64), sport, dport, flags)
+    with_tcp(
+        PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src, dst, 64),
+        sport,
+        dport,
+        flags,
+    )
 }
 
 fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
@@ -186,7 +237,11 @@ fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> Vec<u8> {
 
 fn echo4(src: [u8; 4], dst: [u8; 4], id: u16, request: bool) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src, dst, 64);
-    let b = if request { b.icmpv4_echo_request(id, 1) } else { b.icmpv4_echo_reply(id, 1) };
+    let b = if request {
+        b.icmpv4_echo_request(id, 1)
+    } else {
+        b.icmpv4_echo_reply(id, 1)
+    };
     let mut frame = Vec::new();
     b.write(&mut frame, b"ping").expect("build frame");
     frame
@@ -194,7 +249,11 @@ fn echo4(src: [u8; 4], dst: [u8; 4], id: u16, request: bool) -> Vec<u8> {
 
 fn echo6(src: [u8; 16], dst: [u8; 16], id: u16, request: bool) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src, dst, 64);
-    let b = if request { b.icmpv6_echo_request(id, 1) } else { b.icmpv6_echo_reply(id, 1) };
+    let b = if request {
+        b.icmpv6_echo_request(id, 1)
+    } else {
+        b.icmpv6_echo_reply(id, 1)
+    };
     let mut frame = Vec::new();
     b.write(&mut frame, b"ping").expect("build frame");
     frame
@@ -240,7 +299,9 @@ fn ext_header(next: u8) -> [u8; 8] {
 
 #[test]
 fn frames_that_are_not_ip_pass() {
-    let Some(gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&MAC_A);
     arp.extend_from_slice(&[0x08, 0x06]);
@@ -251,23 +312,41 @@ fn frames_that_are_not_ip_pass() {
 
 #[test]
 fn new_connections_pass_only_to_allowed_ports_ipv4() {
-    let Some(mut gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     let syn = tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN);
     assert_eq!(gate.toward(&syn), Verdict::Drop);
     assert_eq!(gate.counter("not_allowed"), 1);
-    assert_eq!(gate.counter("flow_created"), 0, "no state for a dropped packet");
+    assert_eq!(
+        gate.counter("flow_created"),
+        0,
+        "no state for a dropped packet"
+    );
 
     gate.allow("10.99.0.2", "80/tcp");
     assert_eq!(gate.toward(&syn), Verdict::Pass);
     assert_eq!(gate.counter("new_allowed"), 1);
     // Another port, protocol or address is still closed.
-    assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 81, SYN)), Verdict::Drop);
-    assert_eq!(gate.toward(&udp4(REMOTE4, CONTAINER4, 40000, 80)), Verdict::Drop);
-    assert_eq!(gate.toward(&tcp4(REMOTE4, [10, 99, 0, 3], 40000, 80, SYN)), Verdict::Drop);
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 81, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        gate.toward(&udp4(REMOTE4, CONTAINER4, 40000, 80)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, [10, 99, 0, 3], 40000, 80, SYN)),
+        Verdict::Drop
+    );
 
     // The handshake and the data of the admitted connection follow.
     gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 40000, SYN_ACK));
-    assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, ACK)), Verdict::Pass);
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, ACK)),
+        Verdict::Pass
+    );
     assert_eq!(gate.counter("tracked"), 1);
     let stats = gate.datapath.rule_stats(0).expect("stats");
     assert_eq!(stats.packets, 3, "SYN, SYN-ACK and ACK count for the rule");
@@ -276,37 +355,62 @@ fn new_connections_pass_only_to_allowed_ports_ipv4() {
 
 #[test]
 fn new_connections_pass_only_to_allowed_ports_ipv6() {
-    let Some(mut gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     let syn = tcp6(REMOTE6, CONTAINER6, 40000, 443, SYN);
     assert_eq!(gate.toward(&syn), Verdict::Drop);
     gate.allow("fd99::2", "443");
     assert_eq!(gate.toward(&syn), Verdict::Pass);
     gate.sent_by_container(&tcp6(CONTAINER6, REMOTE6, 443, 40000, SYN_ACK));
-    assert_eq!(gate.toward(&tcp6(REMOTE6, CONTAINER6, 40000, 443, ACK)), Verdict::Pass);
+    assert_eq!(
+        gate.toward(&tcp6(REMOTE6, CONTAINER6, 40000, 443, ACK)),
+        Verdict::Pass
+    );
     // The IPv4 rule space is separate.
-    assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 443, SYN)), Verdict::Drop);
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 443, SYN)),
+        Verdict::Drop
+    );
 }
 
 #[test]
 fn tcp_without_state_is_dropped() {
-    let Some(mut gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     gate.allow("10.99.0.2", "80");
     // An ACK or SYN-ACK that belongs to no connection: not a connection request.
-    assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, ACK)), Verdict::Drop);
-    assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN_ACK)), Verdict::Drop);
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, ACK)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN_ACK)),
+        Verdict::Drop
+    );
     assert_eq!(gate.counter("tcp_no_state"), 2);
 }
 
 #[test]
 fn replies_to_container_connections_pass() {
-    let Some(gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     // TCP: the container connects out; the reply comes back with no rule at all.
     let reply = tcp4(REMOTE4, CONTAINER4, 443, 50000, SYN_ACK);
-    assert_eq!(gate.toward(&reply), Verdict::Drop, "no reply before the request");
+    assert_eq!(
+        gate.toward(&reply),
+        Verdict::Drop,
+        "no reply before the request"
+    );
     gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 50000, 443, SYN));
     assert_eq!(gate.toward(&reply), Verdict::Pass);
     // The reverse tuple of another port does not ride on it.
-    assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 443, 50001, SYN_ACK)), Verdict::Drop);
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 443, 50001, SYN_ACK)),
+        Verdict::Drop
+    );
 
     // UDP over IPv6.
     let answer = udp6(REMOTE6, CONTAINER6, 53, 50002);
@@ -315,17 +419,28 @@ fn replies_to_container_connections_pass() {
     assert_eq!(gate.toward(&answer), Verdict::Pass);
 
     // Ping out, both families.
-    assert_eq!(gate.toward(&echo4(REMOTE4, CONTAINER4, 7, false)), Verdict::Drop);
+    assert_eq!(
+        gate.toward(&echo4(REMOTE4, CONTAINER4, 7, false)),
+        Verdict::Drop
+    );
     gate.sent_by_container(&echo4(CONTAINER4, REMOTE4, 7, true));
-    assert_eq!(gate.toward(&echo4(REMOTE4, CONTAINER4, 7, false)), Verdict::Pass);
+    assert_eq!(
+        gate.toward(&echo4(REMOTE4, CONTAINER4, 7, false)),
+        Verdict::Pass
+    );
     gate.sent_by_container(&echo6(CONTAINER6, REMOTE6, 8, true));
-    assert_eq!(gate.toward(&echo6(REMOTE6, CONTAINER6, 8, false)), Verdict::Pass);
+    assert_eq!(
+        gate.toward(&echo6(REMOTE6, CONTAINER6, 8, false)),
+        Verdict::Pass
+    );
     assert_eq!(gate.counter("tracked"), 4);
 }
 
 #[test]
 fn ping_into_a_container_needs_an_icmp_rule() {
-    let Some(mut gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     let ping4 = echo4(REMOTE4, CONTAINER4, 9, true);
     let ping6 = echo6(REMOTE6, CONTAINER6, 9, true);
     assert_eq!(gate.toward(&ping4), Verdict::Drop);
@@ -338,7 +453,9 @@ fn ping_into_a_container_needs_an_icmp_rule() {
 
 #[test]
 fn icmp_errors_pass_only_for_tracked_connections() {
-    let Some(gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     let router4 = [10, 98, 0, 1];
     let request4 = udp4(CONTAINER4, REMOTE4, 50010, 53);
     let error4 = icmp4_error(router4, CONTAINER4, &request4);
@@ -361,7 +478,9 @@ fn icmp_errors_pass_only_for_tracked_connections() {
 
 #[test]
 fn neighbour_discovery_passes() {
-    let Some(gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     for icmp_type in [133, 134, 135, 136, 137] {
         let mut frame = Vec::new();
         PacketBuilder::ethernet2(MAC_A, MAC_B)
@@ -369,7 +488,11 @@ fn neighbour_discovery_passes() {
             .icmpv6_raw(icmp_type, 0, [0; 4])
             .write(&mut frame, &[0; 16])
             .expect("build frame");
-        assert_eq!(gate.toward(&frame), Verdict::Pass, "ICMPv6 type {icmp_type}");
+        assert_eq!(
+            gate.toward(&frame),
+            Verdict::Pass,
+            "ICMPv6 type {icmp_type}"
+        );
     }
     assert_eq!(gate.counter("neighbor_discovery"), 5);
 }
@@ -377,51 +500,94 @@ fn neighbour_discovery_passes() {
 #[test]
 fn host_traffic_passes_unless_gated() {
     let syn = tcp4([10, 99, 0, 1], CONTAINER4, 40000, 22, SYN);
-    let Some(open) = Gate::load(GateConfig::default()) else { return };
-    assert_eq!(open.run(program_names::TOWARD_CONTAINERS, &syn, FROM_HOST), Verdict::Pass);
+    let Some(open) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    assert_eq!(
+        open.run(program_names::TOWARD_CONTAINERS, &syn, FROM_HOST),
+        Verdict::Pass
+    );
     assert_eq!(open.counter("host"), 1);
-    let config = GateConfig { gate_host_traffic: true, ..Default::default() };
-    let Some(gated) = Gate::load(config) else { return };
-    assert_eq!(gated.run(program_names::TOWARD_CONTAINERS, &syn, FROM_HOST), Verdict::Drop);
+    let config = GateConfig {
+        gate_host_traffic: true,
+        ..Default::default()
+    };
+    let Some(gated) = Gate::load(config) else {
+        return;
+    };
+    assert_eq!(
+        gated.run(program_names::TOWARD_CONTAINERS, &syn, FROM_HOST),
+        Verdict::Drop
+    );
 }
 
 #[test]
 fn fin_and_rst_end_a_connection() {
-    let Some(mut gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     gate.allow("10.99.0.2", "80");
     let open = |gate: &Gate, port| {
-        assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, port, 80, SYN)), Verdict::Pass);
+        assert_eq!(
+            gate.toward(&tcp4(REMOTE4, CONTAINER4, port, 80, SYN)),
+            Verdict::Pass
+        );
         gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, port, SYN_ACK));
-        assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, port, 80, ACK)), Verdict::Pass);
+        assert_eq!(
+            gate.toward(&tcp4(REMOTE4, CONTAINER4, port, 80, ACK)),
+            Verdict::Pass
+        );
     };
     open(&gate, 41000);
     // A FIN keeps the closing handshake flowing.
-    assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 41000, 80, FIN_ACK)), Verdict::Pass);
-    assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 41000, 80, ACK)), Verdict::Pass);
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 41000, 80, FIN_ACK)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 41000, 80, ACK)),
+        Verdict::Pass
+    );
 
     open(&gate, 41001);
     gate.deny("10.99.0.2", "80");
     // Established connections outlive a deny...
-    assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 41001, 80, ACK)), Verdict::Pass);
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 41001, 80, ACK)),
+        Verdict::Pass
+    );
     // ...until reset; a new SYN on the same ports is then a new connection, and denied.
     gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 41001, RST));
-    assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 41001, 80, SYN)), Verdict::Drop);
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 41001, 80, SYN)),
+        Verdict::Drop
+    );
 }
 
 #[test]
 fn range_rules_cover_each_port() {
-    let Some(mut gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     gate.allow("10.99.0.2", "8000-8002/udp");
     for port in 8000..=8002 {
-        assert_eq!(gate.toward(&udp4(REMOTE4, CONTAINER4, 5000, port)), Verdict::Pass);
+        assert_eq!(
+            gate.toward(&udp4(REMOTE4, CONTAINER4, 5000, port)),
+            Verdict::Pass
+        );
     }
-    assert_eq!(gate.toward(&udp4(REMOTE4, CONTAINER4, 5000, 8003)), Verdict::Drop);
+    assert_eq!(
+        gate.toward(&udp4(REMOTE4, CONTAINER4, 5000, 8003)),
+        Verdict::Drop
+    );
     assert_eq!(gate.datapath.rule_stats(0).expect("stats").packets, 3);
 }
 
 #[test]
 fn truncated_and_malformed_frames_are_dropped() {
-    let Some(mut gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     gate.allow("10.99.0.2", "80");
     let syn = tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN);
     // (The kernel itself refuses to inject frames cut inside the IP header, as its receive
@@ -455,7 +621,9 @@ fn truncated_and_malformed_frames_are_dropped() {
 
 #[test]
 fn fragments_are_dropped() {
-    let Some(mut gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     gate.allow("10.99.0.2", "53/udp");
     let mut first = udp4(REMOTE4, CONTAINER4, 5000, 53);
     first[14 + 6] |= 0x20; // more fragments
@@ -466,13 +634,18 @@ fn fragments_are_dropped() {
     // IPv6 fragment header with an offset.
     let frame = udp6(REMOTE6, CONTAINER6, 5000, 53);
     let fragment = [17, 0, 0, 0x08, 0, 0, 0, 1];
-    assert_eq!(gate.toward(&with_ipv6_extensions(frame, 44, &fragment)), Verdict::Drop);
+    assert_eq!(
+        gate.toward(&with_ipv6_extensions(frame, 44, &fragment)),
+        Verdict::Drop
+    );
     assert_eq!(gate.counter("fragment"), 3);
 }
 
 #[test]
 fn ip_options_and_extension_headers_are_followed() {
-    let Some(mut gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     gate.allow("10.99.0.2", "80");
     gate.allow("fd99::2", "80");
     // IPv4 with 4 bytes of options (NOPs): IHL 6.
@@ -488,12 +661,18 @@ fn ip_options_and_extension_headers_are_followed() {
     let syn6 = tcp6(REMOTE6, CONTAINER6, 40000, 80, SYN);
     let mut ext = ext_header(60).to_vec();
     ext.extend_from_slice(&ext_header(6));
-    assert_eq!(gate.toward(&with_ipv6_extensions(syn6.clone(), 0, &ext)), Verdict::Pass);
+    assert_eq!(
+        gate.toward(&with_ipv6_extensions(syn6.clone(), 0, &ext)),
+        Verdict::Pass
+    );
     assert_eq!(gate.counter("ipv6_extensions"), 1);
     // An atomic fragment (offset 0, no more fragments) is a whole packet.
     let atomic = [6, 0, 0, 0, 0, 0, 0, 1];
     let syn6b = tcp6(REMOTE6, CONTAINER6, 40001, 80, SYN);
-    assert_eq!(gate.toward(&with_ipv6_extensions(syn6b, 44, &atomic)), Verdict::Pass);
+    assert_eq!(
+        gate.toward(&with_ipv6_extensions(syn6b, 44, &atomic)),
+        Verdict::Pass
+    );
 
     // More extension headers than the program walks: unsupported, dropped.
     let mut chain = Vec::new();
@@ -501,31 +680,55 @@ fn ip_options_and_extension_headers_are_followed() {
         chain.extend_from_slice(&ext_header(60));
     }
     chain.extend_from_slice(&ext_header(6));
-    assert_eq!(gate.toward(&with_ipv6_extensions(syn6, 60, &chain)), Verdict::Drop);
+    assert_eq!(
+        gate.toward(&with_ipv6_extensions(syn6, 60, &chain)),
+        Verdict::Drop
+    );
     assert_eq!(gate.counter("unsupported_header"), 1);
 }
 
 #[test]
 fn audit_mode_counts_but_passes() {
-    let config = GateConfig { audit: true, ..Default::default() };
-    let Some(gate) = Gate::load(config) else { return };
-    assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN)), Verdict::Pass);
-    assert_eq!(gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN)[..44]), Verdict::Pass);
+    let config = GateConfig {
+        audit: true,
+        ..Default::default()
+    };
+    let Some(gate) = Gate::load(config) else {
+        return;
+    };
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN)[..44]),
+        Verdict::Pass
+    );
     assert_eq!(gate.counter("not_allowed"), 1);
     assert_eq!(gate.counter("malformed"), 1);
     assert_eq!(gate.counter("audit_passed"), 2);
-    assert_eq!(gate.counter("flow_created"), 0, "audit creates no state for would-drops");
+    assert_eq!(
+        gate.counter("flow_created"),
+        0,
+        "audit creates no state for would-drops"
+    );
 }
 
 #[test]
 fn drops_are_counted_per_bridge_and_reported_within_a_budget() {
-    let Some(mut gate) = Gate::load(GateConfig::default()) else { return };
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
     // The budget is per CPU, and a test run executes on the calling CPU: stay on one.
     // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(0, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, size_of_val(&set), &set), 0, "pin to CPU 0");
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of_val(&set), &set),
+            0,
+            "pin to CPU 0"
+        );
     }
     let mut events = gate.datapath.take_drop_events().expect("ring buffer");
     let syn = tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN);
@@ -548,13 +751,23 @@ fn drops_are_counted_per_bridge_and_reported_within_a_budget() {
     }
     assert_eq!(reported.len(), gate_common::DROP_EVENTS_PER_SECOND as usize);
     let first = reported[0];
-    assert_eq!((first.src, first.dst), (gate_common::ipv4_mapped(REMOTE4), gate_common::ipv4_mapped(CONTAINER4)));
-    assert_eq!((first.src_port, first.dst_port, first.proto), (40000, 80, 6));
+    assert_eq!(
+        (first.src, first.dst),
+        (
+            gate_common::ipv4_mapped(REMOTE4),
+            gate_common::ipv4_mapped(CONTAINER4)
+        )
+    );
+    assert_eq!(
+        (first.src_port, first.dst_port, first.proto),
+        (40000, 80, 6)
+    );
     assert_eq!(u32::from(first.reason), counters::DROP_NOT_ALLOWED);
     assert_eq!(first.audit, 0);
     // The next window's first event reports what was suppressed.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     assert_eq!(gate.toward(&syn), Verdict::Drop);
-    let next = datapath::decode_drop_event(&events.next().expect("an event after the pause")).expect("event");
+    let next = datapath::decode_drop_event(&events.next().expect("an event after the pause"))
+        .expect("event");
     assert_eq!(next.suppressed, 50);
 }

@@ -76,16 +76,30 @@ impl<'a> Agent<'a> {
     /// An agent that is not running yet: paths chosen, nothing started.
     pub fn new(sandbox: &'a Sandbox, extra_args: &[&str]) -> Self {
         let base_args = ["--bridge", BRIDGE, "--runtime", "none"];
-        Self::with(Some(sandbox.host.clone()), &base_args, extra_args, &unique_name())
+        Self::with(
+            Some(sandbox.host.clone()),
+            &base_args,
+            extra_args,
+            &unique_name(),
+        )
     }
 
     /// An agent in the root namespace (not started), gating what `base_args` say (e.g.
     /// `--bridge auto --runtime auto`), its pins under `/sys/fs/bpf/<pin_name>`.
-    pub fn in_root_namespace(base_args: &[&str], extra_args: &[&str], pin_name: &str) -> Agent<'static> {
+    pub fn in_root_namespace(
+        base_args: &[&str],
+        extra_args: &[&str],
+        pin_name: &str,
+    ) -> Agent<'static> {
         Agent::with(None, base_args, extra_args, pin_name)
     }
 
-    fn with(netns: Option<String>, base_args: &[&str], extra_args: &[&str], pin_name: &str) -> Self {
+    fn with(
+        netns: Option<String>,
+        base_args: &[&str],
+        extra_args: &[&str],
+        pin_name: &str,
+    ) -> Self {
         let bin = portgate_bin();
         let dir = tempfile::Builder::new()
             .prefix("pgt-agent-")
@@ -303,11 +317,17 @@ impl Drop for Agent<'_> {
     fn drop(&mut self) {
         // On failure, or when asked (PGT_SHOW_LOGS=1, with --nocapture), show what the agent said.
         if std::thread::panicking() || std::env::var_os("PGT_SHOW_LOGS").is_some() {
-            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             eprintln!(
                 "--- portgate agent log ({}; {}) ---\n{}",
                 self.log.display(),
-                exited.map_or_else(|| "still running".to_owned(), |s| format!("already exited: {s}")),
+                exited.map_or_else(
+                    || "still running".to_owned(),
+                    |s| format!("already exited: {s}")
+                ),
                 self.log_text()
             );
         }

@@ -42,9 +42,9 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
 
 use crate::agent::{Agent, remove_pins};
-use crate::sandbox::in_netns;
 use crate::current_test_name;
 use crate::net::{SHOULD_ANSWER, SHOULD_TIME_OUT};
+use crate::sandbox::in_netns;
 
 /// The image every container runs: Debian's static busybox, nothing else.
 pub const IMAGE: &str = "local/busybox:latest";
@@ -1297,8 +1297,11 @@ impl EngineAgent {
     /// Starts the agent and waits until it answers `status`.
     pub fn start(extra_args: &[&str]) -> Agent<'static> {
         reap_stale();
-        let mut agent =
-            Agent::in_root_namespace(&["--bridge", "auto", "--runtime", "auto"], extra_args, &unique(""));
+        let mut agent = Agent::in_root_namespace(
+            &["--bridge", "auto", "--runtime", "auto"],
+            extra_args,
+            &unique(""),
+        );
         agent.spawn();
         agent.wait_ready();
         agent

@@ -10,7 +10,9 @@ use std::{
 };
 
 use portgate_tests::agent::counter;
-use portgate_tests::net::{assert_tcp_answers, assert_tcp_times_out, exchange, sa, tcp_connect, SHOULD_ANSWER};
+use portgate_tests::net::{
+    SHOULD_ANSWER, assert_tcp_answers, assert_tcp_times_out, exchange, sa, tcp_connect,
+};
 use portgate_tests::{Agent, Sandbox, TcpEchoServer, UdpEchoServer, require_root};
 use serde_json::Value;
 
@@ -41,7 +43,8 @@ impl Watch {
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let event = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad watch line {line:?}: {e}"));
+                let event = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("bad watch line {line:?}: {e}"));
                 if tx.send(event).is_err() {
                     return;
                 }
@@ -88,8 +91,14 @@ fn watch_reports_the_blocked_attempts_with_their_reason() {
     portgate_tests::net::assert_udp_no_reply(&sb, &sb.client, sa("[fd99::2]:53"));
 
     let events = watch.collect(Duration::from_secs(2));
-    let tcp: Vec<&Value> = events.iter().filter(|e| e["destination_port"] == 81).collect();
-    assert!(!tcp.is_empty(), "no event for the blocked TCP attempt: {events:#?}");
+    let tcp: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["destination_port"] == 81)
+        .collect();
+    assert!(
+        !tcp.is_empty(),
+        "no event for the blocked TCP attempt: {events:#?}"
+    );
     for event in &tcp {
         assert_eq!(event["reason"], "not_allowed");
         assert_eq!(event["protocol"], "tcp");
@@ -98,8 +107,14 @@ fn watch_reports_the_blocked_attempts_with_their_reason() {
         assert_eq!(event["bridge"], "pgbr0");
         assert_eq!(event["audit"], false);
     }
-    let udp: Vec<&Value> = events.iter().filter(|e| e["destination_port"] == 53).collect();
-    assert!(!udp.is_empty(), "no event for the blocked UDP datagram: {events:#?}");
+    let udp: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["destination_port"] == 53)
+        .collect();
+    assert!(
+        !udp.is_empty(),
+        "no event for the blocked UDP datagram: {events:#?}"
+    );
     assert_eq!(udp[0]["protocol"], "udp");
     assert_eq!(udp[0]["source"], "fd98::2");
     assert_eq!(udp[0]["destination"], "fd99::2");
@@ -112,7 +127,9 @@ fn watch_reports_the_blocked_attempts_with_their_reason() {
     let status = agent.status_json();
     let per_bridge = status["bridge_drops"].as_array().expect("bridge_drops");
     assert!(
-        per_bridge.iter().any(|d| d["bridge"] == "pgbr0" && d["reason"] == "not_allowed" && d["packets"].as_u64() >= Some(2)),
+        per_bridge.iter().any(|d| d["bridge"] == "pgbr0"
+            && d["reason"] == "not_allowed"
+            && d["packets"].as_u64() >= Some(2)),
         "{per_bridge:?}"
     );
     assert!(status["drop_events"]["reported"].as_u64() >= Some(tcp.len() as u64 + 1));
@@ -126,23 +143,31 @@ fn switching_modes_keeps_tracked_connections() {
     let _other = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:81"));
     let agent = Agent::start(&sb);
     agent.allow("10.99.0.2", "80");
-    let mut allowed = tcp_connect(&sb, &sb.client, sa("10.99.0.2:80"), SHOULD_ANSWER).expect("connect :80");
+    let mut allowed =
+        tcp_connect(&sb, &sb.client, sa("10.99.0.2:80"), SHOULD_ANSWER).expect("connect :80");
     assert_eq!(exchange(&mut allowed, "one").expect("echo"), "one");
 
     // Audit: what enforce drops now answers, and is counted as a would-be drop.
     let out = agent.cli_ok(&["mode", "audit"]);
     assert!(out.contains("audit"), "{out}");
     assert_eq!(agent.status_json()["mode"], "audit");
-    let mut audited = tcp_connect(&sb, &sb.client, sa("10.99.0.2:81"), SHOULD_ANSWER).expect("connect :81 in audit");
+    let mut audited = tcp_connect(&sb, &sb.client, sa("10.99.0.2:81"), SHOULD_ANSWER)
+        .expect("connect :81 in audit");
     assert_eq!(exchange(&mut audited, "two").expect("echo"), "two");
     let status = agent.status_json();
     assert!(counter(&status, "event", "audit_passed") > 0);
     assert!(counter(&status, "drop", "not_allowed") > 0);
-    assert_eq!(exchange(&mut allowed, "three").expect("echo across the switch"), "three");
+    assert_eq!(
+        exchange(&mut allowed, "three").expect("echo across the switch"),
+        "three"
+    );
 
     // Back to enforce: new connections to 81 time out, the admitted one carries on.
     agent.cli_ok(&["mode", "enforce"]);
     assert_eq!(agent.status_json()["mode"], "enforce");
     assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:81"));
-    assert_eq!(exchange(&mut allowed, "four").expect("echo after the switch back"), "four");
+    assert_eq!(
+        exchange(&mut allowed, "four").expect("echo after the switch back"),
+        "four"
+    );
 }

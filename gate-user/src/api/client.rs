@@ -11,7 +11,9 @@ use super::{MAX_REQUEST_BYTES, Reply, Request, Response, WatchEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the agent at {path}: {source} (is `portgate agent` running? is --socket right?)")]
+    #[error(
+        "cannot reach the agent at {path}: {source} (is `portgate agent` running? is --socket right?)"
+    )]
     Connect { path: PathBuf, source: io::Error },
     #[error("talking to the agent at {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -23,9 +25,14 @@ pub enum ClientError {
 }
 
 fn send(socket: &Path, request: &Request) -> Result<UnixStream, ClientError> {
-    let io_err = |source| ClientError::Io { path: socket.to_owned(), source };
-    let mut stream = UnixStream::connect(socket)
-        .map_err(|source| ClientError::Connect { path: socket.to_owned(), source })?;
+    let io_err = |source| ClientError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.to_owned(),
+        source,
+    })?;
     let mut body = serde_json::to_vec(request).map_err(ClientError::Decode)?;
     body.push(b'\n');
     stream.write_all(&body).map_err(io_err)?;
@@ -40,7 +47,10 @@ pub fn watch(
 ) -> anyhow::Result<()> {
     let stream = send(socket, &Request::Watch)?;
     for line in io::BufReader::new(stream).lines() {
-        let line = line.map_err(|source| ClientError::Io { path: socket.to_owned(), source })?;
+        let line = line.map_err(|source| ClientError::Io {
+            path: socket.to_owned(),
+            source,
+        })?;
         // A refusal comes as a response object rather than an event.
         if let Ok(Response::Error(message)) = serde_json::from_str::<Response>(&line) {
             return Err(ClientError::Refused(message).into());
@@ -52,11 +62,19 @@ pub fn watch(
 
 /// Sends one request and waits for the answer.
 pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
-    let io_err = |source| ClientError::Io { path: socket.to_owned(), source };
+    let io_err = |source| ClientError::Io {
+        path: socket.to_owned(),
+        source,
+    };
     let stream = send(socket, request)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io_err)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io_err)?;
     let mut answer = Vec::new();
-    stream.take(MAX_REQUEST_BYTES * 256).read_to_end(&mut answer).map_err(io_err)?;
+    stream
+        .take(MAX_REQUEST_BYTES * 256)
+        .read_to_end(&mut answer)
+        .map_err(io_err)?;
     match serde_json::from_slice(&answer).map_err(ClientError::Decode)? {
         Response::Ok(reply) => Ok(reply),
         Response::Error(message) => Err(ClientError::Refused(message)),

@@ -18,12 +18,22 @@ pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// `target`: an address or a container name or ID; `ports` or `published`.
-    Allow { target: String, ports: Option<String>, published: bool },
-    Deny { target: String, ports: Option<String>, published: bool },
+    Allow {
+        target: String,
+        ports: Option<String>,
+        published: bool,
+    },
+    Deny {
+        target: String,
+        ports: Option<String>,
+        published: bool,
+    },
     List,
     Status,
     /// Switch between enforce and audit at run time; tracked connections are kept.
-    Mode { audit: bool },
+    Mode {
+        audit: bool,
+    },
     /// Stream drop events as JSON lines until the client hangs up.
     Watch,
 }

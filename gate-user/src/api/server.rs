@@ -30,7 +30,10 @@ pub struct ControlSocket {
 
 impl ControlSocket {
     pub fn bind(path: &Path) -> Result<Self, ServerError> {
-        let io_err = |source| ServerError::Io { path: path.to_owned(), source };
+        let io_err = |source| ServerError::Io {
+            path: path.to_owned(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(io_err)?;
         }
@@ -43,7 +46,10 @@ impl ControlSocket {
         }
         let listener = UnixListener::bind(path).map_err(io_err)?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err)?;
-        Ok(Self { listener, path: path.to_owned() })
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -57,11 +63,18 @@ impl ControlSocket {
         let uid = stream.peer_cred().map(|cred| cred.uid());
         if !matches!(uid, Ok(0)) {
             warn!(?uid, "refused a control connection from a non-root peer");
-            reply(&mut stream, &Response::Error("permission denied: portgate needs root".into())).await;
+            reply(
+                &mut stream,
+                &Response::Error("permission denied: portgate needs root".into()),
+            )
+            .await;
             return Ok(None);
         }
         let mut body = Vec::new();
-        let read = (&mut stream).take(MAX_REQUEST_BYTES).read_to_end(&mut body).await;
+        let read = (&mut stream)
+            .take(MAX_REQUEST_BYTES)
+            .read_to_end(&mut body)
+            .await;
         match read.map_err(|e| e.to_string()).and_then(|_| {
             serde_json::from_slice::<Request>(&body).map_err(|e| format!("bad request: {e}"))
         }) {

@@ -29,8 +29,9 @@ use aya::{
     },
 };
 use gate_common::{
-    ALLOW_CAPACITY, AllowKey, AllowValue, BRIDGE_DROPS_CAPACITY, BridgeDropKey, CONFIG_AUDIT, DropEvent, CONFIG_GATE_HOST, Config, FLOW_CAPACITY,
-    FlowKey, FlowState, MAX_RULES, RuleStats, counters, map_names, program_names,
+    ALLOW_CAPACITY, AllowKey, AllowValue, BRIDGE_DROPS_CAPACITY, BridgeDropKey, CONFIG_AUDIT,
+    CONFIG_GATE_HOST, Config, DropEvent, FLOW_CAPACITY, FlowKey, FlowState, MAX_RULES, RuleStats,
+    counters, map_names, program_names,
 };
 use tracing::{info, warn};
 
@@ -57,17 +58,29 @@ pub enum DatapathError {
     #[error("loading the eBPF programs: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("bridge {bridge}: {source}")]
-    Attach { bridge: String, source: ProgramError },
+    Attach {
+        bridge: String,
+        source: ProgramError,
+    },
     #[error("bridge {bridge}: no such interface")]
     NoSuchBridge { bridge: String },
     #[error("link {path}: {source}")]
     Link { path: PathBuf, source: LinkError },
     #[error("pinning {path}: {source}")]
-    Pin { path: PathBuf, source: aya::pin::PinError },
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
 }
@@ -75,7 +88,10 @@ pub enum DatapathError {
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
-    move |source| DatapathError::Io { path: path.to_owned(), source }
+    move |source| DatapathError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -94,7 +110,11 @@ pub struct GateConfig {
 impl GateConfig {
     fn flags(self) -> u32 {
         (if self.audit { CONFIG_AUDIT } else { 0 })
-            | (if self.gate_host_traffic { CONFIG_GATE_HOST } else { 0 })
+            | (if self.gate_host_traffic {
+                CONFIG_GATE_HOST
+            } else {
+                0
+            })
     }
 }
 
@@ -113,7 +133,9 @@ pub struct Pins {
 
 impl Pins {
     pub fn new(bpffs_dir: &Path) -> Self {
-        Self { root: bpffs_dir.join(LAYOUT_VERSION) }
+        Self {
+            root: bpffs_dir.join(LAYOUT_VERSION),
+        }
     }
 
     fn maps(&self) -> PathBuf {
@@ -181,7 +203,10 @@ pub struct Capacities {
 
 impl Default for Capacities {
     fn default() -> Self {
-        Self { allow: ALLOW_CAPACITY, flows: FLOW_CAPACITY }
+        Self {
+            allow: ALLOW_CAPACITY,
+            flows: FLOW_CAPACITY,
+        }
     }
 }
 
@@ -189,12 +214,42 @@ impl Default for Capacities {
 fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usize, u32); 6] {
     use std::mem::size_of;
     [
-        (map_names::ALLOW, MapType::Hash, size_of::<AllowKey>(), size_of::<AllowValue>(), capacities.allow),
-        (map_names::FLOWS, MapType::LruHash, size_of::<FlowKey>(), size_of::<FlowState>(), capacities.flows),
-        (map_names::RULE_STATS, MapType::PerCpuArray, 4, size_of::<RuleStats>(), MAX_RULES),
-        (map_names::COUNTERS, MapType::PerCpuArray, 4, size_of::<u64>(), counters::COUNT),
+        (
+            map_names::ALLOW,
+            MapType::Hash,
+            size_of::<AllowKey>(),
+            size_of::<AllowValue>(),
+            capacities.allow,
+        ),
+        (
+            map_names::FLOWS,
+            MapType::LruHash,
+            size_of::<FlowKey>(),
+            size_of::<FlowState>(),
+            capacities.flows,
+        ),
+        (
+            map_names::RULE_STATS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<RuleStats>(),
+            MAX_RULES,
+        ),
+        (
+            map_names::COUNTERS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<u64>(),
+            counters::COUNT,
+        ),
         (map_names::CONFIG, MapType::Array, 4, size_of::<Config>(), 1),
-        (map_names::BRIDGE_DROPS, MapType::PerCpuHash, size_of::<BridgeDropKey>(), size_of::<u64>(), BRIDGE_DROPS_CAPACITY),
+        (
+            map_names::BRIDGE_DROPS,
+            MapType::PerCpuHash,
+            size_of::<BridgeDropKey>(),
+            size_of::<u64>(),
+            BRIDGE_DROPS_CAPACITY,
+        ),
     ]
 }
 
@@ -222,8 +277,10 @@ impl Datapath {
         }
         check_pinned_maps(&pins, capacities)?;
 
-        let map_paths: Vec<(&str, PathBuf)> =
-            map_names::PINNED.iter().map(|name| (*name, pins.map(name))).collect();
+        let map_paths: Vec<(&str, PathBuf)> = map_names::PINNED
+            .iter()
+            .map(|name| (*name, pins.map(name)))
+            .collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
@@ -235,13 +292,23 @@ impl Datapath {
         for hook in Hook::ALL {
             let name = hook.program();
             let program = classifier(&mut ebpf, name)?;
-            program.load().map_err(|source| DatapathError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
             // Replace the previous agent's program pin, for inspection with bpftool.
             let pin = pins.programs().join(name);
             remove_if_present(&pin)?;
-            program.pin(&pin).map_err(|source| DatapathError::Pin { path: pin.clone(), source })?;
+            program.pin(&pin).map_err(|source| DatapathError::Pin {
+                path: pin.clone(),
+                source,
+            })?;
         }
-        let mut datapath = Self { ebpf, pins, bridges: Vec::new(), capacities };
+        let mut datapath = Self {
+            ebpf,
+            pins,
+            bridges: Vec::new(),
+            capacities,
+        };
         datapath.set_config(config)?;
         Ok(datapath)
     }
@@ -257,28 +324,43 @@ impl Datapath {
     /// earlier agent is updated in place (one atomic program swap, no moment without a gate);
     /// otherwise a new link is created and pinned.
     pub fn attach(&mut self, bridge: &str) -> Result<()> {
-        let ifindex = sys::ifindex(bridge)
-            .ok_or_else(|| DatapathError::NoSuchBridge { bridge: bridge.to_owned() })?;
+        let ifindex = sys::ifindex(bridge).ok_or_else(|| DatapathError::NoSuchBridge {
+            bridge: bridge.to_owned(),
+        })?;
         for hook in Hook::ALL {
             let pin = self.pins.link(bridge, hook);
             let program = classifier(&mut self.ebpf, hook.program())?;
-            let attach_err = |source| DatapathError::Attach { bridge: bridge.to_owned(), source };
+            let attach_err = |source| DatapathError::Attach {
+                bridge: bridge.to_owned(),
+                source,
+            };
             let replaced = match PinnedLink::from_pin(&pin) {
                 Ok(old) => match FdLink::from(old).try_into() {
                     Ok(link) => match program.attach_to_link(link) {
                         Ok(id) => Some(id),
                         Err(err) => {
                             // The bridge was deleted and re-created: the old link is defunct.
-                            warn!(bridge, hook = hook.suffix(), "cannot reuse pinned link ({err}); attaching anew");
+                            warn!(
+                                bridge,
+                                hook = hook.suffix(),
+                                "cannot reuse pinned link ({err}); attaching anew"
+                            );
                             None
                         }
                     },
                     Err(err) => {
-                        warn!(bridge, "pinned link is not a TC link ({err}); attaching anew");
+                        warn!(
+                            bridge,
+                            "pinned link is not a TC link ({err}); attaching anew"
+                        );
                         None
                     }
                 },
-                Err(LinkError::SyscallError(err)) if err.io_error.kind() == io::ErrorKind::NotFound => None,
+                Err(LinkError::SyscallError(err))
+                    if err.io_error.kind() == io::ErrorKind::NotFound =>
+                {
+                    None
+                }
                 Err(source) => return Err(DatapathError::Link { path: pin, source }),
             };
             let was_replaced = replaced.is_some();
@@ -293,15 +375,28 @@ impl Datapath {
                     .map_err(attach_err)?,
             };
             let link = program.take_link(id).map_err(attach_err)?;
-            let link: FdLink = link
-                .try_into()
-                .map_err(|source| DatapathError::Link { path: pin.clone(), source })?;
+            let link: FdLink = link.try_into().map_err(|source| DatapathError::Link {
+                path: pin.clone(),
+                source,
+            })?;
             remove_if_present(&pin)?;
-            link.pin(&pin).map_err(|source| DatapathError::Pin { path: pin.clone(), source })?;
-            info!(bridge, ifindex, hook = hook.suffix(), replaced = was_replaced, "gate attached");
+            link.pin(&pin).map_err(|source| DatapathError::Pin {
+                path: pin.clone(),
+                source,
+            })?;
+            info!(
+                bridge,
+                ifindex,
+                hook = hook.suffix(),
+                replaced = was_replaced,
+                "gate attached"
+            );
         }
         self.bridges.retain(|b| b.name != bridge);
-        self.bridges.push(Bridge { name: bridge.to_owned(), ifindex });
+        self.bridges.push(Bridge {
+            name: bridge.to_owned(),
+            ifindex,
+        });
         Ok(())
     }
 
@@ -328,7 +423,14 @@ impl Datapath {
         let name = map_names::CONFIG;
         let mut map: Array<_, Config> =
             Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        map.set(0, Config { flags: config.flags() }, 0).map_err(map_err(name))
+        map.set(
+            0,
+            Config {
+                flags: config.flags(),
+            },
+            0,
+        )
+        .map_err(map_err(name))
     }
 
     /// Makes the allow map equal to `desired`: new and changed entries first, then (with
@@ -341,14 +443,19 @@ impl Datapath {
         let name = map_names::ALLOW;
         let mut map: HashMap<_, AllowKey, AllowValue> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        let current: BTreeMap<AllowKey, AllowValue> =
-            map.iter().collect::<Result<_, _>>().map_err(map_err(name))?;
+        let current: BTreeMap<AllowKey, AllowValue> = map
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(name))?;
         for (key, value) in desired {
             if current.get(key) != Some(value) {
                 map.insert(key, value, 0).map_err(map_err(name))?;
             }
         }
-        for key in current.keys().filter(|key| remove_stale && !desired.contains_key(key)) {
+        for key in current
+            .keys()
+            .filter(|key| remove_stale && !desired.contains_key(key))
+        {
             map.remove(key).map_err(map_err(name))?;
         }
         Ok(())
@@ -381,10 +488,12 @@ impl Datapath {
         let map: PerCpuArray<_, RuleStats> =
             PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
         let values = map.get(&rule_id, 0).map_err(map_err(name))?;
-        Ok(values.iter().fold(RuleStats::default(), |sum, v| RuleStats {
-            packets: sum.packets + v.packets,
-            bytes: sum.bytes + v.bytes,
-        }))
+        Ok(values
+            .iter()
+            .fold(RuleStats::default(), |sum, v| RuleStats {
+                packets: sum.packets + v.packets,
+                bytes: sum.bytes + v.bytes,
+            }))
     }
 
     /// The global counters, summed over CPUs, by index of `gate_common::counters`.
@@ -411,7 +520,10 @@ impl Datapath {
     /// Takes the drop-event ring buffer out of the object, for the agent to read.
     pub fn take_drop_events(&mut self) -> Result<RingBuf<MapData>> {
         let name = map_names::DROP_EVENTS;
-        let map = self.ebpf.take_map(name).ok_or(DatapathError::Missing(name))?;
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(DatapathError::Missing(name))?;
         RingBuf::try_from(map).map_err(map_err(name))
     }
 
@@ -432,7 +544,9 @@ impl Datapath {
             .ok_or(DatapathError::Missing(name))?
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })?;
-        let fd = program.fd().map_err(|source| DatapathError::Program { name, source })?;
+        let fd = program
+            .fd()
+            .map_err(|source| DatapathError::Program { name, source })?;
         Ok(fd.as_fd())
     }
 
@@ -473,11 +587,18 @@ fn check_pinned_maps(pins: &Pins, capacities: Capacities) -> Result<()> {
         if !path.exists() {
             continue;
         }
-        let incompatible =
-            |detail: String| DatapathError::IncompatibleMap { path: path.clone(), detail };
+        let incompatible = |detail: String| DatapathError::IncompatibleMap {
+            path: path.clone(),
+            detail,
+        };
         let info = MapInfo::from_pin(&path).map_err(|e| incompatible(e.to_string()))?;
         let found_type = info.map_type().map_err(|e| incompatible(e.to_string()))?;
-        let found = (found_type, info.key_size() as usize, info.value_size() as usize, info.max_entries());
+        let found = (
+            found_type,
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
         let wanted = (map_type, key_size, value_size, capacity);
         if found != wanted {
             return Err(incompatible(format!(
@@ -496,9 +617,14 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
         sys::mount_bpffs(sys_fs_bpf).map_err(DatapathError::Mount)?;
     }
     // The nearest existing ancestor tells which filesystem the pins will land on.
-    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     if sys::fs_type(existing) != Some(BPF_FS_MAGIC) {
-        return Err(DatapathError::NotBpffs { path: dir.to_owned() });
+        return Err(DatapathError::NotBpffs {
+            path: dir.to_owned(),
+        });
     }
     Ok(())
 }
@@ -527,7 +653,9 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled> {
     let versions = fs::read_dir(bpffs_dir).map_err(io_err(bpffs_dir))?;
     for version in versions {
         let links = version.map_err(io_err(bpffs_dir))?.path().join("links");
-        let Ok(entries) = fs::read_dir(&links) else { continue };
+        let Ok(entries) = fs::read_dir(&links) else {
+            continue;
+        };
         for entry in entries {
             let path = entry.map_err(io_err(&links))?.path();
             // Detach explicitly: another process may still hold the link open.

@@ -24,7 +24,11 @@ const INGRESS_IFINDEX_WORD: usize = 9;
 fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
     // SAFETY: `attr` is a valid, initialised bpf_attr variant of the size passed.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 #[repr(C)]
@@ -78,7 +82,10 @@ pub fn test_run(
         ..Default::default()
     };
     sys_bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-    Ok(TestRun { retval: attr.retval as i32, duration_ns: attr.duration })
+    Ok(TestRun {
+        retval: attr.retval as i32,
+        duration_ns: attr.duration,
+    })
 }
 
 #[repr(C)]
@@ -101,11 +108,16 @@ struct LinkDetachAttr {
 pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
     let pathname = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut get = ObjGetAttr { pathname: pathname.as_ptr() as u64, ..Default::default() };
+    let mut get = ObjGetAttr {
+        pathname: pathname.as_ptr() as u64,
+        ..Default::default()
+    };
     let fd = sys_bpf(BPF_OBJ_GET, &mut get)?;
     // SAFETY: BPF_OBJ_GET returned a new file descriptor that we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut detach = LinkDetachAttr { link_fd: fd.as_raw_fd() as u32 };
+    let mut detach = LinkDetachAttr {
+        link_fd: fd.as_raw_fd() as u32,
+    };
     match sys_bpf(BPF_LINK_DETACH, &mut detach) {
         // A link whose interface is gone is already detached.
         Err(err) if err.raw_os_error() == Some(libc::ENOLINK) => Ok(()),
@@ -135,7 +147,17 @@ pub fn mount_bpffs(target: &Path) -> io::Result<()> {
     let bpf = c"bpf";
     // SAFETY: valid NUL-terminated strings; no data argument.
     let ret = unsafe {
-        libc::mount(bpf.as_ptr(), target.as_ptr(), bpf.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            bpf.as_ptr(),
+            target.as_ptr(),
+            bpf.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
-    if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

@@ -46,7 +46,11 @@ impl<'a> Invocation<'a> {
         program: &'a Path,
         args: impl IntoIterator<Item = impl Into<String>>,
     ) -> Self {
-        Self { program, args: args.into_iter().map(Into::into).collect(), stdin: None }
+        Self {
+            program,
+            args: args.into_iter().map(Into::into).collect(),
+            stdin: None,
+        }
     }
 
     pub(super) fn stdin(mut self, input: String) -> Self {
@@ -63,7 +67,11 @@ impl<'a> Invocation<'a> {
             .unwrap_or_else(|| self.program.display().to_string());
         for arg in &self.args {
             line.push(' ');
-            if arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || c == '"' || c == '\'') {
+            if arg.is_empty()
+                || arg
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '"' || c == '\'')
+            {
                 line.push('\'');
                 line.push_str(&arg.replace('\'', "'\\''"));
                 line.push('\'');
@@ -80,7 +88,10 @@ impl<'a> Invocation<'a> {
 
     /// Runs it and returns its output, whatever the exit status.
     pub(super) fn output(&self) -> Result<Output, NetfilterError> {
-        let spawn_error = |source| NetfilterError::Spawn { command: self.display(), source };
+        let spawn_error = |source| NetfilterError::Spawn {
+            command: self.display(),
+            source,
+        };
         let mut command = Command::new(self.program);
         command
             .args(&self.args)

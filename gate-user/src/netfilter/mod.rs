@@ -95,14 +95,20 @@ pub fn comment_for(bridge: &str) -> String {
 
 /// The bridge a delegation comment names, if `comment` is exactly one of ours.
 pub fn bridge_of_comment(comment: &str) -> Option<&str> {
-    let bridge = comment.strip_prefix(COMMENT_PREFIX)?.strip_suffix(COMMENT_SUFFIX)?;
+    let bridge = comment
+        .strip_prefix(COMMENT_PREFIX)?
+        .strip_suffix(COMMENT_SUFFIX)?;
     check_bridge(bridge).ok().map(|()| bridge)
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetfilterError {
     #[error("`{command}` failed ({status}): {stderr}")]
-    Command { command: String, status: String, stderr: String },
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
     #[error("cannot run `{command}`: {source}")]
     Spawn {
         command: String,
@@ -189,7 +195,13 @@ impl Delegation {
             .statuses
             .iter()
             .filter(|status| status.installed)
-            .map(|status| (status.backend.as_str(), status.chain.as_str(), status.bridge.as_str()))
+            .map(|status| {
+                (
+                    status.backend.as_str(),
+                    status.chain.as_str(),
+                    status.bridge.as_str(),
+                )
+            })
             .collect();
         let mut outcome = Outcome::default();
         let mut surveyed_all = true;
@@ -256,7 +268,11 @@ impl Delegation {
         }
         if surveyed_all {
             for bridge in &self.bridges {
-                if !outcome.statuses.iter().any(|status| status.bridge == *bridge) {
+                if !outcome
+                    .statuses
+                    .iter()
+                    .any(|status| status.bridge == *bridge)
+                {
                     outcome.statuses.push(DelegationStatus {
                         bridge: bridge.clone(),
                         backend: BACKEND_NONE.to_owned(),
@@ -303,7 +319,10 @@ pub fn remove_all() -> Result<usize, NetfilterError> {
 fn check_bridge(name: &str) -> Result<(), NetfilterError> {
     let reason = if name.is_empty() || name.len() > 15 {
         Some("must be 1 to 15 characters long")
-    } else if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
         Some("only letters, digits, '-', '_' and '.' are supported")
     } else if name.starts_with(['-', '.']) {
         Some("must not start with '-' or '.'")
@@ -311,7 +330,10 @@ fn check_bridge(name: &str) -> Result<(), NetfilterError> {
         None
     };
     match reason {
-        Some(reason) => Err(NetfilterError::InvalidBridge { name: name.to_owned(), reason }),
+        Some(reason) => Err(NetfilterError::InvalidBridge {
+            name: name.to_owned(),
+            reason,
+        }),
         None => Ok(()),
     }
 }
@@ -348,7 +370,11 @@ impl Location {
     fn display(&self) -> String {
         match self {
             Location::Chain(chain) => chain.clone(),
-            Location::Nft { family, table, chain } => format!("{family} {table} {chain}"),
+            Location::Nft {
+                family,
+                table,
+                chain,
+            } => format!("{family} {table} {chain}"),
         }
     }
 }
@@ -394,7 +420,10 @@ enum Backend {
 
 impl Backend {
     fn all() -> impl Iterator<Item = Backend> {
-        xtables::BACKENDS.iter().map(Backend::Xtables).chain([Backend::Nft])
+        xtables::BACKENDS
+            .iter()
+            .map(Backend::Xtables)
+            .chain([Backend::Nft])
     }
 
     fn name(&self) -> &'static str {
@@ -430,10 +459,15 @@ impl Backend {
                     return Ok(Found::Missing);
                 }
                 let exact = RuleId::Spec(xtables::rule_spec(bridge));
-                let keep = candidates.iter().copied().find(|&i| survey.own[i].id == exact);
+                let keep = candidates
+                    .iter()
+                    .copied()
+                    .find(|&i| survey.own[i].id == exact);
                 Ok(Found::Present(keep.or(candidates.first().copied())))
             }
-            _ => Ok(candidates.first().map_or(Found::Missing, |&i| Found::Present(Some(i)))),
+            _ => Ok(candidates
+                .first()
+                .map_or(Found::Missing, |&i| Found::Present(Some(i)))),
         }
     }
 
@@ -464,19 +498,46 @@ mod tests {
 
     #[test]
     fn comments_round_trip() {
-        assert_eq!(comment_for("podman0"), "portgate: delegate podman0 to the eBPF gate");
-        assert_eq!(bridge_of_comment(&comment_for("br-0123456789ab")), Some("br-0123456789ab"));
-        assert_eq!(bridge_of_comment("portgate: delegate a b to the eBPF gate"), None);
-        assert_eq!(bridge_of_comment("portgate: delegate br0 to the eBPF gate!"), None);
+        assert_eq!(
+            comment_for("podman0"),
+            "portgate: delegate podman0 to the eBPF gate"
+        );
+        assert_eq!(
+            bridge_of_comment(&comment_for("br-0123456789ab")),
+            Some("br-0123456789ab")
+        );
+        assert_eq!(
+            bridge_of_comment("portgate: delegate a b to the eBPF gate"),
+            None
+        );
+        assert_eq!(
+            bridge_of_comment("portgate: delegate br0 to the eBPF gate!"),
+            None
+        );
         assert_eq!(bridge_of_comment("something else"), None);
     }
 
     #[test]
     fn bridge_names() {
-        for ok in ["docker0", "podman0", "br-0123456789ab", "cni-podman0", "a.b_c"] {
+        for ok in [
+            "docker0",
+            "podman0",
+            "br-0123456789ab",
+            "cni-podman0",
+            "a.b_c",
+        ] {
             assert!(check_bridge(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "br+", "br*", "-o", ".x", "a b", "a\"b", "sixteen-chars-xx"] {
+        for bad in [
+            "",
+            "br+",
+            "br*",
+            "-o",
+            ".x",
+            "a b",
+            "a\"b",
+            "sixteen-chars-xx",
+        ] {
             assert!(check_bridge(bad).is_err(), "{bad}");
         }
     }

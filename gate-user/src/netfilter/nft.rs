@@ -74,9 +74,16 @@ impl Chain {
 /// The chains of `nft -j list ruleset`.
 pub(super) fn parse_json(text: &str) -> Result<Vec<Chain>, String> {
     let root: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    let items = root.get("nftables").and_then(Value::as_array).ok_or("no \"nftables\" array")?;
+    let items = root
+        .get("nftables")
+        .and_then(Value::as_array)
+        .ok_or("no \"nftables\" array")?;
     let str_of = |object: &Value, key: &str| {
-        object.get(key).and_then(Value::as_str).unwrap_or_default().to_owned()
+        object
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
     };
     let mut chains: Vec<Chain> = Vec::new();
     for item in items {
@@ -94,10 +101,20 @@ pub(super) fn parse_json(text: &str) -> Result<Vec<Chain>, String> {
                 rules: Vec::new(),
             });
         } else if let Some(rule) = item.get("rule") {
-            let (family, table, name) =
-                (str_of(rule, "family"), str_of(rule, "table"), str_of(rule, "chain"));
-            let handle = rule.get("handle").and_then(Value::as_u64).ok_or("rule without handle")?;
-            let exprs = rule.get("expr").and_then(Value::as_array).cloned().unwrap_or_default();
+            let (family, table, name) = (
+                str_of(rule, "family"),
+                str_of(rule, "table"),
+                str_of(rule, "chain"),
+            );
+            let handle = rule
+                .get("handle")
+                .and_then(Value::as_u64)
+                .ok_or("rule without handle")?;
+            let exprs = rule
+                .get("expr")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             let drops_everything = match exprs.split_last() {
                 Some((last, before)) => {
                     (last.get("drop").is_some() || last.get("reject").is_some())
@@ -107,7 +124,10 @@ pub(super) fn parse_json(text: &str) -> Result<Vec<Chain>, String> {
             };
             let rule = Rule {
                 handle,
-                comment: rule.get("comment").and_then(Value::as_str).map(str::to_owned),
+                comment: rule
+                    .get("comment")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
                 drops_everything,
             };
             // Rules follow their chain in a listing; look from the end.
@@ -163,7 +183,11 @@ pub(super) fn parse_text(text: &str) -> Result<Vec<Chain>, String> {
                     chain.base = Some(Base {
                         kind: after("type"),
                         hook: after("hook"),
-                        policy: if policy.is_empty() { "accept".to_owned() } else { policy },
+                        policy: if policy.is_empty() {
+                            "accept".to_owned()
+                        } else {
+                            policy
+                        },
                     });
                 }
             }
@@ -270,9 +294,15 @@ pub(super) fn survey() -> Result<Option<Survey>, NetfilterError> {
         }
         return Err(list_json.failed(&output));
     };
-    let chains =
-        chains.map_err(|detail| NetfilterError::Parse { command: list.display(), detail })?;
-    let targets = chains.iter().filter(|c| c.drops_forwarded()).map(Chain::location).collect();
+    let chains = chains.map_err(|detail| NetfilterError::Parse {
+        command: list.display(),
+        detail,
+    })?;
+    let targets = chains
+        .iter()
+        .filter(|c| c.drops_forwarded())
+        .map(Chain::location)
+        .collect();
     let own = chains
         .iter()
         .flat_map(|chain| {
@@ -286,13 +316,20 @@ pub(super) fn survey() -> Result<Option<Survey>, NetfilterError> {
             })
         })
         .collect();
-    Ok(Some(Survey { tool, json, targets, own }))
+    Ok(Some(Survey {
+        tool,
+        json,
+        targets,
+        own,
+    }))
 }
 
 /// Text commands only accept plain identifiers for table and chain names.
 fn plain(name: &str) -> Result<&str, NetfilterError> {
     let ok = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'));
     if ok {
         Ok(name)
     } else {
@@ -308,7 +345,12 @@ pub(super) fn insert(
     location: &Location,
     bridge: &str,
 ) -> Result<(), NetfilterError> {
-    let Location::Nft { family, table, chain } = location else {
+    let Location::Nft {
+        family,
+        table,
+        chain,
+    } = location
+    else {
         return Ok(());
     };
     let invocation = if survey.json {
@@ -342,8 +384,14 @@ pub(super) fn insert(
 /// reused while a table exists; only a table deleted and re-created (with a rule in a chain of
 /// the same name) between that listing and this call could make it name another rule.
 pub(super) fn delete(survey: &Survey, rule: &OwnRule) -> Result<(), NetfilterError> {
-    let (Location::Nft { family, table, chain }, RuleId::Handle(handle)) =
-        (&rule.location, &rule.id)
+    let (
+        Location::Nft {
+            family,
+            table,
+            chain,
+        },
+        RuleId::Handle(handle),
+    ) = (&rule.location, &rule.id)
     else {
         return Ok(());
     };
@@ -401,10 +449,19 @@ table inet fw { # handle 2
         let chains = parse_text(TEXT).expect("parse");
         assert_eq!(chains.len(), 3);
         assert!(chains[0].managed_by_iptables());
-        assert!(!chains[0].drops_forwarded(), "iptables-nft's chain is not ours to handle");
+        assert!(
+            !chains[0].drops_forwarded(),
+            "iptables-nft's chain is not ours to handle"
+        );
         let forward = &chains[1];
-        assert_eq!((forward.family.as_str(), forward.table.as_str()), ("inet", "fw"));
-        assert_eq!(forward.base.as_ref().map(|b| b.policy.as_str()), Some("accept"));
+        assert_eq!(
+            (forward.family.as_str(), forward.table.as_str()),
+            ("inet", "fw")
+        );
+        assert_eq!(
+            forward.base.as_ref().map(|b| b.policy.as_str()),
+            Some("accept")
+        );
         assert_eq!(forward.rules.len(), 3);
         assert_eq!(forward.rules[0].handle, 3);
         assert_eq!(

@@ -26,8 +26,16 @@ pub(super) struct Xtables {
 }
 
 pub(super) const BACKENDS: [Xtables; 6] = [
-    Xtables { name: "iptables-legacy", only_without: &[], legacy_tables: Some("ip_tables_names") },
-    Xtables { name: "iptables-nft", only_without: &[], legacy_tables: None },
+    Xtables {
+        name: "iptables-legacy",
+        only_without: &[],
+        legacy_tables: Some("ip_tables_names"),
+    },
+    Xtables {
+        name: "iptables-nft",
+        only_without: &[],
+        legacy_tables: None,
+    },
     Xtables {
         name: "iptables",
         only_without: &["iptables-legacy", "iptables-nft"],
@@ -38,7 +46,11 @@ pub(super) const BACKENDS: [Xtables; 6] = [
         only_without: &[],
         legacy_tables: Some("ip6_tables_names"),
     },
-    Xtables { name: "ip6tables-nft", only_without: &[], legacy_tables: None },
+    Xtables {
+        name: "ip6tables-nft",
+        only_without: &[],
+        legacy_tables: None,
+    },
     Xtables {
         name: "ip6tables",
         only_without: &["ip6tables-legacy", "ip6tables-nft"],
@@ -77,8 +89,12 @@ pub(super) fn rule_spec(bridge: &str) -> Vec<String> {
 }
 
 fn invocation<'a>(tool: &'a Path, args: impl IntoIterator<Item = String>) -> Invocation<'a> {
-    let mut all =
-        vec!["-w".to_owned(), WAIT_SECONDS.to_owned(), "-t".to_owned(), "filter".to_owned()];
+    let mut all = vec![
+        "-w".to_owned(),
+        WAIT_SECONDS.to_owned(),
+        "-t".to_owned(),
+        "filter".to_owned(),
+    ];
     all.extend(args);
     Invocation::new(tool, all)
 }
@@ -97,7 +113,11 @@ fn legacy_filter_exists(names_file: &str) -> bool {
 /// would not drop) and every rule that carries a portgate comment. None when the backend is
 /// absent (no binary, no legacy table, or a table only the `nft` tool can read).
 pub(super) fn survey(backend: &Xtables) -> Result<Option<Survey>, NetfilterError> {
-    if backend.only_without.iter().any(|other| find_binary(other).is_some()) {
+    if backend
+        .only_without
+        .iter()
+        .any(|other| find_binary(other).is_some())
+    {
         return Ok(None);
     }
     let Some(tool) = find_binary(backend.name) else {
@@ -123,9 +143,18 @@ pub(super) fn survey(backend: &Xtables) -> Result<Option<Survey>, NetfilterError
         }
         return Err(error);
     }
-    let listing = parse_listing(&String::from_utf8_lossy(&output.stdout))
-        .map_err(|detail| NetfilterError::Parse { command: list.display(), detail })?;
-    Ok(Some(Survey { tool, json: false, targets: listing.targets(), own: listing.own }))
+    let listing = parse_listing(&String::from_utf8_lossy(&output.stdout)).map_err(|detail| {
+        NetfilterError::Parse {
+            command: list.display(),
+            detail,
+        }
+    })?;
+    Ok(Some(Survey {
+        tool,
+        json: false,
+        targets: listing.targets(),
+        own: listing.own,
+    }))
 }
 
 /// The parts of `iptables -S` that matter here.
@@ -175,8 +204,10 @@ impl Listing {
 
 pub(super) fn parse_listing(text: &str) -> Result<Listing, String> {
     let mut listing = Listing::default();
-    for line in
-        text.lines().map(str::trim).filter(|line| !line.is_empty() && !line.starts_with('#'))
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
     {
         let tokens = split_words(line).map_err(|e| format!("{e} in line {line:?}"))?;
         match tokens.as_slice() {
@@ -287,7 +318,16 @@ mod tests {
             split_words(r#"-A FORWARD -m comment --comment "a \"b\" c" -j ACCEPT"#).expect("split");
         assert_eq!(
             words,
-            ["-A", "FORWARD", "-m", "comment", "--comment", "a \"b\" c", "-j", "ACCEPT"]
+            [
+                "-A",
+                "FORWARD",
+                "-m",
+                "comment",
+                "--comment",
+                "a \"b\" c",
+                "-j",
+                "ACCEPT"
+            ]
         );
         assert!(split_words(r#"-A "x"#).is_err());
     }

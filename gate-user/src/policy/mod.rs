@@ -19,7 +19,9 @@ pub const MAX_SAVED_RULES: u32 = MAX_RULES / 2;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
-    #[error("invalid address {0:?}: expected an IPv4 or IPv6 address such as 172.17.0.2 or fd00::2")]
+    #[error(
+        "invalid address {0:?}: expected an IPv4 or IPv6 address such as 172.17.0.2 or fd00::2"
+    )]
     Address(String),
     #[error(
         "invalid target {0:?}: expected an IP address or a container name or ID ([a-zA-Z0-9][a-zA-Z0-9_.-]*)"
@@ -108,7 +110,11 @@ impl FromStr for PortSpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.eq_ignore_ascii_case("icmp") {
-            return Ok(Self { protocol: Protocol::Icmp, port_start: 0, port_end: 0 });
+            return Ok(Self {
+                protocol: Protocol::Icmp,
+                port_start: 0,
+                port_end: 0,
+            });
         }
         let (ports, protocol) = match s.split_once('/') {
             Some((ports, proto)) => (ports, proto),
@@ -130,7 +136,11 @@ impl FromStr for PortSpec {
         if port_start > port_end {
             return Err(PolicyError::Range(ports.to_owned()));
         }
-        Ok(Self { protocol, port_start, port_end })
+        Ok(Self {
+            protocol,
+            port_start,
+            port_end,
+        })
     }
 }
 
@@ -138,7 +148,9 @@ impl fmt::Display for PortSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.protocol {
             Protocol::Icmp => f.write_str("icmp"),
-            _ if self.port_start == self.port_end => write!(f, "{}/{}", self.port_start, self.protocol),
+            _ if self.port_start == self.port_end => {
+                write!(f, "{}/{}", self.port_start, self.protocol)
+            }
             _ => write!(f, "{}-{}/{}", self.port_start, self.port_end, self.protocol),
         }
     }
@@ -173,7 +185,11 @@ impl FromStr for Target {
         let mut chars = name.chars();
         let valid = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
             && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-        if valid { Ok(Self::Container(name.to_owned())) } else { Err(PolicyError::Target(s.to_owned())) }
+        if valid {
+            Ok(Self::Container(name.to_owned()))
+        } else {
+            Err(PolicyError::Target(s.to_owned()))
+        }
     }
 }
 
@@ -282,7 +298,9 @@ impl RuleSet {
         for rule in &self.rules {
             let spec = match (rule.ports, ports) {
                 _ if rule.target != *target => None,
-                (Ports::Spec(have), Ports::Spec(want)) if have.overlaps(&want) => Some((have, want)),
+                (Ports::Spec(have), Ports::Spec(want)) if have.overlaps(&want) => {
+                    Some((have, want))
+                }
                 (Ports::Published, Ports::Published) => {
                     touched = true;
                     removed.push(rule.id);
@@ -295,17 +313,27 @@ impl RuleSet {
                 continue;
             };
             touched = true;
-            let below = (have.port_start < want.port_start)
-                .then(|| PortSpec { port_end: want.port_start - 1, ..have });
-            let above =
-                (have.port_end > want.port_end).then(|| PortSpec { port_start: want.port_end + 1, ..have });
+            let below = (have.port_start < want.port_start).then(|| PortSpec {
+                port_end: want.port_start - 1,
+                ..have
+            });
+            let above = (have.port_end > want.port_end).then(|| PortSpec {
+                port_start: want.port_end + 1,
+                ..have
+            });
             match (below, above) {
                 (None, None) => removed.push(rule.id),
                 (Some(keep), None) | (None, Some(keep)) => {
-                    next.push(Rule { ports: Ports::Spec(keep), ..rule.clone() });
+                    next.push(Rule {
+                        ports: Ports::Spec(keep),
+                        ..rule.clone()
+                    });
                 }
                 (Some(below), Some(above)) => {
-                    next.push(Rule { ports: Ports::Spec(below), ..rule.clone() });
+                    next.push(Rule {
+                        ports: Ports::Spec(below),
+                        ..rule.clone()
+                    });
                     pending_split.push((rule.target.clone(), above));
                 }
             }
@@ -316,7 +344,11 @@ impl RuleSet {
         let mut result = RuleSet::new(next);
         for (target, spec) in pending_split {
             let id = result.free_id().ok_or(PolicyError::TooManyRules)?;
-            result.rules.push(Rule { id, target, ports: Ports::Spec(spec) });
+            result.rules.push(Rule {
+                id,
+                target,
+                ports: Ports::Spec(spec),
+            });
             result.rules.sort_by_key(|r| r.id);
         }
         *self = result;
@@ -366,9 +398,23 @@ mod tests {
     #[test]
     fn port_specs_parse_with_tcp_as_default() {
         let p = |s: &str| s.parse::<PortSpec>().expect("valid");
-        assert_eq!(p("80"), PortSpec { protocol: Protocol::Tcp, port_start: 80, port_end: 80 });
+        assert_eq!(
+            p("80"),
+            PortSpec {
+                protocol: Protocol::Tcp,
+                port_start: 80,
+                port_end: 80
+            }
+        );
         assert_eq!(p("53/udp").protocol, Protocol::Udp);
-        assert_eq!(p("8000-8010/TCP"), PortSpec { protocol: Protocol::Tcp, port_start: 8000, port_end: 8010 });
+        assert_eq!(
+            p("8000-8010/TCP"),
+            PortSpec {
+                protocol: Protocol::Tcp,
+                port_start: 8000,
+                port_end: 8010
+            }
+        );
         assert_eq!(p("icmp").protocol, Protocol::Icmp);
         assert_eq!(p("8000-8010/tcp").to_string(), "8000-8010/tcp");
         assert_eq!(p("80").to_string(), "80/tcp");
@@ -377,22 +423,52 @@ mod tests {
     #[test]
     fn bad_port_specs_name_the_problem() {
         assert_eq!("0".parse::<PortSpec>(), Err(PolicyError::Port("0".into())));
-        assert_eq!("70000".parse::<PortSpec>(), Err(PolicyError::Port("70000".into())));
-        assert_eq!("80/sctp".parse::<PortSpec>(), Err(PolicyError::Protocol("sctp".into())));
-        assert_eq!("90-80".parse::<PortSpec>(), Err(PolicyError::Range("90-80".into())));
+        assert_eq!(
+            "70000".parse::<PortSpec>(),
+            Err(PolicyError::Port("70000".into()))
+        );
+        assert_eq!(
+            "80/sctp".parse::<PortSpec>(),
+            Err(PolicyError::Protocol("sctp".into()))
+        );
+        assert_eq!(
+            "90-80".parse::<PortSpec>(),
+            Err(PolicyError::Range("90-80".into()))
+        );
         assert_eq!("x".parse::<PortSpec>(), Err(PolicyError::Port("x".into())));
     }
 
     #[test]
     fn targets_are_addresses_or_container_names() {
-        assert_eq!(target("10.0.0.2"), Target::Address(parse_address("10.0.0.2").expect("ip")));
-        assert_eq!(target("fd00::2"), Target::Address(parse_address("fd00::2").expect("ip")));
+        assert_eq!(
+            target("10.0.0.2"),
+            Target::Address(parse_address("10.0.0.2").expect("ip"))
+        );
+        assert_eq!(
+            target("fd00::2"),
+            Target::Address(parse_address("fd00::2").expect("ip"))
+        );
         assert_eq!(target("web"), Target::Container("web".into()));
-        assert_eq!(target("/my_app.1-2"), Target::Container("my_app.1-2".into()));
-        assert_eq!("10.0.0.256".parse::<Target>(), Err(PolicyError::Address("10.0.0.256".into())));
-        assert_eq!("fd00::g".parse::<Target>(), Err(PolicyError::Address("fd00::g".into())));
-        assert!(matches!("not an address!".parse::<Target>(), Err(PolicyError::Target(_))));
-        assert!(matches!("-web".parse::<Target>(), Err(PolicyError::Target(_))));
+        assert_eq!(
+            target("/my_app.1-2"),
+            Target::Container("my_app.1-2".into())
+        );
+        assert_eq!(
+            "10.0.0.256".parse::<Target>(),
+            Err(PolicyError::Address("10.0.0.256".into()))
+        );
+        assert_eq!(
+            "fd00::g".parse::<Target>(),
+            Err(PolicyError::Address("fd00::g".into()))
+        );
+        assert!(matches!(
+            "not an address!".parse::<Target>(),
+            Err(PolicyError::Target(_))
+        ));
+        assert!(matches!(
+            "-web".parse::<Target>(),
+            Err(PolicyError::Target(_))
+        ));
     }
 
     #[test]
@@ -400,29 +476,49 @@ mod tests {
         let mut rules = RuleSet::default();
         assert_eq!(rules.allow(target("10.0.0.2"), spec("80")), Ok(0));
         assert_eq!(rules.allow(target("10.0.0.2"), spec("443")), Ok(1));
-        assert!(matches!(rules.allow(target("10.0.0.2"), spec("80/tcp")), Err(PolicyError::AlreadyAllowed(_))));
+        assert!(matches!(
+            rules.allow(target("10.0.0.2"), spec("80/tcp")),
+            Err(PolicyError::AlreadyAllowed(_))
+        ));
         // Same port, other protocol or target: a different rule.
         assert_eq!(rules.allow(target("10.0.0.2"), spec("80/udp")), Ok(2));
         assert_eq!(rules.allow(target("fd00::2"), spec("80")), Ok(3));
         assert_eq!(rules.allow(target("web"), spec("80")), Ok(4));
         assert_eq!(rules.allow(target("web"), Ports::Published), Ok(5));
-        assert!(matches!(rules.allow(target("web"), Ports::Published), Err(PolicyError::AlreadyAllowed(_))));
-        assert_eq!(rules.allow(target("10.0.0.2"), Ports::Published), Err(PolicyError::PublishedNeedsContainer));
+        assert!(matches!(
+            rules.allow(target("web"), Ports::Published),
+            Err(PolicyError::AlreadyAllowed(_))
+        ));
+        assert_eq!(
+            rules.allow(target("10.0.0.2"), Ports::Published),
+            Err(PolicyError::PublishedNeedsContainer)
+        );
     }
 
     #[test]
     fn deny_splits_ranges_and_frees_ids() {
         let mut rules = RuleSet::default();
-        rules.allow(target("10.0.0.2"), spec("8000-8002")).expect("allow");
+        rules
+            .allow(target("10.0.0.2"), spec("8000-8002"))
+            .expect("allow");
         assert_eq!(rules.deny(&target("10.0.0.2"), spec("8001")), Ok(vec![]));
         let specs: Vec<String> = rules.rules().iter().map(|r| r.ports.to_string()).collect();
         assert_eq!(specs, ["8000/tcp", "8002/tcp"]);
-        assert_eq!(rules.deny(&target("10.0.0.2"), spec("8000-8002")), Ok(vec![0, 1]));
+        assert_eq!(
+            rules.deny(&target("10.0.0.2"), spec("8000-8002")),
+            Ok(vec![0, 1])
+        );
         assert!(rules.rules().is_empty());
-        assert!(matches!(rules.deny(&target("10.0.0.2"), spec("80")), Err(PolicyError::NotAllowed(_))));
+        assert!(matches!(
+            rules.deny(&target("10.0.0.2"), spec("80")),
+            Err(PolicyError::NotAllowed(_))
+        ));
         assert_eq!(rules.allow(target("10.0.0.2"), spec("80")), Ok(0));
         rules.allow(target("web"), Ports::Published).expect("allow");
-        assert!(matches!(rules.deny(&target("web"), spec("80")), Err(PolicyError::NotAllowed(_))));
+        assert!(matches!(
+            rules.deny(&target("web"), spec("80")),
+            Err(PolicyError::NotAllowed(_))
+        ));
         assert_eq!(rules.deny(&target("web"), Ports::Published), Ok(vec![1]));
     }
 
@@ -430,10 +526,15 @@ mod tests {
     fn failed_changes_leave_rules_unchanged() {
         let mut rules = RuleSet::default();
         for last in 2..=5 {
-            rules.allow(target(&format!("10.0.0.{last}")), spec("1-65535")).expect("allow");
+            rules
+                .allow(target(&format!("10.0.0.{last}")), spec("1-65535"))
+                .expect("allow");
         }
         let before = rules.clone();
-        assert!(matches!(rules.allow(target("10.0.0.6"), spec("1-100")), Err(PolicyError::TooManyEntries { .. })));
+        assert!(matches!(
+            rules.allow(target("10.0.0.6"), spec("1-100")),
+            Err(PolicyError::TooManyEntries { .. })
+        ));
         assert_eq!(rules, before);
     }
 }

@@ -78,7 +78,13 @@ impl Resolver {
                 Target::Address(_) => Vec::new(),
                 Target::Container(name) => containers.iter().filter(|c| c.is_named(name)).collect(),
             };
-            resolved.rules.push(resolve_one(rule.id, Source::Cli, &rule.target, rule.ports, &matched));
+            resolved.rules.push(resolve_one(
+                rule.id,
+                Source::Cli,
+                &rule.target,
+                rule.ports,
+                &matched,
+            ));
         }
         let mut wanted = BTreeSet::new();
         for container in containers {
@@ -103,9 +109,13 @@ impl Resolver {
                     }
                 },
             };
-            let Some(container) = containers.iter().find(|c| c.id == key.0) else { continue };
+            let Some(container) = containers.iter().find(|c| c.id == key.0) else {
+                continue;
+            };
             let target = Target::Container(container.name.clone());
-            resolved.rules.push(resolve_one(id, source, &target, ports, &[container]));
+            resolved
+                .rules
+                .push(resolve_one(id, source, &target, ports, &[container]));
         }
         resolved.rules.sort_by_key(|r| r.id);
         for rule in &resolved.rules {
@@ -138,7 +148,10 @@ fn derived_rules(container: &Container, default_published: bool) -> Vec<(Source,
         for item in label.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match item.parse::<PortSpec>() {
                 Ok(spec) => derived.push((Source::Label, Ports::Spec(spec))),
-                Err(err) => warn!(container = container.name, "ignoring label {ALLOW_LABEL}={label}: {err}"),
+                Err(err) => warn!(
+                    container = container.name,
+                    "ignoring label {ALLOW_LABEL}={label}: {err}"
+                ),
             }
         }
     }
@@ -157,7 +170,10 @@ fn resolve_one(
 ) -> ResolvedRule {
     let mut addresses: Vec<IpAddr> = match target {
         Target::Address(address) => vec![*address],
-        Target::Container(_) => containers.iter().flat_map(|c| c.addresses.iter().copied()).collect(),
+        Target::Container(_) => containers
+            .iter()
+            .flat_map(|c| c.addresses.iter().copied())
+            .collect(),
     };
     addresses.sort();
     addresses.dedup();
@@ -166,7 +182,11 @@ fn resolve_one(
         Ports::Spec(spec) => vec![spec],
         Ports::Published => published
             .clone()
-            .map(|p| PortSpec { protocol: p.protocol, port_start: p.container_port, port_end: p.container_port })
+            .map(|p| PortSpec {
+                protocol: p.protocol,
+                port_start: p.container_port,
+                port_end: p.container_port,
+            })
             .collect(),
     };
     specs.sort();
@@ -174,7 +194,9 @@ fn resolve_one(
     let mut host_ports: Vec<u16> = published
         .filter(|p| {
             specs.iter().any(|s| {
-                s.protocol == p.protocol && s.port_start <= p.container_port && p.container_port <= s.port_end
+                s.protocol == p.protocol
+                    && s.port_start <= p.container_port
+                    && p.container_port <= s.port_end
             })
         })
         .map(|p| p.host_port)
@@ -202,7 +224,12 @@ mod tests {
     };
     use gate_common::{PROTO_ICMP, PROTO_TCP, ipv4_mapped};
 
-    fn container(name: &str, address: &str, published: &[(u16, u16)], label: Option<&str>) -> Container {
+    fn container(
+        name: &str,
+        address: &str,
+        published: &[(u16, u16)],
+        label: Option<&str>,
+    ) -> Container {
         Container {
             engine: Engine::Docker,
             id: format!("{name:0>64}"),
@@ -216,7 +243,9 @@ mod tests {
                     protocol: Protocol::Tcp,
                 })
                 .collect(),
-            labels: label.map(|l| BTreeMap::from([(ALLOW_LABEL.to_owned(), l.to_owned())])).unwrap_or_default(),
+            labels: label
+                .map(|l| BTreeMap::from([(ALLOW_LABEL.to_owned(), l.to_owned())]))
+                .unwrap_or_default(),
         }
     }
 
@@ -228,18 +257,30 @@ mod tests {
             } else {
                 Ports::Spec(ports.parse().expect("spec"))
             };
-            rules.allow(target.parse().expect("target"), ports).expect("allow");
+            rules
+                .allow(target.parse().expect("target"), ports)
+                .expect("allow");
         }
         rules
     }
 
     #[test]
     fn address_rules_map_addresses_protocols_and_ports() {
-        let resolved = Resolver::default().resolve(&rules(&[("10.0.0.2", "80-81"), ("10.0.0.2", "icmp")]), &[], false);
+        let resolved = Resolver::default().resolve(
+            &rules(&[("10.0.0.2", "80-81"), ("10.0.0.2", "icmp")]),
+            &[],
+            false,
+        );
         assert_eq!(resolved.entries.len(), 3);
         let v4 = ipv4_mapped([10, 0, 0, 2]);
-        assert_eq!(resolved.entries[&AllowKey::new(v4, PROTO_TCP, 81)], AllowValue { rule_id: 0 });
-        assert_eq!(resolved.entries[&AllowKey::new(v4, PROTO_ICMP, 0)], AllowValue { rule_id: 1 });
+        assert_eq!(
+            resolved.entries[&AllowKey::new(v4, PROTO_TCP, 81)],
+            AllowValue { rule_id: 0 }
+        );
+        assert_eq!(
+            resolved.entries[&AllowKey::new(v4, PROTO_ICMP, 0)],
+            AllowValue { rule_id: 1 }
+        );
         assert!(resolved.rules.iter().all(ResolvedRule::is_active));
     }
 
@@ -248,19 +289,33 @@ mod tests {
         let set = rules(&[("web", "80")]);
         let mut resolver = Resolver::default();
         let before = resolver.resolve(&set, &[], false);
-        assert!(!before.rules[0].is_active(), "kept, inactive, while the container is not running");
+        assert!(
+            !before.rules[0].is_active(),
+            "kept, inactive, while the container is not running"
+        );
         assert!(before.entries.is_empty());
 
         let web = container("web", "172.17.0.2", &[(8080, 80)], None);
         let running = resolver.resolve(&set, &[web], false);
         assert!(running.rules[0].is_active());
         assert_eq!(running.rules[0].host_ports, [8080]);
-        assert!(running.entries.contains_key(&AllowKey::new(ipv4_mapped([172, 17, 0, 2]), PROTO_TCP, 80)));
+        assert!(running.entries.contains_key(&AllowKey::new(
+            ipv4_mapped([172, 17, 0, 2]),
+            PROTO_TCP,
+            80
+        )));
 
         // Restarted with a new address: the entry moves.
-        let moved = resolver.resolve(&set, &[container("web", "172.17.0.3", &[(8080, 80)], None)], false);
+        let moved = resolver.resolve(
+            &set,
+            &[container("web", "172.17.0.3", &[(8080, 80)], None)],
+            false,
+        );
         let keys: Vec<_> = moved.entries.keys().collect();
-        assert_eq!(keys, [&AllowKey::new(ipv4_mapped([172, 17, 0, 3]), PROTO_TCP, 80)]);
+        assert_eq!(
+            keys,
+            [&AllowKey::new(ipv4_mapped([172, 17, 0, 3]), PROTO_TCP, 80)]
+        );
     }
 
     #[test]
@@ -280,7 +335,10 @@ mod tests {
         let mut resolver = Resolver::default();
         let first = resolver.resolve(&RuleSet::default(), &[db.clone(), web.clone()], true);
         let sources: Vec<Source> = first.rules.iter().map(|r| r.source).collect();
-        assert_eq!(sources, [Source::Label, Source::Label, Source::DefaultPolicy]);
+        assert_eq!(
+            sources,
+            [Source::Label, Source::Label, Source::DefaultPolicy]
+        );
         assert!(first.rules.iter().all(|r| r.id >= MAX_SAVED_RULES));
         assert_eq!(first.new_ids.len(), 3);
         assert_eq!(first.entries.len(), 3);

@@ -20,8 +20,13 @@ pub enum StoreError {
     #[error(
         "rules file {path} is corrupt ({source}); fix or move it away, portgate will not overwrite it"
     )]
-    Corrupt { path: PathBuf, source: serde_json::Error },
-    #[error("rules file {path} has format version {found}; this portgate reads version {FORMAT_VERSION}")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "rules file {path} has format version {found}; this portgate reads version {FORMAT_VERSION}"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("cannot write rules to {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
@@ -40,7 +45,9 @@ pub struct RuleStore {
 
 impl RuleStore {
     pub fn new(state_dir: &Path) -> Self {
-        Self { path: state_dir.join("rules.json") }
+        Self {
+            path: state_dir.join("rules.json"),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -52,21 +59,38 @@ impl RuleStore {
         let text = match fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(RuleSet::default()),
-            Err(source) => return Err(StoreError::Read { path: self.path.clone(), source }),
+            Err(source) => {
+                return Err(StoreError::Read {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
         };
-        let file: RulesFile = serde_json::from_str(&text)
-            .map_err(|source| StoreError::Corrupt { path: self.path.clone(), source })?;
+        let file: RulesFile =
+            serde_json::from_str(&text).map_err(|source| StoreError::Corrupt {
+                path: self.path.clone(),
+                source,
+            })?;
         if file.version != FORMAT_VERSION {
-            return Err(StoreError::Version { path: self.path.clone(), found: file.version });
+            return Err(StoreError::Version {
+                path: self.path.clone(),
+                found: file.version,
+            });
         }
         Ok(RuleSet::new(file.rules))
     }
 
     pub fn save(&self, rules: &RuleSet) -> Result<(), StoreError> {
-        let write_err = |source| StoreError::Write { path: self.path.clone(), source };
+        let write_err = |source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        };
         let dir = self.path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(write_err)?;
-        let file = RulesFile { version: FORMAT_VERSION, rules: rules.rules().to_vec() };
+        let file = RulesFile {
+            version: FORMAT_VERSION,
+            rules: rules.rules().to_vec(),
+        };
         let mut text = serde_json::to_vec_pretty(&file).map_err(|e| write_err(e.into()))?;
         text.push(b'\n');
         let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(write_err)?;
@@ -74,7 +98,9 @@ impl RuleStore {
         tmp.as_file().sync_all().map_err(write_err)?;
         tmp.persist(&self.path).map_err(|e| write_err(e.error))?;
         // Make the rename itself durable.
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write_err)?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write_err)?;
         Ok(())
     }
 }
@@ -88,11 +114,21 @@ mod tests {
     fn rules_round_trip_through_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = RuleStore::new(&dir.path().join("state"));
-        assert!(store.load().expect("missing file is empty").rules().is_empty());
+        assert!(
+            store
+                .load()
+                .expect("missing file is empty")
+                .rules()
+                .is_empty()
+        );
         let mut rules = RuleSet::default();
         let spec = Ports::Spec("8000-8010/udp".parse().expect("spec"));
-        rules.allow("fd00::2".parse::<Target>().expect("target"), spec).expect("allow");
-        rules.allow("web".parse::<Target>().expect("target"), Ports::Published).expect("allow");
+        rules
+            .allow("fd00::2".parse::<Target>().expect("target"), spec)
+            .expect("allow");
+        rules
+            .allow("web".parse::<Target>().expect("target"), Ports::Published)
+            .expect("allow");
         store.save(&rules).expect("save");
         assert_eq!(store.load().expect("load"), rules);
     }
@@ -113,6 +149,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = RuleStore::new(dir.path());
         fs::write(store.path(), br#"{"version": 9, "rules": []}"#).expect("write");
-        assert!(matches!(store.load(), Err(StoreError::Version { found: 9, .. })));
+        assert!(matches!(
+            store.load(),
+            Err(StoreError::Version { found: 9, .. })
+        ));
     }
 }

@@ -19,9 +19,9 @@ use bollard::{
     models::{ContainerInspectResponse, Network},
     query_parameters::{EventsOptions, ListContainersOptions, ListNetworksOptions},
 };
+use futures_util::StreamExt as _;
 use serde::Serialize;
 use tokio::sync::mpsc;
-use futures_util::StreamExt as _;
 use tracing::{info, warn};
 
 use crate::policy::Protocol;
@@ -89,8 +89,15 @@ pub struct Snapshot {
 
 #[derive(Debug)]
 pub enum RuntimeEvent {
-    Synced { engine: Engine, snapshot: Snapshot, after_event: bool },
-    Disconnected { engine: Engine, error: String },
+    Synced {
+        engine: Engine,
+        snapshot: Snapshot,
+        after_event: bool,
+    },
+    Disconnected {
+        engine: Engine,
+        error: String,
+    },
 }
 
 /// Watches one engine forever, sending what it sees to `events`.
@@ -101,7 +108,11 @@ pub async fn watch(engine: Engine, socket: PathBuf, events: mpsc::Sender<Runtime
             Ok(()) => "event stream ended".to_owned(),
             Err(err) => err.to_string(),
         };
-        if events.send(RuntimeEvent::Disconnected { engine, error }).await.is_err() {
+        if events
+            .send(RuntimeEvent::Disconnected { engine, error })
+            .await
+            .is_err()
+        {
             return; // the agent is shutting down
         }
         tokio::time::sleep(backoff).await;
@@ -120,14 +131,27 @@ async fn session(
     let docker = Docker::connect_with_unix(&path, 30, API_DEFAULT_VERSION)?
         .negotiate_version()
         .await?;
-    let filters = HashMap::from([("type".to_owned(), vec!["container".to_owned(), "network".to_owned()])]);
+    let filters = HashMap::from([(
+        "type".to_owned(),
+        vec!["container".to_owned(), "network".to_owned()],
+    )]);
     // Subscribe before the snapshot, so nothing between the two is missed.
-    let mut stream =
-        Box::pin(docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() })));
+    let mut stream = Box::pin(docker.events(Some(EventsOptions {
+        filters: Some(filters),
+        ..Default::default()
+    })));
     let snapshot = take_snapshot(engine, &docker).await?;
     info!(%engine, socket = %path, containers = snapshot.containers.len(), "engine synced");
     *backoff = Duration::from_millis(500);
-    if events.send(RuntimeEvent::Synced { engine, snapshot, after_event: false }).await.is_err() {
+    if events
+        .send(RuntimeEvent::Synced {
+            engine,
+            snapshot,
+            after_event: false,
+        })
+        .await
+        .is_err()
+    {
         return Ok(());
     }
     loop {
@@ -152,18 +176,34 @@ async fn session(
             }
         }
         let snapshot = take_snapshot(engine, &docker).await?;
-        if events.send(RuntimeEvent::Synced { engine, snapshot, after_event }).await.is_err() {
+        if events
+            .send(RuntimeEvent::Synced {
+                engine,
+                snapshot,
+                after_event,
+            })
+            .await
+            .is_err()
+        {
             return Ok(());
         }
     }
 }
 
-async fn take_snapshot(engine: Engine, docker: &Docker) -> Result<Snapshot, bollard::errors::Error> {
+async fn take_snapshot(
+    engine: Engine,
+    docker: &Docker,
+) -> Result<Snapshot, bollard::errors::Error> {
     let networks = docker.list_networks(None::<ListNetworksOptions>).await?;
-    let mut bridges: Vec<String> = networks.iter().filter_map(|n| bridge_of(engine, n)).collect();
+    let mut bridges: Vec<String> = networks
+        .iter()
+        .filter_map(|n| bridge_of(engine, n))
+        .collect();
     bridges.sort();
     bridges.dedup();
-    let summaries = docker.list_containers(None::<ListContainersOptions>).await?;
+    let summaries = docker
+        .list_containers(None::<ListContainersOptions>)
+        .await?;
     let mut containers = Vec::with_capacity(summaries.len());
     for id in summaries.into_iter().filter_map(|s| s.id) {
         match docker.inspect_container(&id, None).await {
@@ -173,7 +213,10 @@ async fn take_snapshot(engine: Engine, docker: &Docker) -> Result<Snapshot, boll
         }
     }
     containers.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Snapshot { containers, bridges })
+    Ok(Snapshot {
+        containers,
+        bridges,
+    })
 }
 
 /// The Linux bridge behind a bridge network, as each engine names it.
@@ -181,8 +224,10 @@ fn bridge_of(engine: Engine, network: &Network) -> Option<String> {
     if network.driver.as_deref() != Some("bridge") {
         return None;
     }
-    if let Some(name) =
-        network.options.as_ref().and_then(|o| o.get("com.docker.network.bridge.name"))
+    if let Some(name) = network
+        .options
+        .as_ref()
+        .and_then(|o| o.get("com.docker.network.bridge.name"))
     {
         return Some(name.clone());
     }
@@ -207,12 +252,18 @@ fn podman_network_interface(network: &str) -> Option<String> {
     }
     let path = std::path::Path::new(PODMAN_NETWORKS_DIR).join(format!("{network}.json"));
     let text = std::fs::read_to_string(path).ok()?;
-    serde_json::from_str::<NetworkFile>(&text).ok()?.network_interface
+    serde_json::from_str::<NetworkFile>(&text)
+        .ok()?
+        .network_interface
 }
 
 fn container_facts(engine: Engine, inspect: ContainerInspectResponse) -> Option<Container> {
     let id = inspect.id?;
-    let name = inspect.name.unwrap_or_default().trim_start_matches('/').to_owned();
+    let name = inspect
+        .name
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_owned();
     let labels = inspect
         .config
         .and_then(|c| c.labels)
@@ -256,7 +307,14 @@ fn container_facts(engine: Engine, inspect: ContainerInspectResponse) -> Option<
         .collect();
     published.sort();
     published.dedup();
-    Some(Container { engine, id, name, addresses, published, labels })
+    Some(Container {
+        engine,
+        id,
+        name,
+        addresses,
+        published,
+        labels,
+    })
 }
 
 #[cfg(test)]
@@ -283,7 +341,8 @@ mod tests {
 
     #[test]
     fn inspect_output_becomes_container_facts() {
-        let inspect: ContainerInspectResponse = serde_json::from_str(INSPECT).expect("inspect JSON");
+        let inspect: ContainerInspectResponse =
+            serde_json::from_str(INSPECT).expect("inspect JSON");
         let c = container_facts(Engine::Docker, inspect).expect("facts");
         assert_eq!(c.name, "web");
         assert!(c.is_named("web") && c.is_named("4013436478f9") && !c.is_named("4013"));
@@ -292,11 +351,22 @@ mod tests {
         assert_eq!(
             c.published,
             [
-                Published { host_port: 5353, container_port: 53, protocol: Protocol::Udp },
-                Published { host_port: 8080, container_port: 80, protocol: Protocol::Tcp },
+                Published {
+                    host_port: 5353,
+                    container_port: 53,
+                    protocol: Protocol::Udp
+                },
+                Published {
+                    host_port: 8080,
+                    container_port: 80,
+                    protocol: Protocol::Tcp
+                },
             ]
         );
-        assert_eq!(c.labels.get(ALLOW_LABEL).map(String::as_str), Some("443/tcp"));
+        assert_eq!(
+            c.labels.get(ALLOW_LABEL).map(String::as_str),
+            Some("443/tcp")
+        );
     }
 
     #[test]
@@ -305,17 +375,31 @@ mod tests {
             name: Some(name.to_owned()),
             id: Some(id.to_owned()),
             driver: Some("bridge".to_owned()),
-            options: bridge_option
-                .map(|b| HashMap::from([("com.docker.network.bridge.name".to_owned(), b.to_owned())])),
+            options: bridge_option.map(|b| {
+                HashMap::from([("com.docker.network.bridge.name".to_owned(), b.to_owned())])
+            }),
             ..Default::default()
         };
-        assert_eq!(bridge_of(Engine::Docker, &network("bridge", "abc", Some("docker0"))).as_deref(), Some("docker0"));
         assert_eq!(
-            bridge_of(Engine::Docker, &network("backend", "0123456789abcdef", None)).as_deref(),
+            bridge_of(Engine::Docker, &network("bridge", "abc", Some("docker0"))).as_deref(),
+            Some("docker0")
+        );
+        assert_eq!(
+            bridge_of(
+                Engine::Docker,
+                &network("backend", "0123456789abcdef", None)
+            )
+            .as_deref(),
             Some("br-0123456789ab")
         );
-        assert_eq!(bridge_of(Engine::Podman, &network("bridge", "x", None)).as_deref(), Some("podman0"));
-        let host = Network { driver: Some("host".to_owned()), ..network("host", "h", None) };
+        assert_eq!(
+            bridge_of(Engine::Podman, &network("bridge", "x", None)).as_deref(),
+            Some("podman0")
+        );
+        let host = Network {
+            driver: Some("host".to_owned()),
+            ..network("host", "h", None)
+        };
         assert_eq!(bridge_of(Engine::Docker, &host), None);
     }
 }
