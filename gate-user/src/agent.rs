@@ -195,20 +195,20 @@ impl Agent {
         drop(events_tx);
         let mut tick = tokio::time::interval(TICK);
         info!(socket = %socket.path().display(), "agent ready");
+        let (requests_tx, mut requests) = mpsc::channel(16);
+        tokio::spawn(socket.run(requests_tx));
         loop {
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
-                next = socket.next() => match next {
-                    Ok(Some((Request::Watch, stream))) => {
+                Some((request, mut stream)) = requests.recv() => match request {
+                    Request::Watch => {
                         tokio::spawn(stream_watch(stream, self.watchers.subscribe()));
                     }
-                    Ok(Some((request, mut stream))) => {
+                    request => {
                         let response = self.handle(request);
-                        server::reply(&mut stream, &response).await;
+                        tokio::spawn(async move { server::reply(&mut stream, &response).await });
                     }
-                    Ok(None) => {}
-                    Err(err) => warn!("control socket accept failed: {err}"),
                 },
                 Some(event) = events.recv() => self.on_runtime_event(event),
                 Some(drop) = drops.recv() => self.on_drop_event(drop),

@@ -171,3 +171,48 @@ fn switching_modes_keeps_tracked_connections() {
         "four"
     );
 }
+
+#[test]
+fn control_requests_are_answered_while_drop_events_stream() {
+    require_root!();
+    let sb = Sandbox::new();
+    let agent = Agent::start(&sb);
+    let _watch = Watch::start(&agent);
+    // A steady stream of blocked datagrams keeps the agent loop busy with drop events.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        let socket = sb
+            .in_netns(&sb.client, || std::net::UdpSocket::bind("10.98.0.2:0"))
+            .expect("udp socket");
+        thread::spawn(move || {
+            let mut sent = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 50_000 {
+                let _ = socket.send_to(b"x", "10.99.0.2:9");
+                sent += 1;
+                thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let mut failures = Vec::new();
+    for i in 0..60 {
+        let output = agent.cli(&["status", "--json"]);
+        if !output.status.success() {
+            failures.push(format!(
+                "#{i}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().expect("flood thread");
+    assert!(
+        failures.is_empty(),
+        "control requests lost while events streamed: {failures:?}"
+    );
+    let status = agent.status_json();
+    assert!(
+        counter(&status, "drop", "not_allowed") > 100,
+        "the flood was not dropped: {status}"
+    );
+}

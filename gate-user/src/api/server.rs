@@ -4,11 +4,13 @@ use std::{
     fs, io,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{UnixListener, UnixStream},
+    sync::mpsc,
 };
 use tracing::{debug, warn};
 
@@ -21,6 +23,9 @@ pub enum ServerError {
     #[error("control socket {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
+
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A bound control socket; the file is removed on drop.
 pub struct ControlSocket {
@@ -56,34 +61,58 @@ impl ControlSocket {
         &self.path
     }
 
-    /// Waits for the next root client and reads its request. Clients that are not root, or
-    /// send garbage, get an error response here and are not passed on.
-    pub async fn next(&self) -> io::Result<Option<(Request, UnixStream)>> {
-        let (mut stream, _) = self.listener.accept().await?;
-        let uid = stream.peer_cred().map(|cred| cred.uid());
-        if !matches!(uid, Ok(0)) {
-            warn!(?uid, "refused a control connection from a non-root peer");
-            reply(
-                &mut stream,
-                &Response::Error("permission denied: portgate needs root".into()),
-            )
-            .await;
-            return Ok(None);
+    /// Accepts clients until the agent stops, reading each one's request on a task of its
+    /// own, and hands (request, connection) to the agent loop through `requests`. A slow
+    /// client holds up no one, and the agent loop only ever waits on a channel, which a
+    /// `select!` may cancel without losing a client.
+    pub async fn run(self, requests: mpsc::Sender<(Request, UnixStream)>) {
+        loop {
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    warn!("control socket accept failed: {err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                if let Some(request) = read_request(stream).await {
+                    let _ = requests.send(request).await;
+                }
+            });
         }
-        let mut body = Vec::new();
-        let read = (&mut stream)
-            .take(MAX_REQUEST_BYTES)
-            .read_to_end(&mut body)
-            .await;
-        match read.map_err(|e| e.to_string()).and_then(|_| {
+    }
+}
+
+/// Reads one request from a root client. Clients that are not root, are too slow, or send
+/// garbage get an error response here and are not passed on.
+async fn read_request(mut stream: UnixStream) -> Option<(Request, UnixStream)> {
+    let uid = stream.peer_cred().map(|cred| cred.uid());
+    if !matches!(uid, Ok(0)) {
+        warn!(?uid, "refused a control connection from a non-root peer");
+        reply(
+            &mut stream,
+            &Response::Error("permission denied: portgate needs root".into()),
+        )
+        .await;
+        return None;
+    }
+    let mut body = Vec::new();
+    let mut limited = (&mut stream).take(MAX_REQUEST_BYTES);
+    let parsed = match tokio::time::timeout(REQUEST_TIMEOUT, limited.read_to_end(&mut body)).await {
+        Err(_) => Err("no complete request within 10 s".to_owned()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Ok(Ok(_)) => {
             serde_json::from_slice::<Request>(&body).map_err(|e| format!("bad request: {e}"))
-        }) {
-            Ok(request) => Ok(Some((request, stream))),
-            Err(message) => {
-                debug!(%message, "bad control request");
-                reply(&mut stream, &Response::Error(message)).await;
-                Ok(None)
-            }
+        }
+    };
+    match parsed {
+        Ok(request) => Some((request, stream)),
+        Err(message) => {
+            debug!(%message, "bad control request");
+            reply(&mut stream, &Response::Error(message)).await;
+            None
         }
     }
 }
