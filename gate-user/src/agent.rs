@@ -28,7 +28,10 @@ use crate::{
     datapath::{self, Capacities, Datapath, GateConfig, sys},
     metrics,
     netfilter::{Delegation, DelegationStatus},
-    policy::{Ports, Resolved, ResolvedRule, Resolver, RuleSet, RuleStore, Target, addr_from_map},
+    policy::{
+        MAX_SAVED_RULES, Ports, Resolved, ResolvedRule, Resolver, RuleSet, RuleStore, Target,
+        addr_from_map,
+    },
     runtime::{self, Container, Engine, RuntimeEvent, Snapshot},
 };
 
@@ -377,9 +380,11 @@ impl Agent {
             .collect()
     }
 
-    /// Resolves the rules against the containers and writes the allow map. Stale entries are
-    /// removed only once every engine has reported: an agent that just started must not drop
-    /// what its predecessor allowed for containers it has not seen yet.
+    /// Resolves the rules against the containers and writes the allow map. Until every engine
+    /// has reported, entries of rules that depend on containers (saved container rules,
+    /// labels, the default policy) stay as they are: an agent that just started must not drop
+    /// what its predecessor allowed for containers it has not seen yet. Everything else (an
+    /// address rule, a denied rule) is exact at once.
     fn reconcile(&mut self) -> anyhow::Result<()> {
         let resolved = self.resolver.resolve(
             &self.rules,
@@ -387,8 +392,20 @@ impl Agent {
             self.options.default_published,
         );
         let all_known = self.engines.values().all(|s| s.snapshot.is_some());
+        let container_rules: BTreeSet<u32> = self
+            .rules
+            .rules()
+            .iter()
+            .filter(|r| matches!(r.target, Target::Container(_)))
+            .map(|r| r.id)
+            .collect();
+        let waits_for_engines = |value: &gate_common::AllowValue| {
+            !all_known
+                && (value.rule_id >= MAX_SAVED_RULES || container_rules.contains(&value.rule_id))
+        };
         self.datapath.reset_rule_stats(&resolved.new_ids)?;
-        self.datapath.sync_allow(&resolved.entries, all_known)?;
+        self.datapath
+            .sync_allow(&resolved.entries, waits_for_engines)?;
         self.resolved = resolved;
         Ok(())
     }

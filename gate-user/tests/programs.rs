@@ -76,7 +76,7 @@ impl Gate {
     fn sync(&mut self) {
         let resolved = Resolver::default().resolve(&self.rules, &[], false);
         self.datapath
-            .sync_allow(&resolved.entries, true)
+            .sync_allow(&resolved.entries, |_| false)
             .expect("sync");
     }
 

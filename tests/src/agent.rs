@@ -75,10 +75,15 @@ impl<'a> Agent<'a> {
 
     /// An agent that is not running yet: paths chosen, nothing started.
     pub fn new(sandbox: &'a Sandbox, extra_args: &[&str]) -> Self {
-        let base_args = ["--bridge", BRIDGE, "--runtime", "none"];
+        // No engines in a sandbox, unless a test asks for one.
+        let base_args: &[&str] = if extra_args.contains(&"--runtime") {
+            &["--bridge", BRIDGE]
+        } else {
+            &["--bridge", BRIDGE, "--runtime", "none"]
+        };
         Self::with(
             Some(sandbox.host.clone()),
-            &base_args,
+            base_args,
             extra_args,
             &unique_name(),
         )

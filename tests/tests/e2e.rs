@@ -520,3 +520,21 @@ fn uninstall_removes_the_gate() {
     );
     assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
 }
+
+#[test]
+fn deny_takes_effect_while_an_engine_is_unreachable() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    // An engine that never answers: container rules wait for it, address rules must not.
+    let missing = sb.host.clone() + "-no-docker.sock";
+    let missing = std::env::temp_dir().join(missing);
+    let missing = missing.to_str().expect("utf-8 path");
+    let agent = Agent::start_with(&sb, &["--runtime", "docker", "--docker-socket", missing]);
+    let status = agent.status_json();
+    assert_eq!(status["engines"][0]["connected"], false, "{status}");
+    agent.allow(CONTAINER_V4, "80");
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+    agent.deny(CONTAINER_V4, "80");
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+}

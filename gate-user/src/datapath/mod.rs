@@ -259,6 +259,8 @@ pub struct Datapath {
     pins: Pins,
     bridges: Vec<Bridge>,
     capacities: Capacities,
+    /// The allow map's content as last written, so a sync costs only its differences.
+    allow_written: Option<BTreeMap<AllowKey, AllowValue>>,
 }
 
 impl Datapath {
@@ -308,6 +310,7 @@ impl Datapath {
             pins,
             bridges: Vec::new(),
             capacities,
+            allow_written: None,
         };
         datapath.set_config(config)?;
         Ok(datapath)
@@ -433,31 +436,45 @@ impl Datapath {
         .map_err(map_err(name))
     }
 
-    /// Makes the allow map equal to `desired`: new and changed entries first, then (with
-    /// `remove_stale`) stale ones removed, so a port that stays allowed is never missing.
+    /// Makes the allow map equal to `desired`: new and changed entries first, then stale
+    /// ones removed (except those `keep_stale` holds on to), so a port that stays allowed is
+    /// never missing. Only the differences reach the kernel: the map's content is read once,
+    /// then followed in memory (the agent is its only writer).
     pub fn sync_allow(
         &mut self,
         desired: &BTreeMap<AllowKey, AllowValue>,
-        remove_stale: bool,
+        keep_stale: impl Fn(&AllowValue) -> bool,
     ) -> Result<()> {
         let name = map_names::ALLOW;
+        let mut current = match self.allow_written.take() {
+            Some(current) => current,
+            None => {
+                let map: HashMap<_, AllowKey, AllowValue> =
+                    HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+                map.iter()
+                    .collect::<Result<_, _>>()
+                    .map_err(map_err(name))?
+            }
+        };
+        // On any failure the in-memory copy is dropped, and the next sync reads the map again.
         let mut map: HashMap<_, AllowKey, AllowValue> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        let current: BTreeMap<AllowKey, AllowValue> = map
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(name))?;
         for (key, value) in desired {
             if current.get(key) != Some(value) {
                 map.insert(key, value, 0).map_err(map_err(name))?;
+                current.insert(*key, *value);
             }
         }
-        for key in current
-            .keys()
-            .filter(|key| remove_stale && !desired.contains_key(key))
-        {
-            map.remove(key).map_err(map_err(name))?;
+        let stale: Vec<AllowKey> = current
+            .iter()
+            .filter(|(key, value)| !desired.contains_key(key) && !keep_stale(value))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in stale {
+            map.remove(&key).map_err(map_err(name))?;
+            current.remove(&key);
         }
+        self.allow_written = Some(current);
         Ok(())
     }
 
