@@ -2,6 +2,7 @@
 //!
 //! Everything here shells out to the tools a developer would type by hand (apt-get, cargo,
 //! rustup, ip, socat), printing each command before it runs.
+mod bench;
 mod demo;
 mod proc;
 mod setup;
@@ -47,8 +48,10 @@ enum Task {
     /// Build portgate and show the gate dropping, allowing and answering in a sandbox of
     /// network namespaces (root).
     Demo,
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Measure portgate against no filter, iptables (Docker's DOCKER chain) and an nftables set
+    /// in network namespaces: data path, control plane, the program's cost per packet; writes
+    /// docs/benchmarks.md and docs/benchmarks.svg (root; about 13 min, --quick under 3).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,7 +65,7 @@ fn main() -> ExitCode {
         Task::Build { release } => build(release),
         Task::Test { args } => test::run(&args),
         Task::Demo => demo::run(),
-        Task::Bench => Err(anyhow::anyhow!("bench: not implemented yet (see issue 5)")),
+        Task::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

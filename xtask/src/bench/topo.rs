@@ -1,0 +1,291 @@
+//! The namespace topology of the end-to-end tests, built fresh for every measured cell so that
+//! no state (conntrack entries, TIME_WAIT sockets, neighbour caches) carries over from one
+//! filter to the next:
+//!
+//! ```text
+//!  client ns               host ns (ip_forward=1, the filter under test)    server ns
+//!  eth0 10.98.0.2/24 ── vcli 10.98.0.1/24
+//!                         pgbr0 10.99.0.1/24 (bridge) ── vctr ───────────── eth0 10.99.0.2/24
+//!                         pgbr1 (down; holds the gate for the BPF_PROG_TEST_RUN figures)
+//! ```
+//! Every name starts with `pgb-<pid>-`; [`reap_stale`] removes the leftovers of a killed run.
+use std::{
+    fs::File,
+    io,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::proc;
+
+pub const BRIDGE: &str = "pgbr0";
+/// A second bridge, never up: the program-cost agent attaches there.
+pub const PROG_BRIDGE: &str = "pgbr1";
+pub const HOST_ADDR: &str = "10.98.0.1";
+pub const CLIENT_ADDR: &str = "10.98.0.2";
+pub const BRIDGE_ADDR: &str = "10.99.0.1";
+pub const SERVER_ADDR: &str = "10.99.0.2";
+pub const SERVER_IP: [u8; 4] = [10, 99, 0, 2];
+
+/// A network namespace this bench created, deleted on drop.
+pub struct Netns {
+    pub name: String,
+    handle: File,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Self> {
+        run_quiet(Command::new("ip").args(["netns", "add", name]))?;
+        let handle = File::open(netns_path(name))
+            .with_context(|| format!("opening network namespace {name}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            handle,
+        })
+    }
+
+    /// `program` run inside this namespace: setns(2) just before exec and nothing else, so
+    /// unlike `ip netns exec` the mount namespace (and /sys/fs/bpf) stays as it is.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let fd = self.handle.as_raw_fd();
+        let mut cmd = Command::new(program);
+        // SAFETY: the closure only makes the async-signal-safe setns system call, on a
+        // descriptor that `self` keeps open until the command has been spawned (the command
+        // never outlives the topology that made it).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Runs `f` on a fresh thread inside this namespace; sockets it creates belong here for
+    /// their whole life, whichever thread uses them later.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let handle = self.handle.try_clone().context("dup of a netns handle")?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    enter(&handle)?;
+                    Ok(f())
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        run_quiet(Command::new("ip").arg("-n").arg(&self.name).args(args)).map(drop)
+    }
+
+    /// Sets `key=value` sysctls of this namespace: /proc/sys/net is the namespace of the
+    /// thread that opens it.
+    pub fn sysctl(&self, settings: &[&str]) -> Result<()> {
+        for setting in settings {
+            let (key, value) = setting
+                .split_once('=')
+                .with_context(|| format!("bad sysctl {setting:?}"))?;
+            let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+            self.run(|| std::fs::write(&path, value))?
+                .with_context(|| format!("setting {setting} in {}", self.name))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Best effort: processes and sockets still inside keep the namespace alive, not us.
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
+    }
+}
+
+fn enter(handle: &File) -> Result<()> {
+    // SAFETY: setns on a valid namespace descriptor; it affects only the calling thread.
+    if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns: {}", io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The CPU of the load generators and the CPU of the servers, on a machine with at least two:
+/// pinning keeps the scheduler from shuffling them, which on two CPUs is most of the noise.
+pub const CLIENT_CPU: usize = 0;
+pub const SERVER_CPU: usize = 1;
+
+fn cpu_set(cpu: usize) -> Option<libc::cpu_set_t> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        return None;
+    }
+    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET stays within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu % cpus, &mut set) };
+    Some(set)
+}
+
+/// Pins the calling thread to `cpu` (nothing on a single-CPU machine).
+pub fn pin_thread(cpu: usize) {
+    if let Some(set) = cpu_set(cpu) {
+        // SAFETY: a valid cpu_set_t of the size passed; 0 is the calling thread.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    }
+}
+
+/// Makes `cmd` run pinned to `cpu`.
+pub fn pin_command(cmd: &mut Command, cpu: usize) {
+    if let Some(set) = cpu_set(cpu) {
+        // SAFETY: the closure only makes the async-signal-safe sched_setaffinity call.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                Ok(())
+            });
+        }
+    }
+}
+
+pub fn netns_path(name: &str) -> PathBuf {
+    Path::new("/run/netns").join(name)
+}
+
+/// Runs a command, capturing its output; fails with that output unless it exits 0.
+pub fn run_quiet(cmd: &mut Command) -> Result<proc::Captured> {
+    let out = proc::capture(cmd, Duration::from_secs(120))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            proc::display(cmd),
+            out.status,
+            out.combined()
+        );
+    }
+    Ok(out)
+}
+
+/// Runs a command to completion (blocking in wait(2), so the time is exact, unlike a polled
+/// wait) and returns how long it took; fails with its output unless it exits 0.
+pub fn run_timed(cmd: &mut Command) -> Result<Duration> {
+    cmd.stdin(std::process::Stdio::null());
+    let start = std::time::Instant::now();
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run `{}`", proc::display(cmd)))?;
+    let took = start.elapsed();
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}{}",
+            proc::display(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(took)
+}
+
+/// The three namespaces of one cell, wired; deleted on drop (server, client, host).
+pub struct Topology {
+    pub server: Netns,
+    pub client: Netns,
+    pub host: Netns,
+}
+
+impl Topology {
+    pub fn create(prefix: &str) -> Result<Self> {
+        let host = Netns::create(&format!("{prefix}-h"))?;
+        let client = Netns::create(&format!("{prefix}-c"))?;
+        let server = Netns::create(&format!("{prefix}-s"))?;
+        let topo = Self {
+            server,
+            client,
+            host,
+        };
+        topo.wire()
+            .with_context(|| format!("building the namespaces {prefix}-{{h,c,s}}"))?;
+        Ok(topo)
+    }
+
+    fn wire(&self) -> Result<()> {
+        let (h, c, s) = (&self.host, &self.client, &self.server);
+        for ns in [h, c, s] {
+            ns.ip(&["link", "set", "lo", "up"])?;
+        }
+        h.ip(&[
+            "link", "add", "vcli", "type", "veth", "peer", "name", "eth0", "netns", &c.name,
+        ])?;
+        h.ip(&["addr", "add", &format!("{HOST_ADDR}/24"), "dev", "vcli"])?;
+        c.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
+        h.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        h.ip(&["link", "add", PROG_BRIDGE, "type", "bridge"])?;
+        h.ip(&[
+            "link", "add", "vctr", "type", "veth", "peer", "name", "eth0", "netns", &s.name,
+        ])?;
+        h.ip(&["link", "set", "vctr", "master", BRIDGE])?;
+        h.ip(&["addr", "add", &format!("{BRIDGE_ADDR}/24"), "dev", BRIDGE])?;
+        s.ip(&["addr", "add", &format!("{SERVER_ADDR}/24"), "dev", "eth0"])?;
+        for (ns, dev) in [
+            (h, "vcli"),
+            (h, "vctr"),
+            (h, BRIDGE),
+            (c, "eth0"),
+            (s, "eth0"),
+        ] {
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        c.ip(&["route", "add", "default", "via", HOST_ADDR])?;
+        s.ip(&["route", "add", "default", "via", BRIDGE_ADDR])?;
+        h.sysctl(&["net.ipv4.ip_forward=1"])?;
+        // Short connections at tens of thousands per second: the client may reuse its ports
+        // (the server closes first, so TIME_WAIT sits on the server side anyway).
+        c.sysctl(&[
+            "net.ipv4.ip_local_port_range=1024 65535",
+            "net.ipv4.tcp_tw_reuse=1",
+        ])?;
+        s.sysctl(&[
+            "net.core.somaxconn=4096",
+            "net.ipv4.tcp_max_syn_backlog=4096",
+        ])?;
+        Ok(())
+    }
+}
+
+/// Deletes namespaces, bpffs directories and work directories named `pgb-<pid>...` whose
+/// process is gone.
+pub fn reap_stale() {
+    let me = std::process::id();
+    for dir in ["/run/netns", "/sys/fs/bpf", "/tmp"] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix("pgb-")
+                .and_then(|rest| rest.split(['-', '.']).next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == me || Path::new("/proc").join(pid.to_string()).exists() {
+                continue;
+            }
+            println!("removing the leftover {dir}/{name} of an interrupted bench");
+            if dir == "/run/netns" {
+                let _ = Command::new("ip").args(["netns", "delete", &name]).output();
+            } else {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
