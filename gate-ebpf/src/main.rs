@@ -53,6 +53,8 @@ static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(DROP_EVENTS_BYTES, 0);
 static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
 const NS_PER_SECOND: u64 = 1_000_000_000;
+/// How stale a tracked flow's timestamp may get before a packet refreshes it.
+const REFRESH_NS: u64 = NS_PER_SECOND;
 
 /// "Next" in a TCX chain (pass, unless a later program decides otherwise); with legacy tc,
 /// the default action, which passes.
@@ -212,16 +214,24 @@ fn continues(flow: &FlowState, packet: &Transport, now: u64) -> bool {
 }
 
 /// Refreshes a tracked flow with a packet sent by the container (`from_container`) or to it.
+/// The entry is shared by both directions, often on two CPUs: it is written only when
+/// something changes, and its timestamp at most every [`REFRESH_NS`] (the shortest idle
+/// timeout is ten times that), so a busy flow does not bounce its cache line between CPUs.
 #[inline(always)]
 fn follow(flow: &mut FlowState, packet: &Transport, from_container: bool, now: u64, len: u32) {
     let from_opener = (flow.origin == ORIGIN_CONTAINER) == from_container;
-    if !from_opener {
+    if !from_opener && flow.flags & FLOW_REPLIED == 0 {
         flow.flags |= FLOW_REPLIED;
     }
     if packet.proto == PROTO_TCP {
-        flow.tcp_state = tcp::next_state(flow.tcp_state, packet.tcp_flags, from_opener);
+        let state = tcp::next_state(flow.tcp_state, packet.tcp_flags, from_opener);
+        if state != flow.tcp_state {
+            flow.tcp_state = state;
+        }
     }
-    flow.last_seen_ns = now;
+    if now.wrapping_sub(flow.last_seen_ns) >= REFRESH_NS {
+        flow.last_seen_ns = now;
+    }
     add_rule_stats(flow.rule_id, len);
 }
 
