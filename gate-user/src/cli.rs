@@ -301,7 +301,7 @@ fn uninstall(socket: &std::path::Path, bpffs: &std::path::Path) -> anyhow::Resul
         );
     }
     let done = datapath::uninstall(bpffs)?;
-    let rules = netfilter::remove_all()?;
+    let rules = netfilter::remove_for(&done.bridges)?;
     println!(
         "detached {} link(s), removed {} pin(s) under {} and {rules} netfilter delegation rule(s); traffic to the bridges is no longer gated",
         done.links,

@@ -647,3 +647,21 @@ fn dnat_traffic_passes_a_forward_drop_router_only_with_the_rule() {
         "times out again after remove_all"
     );
 }
+
+#[test]
+fn remove_for_takes_only_the_named_bridges_rules() {
+    let Some(ns) = Netns::new() else { return };
+    ns.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
+    let mut delegation = Delegation::new();
+    ns.ensure(&mut delegation, &[BR, "pgother0"]);
+    assert_eq!(ns.rules("iptables-nft", "FORWARD").len(), 2);
+    let ours_only: std::collections::BTreeSet<String> = [BR.to_owned()].into();
+    let removed = ns
+        .run(|| netfilter::remove_for(&ours_only))
+        .expect("remove_for");
+    assert_eq!(removed, 1);
+    assert_eq!(
+        ns.rules("iptables-nft", "FORWARD"),
+        [ours("FORWARD", "pgother0")]
+    );
+}

@@ -658,6 +658,8 @@ fn remove_if_present(path: &Path) -> Result<()> {
 pub struct Uninstalled {
     pub links: usize,
     pub pins: usize,
+    /// The bridges the gate was attached to.
+    pub bridges: BTreeSet<String>,
 }
 
 /// Detaches every pinned link under `bpffs_dir` (all layout versions) and removes all pins and
@@ -678,6 +680,13 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled> {
             // Detach explicitly: another process may still hold the link open.
             sys::detach_pinned_link(&path).map_err(io_err(&path))?;
             done.links += 1;
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if let Some((bridge, _hook)) = name.rsplit_once('-') {
+                done.bridges.insert(bridge.to_owned());
+            }
         }
     }
     done.pins = count_files(bpffs_dir);

@@ -286,9 +286,19 @@ impl Delegation {
     }
 }
 
-/// Removes every rule carrying a portgate delegation comment, in every backend (for
-/// `portgate uninstall`); returns how many. Rules without that comment are never touched.
+/// Removes every rule carrying a portgate delegation comment, in every backend; returns how
+/// many. Rules without that comment are never touched.
 pub fn remove_all() -> Result<usize, NetfilterError> {
+    remove_where(|_| true)
+}
+
+/// Removes the delegation rules of `bridges` only (what one gate installed), in every
+/// backend; other bridges' rules stay.
+pub fn remove_for(bridges: &BTreeSet<String>) -> Result<usize, NetfilterError> {
+    remove_where(|bridge| bridges.contains(bridge))
+}
+
+fn remove_where(wanted: impl Fn(&str) -> bool) -> Result<usize, NetfilterError> {
     let mut removed = 0;
     let mut errors = Vec::new();
     for backend in Backend::all() {
@@ -300,7 +310,7 @@ pub fn remove_all() -> Result<usize, NetfilterError> {
                 continue;
             }
         };
-        for rule in &survey.own {
+        for rule in survey.own.iter().filter(|rule| wanted(&rule.bridge)) {
             match backend.delete(&survey, rule) {
                 Ok(()) => {
                     removed += 1;
