@@ -12,41 +12,31 @@
 //!                                   pgbr0 10.99.0.1 ── container ns 10.99.0.2 (:80, :81)
 //! ```
 //!
-//! Everything is named `pgm-<pid>-...` and removed by Drop guards, also on panic; leftovers
-//! of a killed run (dead pid) are removed by the next run.
+//! The sandbox, the agent and the servers are the end-to-end tests' own (`portgate_tests`);
+//! everything is removed by Drop guards, also on panic.
 
 use std::{
     fs::File,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
+    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use portgate_tests::{
+    Agent, Sandbox, TcpEchoServer, require_root,
+    sandbox::{BRIDGE, CLIENT_V4, CONTAINER_V4, in_netns, netns_command},
+};
 use serde_json::Value;
 
-const BRIDGE: &str = "pgbr0";
-const HOST_V4: &str = "10.98.0.1";
-const CLIENT_V4: &str = "10.98.0.2";
-const BRIDGE_V4: &str = "10.99.0.1";
-const CONTAINER_V4: &str = "10.99.0.2";
 /// Inside the host namespace; nothing else listens there.
 const METRICS_ADDR: &str = "127.0.0.1:9560";
 const PROMETHEUS_ADDR: &str = "127.0.0.1:9090";
 
 const CONNECTIONS_ALLOWED: usize = 3;
 const ATTEMPTS_BLOCKED: usize = 4;
-
-fn portgate() -> &'static str {
-    env!("CARGO_BIN_EXE_portgate")
-}
 
 fn docs(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -61,11 +51,6 @@ fn skip(why: &str) {
     let _ = writeln!(io::stderr(), "skipped: {test}: {why}");
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Whether `program --version` runs.
 fn installed(program: &str) -> bool {
     Command::new(program)
@@ -75,206 +60,6 @@ fn installed(program: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn run(command: &mut Command) -> Output {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed ({}): {}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-// ---------------------------------------------------------------------------------------
-// The sandbox: three namespaces wired like a container host.
-
-/// Host, client and container namespaces, deleted on drop.
-struct Namespaces {
-    host: String,
-    client: String,
-    container: String,
-}
-
-impl Namespaces {
-    fn new(id: &str) -> Self {
-        let ns = Namespaces {
-            host: format!("{id}-h"),
-            client: format!("{id}-c"),
-            container: format!("{id}-k"),
-        };
-        // A panic from here on drops `ns`, which deletes what exists.
-        ns.setup();
-        ns
-    }
-
-    fn setup(&self) {
-        let (h, c, k) = (
-            self.host.as_str(),
-            self.client.as_str(),
-            self.container.as_str(),
-        );
-        for ns in [h, c, k] {
-            run(Command::new("ip").args(["netns", "add", ns]));
-            ip(ns, &["link", "set", "lo", "up"]);
-        }
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            h,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]));
-        ip(
-            h,
-            &[
-                "link", "add", "vcli", "type", "veth", "peer", "name", "eth0", "netns", c,
-            ],
-        );
-        ip(h, &["addr", "add", &format!("{HOST_V4}/24"), "dev", "vcli"]);
-        ip(
-            c,
-            &["addr", "add", &format!("{CLIENT_V4}/24"), "dev", "eth0"],
-        );
-        ip(h, &["link", "add", BRIDGE, "type", "bridge"]);
-        ip(
-            h,
-            &[
-                "link", "add", "vctr", "type", "veth", "peer", "name", "eth0", "netns", k,
-            ],
-        );
-        ip(h, &["link", "set", "vctr", "master", BRIDGE]);
-        ip(
-            h,
-            &["addr", "add", &format!("{BRIDGE_V4}/24"), "dev", BRIDGE],
-        );
-        ip(
-            k,
-            &["addr", "add", &format!("{CONTAINER_V4}/24"), "dev", "eth0"],
-        );
-        for (ns, dev) in [
-            (h, "vcli"),
-            (h, "vctr"),
-            (h, BRIDGE),
-            (c, "eth0"),
-            (k, "eth0"),
-        ] {
-            ip(ns, &["link", "set", dev, "up"]);
-        }
-        ip(c, &["route", "add", "default", "via", HOST_V4]);
-        ip(k, &["route", "add", "default", "via", BRIDGE_V4]);
-    }
-
-    fn handle(ns: &str) -> File {
-        File::open(Path::new("/run/netns").join(ns))
-            .unwrap_or_else(|e| panic!("open netns {ns}: {e}"))
-    }
-
-    /// Runs `f` on a thread that entered namespace `ns`; sockets it opens stay there.
-    fn within<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-        let handle = Self::handle(ns);
-        thread::scope(|scope| {
-            let thread = scope.spawn(move || {
-                // SAFETY: setns on a valid namespace fd, for this thread alone.
-                if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    panic!("setns({ns}): {}", io::Error::last_os_error());
-                }
-                drop(handle);
-                f()
-            });
-            thread
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    }
-
-    /// A command that enters `ns` just before exec (setns only, unlike `ip netns exec`, so
-    /// the mount namespace and with it /sys/fs/bpf stay as they are).
-    fn command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let handle = Self::handle(ns);
-        let mut command = Command::new(program);
-        // SAFETY: the closure only makes the async-signal-safe setns system call.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        command
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in [&self.container, &self.client, &self.host] {
-            let _ = Command::new("ip").args(["netns", "delete", ns]).output();
-        }
-    }
-}
-
-fn ip(ns: &str, args: &[&str]) {
-    run(Command::new("ip").args(["-n", ns]).args(args));
-}
-
-/// `pgm-<pid>-...` namespaces and pin directories whose process is gone.
-fn reap_stale() {
-    let stale = |name: &str| {
-        let pid = name
-            .strip_prefix("pgm-")
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok());
-        pid.is_some_and(|pid| {
-            pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists()
-        })
-    };
-    for entry in std::fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if stale(&name) {
-            let _ = Command::new("ip").args(["netns", "delete", &name]).output();
-        }
-    }
-    for entry in std::fs::read_dir("/sys/fs/bpf")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if stale(&name) {
-            remove_pins(&entry.path());
-        }
-    }
-}
-
-fn remove_pins(dir: &Path) {
-    if dir.exists() {
-        let _ = Command::new(portgate())
-            .arg("uninstall")
-            .arg("--bpffs")
-            .arg(dir)
-            .output();
-        let _ = std::fs::remove_dir_all(dir);
-    }
-}
-
-/// Removes a pin directory on drop (after the agent is gone).
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        remove_pins(&self.0);
-    }
 }
 
 /// A child process, terminated on drop; its output goes to `log`, shown when a test fails.
@@ -343,75 +128,13 @@ impl Drop for Process {
     }
 }
 
-/// A TCP server in a namespace: answers each line with the same line.
-struct EchoServer {
-    accepted: Arc<AtomicUsize>,
-    stopping: Arc<AtomicBool>,
-    fd: i32,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl EchoServer {
-    fn start(ns: &str, addr: SocketAddr) -> Self {
-        let listener = Namespaces::within(ns, || TcpListener::bind(addr))
-            .unwrap_or_else(|e| panic!("listen {addr}: {e}"));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let stopping = Arc::new(AtomicBool::new(false));
-        let fd = listener.as_raw_fd();
-        let thread = {
-            let (accepted, stopping) = (accepted.clone(), stopping.clone());
-            thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if stopping.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    accepted.fetch_add(1, Ordering::SeqCst);
-                    thread::spawn(move || {
-                        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                        let Ok(mut writer) = stream.try_clone() else {
-                            return;
-                        };
-                        let mut line = String::new();
-                        let mut reader = BufReader::new(stream);
-                        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                            if writer.write_all(line.as_bytes()).is_err() {
-                                return;
-                            }
-                            line.clear();
-                        }
-                    });
-                }
-            })
-        };
-        EchoServer {
-            accepted,
-            stopping,
-            fd,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        // Wakes the blocked accept; the listener stays owned by the thread joined below.
-        // SAFETY: the fd is open until that thread returns.
-        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // HTTP and Prometheus's API.
 
 /// A minimal HTTP/1.0 GET to `addr` from inside namespace `ns`: (status, headers, body).
 fn http_get(ns: &str, addr: &str, path: &str, accept: &str) -> io::Result<(u16, String, String)> {
     let (addr, path, accept) = (addr.to_owned(), path.to_owned(), accept.to_owned());
-    Namespaces::within(ns, move || {
+    in_netns(ns, move || {
         let mut stream =
             TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))?;
         stream.set_read_timeout(Some(Duration::from_secs(15)))?;
@@ -510,8 +233,7 @@ const RULE: &str = r#"rule="0",source="cli",target="10.99.0.2",container="",addr
 
 #[test]
 fn prometheus_scrapes_the_agent() {
-    if !is_root() {
-        skip("needs root (network namespaces, eBPF)");
+    if !require_root() {
         return;
     }
     if !installed("prometheus") || !installed("promtool") {
@@ -520,61 +242,14 @@ fn prometheus_scrapes_the_agent() {
         );
         return;
     }
-    let help = Command::new(portgate())
-        .args(["agent", "--help"])
-        .output()
-        .expect("portgate agent --help");
-    if !String::from_utf8_lossy(&help.stdout).contains("--metrics-addr") {
-        skip("this portgate has no `agent --metrics-addr`");
-        return;
-    }
-    reap_stale();
-    let id = format!("pgm-{}", std::process::id());
+    let sb = Sandbox::new();
+    let ns = &sb;
+    let agent = Agent::start_with(&sb, &["--no-netfilter", "--metrics-addr", METRICS_ADDR]);
+    let cli = |args: &[&str]| agent.cli(args);
     let dir = tempfile::Builder::new()
-        .prefix("pgm-")
+        .prefix("pgt-prometheus-")
         .tempdir()
         .expect("tempdir");
-    let ns = Namespaces::new(&id);
-    let pins = Pins(Path::new("/sys/fs/bpf").join(&id));
-    let socket = dir.path().join("s.sock");
-
-    // The agent, in the host namespace.
-    let mut agent_cmd = Namespaces::command(&ns.host, portgate());
-    agent_cmd
-        .args([
-            "agent",
-            "--bridge",
-            BRIDGE,
-            "--runtime",
-            "none",
-            "--no-netfilter",
-        ])
-        .arg("--bpffs")
-        .arg(&pins.0)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--metrics-addr", METRICS_ADDR]);
-    let mut agent = Process::spawn("portgate agent", agent_cmd, dir.path().join("agent.log"));
-    let cli = |args: &[&str]| {
-        Command::new(portgate())
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .output()
-            .expect("run portgate")
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cli(&["status"]).status.success() {
-        agent.assert_running();
-        assert!(
-            Instant::now() < deadline,
-            "agent not ready in 20 s; log:\n{}",
-            agent.log_text()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
 
     // Prometheus, in the host namespace too, scraping the agent every second and loading
     // the example alert rules.
@@ -589,7 +264,7 @@ fn prometheus_scrapes_the_agent() {
         ),
     )
     .unwrap();
-    let mut prom_cmd = Namespaces::command(&ns.host, "prometheus");
+    let mut prom_cmd = netns_command(&ns.host, "prometheus");
     prom_cmd
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(
@@ -637,8 +312,16 @@ fn prometheus_scrapes_the_agent() {
     assert_eq!(http_get(&ns.host, METRICS_ADDR, "/", "*/*").unwrap().0, 404);
 
     // Traffic: a server on 80 (allowed) and on 81 (not allowed) in the container.
-    let open = EchoServer::start(&ns.container, format!("{CONTAINER_V4}:80").parse().unwrap());
-    let closed = EchoServer::start(&ns.container, format!("{CONTAINER_V4}:81").parse().unwrap());
+    let open = TcpEchoServer::start(
+        &sb,
+        &sb.container,
+        format!("{CONTAINER_V4}:80").parse().unwrap(),
+    );
+    let closed = TcpEchoServer::start(
+        &sb,
+        &sb.container,
+        format!("{CONTAINER_V4}:81").parse().unwrap(),
+    );
     let allowed = cli(&["allow", CONTAINER_V4, "80"]);
     assert!(
         allowed.status.success(),
@@ -653,7 +336,7 @@ fn prometheus_scrapes_the_agent() {
     assert_eq!(before.rule_packets, 0.0, "a new rule starts at zero");
 
     let started = Instant::now();
-    Namespaces::within(&ns.client, || {
+    in_netns(&ns.client, || {
         for i in 0..CONNECTIONS_ALLOWED {
             let addr: SocketAddr = format!("{CONTAINER_V4}:80").parse().unwrap();
             let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
@@ -675,9 +358,9 @@ fn prometheus_scrapes_the_agent() {
             }
         }
     });
-    assert_eq!(open.accepted.load(Ordering::SeqCst), CONNECTIONS_ALLOWED);
+    assert_eq!(open.accepted(), CONNECTIONS_ALLOWED);
     assert_eq!(
-        closed.accepted.load(Ordering::SeqCst),
+        closed.accepted(),
         0,
         "the gate let a connection to :81 through"
     );
@@ -865,9 +548,8 @@ fn prometheus_scrapes_the_agent() {
     );
     promtool_check_metrics(&text);
 
-    agent.assert_running();
     prometheus.assert_running();
-    // Drop order: servers, processes, then pins, then namespaces (reverse declaration).
+    // Drop order: servers, Prometheus, the agent (uninstalled), then the sandbox.
 }
 
 /// Counter values read through Prometheus at one moment.
