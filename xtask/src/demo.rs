@@ -84,14 +84,18 @@ pub fn run() -> Result<()> {
 fn print_real_host_usage() {
     println!(
         "
-On a real container host, run the agent on the engines' bridges (foreground, logs on stderr):
-    sudo portgate agent --bridge docker0 --bridge podman0
-and allow connections to containers by their address and port (after Docker's or Podman's DNAT):
-    portgate allow 172.17.0.2 80/tcp
+On a real container host, run the agent on the engines' bridges (foreground, logs on stderr);
+it follows Docker and Podman and gates docker0, podman0 and their networks' bridges:
+    sudo portgate agent --bridge auto
+and allow connections to containers by name (the rule follows the container) or address:
+    portgate allow web 80/tcp                 # the container's port, whatever host port maps to it
+    portgate allow --published web            # exactly what `web` publishes
     portgate allow 10.88.0.5 8000-8010/tcp
+    docker run --label portgate.allow=80/tcp ...   # or let a container allow itself
     portgate list
     portgate status
-    portgate deny 172.17.0.2 80/tcp
+    portgate watch
+    portgate deny web 80/tcp
 Enforcement stays in place when the agent exits (fail closed); `portgate uninstall` removes it."
     );
 }
