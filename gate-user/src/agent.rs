@@ -280,8 +280,10 @@ impl Agent {
         }
         let destination = addr_from_map(drop.dst);
         let container = self
-            .containers()
-            .into_iter()
+            .engines
+            .values()
+            .filter_map(|s| s.snapshot.as_ref())
+            .flat_map(|s| &s.containers)
             .find(|c| c.addresses.contains(&destination));
         let event = WatchEvent {
             time: humantime::format_rfc3339_millis(wall_clock(drop.timestamp_ns)).to_string(),
@@ -292,7 +294,7 @@ impl Agent {
             destination_port: drop.dst_port,
             protocol: protocol_name(drop.proto),
             reason: counter_name(u32::from(drop.reason)),
-            container: container.map(|c| c.name),
+            container: container.map(|c| c.name.clone()),
             audit: drop.audit != 0,
             suppressed: drop.suppressed,
         };

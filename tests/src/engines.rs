@@ -42,9 +42,9 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
 
 use crate::agent::{Agent, remove_pins};
-use crate::current_test_name;
 use crate::net::{SHOULD_ANSWER, SHOULD_TIME_OUT};
 use crate::sandbox::in_netns;
+use crate::{current_test_name, run_ok};
 
 /// The image every container runs: Debian's static busybox, nothing else.
 pub const IMAGE: &str = "local/busybox:latest";
@@ -1569,22 +1569,6 @@ fn output_text(command: &mut Command, timeout: Duration) -> Result<String> {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     ))
-}
-
-/// Runs a command; panics with its output unless it succeeds.
-pub fn run_ok(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
-    if !output.status.success() {
-        panic!(
-            "{command:?} failed ({}): {}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Writes /etc/containers/containers.conf when there is none: the open-files and process

@@ -18,6 +18,7 @@ pub use net::{TcpEchoServer, UdpEchoServer};
 pub use sandbox::Sandbox;
 
 use std::io::Write;
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Whether the test may run. When not root, prints why the test is skipped and returns false:
@@ -54,4 +55,20 @@ pub fn unique_name() -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Runs a command; panics with its output unless it succeeds; returns its stdout.
+pub fn run_ok(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+    if !output.status.success() {
+        panic!(
+            "{command:?} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Once;
 
-use crate::unique_name;
+use crate::{run_ok, unique_name};
 
 /// The bridge the agent gates, inside the host namespace.
 pub const BRIDGE: &str = "pgbr0";
@@ -71,7 +71,7 @@ impl Sandbox {
             self.container.as_str(),
         );
         for ns in [h, c, k] {
-            run(Command::new("ip").args(["netns", "add", ns]));
+            run_ok(Command::new("ip").args(["netns", "add", ns]));
         }
         for ns in [h, c, k] {
             ip(ns, &["link", "set", "lo", "up"]);
@@ -225,31 +225,18 @@ fn stale_owner(name: &str) -> Option<u32> {
     (pid != std::process::id()).then_some(pid)
 }
 
-/// Runs a command; panics with its output unless it succeeds.
-fn run(command: &mut Command) {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("run {command:?}: {e} (is iproute2 installed?)"));
-    if !output.status.success() {
-        panic!(
-            "{command:?} failed ({}): {}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-}
-
 /// `ip -n NS ARGS...`
 fn ip(ns: &str, args: &[&str]) {
-    run(Command::new("ip").args(["-n", ns]).args(args));
+    run_ok(Command::new("ip").args(["-n", ns]).args(args));
 }
 
 /// `ip netns exec NS sysctl -qw SETTINGS...`
 fn sysctl(ns: &str, settings: &[&str]) {
-    run(Command::new("ip")
-        .args(["netns", "exec", ns, "sysctl", "-qw"])
-        .args(settings));
+    run_ok(
+        Command::new("ip")
+            .args(["netns", "exec", ns, "sysctl", "-qw"])
+            .args(settings),
+    );
 }
 
 /// One IPv4 and one IPv6 address (without duplicate address detection) on `dev`.
