@@ -180,8 +180,12 @@ fn resolve_one(
     let published = containers.iter().flat_map(|c| c.published.iter());
     let mut specs: Vec<PortSpec> = match ports {
         Ports::Spec(spec) => vec![spec],
+        // A port published on a loopback address only is for the host itself, which reaches
+        // it without a rule (unless host traffic is gated): a neighbour sending to 127.0.0.1
+        // with the host's MAC address must not be admitted by `--published` (moby#45610).
         Ports::Published => published
             .clone()
+            .filter(|p| !p.is_loopback_only())
             .map(|p| PortSpec {
                 protocol: p.protocol,
                 port_start: p.container_port,
@@ -238,6 +242,7 @@ mod tests {
             published: published
                 .iter()
                 .map(|(host_port, container_port)| Published {
+                    host_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
                     host_port: *host_port,
                     container_port: *container_port,
                     protocol: Protocol::Tcp,

@@ -56,6 +56,8 @@ impl fmt::Display for Engine {
 /// A host port that maps to a container port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Published {
+    /// The host address the port is published on; unspecified (`0.0.0.0`, `::`) for all.
+    pub host_ip: IpAddr,
     pub host_port: u16,
     pub container_port: u16,
     pub protocol: Protocol,
@@ -257,6 +259,19 @@ fn podman_network_interface(network: &str) -> Option<String> {
         .network_interface
 }
 
+/// A binding's host address; absent or empty means every address.
+fn host_ip(text: Option<&str>) -> IpAddr {
+    text.and_then(|t| t.parse().ok())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+}
+
+impl Published {
+    /// Published on a loopback address only: reachable from the host itself, not from outside.
+    pub fn is_loopback_only(&self) -> bool {
+        self.host_ip.is_loopback()
+    }
+}
+
 fn container_facts(engine: Engine, inspect: ContainerInspectResponse) -> Option<Container> {
     let id = inspect.id?;
     let name = inspect
@@ -297,6 +312,7 @@ fn container_facts(engine: Engine, inspect: ContainerInspectResponse) -> Option<
                 .into_iter()
                 .filter_map(move |b| {
                     Some(Published {
+                        host_ip: host_ip(b.host_ip.as_deref()),
                         host_port: b.host_port?.parse().ok()?,
                         container_port: container_port?,
                         protocol: protocol?,
@@ -352,11 +368,19 @@ mod tests {
             c.published,
             [
                 Published {
+                    host_ip: "0.0.0.0".parse().unwrap(),
                     host_port: 5353,
                     container_port: 53,
                     protocol: Protocol::Udp
                 },
                 Published {
+                    host_ip: "0.0.0.0".parse().unwrap(),
+                    host_port: 8080,
+                    container_port: 80,
+                    protocol: Protocol::Tcp
+                },
+                Published {
+                    host_ip: "::".parse().unwrap(),
                     host_port: 8080,
                     container_port: 80,
                     protocol: Protocol::Tcp
