@@ -57,6 +57,12 @@ counters! {
     FLOW_CREATED = 16, "flow_created", Event;
     /// Tracking entry could not be written; the packet still gets its verdict.
     FLOW_INSERT_FAILED = 17, "flow_insert_failed", Event;
+    /// New connection to a published host port through a local socket (Docker's userland
+    /// proxy), admitted by the rule of the container port it relays to.
+    PASS_HOST_PORT = 18, "host_port_allowed", Pass;
+    /// A connection a container tried to open from an address that is not its own on its
+    /// bridge port (forged, or not yet bound by the agent): passed, but not tracked.
+    FOREIGN_SOURCE = 19, "foreign_source", Event;
 }
 
 #[cfg(test)]

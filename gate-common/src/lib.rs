@@ -17,17 +17,32 @@ pub mod map_names {
     pub const BRIDGE_DROPS: &str = "BRIDGE_DROPS";
     pub const DROP_EVENTS: &str = "DROP_EVENTS";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
+    pub const HOST_PORTS: &str = "HOST_PORTS";
+    pub const PORT_ADDRS: &str = "PORT_ADDRS";
     /// Maps pinned so that they outlive the agent (the ring buffer and its budget are not:
     /// a new agent reads events from its own programs).
-    pub const PINNED: [&str; 6] = [ALLOW, FLOWS, RULE_STATS, COUNTERS, CONFIG, BRIDGE_DROPS];
+    pub const PINNED: [&str; 8] = [
+        ALLOW,
+        FLOWS,
+        RULE_STATS,
+        COUNTERS,
+        CONFIG,
+        BRIDGE_DROPS,
+        HOST_PORTS,
+        PORT_ADDRS,
+    ];
 }
 
 /// Names of the programs in the eBPF object.
 pub mod program_names {
     /// Bridge egress: traffic entering the bridge, toward the containers. Decides.
     pub const TOWARD_CONTAINERS: &str = "toward_containers";
-    /// Bridge ingress: traffic leaving the containers. Tracks, never drops.
+    /// Ingress of each bridge port (a container's veth): traffic leaving that container.
+    /// Tracks what the container opens from its own addresses, never drops.
     pub const FROM_CONTAINERS: &str = "from_containers";
+    /// Socket lookup in the host's network namespace: new connections to published host
+    /// ports that reach a local socket (Docker's userland proxy) instead of being DNATed.
+    pub const HOST_PORTS: &str = "host_ports";
 }
 
 /// Capacity of the allow map: one entry per (address, protocol, port).
@@ -38,6 +53,10 @@ pub const FLOW_CAPACITY: u32 = 262_144;
 pub const MAX_RULES: u32 = 16_384;
 /// Rule id of flows that no allow rule admitted (started by a container).
 pub const NO_RULE: u32 = u32::MAX;
+/// Capacity of the host-port map: one entry per (host address, protocol, published port).
+pub const HOST_PORTS_CAPACITY: u32 = 16_384;
+/// Capacity of the port-address bindings: one entry per (bridge port, container address).
+pub const PORT_ADDRS_CAPACITY: u32 = 16_384;
 /// Capacity of the per-bridge drop counters: (bridge, reason) pairs.
 pub const BRIDGE_DROPS_CAPACITY: u32 = 4_096;
 /// Size of the drop-event ring buffer.
@@ -91,6 +110,23 @@ impl AllowKey {
 pub struct AllowValue {
     /// Index into the per-rule counters.
     pub rule_id: u32,
+}
+
+/// Key of the port-address bindings: `addr` is an address of the container behind the bridge
+/// port `ifindex` (its veth), as configured on the container's side. A container opens
+/// tracked connections only from these, so it cannot open one in another container's name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortAddrKey {
+    pub addr: Addr,
+    pub ifindex: u32,
+}
+
+/// Whether an IPv6 address is IPv4-mapped (`::ffff:a.b.c.d`): such an address on the wire
+/// would alias the IPv4 keys, so packets carrying one are refused.
+#[inline(always)]
+pub fn is_ipv4_mapped(addr: &Addr) -> bool {
+    addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
 }
 
 /// Key of the connection-tracking map, oriented from the container's side: the same key
@@ -154,9 +190,11 @@ impl FlowState {
         }
     }
 
+    /// Saturating: another CPU may have refreshed `last_seen_ns` after `now_ns` was read,
+    /// which makes the flow younger, never expired.
     #[inline(always)]
     pub fn is_live(&self, proto: u8, now_ns: u64) -> bool {
-        now_ns.wrapping_sub(self.last_seen_ns) <= self.idle_timeout_ns(proto)
+        now_ns.saturating_sub(self.last_seen_ns) <= self.idle_timeout_ns(proto)
     }
 }
 
@@ -234,6 +272,7 @@ mod pod {
     unsafe impl aya::Pod for super::BridgeDropKey {}
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::EventBudget {}
+    unsafe impl aya::Pod for super::PortAddrKey {}
 }
 
 #[cfg(test)]
@@ -255,6 +294,7 @@ mod tests {
             8 + 16 + 16 + 4 + 4 + 2 + 2 + 1 + 1 + 1 + 9
         );
         assert_eq!(size_of::<EventBudget>(), 16);
+        assert_eq!(size_of::<PortAddrKey>(), 16 + 4);
     }
 
     #[test]
@@ -263,6 +303,28 @@ mod tests {
             ipv4_mapped([10, 0, 0, 2]),
             [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 2]
         );
+    }
+
+    #[test]
+    fn a_flow_refreshed_after_now_was_read_is_live() {
+        let flow = FlowState {
+            last_seen_ns: 5_000,
+            rule_id: 0,
+            tcp_state: 0,
+            origin: ORIGIN_CONTAINER,
+            flags: 0,
+            _pad: 0,
+        };
+        // `now` read on one CPU just before another CPU wrote a newer timestamp.
+        assert!(flow.is_live(PROTO_UDP, 4_999));
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_recognised() {
+        assert!(is_ipv4_mapped(&ipv4_mapped([172, 17, 0, 2])));
+        let mut v6 = ipv4_mapped([172, 17, 0, 2]);
+        v6[0] = 0xfd;
+        assert!(!is_ipv4_mapped(&v6));
     }
 
     #[test]

@@ -4,7 +4,9 @@
 #![no_std]
 
 use aya_ebpf::programs::TcContext;
-use gate_common::{Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ipv4_mapped, tcp};
+use gate_common::{
+    Addr, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ipv4_mapped, is_ipv4_mapped, tcp,
+};
 use network_types::{
     eth::{EthHdr, EtherType},
     icmp::{Icmpv4Hdr, Icmpv6Hdr},
@@ -193,6 +195,10 @@ fn parse_ipv6(
     }
     t.src = load(ctx, offset + 8)?;
     t.dst = load(ctx, offset + 24)?;
+    // An IPv4-mapped address would alias an IPv4 key of the allow and flow maps.
+    if is_ipv4_mapped(&t.src) || is_ipv4_mapped(&t.dst) {
+        return Err(ParseError::Malformed);
+    }
     let mut next = fixed[6];
     let mut l4 = offset + Ipv6Hdr::LEN;
     let mut walked = 0;

@@ -3,8 +3,14 @@
 //! - `toward_containers` (bridge egress) decides what enters the bridge: tracked flows and
 //!   ICMP errors about them pass, new connections pass only to an allowed (address,
 //!   protocol, port), everything else is dropped and counted.
-//! - `from_containers` (bridge ingress) tracks the connections containers open, so that
-//!   their replies pass. It never drops.
+//! - `from_containers` (ingress of each bridge port, a container's veth) tracks the
+//!   connections containers open from their own addresses, so that their replies pass. It
+//!   never drops. Bound to the port, so that a container cannot open a flow in the name of
+//!   another container (a forged source would otherwise admit that flow's replies).
+//! - `host_ports` (socket lookup in the host's network namespace) gates new connections to
+//!   published host ports that reach a local socket instead of being DNATed: Docker's
+//!   userland proxy (IPv6 on IPv4-only networks, hairpin), which relays them from the host's
+//!   own stack, where `toward_containers` would take them for host traffic.
 //!
 //! Everything that can be decided in user space (rules, ranges, names) is; the kernel side
 //! only looks things up.
@@ -12,18 +18,19 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, sk_action::SK_DROP, sk_action::SK_PASS},
     helpers::bpf_ktime_get_ns,
-    macros::{classifier, map},
+    macros::{classifier, map, sk_lookup},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TcContext,
+    programs::{SkLookupContext, TcContext},
 };
 use aya_log_ebpf::warn;
 use gate_common::{
-    ALLOW_CAPACITY, AllowKey, AllowValue, BRIDGE_DROPS_CAPACITY, BridgeDropKey, CONFIG_AUDIT,
-    CONFIG_GATE_HOST, Config, DROP_EVENTS_BYTES, DROP_EVENTS_PER_SECOND, DropEvent, EventBudget,
-    FLOW_CAPACITY, FLOW_REPLIED, FlowKey, FlowState, MAX_RULES, NO_RULE, ORIGIN_CONTAINER,
-    ORIGIN_REMOTE, PROTO_TCP, RuleStats, counters::*, tcp,
+    ALLOW_CAPACITY, Addr, AllowKey, AllowValue, BRIDGE_DROPS_CAPACITY, BridgeDropKey,
+    CONFIG_AUDIT, CONFIG_GATE_HOST, Config, DROP_EVENTS_BYTES, DROP_EVENTS_PER_SECOND, DropEvent,
+    EventBudget, FLOW_CAPACITY, FLOW_REPLIED, FlowKey, FlowState, HOST_PORTS_CAPACITY, MAX_RULES,
+    NO_RULE, ORIGIN_CONTAINER, ORIGIN_REMOTE, PORT_ADDRS_CAPACITY, PROTO_TCP, PROTO_UDP,
+    PortAddrKey, RuleStats, counters::*, ipv4_mapped, tcp,
 };
 use gate_ebpf::{Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Transport, parse};
 
@@ -45,6 +52,16 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static BRIDGE_DROPS: PerCpuHashMap<BridgeDropKey, u64> =
     PerCpuHashMap::with_max_entries(BRIDGE_DROPS_CAPACITY, 0);
+
+/// Published host ports, keyed by (host address or all-zero for every address, protocol,
+/// host port): the rule that admits the container port they map to, or [`NO_RULE`].
+#[map]
+static HOST_PORTS: HashMap<AllowKey, AllowValue> =
+    HashMap::with_max_entries(HOST_PORTS_CAPACITY, 0);
+
+/// The addresses each bridge port's container may open connections from.
+#[map]
+static PORT_ADDRS: HashMap<PortAddrKey, u8> = HashMap::with_max_entries(PORT_ADDRS_CAPACITY, 0);
 
 #[map]
 static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(DROP_EVENTS_BYTES, 0);
@@ -77,17 +94,106 @@ pub fn toward_containers(ctx: TcContext) -> i32 {
             PASS
         }
         Verdict::Drop(reason) => {
-            count(reason);
-            let audit = flags & CONFIG_AUDIT != 0;
-            record_drop(&ctx, &packet, reason, audit);
-            if audit {
-                count(AUDIT_PASSED);
-                PASS
-            } else {
+            // SAFETY: the context pointer is valid for the whole program run.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            if dropped(ifindex, &packet, reason, flags) {
                 DROP
+            } else {
+                PASS
             }
         }
     }
+}
+
+/// Counts a drop and reports it; false in audit mode, where the packet passes.
+#[inline(always)]
+fn dropped(ifindex: u32, packet: &Transport, reason: u32, flags: u32) -> bool {
+    count(reason);
+    let audit = flags & CONFIG_AUDIT != 0;
+    record_drop(ifindex, packet, reason, audit);
+    if audit {
+        count(AUDIT_PASSED);
+    }
+    !audit
+}
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const LOOPBACK_IFINDEX: u32 = 1;
+
+#[sk_lookup]
+pub fn host_ports(ctx: SkLookupContext) -> u32 {
+    let flags = CONFIG.get(0).map_or(0, |c| c.flags);
+    // SAFETY: the context pointer is valid for the whole program run.
+    let lookup = unsafe { &*ctx.lookup };
+    // From the host itself (through lo): as for any host traffic, not gated here; with
+    // --gate-host-traffic the relayed connection meets `toward_containers` instead.
+    if lookup.ingress_ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    let proto = lookup.protocol as u8;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return SK_PASS;
+    }
+    let (local, remote) = match lookup.family {
+        AF_INET => (
+            ipv4_mapped(lookup.local_ip4.to_ne_bytes()),
+            ipv4_mapped(lookup.remote_ip4.to_ne_bytes()),
+        ),
+        AF_INET6 => (ipv6(&lookup.local_ip6), ipv6(&lookup.remote_ip6)),
+        _ => return SK_PASS,
+    };
+    let port = lookup.local_port as u16;
+    // SAFETY: plain map lookups; values are copied out at once.
+    let published = unsafe {
+        HOST_PORTS
+            .get(AllowKey::new(local, proto, port))
+            .or_else(|| HOST_PORTS.get(AllowKey::new([0; 16], proto, port)))
+            .map(|v| v.rule_id)
+    };
+    let Some(rule_id) = published else {
+        return SK_PASS; // not a published port
+    };
+    if rule_id != NO_RULE {
+        count(PASS_HOST_PORT);
+        add_rule_stats(rule_id, 0);
+        return SK_PASS;
+    }
+    let packet = Transport {
+        src: remote,
+        dst: local,
+        proto,
+        src_port: u16::from_be(lookup.remote_port),
+        dst_port: port,
+        tcp_flags: 0,
+        icmp: Icmp::None,
+    };
+    if dropped(lookup.ingress_ifindex, &packet, DROP_NOT_ALLOWED, flags) {
+        SK_DROP
+    } else {
+        SK_PASS
+    }
+}
+
+/// An IPv6 address from the context's four words. Each is read at its constant offset: the
+/// verifier refuses context reads through a computed pointer.
+#[inline(always)]
+fn ipv6(words: &[u32; 4]) -> Addr {
+    // SAFETY: reads of the context's own fields.
+    let words = unsafe {
+        [
+            core::ptr::read_volatile(&words[0]),
+            core::ptr::read_volatile(&words[1]),
+            core::ptr::read_volatile(&words[2]),
+            core::ptr::read_volatile(&words[3]),
+        ]
+    };
+    let mut addr = [0u8; 16];
+    addr[0..4].copy_from_slice(&words[0].to_ne_bytes());
+    addr[4..8].copy_from_slice(&words[1].to_ne_bytes());
+    addr[8..12].copy_from_slice(&words[2].to_ne_bytes());
+    addr[12..16].copy_from_slice(&words[3].to_ne_bytes());
+    addr
 }
 
 #[classifier]
@@ -110,8 +216,8 @@ fn try_toward_containers(ctx: &TcContext, flags: u32, packet: &mut Transport) ->
     match parsed {
         Parsed::NotIp => Verdict::Pass(PASS_NOT_IP),
         Parsed::Packet => toward_container(ctx, packet),
-        // The embedded packet is one the container sent: it matches a flow as sent.
-        Parsed::IcmpErrorToSender if FLOWS.get_ptr(container_sent(packet)).is_some() => {
+        // The embedded packet is one the container sent: it matches a live flow as sent.
+        Parsed::IcmpErrorToSender if is_tracked(&container_sent(packet), packet.proto) => {
             Verdict::Pass(PASS_RELATED)
         }
         Parsed::IcmpErrorToSender | Parsed::IcmpErrorForeign => Verdict::Drop(DROP_ICMP_UNTRACKED),
@@ -119,6 +225,16 @@ fn try_toward_containers(ctx: &TcContext, flags: u32, packet: &mut Transport) ->
         Parsed::Fragment => Verdict::Drop(DROP_FRAGMENT),
         Parsed::UnsupportedHeader => Verdict::Drop(DROP_UNSUPPORTED_HEADER),
     }
+}
+
+/// Whether `key` is a tracked flow that is still live (an expired entry the LRU has not yet
+/// evicted admits nothing).
+#[inline(always)]
+fn is_tracked(key: &FlowKey, proto: u8) -> bool {
+    // SAFETY: ktime has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the value is read at once.
+    unsafe { FLOWS.get(key) }.is_some_and(|flow| flow.is_live(proto, now))
 }
 
 #[inline(never)]
@@ -140,7 +256,9 @@ fn toward_container(ctx: &TcContext, packet: &Transport) -> Verdict {
         // SAFETY: the map value stays valid for this program run; concurrent updates of
         // a flow's fields race benignly (last writer wins, as in Cilium's conntrack).
         let flow = unsafe { &mut *flow };
-        if continues(flow, packet, now) {
+        // A flow a container opened with an echo request admits echo replies, not requests.
+        let echo_request_in = packet.icmp == Icmp::EchoRequest && flow.origin == ORIGIN_CONTAINER;
+        if continues(flow, packet, now) && !echo_request_in {
             follow(flow, packet, false, now, ctx.len());
             return Verdict::Pass(PASS_TRACKED);
         }
@@ -185,9 +303,23 @@ fn try_from_containers(ctx: &TcContext) {
             return;
         }
     }
-    if packet.opens_connection() {
-        open_flow(ctx, &key, ORIGIN_CONTAINER, NO_RULE, &packet, now);
+    if !packet.opens_connection() {
+        return;
     }
+    // Only from the container's own addresses on this port: a forged source would open a
+    // flow in another container's name, whose "replies" would then pass unasked.
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let binding = PortAddrKey {
+        addr: packet.src,
+        ifindex,
+    };
+    // SAFETY: plain map lookup.
+    if unsafe { PORT_ADDRS.get(&binding) }.is_none() {
+        count(FOREIGN_SOURCE);
+        return;
+    }
+    open_flow(ctx, &key, ORIGIN_CONTAINER, NO_RULE, &packet, now);
 }
 
 /// The flow key of a packet the container sent.
@@ -229,7 +361,7 @@ fn follow(flow: &mut FlowState, packet: &Transport, from_container: bool, now: u
             flow.tcp_state = state;
         }
     }
-    if now.wrapping_sub(flow.last_seen_ns) >= REFRESH_NS {
+    if now.saturating_sub(flow.last_seen_ns) >= REFRESH_NS {
         flow.last_seen_ns = now;
     }
     add_rule_stats(flow.rule_id, len);
@@ -269,9 +401,7 @@ fn open_flow(
 /// budget of events per second; what is over budget is counted and reported with the next
 /// event, so a flood cannot swamp the agent.
 #[inline(never)]
-fn record_drop(ctx: &TcContext, packet: &Transport, reason: u32, audit: bool) {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+fn record_drop(ifindex: u32, packet: &Transport, reason: u32, audit: bool) {
     let key = BridgeDropKey { ifindex, reason };
     match BRIDGE_DROPS.get_ptr_mut(&key) {
         // SAFETY: per-CPU slot, only this CPU writes it.

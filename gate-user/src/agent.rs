@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use gate_common::{DropEvent, counters};
+use gate_common::{AllowKey, AllowValue, DropEvent, NO_RULE, PortAddrKey, counters};
 use tokio::{
     io::{AsyncWriteExt as _, unix::AsyncFd},
     net::UnixStream,
@@ -30,8 +30,9 @@ use crate::{
     netfilter::{Delegation, DelegationStatus},
     policy::{
         MAX_SAVED_RULES, Ports, Resolved, ResolvedRule, Resolver, RuleSet, RuleStore, Target,
-        addr_from_map,
+        addr_from_map, map_addr,
     },
+    ports,
     runtime::{self, Container, Engine, RuntimeEvent, Snapshot},
 };
 
@@ -88,6 +89,8 @@ pub struct Agent {
     drop_events: DropEventStats,
     /// Fan-out of drop events to `portgate watch` clients.
     watchers: broadcast::Sender<WatchEvent>,
+    /// The bridge ports must be looked at again (containers changed, or one was not found).
+    ports_stale: bool,
 }
 
 impl Agent {
@@ -141,11 +144,19 @@ impl Agent {
             delegation,
             drop_events: DropEventStats::default(),
             watchers: broadcast::channel(256).0,
+            ports_stale: true,
         };
         // Rules first, then programs: the new programs never run on a stale allow map. Until
         // the engines have reported, entries for containers stay as the last agent left them.
         agent.reconcile().context("writing the allow map")?;
         agent.attach_bridges(true)?;
+        agent
+            .datapath
+            .attach_host_ports()
+            .context("gating published host ports that reach local sockets")?;
+        agent.sync_ports(true)?;
+        datapath::retire_other_layouts(&agent.options.bpffs)
+            .context("detaching an older gate's programs")?;
         info!(
             rules = agent.rules.rules().len(),
             bridges = ?agent.datapath.bridges().iter().map(|b| &b.name).collect::<Vec<_>>(),
@@ -250,7 +261,11 @@ impl Agent {
                     return;
                 }
                 state.snapshot = Some(snapshot);
-                if let Err(err) = self.attach_bridges(false).and_then(|()| self.reconcile()) {
+                if let Err(err) = self
+                    .attach_bridges(false)
+                    .and_then(|()| self.reconcile())
+                    .and_then(|()| self.sync_ports(false))
+                {
                     error!("applying {engine}'s containers failed: {err:#}");
                 }
             }
@@ -316,9 +331,63 @@ impl Agent {
     }
 
     fn on_tick(&mut self) {
-        if let Err(err) = self.attach_bridges(false) {
+        for path in self.datapath.repin() {
+            warn!(pin = %path.display(), "a link pin was removed; pinned it again (the gate stayed attached)");
+        }
+        if let Err(err) = self
+            .attach_bridges(false)
+            .and_then(|()| self.sync_ports(false))
+        {
             warn!("{err:#}");
         }
+    }
+
+    /// Binds each port of the gated bridges to the addresses of the container behind it, and
+    /// attaches `from_containers` to ports that do not have it yet. Bindings are written
+    /// before a port's program is attached, and a port that is not found opens nothing (fail
+    /// closed). Runs on each tick and after each engine sync, where containers come and go.
+    fn sync_ports(&mut self, strict: bool) -> anyhow::Result<()> {
+        let ports: Vec<ports::Port> = self
+            .datapath
+            .bridges()
+            .iter()
+            .flat_map(|b| ports::bridge_ports(&b.name))
+            .collect();
+        let current: BTreeSet<u32> = ports.iter().map(|p| p.ifindex).collect();
+        let known: BTreeSet<u32> = self.datapath.ports().keys().copied().collect();
+        if current == known && !self.ports_stale {
+            return Ok(());
+        }
+        let addresses = ports::port_addresses(&ports);
+        let bindings: BTreeSet<PortAddrKey> = addresses
+            .iter()
+            .flat_map(|(ifindex, addrs)| {
+                addrs.iter().map(|addr| PortAddrKey {
+                    addr: map_addr(*addr),
+                    ifindex: *ifindex,
+                })
+            })
+            .collect();
+        self.datapath
+            .sync_port_addrs(&bindings)
+            .context("binding bridge ports to their containers' addresses")?;
+        for port in ports.iter().filter(|p| !known.contains(&p.ifindex)) {
+            match self.datapath.attach_port(&port.name, port.ifindex) {
+                Ok(()) => info!(
+                    port = port.name,
+                    addresses = ?addresses.get(&port.ifindex),
+                    "bridge port tracked"
+                ),
+                Err(err) if !strict => warn!("bridge port {}: {err:#}; retrying", port.name),
+                Err(err) => {
+                    return Err(err).with_context(|| format!("bridge port {}", port.name));
+                }
+            }
+        }
+        self.datapath.forget_ports(&(&known - &current))?;
+        // A port whose container was not found yet is looked at again on the next round.
+        self.ports_stale = ports.iter().any(|p| !addresses.contains_key(&p.ifindex));
+        Ok(())
     }
 
     /// The bridges to gate now: the explicit ones, and with `--bridge auto` the default and
@@ -408,7 +477,15 @@ impl Agent {
         self.datapath.reset_rule_stats(&resolved.new_ids)?;
         self.datapath
             .sync_allow(&resolved.entries, waits_for_engines)?;
+        // Until every engine has reported, the host ports stay as the last agent left them.
+        if all_known {
+            self.datapath
+                .sync_host_ports(&host_ports(&self.containers(), &resolved.entries))
+                .context("writing the published host ports")?;
+        }
         self.resolved = resolved;
+        // Containers changed: look at the bridge ports again.
+        self.ports_stale = true;
         Ok(())
     }
 
@@ -616,6 +693,45 @@ impl Agent {
             counters: by_kind,
         })
     }
+}
+
+/// Each published host port, with the rule that admits the container port it maps to, or
+/// `NO_RULE`. Keyed as `host_ports` looks them up: the host address, or all-zero for a port
+/// published on every address. Where several mappings share a key, one that is not admitted
+/// closes it (fail closed).
+fn host_ports(
+    containers: &[Container],
+    allow: &BTreeMap<AllowKey, AllowValue>,
+) -> BTreeMap<AllowKey, AllowValue> {
+    let mut entries = BTreeMap::new();
+    for container in containers {
+        for published in &container.published {
+            let host_addr = if published.host_ip.is_unspecified() {
+                [0; 16]
+            } else {
+                map_addr(published.host_ip)
+            };
+            let proto = published.protocol.number(published.host_ip);
+            let rule_id = container
+                .addresses
+                .iter()
+                .find_map(|addr| {
+                    let key = AllowKey::new(
+                        map_addr(*addr),
+                        published.protocol.number(*addr),
+                        published.container_port,
+                    );
+                    allow.get(&key).map(|v| v.rule_id)
+                })
+                .unwrap_or(NO_RULE);
+            let key = AllowKey::new(host_addr, proto, published.host_port);
+            let entry = entries.entry(key).or_insert(AllowValue { rule_id });
+            if rule_id == NO_RULE {
+                entry.rule_id = NO_RULE;
+            }
+        }
+    }
+    entries
 }
 
 fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64) -> RuleView {

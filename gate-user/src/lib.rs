@@ -7,4 +7,5 @@ pub mod datapath;
 pub mod metrics;
 pub mod netfilter;
 pub mod policy;
+pub mod ports;
 pub mod runtime;

@@ -8,7 +8,7 @@ use std::{
 };
 
 use etherparse::PacketBuilder;
-use gate_common::{counters, program_names};
+use gate_common::{PortAddrKey, counters, ipv4_mapped, program_names};
 use gate_user::{
     datapath::{self, Datapath, GateConfig, sys},
     policy::{Ports, Resolver, RuleSet, Target, parse_address},
@@ -23,6 +23,8 @@ const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 /// Any non-zero receiving interface: the packet looks forwarded, not sent by the host.
 const FORWARDED: u32 = 7;
 const FROM_HOST: u32 = 0;
+/// The device of a test run's packet (lo), standing for the container's bridge port.
+const TEST_RUN_IFINDEX: u32 = 1;
 
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
@@ -51,7 +53,17 @@ impl Gate {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let datapath = Datapath::load(&dir, config).expect("load the gate");
+        let mut datapath = Datapath::load(&dir, config).expect("load the gate");
+        // The test container's addresses are its own on the port the test runs use (lo,
+        // BPF_PROG_TEST_RUN's default device).
+        let bindings = [ipv4_mapped(CONTAINER4), CONTAINER6]
+            .into_iter()
+            .map(|addr| PortAddrKey {
+                addr,
+                ifindex: TEST_RUN_IFINDEX,
+            })
+            .collect();
+        datapath.sync_port_addrs(&bindings).expect("bind the container's addresses");
         Some(Self {
             datapath,
             rules: RuleSet::default(),

@@ -1,18 +1,21 @@
 //! The kernel side as the agent sees it: load the programs, reuse or create the pinned maps,
-//! attach (or atomically replace) the programs on each bridge, and read and write the maps.
+//! attach (or atomically replace) the programs, and read and write the maps.
 //!
 //! Pin layout under the bpffs directory (default /sys/fs/bpf/portgate):
-//!   v1/maps/{ALLOW,FLOWS,RULE_STATS,COUNTERS,CONFIG}
-//!   v1/programs/{toward_containers,from_containers}
-//!   v1/links/<bridge>-{egress,ingress}
-//! The links keep the programs attached after the agent exits (fail closed).
+//!   v2/maps/{ALLOW,FLOWS,RULE_STATS,COUNTERS,CONFIG,BRIDGE_DROPS,HOST_PORTS,PORT_ADDRS}
+//!   v2/programs/{toward_containers,from_containers,host_ports}
+//!   v2/links/<bridge>-egress     toward_containers on each bridge's TC egress
+//!   v2/links/<port>-port         from_containers on each bridge port's TC ingress
+//!   v2/links/host-ports          host_ports on the host's network namespace (socket lookup)
+//! The links keep the programs attached after the agent exits (fail closed). While the agent
+//! runs it also holds each link open, so removing a pin detaches nothing; it pins it again.
 
 pub mod sys;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
-    os::fd::{AsFd as _, BorrowedFd},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -23,15 +26,15 @@ use aya::{
         PerCpuValues, RingBuf,
     },
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
-        links::{FdLink, LinkError, PinnedLink},
+        LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttachType,
+        links::{FdLink, LinkError},
         tc::TcAttachOptions,
     },
 };
 use gate_common::{
     ALLOW_CAPACITY, AllowKey, AllowValue, BRIDGE_DROPS_CAPACITY, BridgeDropKey, CONFIG_AUDIT,
-    CONFIG_GATE_HOST, Config, DropEvent, FLOW_CAPACITY, FlowKey, FlowState, MAX_RULES, RuleStats,
-    counters, map_names, program_names,
+    CONFIG_GATE_HOST, Config, DropEvent, FLOW_CAPACITY, FlowKey, FlowState, HOST_PORTS_CAPACITY,
+    MAX_RULES, PORT_ADDRS_CAPACITY, PortAddrKey, RuleStats, counters, map_names, program_names,
 };
 use tracing::{info, warn};
 
@@ -39,7 +42,7 @@ use tracing::{info, warn};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gate-ebpf"));
 
 /// Bumped whenever a map's layout changes, so an old agent's pins are never misread.
-pub const LAYOUT_VERSION: &str = "v1";
+pub const LAYOUT_VERSION: &str = "v2";
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/portgate";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -62,11 +65,13 @@ pub enum DatapathError {
         name: &'static str,
         source: ProgramError,
     },
-    #[error("bridge {bridge}: {source}")]
+    #[error("attaching to {target}")]
     Attach {
-        bridge: String,
+        target: String,
         source: ProgramError,
     },
+    #[error("link {path}")]
+    LinkIo { path: PathBuf, source: io::Error },
     #[error("bridge {bridge}: no such interface")]
     NoSuchBridge { bridge: String },
     #[error("link {path}: {source}")]
@@ -154,43 +159,23 @@ impl Pins {
         self.root.join("links")
     }
 
-    fn link(&self, bridge: &str, hook: Hook) -> PathBuf {
-        self.links().join(format!("{bridge}-{}", hook.suffix()))
+    fn link(&self, name: &str) -> PathBuf {
+        self.links().join(name)
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Hook {
-    /// Bridge egress: toward the containers.
-    Egress,
-    /// Bridge ingress: from the containers.
-    Ingress,
+/// Pin name of the egress link of `bridge`.
+fn egress_link(bridge: &str) -> String {
+    format!("{bridge}-egress")
 }
 
-impl Hook {
-    const ALL: [Hook; 2] = [Hook::Egress, Hook::Ingress];
-
-    fn program(self) -> &'static str {
-        match self {
-            Hook::Egress => program_names::TOWARD_CONTAINERS,
-            Hook::Ingress => program_names::FROM_CONTAINERS,
-        }
-    }
-
-    fn attach_type(self) -> TcAttachType {
-        match self {
-            Hook::Egress => TcAttachType::Egress,
-            Hook::Ingress => TcAttachType::Ingress,
-        }
-    }
-
-    fn suffix(self) -> &'static str {
-        match self {
-            Hook::Egress => "egress",
-            Hook::Ingress => "ingress",
-        }
-    }
+/// Pin name of the ingress link of bridge port `port`.
+fn port_link(port: &str) -> String {
+    format!("{port}-port")
 }
+
+/// Pin name of the socket-lookup link on the host's network namespace.
+const HOST_PORTS_LINK: &str = "host-ports";
 
 /// Sizes of the maps that grow with the host: set at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,7 +196,7 @@ impl Default for Capacities {
 }
 
 /// What each pinned map must look like: (name, type, key size, value size, capacity).
-fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usize, u32); 6] {
+fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usize, u32); 8] {
     use std::mem::size_of;
     [
         (
@@ -250,6 +235,20 @@ fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usiz
             size_of::<u64>(),
             BRIDGE_DROPS_CAPACITY,
         ),
+        (
+            map_names::HOST_PORTS,
+            MapType::Hash,
+            size_of::<AllowKey>(),
+            size_of::<AllowValue>(),
+            HOST_PORTS_CAPACITY,
+        ),
+        (
+            map_names::PORT_ADDRS,
+            MapType::Hash,
+            size_of::<PortAddrKey>(),
+            size_of::<u8>(),
+            PORT_ADDRS_CAPACITY,
+        ),
     ]
 }
 
@@ -258,9 +257,16 @@ pub struct Datapath {
     ebpf: Ebpf,
     pins: Pins,
     bridges: Vec<Bridge>,
+    /// Bridge ports with `from_containers` attached, by ifindex.
+    ports: BTreeMap<u32, String>,
     capacities: Capacities,
     /// The allow map's content as last written, so a sync costs only its differences.
     allow_written: Option<BTreeMap<AllowKey, AllowValue>>,
+    host_ports_written: Option<BTreeMap<AllowKey, AllowValue>>,
+    port_addrs_written: Option<BTreeMap<PortAddrKey, u8>>,
+    /// Every link this agent attached or took over, by pin path, held open: a removed pin
+    /// detaches nothing while the agent runs (see [`Datapath::repin`]).
+    links: BTreeMap<PathBuf, OwnedFd>,
 }
 
 impl Datapath {
@@ -291,15 +297,28 @@ impl Datapath {
             .map_max_entries(map_names::ALLOW, capacities.allow)
             .map_max_entries(map_names::FLOWS, capacities.flows);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for hook in Hook::ALL {
-            let name = hook.program();
+        for name in [
+            program_names::TOWARD_CONTAINERS,
+            program_names::FROM_CONTAINERS,
+        ] {
             let program = classifier(&mut ebpf, name)?;
             program
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let name = program_names::HOST_PORTS;
+        sk_lookup(&mut ebpf, name)?
+            .load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        for name in [
+            program_names::TOWARD_CONTAINERS,
+            program_names::FROM_CONTAINERS,
+            program_names::HOST_PORTS,
+        ] {
             // Replace the previous agent's program pin, for inspection with bpftool.
             let pin = pins.programs().join(name);
             remove_if_present(&pin)?;
+            let program = ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
             program.pin(&pin).map_err(|source| DatapathError::Pin {
                 path: pin.clone(),
                 source,
@@ -309,8 +328,12 @@ impl Datapath {
             ebpf,
             pins,
             bridges: Vec::new(),
+            ports: BTreeMap::new(),
             capacities,
             allow_written: None,
+            host_ports_written: None,
+            port_addrs_written: None,
+            links: BTreeMap::new(),
         };
         datapath.set_config(config)?;
         Ok(datapath)
@@ -323,84 +346,134 @@ impl Datapath {
             .ok()
     }
 
-    /// Attaches both programs to `bridge`, first in its TCX chains. A link pinned by an
-    /// earlier agent is updated in place (one atomic program swap, no moment without a gate);
-    /// otherwise a new link is created and pinned.
+    /// Attaches `toward_containers` to `bridge`'s egress, first in its TCX chain.
     pub fn attach(&mut self, bridge: &str) -> Result<()> {
         let ifindex = sys::ifindex(bridge).ok_or_else(|| DatapathError::NoSuchBridge {
             bridge: bridge.to_owned(),
         })?;
-        for hook in Hook::ALL {
-            let pin = self.pins.link(bridge, hook);
-            let program = classifier(&mut self.ebpf, hook.program())?;
-            let attach_err = |source| DatapathError::Attach {
-                bridge: bridge.to_owned(),
-                source,
-            };
-            let replaced = match PinnedLink::from_pin(&pin) {
-                Ok(old) => match FdLink::from(old).try_into() {
-                    Ok(link) => match program.attach_to_link(link) {
-                        Ok(id) => Some(id),
-                        Err(err) => {
-                            // The bridge was deleted and re-created: the old link is defunct.
-                            warn!(
-                                bridge,
-                                hook = hook.suffix(),
-                                "cannot reuse pinned link ({err}); attaching anew"
-                            );
-                            None
-                        }
-                    },
-                    Err(err) => {
-                        warn!(
-                            bridge,
-                            "pinned link is not a TC link ({err}); attaching anew"
-                        );
-                        None
-                    }
-                },
-                Err(LinkError::SyscallError(err))
-                    if err.io_error.kind() == io::ErrorKind::NotFound =>
-                {
-                    None
-                }
-                Err(source) => return Err(DatapathError::Link { path: pin, source }),
-            };
-            let was_replaced = replaced.is_some();
-            let id = match replaced {
-                Some(id) => id,
-                None => program
-                    .attach_with_options(
-                        bridge,
-                        hook.attach_type(),
-                        TcAttachOptions::TcxOrder(LinkOrder::first()),
-                    )
-                    .map_err(attach_err)?,
-            };
-            let link = program.take_link(id).map_err(attach_err)?;
-            let link: FdLink = link.try_into().map_err(|source| DatapathError::Link {
-                path: pin.clone(),
-                source,
-            })?;
-            remove_if_present(&pin)?;
-            link.pin(&pin).map_err(|source| DatapathError::Pin {
-                path: pin.clone(),
-                source,
-            })?;
-            info!(
-                bridge,
-                ifindex,
-                hook = hook.suffix(),
-                replaced = was_replaced,
-                "gate attached"
-            );
-        }
+        self.attach_tc(
+            program_names::TOWARD_CONTAINERS,
+            bridge,
+            TcAttachType::Egress,
+            &egress_link(bridge),
+        )?;
+        info!(bridge, ifindex, "gate attached");
         self.bridges.retain(|b| b.name != bridge);
         self.bridges.push(Bridge {
             name: bridge.to_owned(),
             ifindex,
         });
         Ok(())
+    }
+
+    /// Attaches `from_containers` to the ingress of bridge port `port` (a container's veth).
+    pub fn attach_port(&mut self, port: &str, ifindex: u32) -> Result<()> {
+        self.attach_tc(
+            program_names::FROM_CONTAINERS,
+            port,
+            TcAttachType::Ingress,
+            &port_link(port),
+        )?;
+        self.ports.insert(ifindex, port.to_owned());
+        Ok(())
+    }
+
+    /// Forgets ports that are gone (their links went with the device) and removes their pins.
+    pub fn forget_ports(&mut self, gone: &BTreeSet<u32>) -> Result<()> {
+        for ifindex in gone {
+            if let Some(port) = self.ports.remove(ifindex) {
+                let pin = self.pins.link(&port_link(&port));
+                self.links.remove(&pin);
+                remove_if_present(&pin)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ports with `from_containers` attached, by ifindex.
+    pub fn ports(&self) -> &BTreeMap<u32, String> {
+        &self.ports
+    }
+
+    /// Attaches `host_ports` to the agent's network namespace (the host's).
+    pub fn attach_host_ports(&mut self) -> Result<()> {
+        let name = program_names::HOST_PORTS;
+        let pin = self.pins.link(HOST_PORTS_LINK);
+        let program = sk_lookup(&mut self.ebpf, name)?;
+        let program_fd = program
+            .fd()
+            .map_err(|source| DatapathError::Program { name, source })?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(io_err(&pin))?;
+        let link = take_over_or_create(&pin, program_fd.as_fd(), || {
+            let attach_err = |source| DatapathError::Attach {
+                target: "the host network namespace".to_owned(),
+                source,
+            };
+            let netns = fs::File::open("/proc/self/ns/net").map_err(io_err(Path::new(
+                "/proc/self/ns/net",
+            )))?;
+            let id = program.attach(netns).map_err(attach_err)?;
+            Ok(program.take_link(id).map_err(attach_err)?.into())
+        })?;
+        self.links.insert(pin, link);
+        Ok(())
+    }
+
+    fn attach_tc(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        attach_type: TcAttachType,
+        link_name: &str,
+    ) -> Result<()> {
+        let pin = self.pins.link(link_name);
+        let program = classifier(&mut self.ebpf, name)?;
+        let program_fd = program
+            .fd()
+            .map_err(|source| DatapathError::Program { name, source })?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(io_err(&pin))?;
+        let link = take_over_or_create(&pin, program_fd.as_fd(), || {
+            let attach_err = |source| DatapathError::Attach {
+                target: interface.to_owned(),
+                source,
+            };
+            let id = program
+                .attach_with_options(
+                    interface,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .map_err(attach_err)?;
+            program
+                .take_link(id)
+                .map_err(attach_err)?
+                .try_into()
+                .map_err(|source| DatapathError::Link {
+                    path: pin.clone(),
+                    source,
+                })
+        })?;
+        self.links.insert(pin, link);
+        Ok(())
+    }
+
+    /// Pins again every held link whose pin someone removed; returns the paths re-pinned.
+    pub fn repin(&self) -> Vec<PathBuf> {
+        let mut repinned = Vec::new();
+        for (path, link) in &self.links {
+            if path.exists() {
+                continue;
+            }
+            match sys::obj_pin(link.as_fd(), path) {
+                Ok(()) => repinned.push(path.clone()),
+                Err(err) => warn!(path = %path.display(), "cannot pin the link again: {err}"),
+            }
+        }
+        repinned
     }
 
     pub fn capacities(&self) -> Capacities {
@@ -411,15 +484,13 @@ impl Datapath {
         &self.bridges
     }
 
-    /// Whether both programs of `bridge` are still attached (the bridge may have gone).
+    /// Whether the gate is still attached to `bridge`: the same device is there (not deleted,
+    /// or deleted and re-created), and the agent holds its link.
     pub fn is_attached(&self, bridge: &Bridge) -> bool {
         sys::ifindex(&bridge.name) == Some(bridge.ifindex)
-            && Hook::ALL.iter().all(|hook| {
-                PinnedLink::from_pin(self.pins.link(&bridge.name, *hook))
-                    .ok()
-                    .and_then(|link| FdLink::from(link).info().ok())
-                    .is_some()
-            })
+            && self
+                .links
+                .contains_key(&self.pins.link(&egress_link(&bridge.name)))
     }
 
     pub fn set_config(&mut self, config: GateConfig) -> Result<()> {
@@ -553,18 +624,34 @@ impl Datapath {
         Ok(map.keys().filter(Result::is_ok).count())
     }
 
-    /// The loaded program behind `hook`, e.g. for BPF_PROG_TEST_RUN.
+    /// The loaded program `name`, e.g. for BPF_PROG_TEST_RUN.
     pub fn program_fd(&self, name: &'static str) -> Result<BorrowedFd<'_>> {
-        let program: &SchedClassifier = self
-            .ebpf
-            .program(name)
-            .ok_or(DatapathError::Missing(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        let program = self.ebpf.program(name).ok_or(DatapathError::Missing(name))?;
         let fd = program
             .fd()
             .map_err(|source| DatapathError::Program { name, source })?;
         Ok(fd.as_fd())
+    }
+
+    /// Makes the host-port map equal to `desired` (published host ports and the rule that
+    /// admits each, or `NO_RULE`), new and changed entries first.
+    pub fn sync_host_ports(&mut self, desired: &BTreeMap<AllowKey, AllowValue>) -> Result<()> {
+        let mut written = self.host_ports_written.take();
+        let map = self.map_mut(map_names::HOST_PORTS)?;
+        sync_hash(map_names::HOST_PORTS, map, &mut written, desired)?;
+        self.host_ports_written = written;
+        Ok(())
+    }
+
+    /// Makes the port-address bindings equal to `desired`: new ones first, so a container
+    /// keeps its addresses while its bindings change.
+    pub fn sync_port_addrs(&mut self, desired: &BTreeSet<PortAddrKey>) -> Result<()> {
+        let desired: BTreeMap<PortAddrKey, u8> = desired.iter().map(|k| (*k, 1)).collect();
+        let mut written = self.port_addrs_written.take();
+        let map = self.map_mut(map_names::PORT_ADDRS)?;
+        sync_hash(map_names::PORT_ADDRS, map, &mut written, &desired)?;
+        self.port_addrs_written = written;
+        Ok(())
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
@@ -576,11 +663,89 @@ impl Datapath {
     }
 }
 
+/// Makes the hash map `map` equal to `desired`, writing only differences against `written`
+/// (its content as last written; read from the kernel when unknown). On failure `written` is
+/// left empty, so the next sync reads the map again.
+fn sync_hash<K, V>(
+    name: &'static str,
+    map: &mut aya::maps::Map,
+    written: &mut Option<BTreeMap<K, V>>,
+    desired: &BTreeMap<K, V>,
+) -> Result<()>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod + PartialEq,
+{
+    let mut map: HashMap<_, K, V> = HashMap::try_from(map).map_err(map_err(name))?;
+    let mut current = match written.take() {
+        Some(current) => current,
+        None => map
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(name))?,
+    };
+    for (key, value) in desired {
+        if current.get(key) != Some(value) {
+            map.insert(key, value, 0).map_err(map_err(name))?;
+            current.insert(*key, *value);
+        }
+    }
+    let stale: Vec<K> = current
+        .keys()
+        .filter(|key| !desired.contains_key(key))
+        .copied()
+        .collect();
+    for key in stale {
+        map.remove(&key).map_err(map_err(name))?;
+        current.remove(&key);
+    }
+    *written = Some(current);
+    Ok(())
+}
+
 /// Decodes one drop event from the ring buffer.
 pub fn decode_drop_event(bytes: &[u8]) -> Option<DropEvent> {
     (bytes.len() >= std::mem::size_of::<DropEvent>())
         // SAFETY: long enough, DropEvent is plain old data valid for any bits; unaligned read.
         .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DropEvent>()) })
+}
+
+/// Opens the link pinned at `pin` and swaps its program for `program` in one step (the hook
+/// never runs without a gate: an earlier agent's link, taken over on restart or upgrade);
+/// where there is none, or it is defunct (its interface was deleted), `create` attaches a new
+/// link, which is pinned. Either way the link is returned open, for the agent to hold.
+fn take_over_or_create(
+    pin: &Path,
+    program: BorrowedFd<'_>,
+    create: impl FnOnce() -> Result<FdLink>,
+) -> Result<OwnedFd> {
+    let link_io = |source| DatapathError::LinkIo {
+        path: pin.to_owned(),
+        source,
+    };
+    match sys::obj_get(pin) {
+        Ok(link) => match sys::update_link(link.as_fd(), program) {
+            Ok(()) => return Ok(link),
+            Err(err) => {
+                warn!(pin = %pin.display(), "cannot reuse pinned link ({err}); attaching anew");
+                remove_if_present(pin)?;
+            }
+        },
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(link_io(err)),
+    }
+    create()?.pin(pin).map_err(|source| DatapathError::Pin {
+        path: pin.to_owned(),
+        source,
+    })?;
+    sys::obj_get(pin).map_err(link_io)
+}
+
+fn sk_lookup<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SkLookup> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
@@ -653,6 +818,29 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
+/// Detaches and removes the pins of every other layout version under `bpffs_dir`: an older
+/// agent's programs, which the new ones (attached first) replace. Their tracked flows go with
+/// them.
+pub fn retire_other_layouts(bpffs_dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(bpffs_dir).map_err(io_err(bpffs_dir))? {
+        let dir = entry.map_err(io_err(bpffs_dir))?.path();
+        let is_other_layout = dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            n != LAYOUT_VERSION && n.starts_with('v') && n[1..].bytes().all(|b| b.is_ascii_digit())
+        });
+        if !is_other_layout {
+            continue;
+        }
+        let links = dir.join("links");
+        for link in fs::read_dir(&links).into_iter().flatten().flatten() {
+            let path = link.path();
+            sys::detach_pinned_link(&path).map_err(io_err(&path))?;
+        }
+        info!(layout = %dir.display(), "detached the previous layout's programs");
+        fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+    }
+    Ok(())
+}
+
 /// What `uninstall` removed.
 #[derive(Debug, Default)]
 pub struct Uninstalled {
@@ -684,7 +872,11 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled> {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();
-            if let Some((bridge, _hook)) = name.rsplit_once('-') {
+            // v1 pinned `<bridge>-egress` and `<bridge>-ingress`; v2 `<bridge>-egress`.
+            if let Some(bridge) = name
+                .strip_suffix("-egress")
+                .or_else(|| name.strip_suffix("-ingress"))
+            {
                 done.bridges.insert(bridge.to_owned());
             }
         }

@@ -1,5 +1,5 @@
 //! The few system calls aya 0.14 does not wrap: BPF_PROG_TEST_RUN, BPF_OBJ_GET with
-//! BPF_LINK_DETACH, statfs, mount, if_nametoindex.
+//! BPF_LINK_DETACH, BPF_LINK_UPDATE, statfs, mount, if_nametoindex.
 
 use std::{
     ffi::CString,
@@ -12,8 +12,10 @@ use std::{
     path::Path,
 };
 
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// Size of the kernel's `struct __sk_buff`, the context of a TC program's test run.
@@ -104,17 +106,37 @@ struct LinkDetachAttr {
     link_fd: u32,
 }
 
-/// Detaches the link pinned at `path` (its programs stop running at once).
-pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
-    let pathname = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// Opens the BPF object (map, program, link) pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let pathname = c_path(path)?;
     let mut get = ObjGetAttr {
         pathname: pathname.as_ptr() as u64,
         ..Default::default()
     };
     let fd = sys_bpf(BPF_OBJ_GET, &mut get)?;
     // SAFETY: BPF_OBJ_GET returned a new file descriptor that we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the BPF object behind `fd` at `path`.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let pathname = c_path(path)?;
+    let mut pin = ObjGetAttr {
+        pathname: pathname.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_OBJ_PIN, &mut pin).map(drop)
+}
+
+/// Detaches the link pinned at `path` (its programs stop running at once).
+pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    let fd = obj_get(path)?;
     let mut detach = LinkDetachAttr {
         link_fd: fd.as_raw_fd() as u32,
     };
@@ -123,6 +145,26 @@ pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
         Err(err) if err.raw_os_error() == Some(libc::ENOLINK) => Ok(()),
         other => other.map(drop),
     }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Swaps the program behind `link` for `program` in one step (BPF_LINK_UPDATE): the hook
+/// never runs without a program.
+pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
 pub fn ifindex(name: &str) -> Option<u32> {
@@ -142,8 +184,7 @@ pub fn fs_type(path: &Path) -> Option<i64> {
 }
 
 pub fn mount_bpffs(target: &Path) -> io::Result<()> {
-    let target = CString::new(target.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let target = c_path(target)?;
     let bpf = c"bpf";
     // SAFETY: valid NUL-terminated strings; no data argument.
     let ret = unsafe {
