@@ -26,11 +26,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use gate_common::{
-    ALLOW_CAPACITY, Addr, AllowKey, AllowValue, BRIDGE_DROPS_CAPACITY, BridgeDropKey,
-    CONFIG_AUDIT, CONFIG_GATE_HOST, Config, DROP_EVENTS_BYTES, DROP_EVENTS_PER_SECOND, DropEvent,
-    EventBudget, FLOW_CAPACITY, FLOW_REPLIED, FlowKey, FlowState, HOST_PORTS_CAPACITY, MAX_RULES,
-    NO_RULE, ORIGIN_CONTAINER, ORIGIN_REMOTE, PORT_ADDRS_CAPACITY, PROTO_TCP, PROTO_UDP,
-    PortAddrKey, RuleStats, counters::*, ipv4_mapped, tcp,
+    ALLOW_CAPACITY, Addr, AllowKey, AllowValue, BRIDGE_DROPS_CAPACITY, BridgeDropKey, CONFIG_AUDIT,
+    CONFIG_GATE_HOST, Config, DROP_EVENTS_BYTES, DROP_EVENTS_PER_SECOND, DropEvent, EventBudget,
+    FLOW_CAPACITY, FLOW_REPLIED, FlowKey, FlowState, HOST_PORTS_CAPACITY, MAX_RULES, NO_RULE,
+    ORIGIN_CONTAINER, ORIGIN_REMOTE, PORT_ADDRS_CAPACITY, PROTO_TCP, PROTO_UDP, PortAddrKey,
+    RuleStats, counters::*, ipv4_mapped, tcp,
 };
 use gate_ebpf::{Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Transport, parse};
 

@@ -13,8 +13,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
-    io,
+    fs, io,
     net::IpAddr,
     os::{
         fd::{AsRawFd as _, FromRawFd as _},
@@ -122,7 +121,9 @@ pub fn port_addresses(ports: &[Port]) -> BTreeMap<u32, BTreeSet<IpAddr>> {
 
 /// Every network namespace on the host but the agent's own, once each.
 fn namespaces() -> Vec<PathBuf> {
-    let own = fs::metadata("/proc/self/ns/net").map(|m| (m.dev(), m.ino())).ok();
+    let own = fs::metadata("/proc/self/ns/net")
+        .map(|m| (m.dev(), m.ino()))
+        .ok();
     let mut seen = BTreeSet::new();
     own.map(|id| seen.insert(id));
     let pinned = ["/run/netns", "/var/run/netns", "/var/run/docker/netns"]
@@ -133,7 +134,12 @@ fn namespaces() -> Vec<PathBuf> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
         .map(|e| e.path().join("ns/net"));
     pinned
         .chain(of_processes)
@@ -164,7 +170,9 @@ fn interfaces_in(path: &Path) -> io::Result<Vec<Interface>> {
     }
     let output = command.output()?;
     if !output.status.success() {
-        return Err(io::Error::other(String::from_utf8_lossy(&output.stderr).trim().to_owned()));
+        return Err(io::Error::other(
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ));
     }
     serde_json::from_slice(&output.stdout).map_err(io::Error::other)
 }
@@ -220,7 +228,14 @@ fn netnsid(path: &Path) -> io::Result<Option<i32>> {
     }
     let mut reply = [0u8; 256];
     // SAFETY: the buffer is valid for its length.
-    let len = unsafe { libc::recv(socket.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
+    let len = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            reply.as_mut_ptr().cast(),
+            reply.len(),
+            0,
+        )
+    };
     if len < 20 {
         return Err(io::Error::last_os_error());
     }

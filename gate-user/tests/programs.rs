@@ -8,7 +8,7 @@ use std::{
 };
 
 use etherparse::PacketBuilder;
-use gate_common::{PortAddrKey, counters, ipv4_mapped, program_names};
+use gate_common::{FlowKey, FlowState, PortAddrKey, counters, ipv4_mapped, program_names};
 use gate_user::{
     datapath::{self, Datapath, GateConfig, sys},
     policy::{Ports, Resolver, RuleSet, Target, parse_address},
@@ -63,7 +63,9 @@ impl Gate {
                 ifindex: TEST_RUN_IFINDEX,
             })
             .collect();
-        datapath.sync_port_addrs(&bindings).expect("bind the container's addresses");
+        datapath
+            .sync_port_addrs(&bindings)
+            .expect("bind the container's addresses");
         Some(Self {
             datapath,
             rules: RuleSet::default(),
@@ -121,6 +123,38 @@ impl Gate {
     fn sent_by_container(&self, frame: &[u8]) {
         let verdict = self.run(program_names::FROM_CONTAINERS, frame, FORWARDED);
         assert_eq!(verdict, Verdict::Pass, "bridge ingress must never drop");
+    }
+
+    /// Runs `host_ports` on a socket lookup.
+    fn lookup(&self, lookup: sys::SkLookupRun) -> Verdict {
+        let fd = self
+            .datapath
+            .program_fd(program_names::HOST_PORTS)
+            .expect("program fd");
+        match sys::test_run_sk_lookup(fd, &lookup).expect("BPF_PROG_TEST_RUN") {
+            1 => Verdict::Pass,
+            0 => Verdict::Drop,
+            other => panic!("unexpected socket lookup verdict {other}"),
+        }
+    }
+
+    /// Makes every tracked flow look idle since boot, as if its timeout had passed.
+    fn expire_flows(&self) {
+        use aya::maps::{HashMap, Map, MapData};
+        let path = self
+            .dir
+            .join(datapath::LAYOUT_VERSION)
+            .join("maps")
+            .join(gate_common::map_names::FLOWS);
+        let data = MapData::from_pin(&path).expect("open the pinned flow table");
+        let mut flows: HashMap<_, FlowKey, FlowState> =
+            HashMap::try_from(Map::LruHashMap(data)).expect("flow table");
+        let keys: Vec<FlowKey> = flows.keys().map(|k| k.expect("key")).collect();
+        for key in keys {
+            let mut state = flows.get(&key, 0).expect("flow");
+            state.last_seen_ns = 0;
+            flows.insert(key, state, 0).expect("write flow");
+        }
     }
 
     fn counter(&self, name: &str) -> u64 {
@@ -782,4 +816,197 @@ fn drops_are_counted_per_bridge_and_reported_within_a_budget() {
     let next = datapath::decode_drop_event(&events.next().expect("an event after the pause"))
         .expect("event");
     assert_eq!(next.suppressed, 50);
+}
+
+/// Another container on the same bridge, whose address the test container may not use.
+const OTHER4: [u8; 4] = [10, 99, 0, 3];
+const OTHER6: [u8; 16] = [0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
+
+#[test]
+fn a_container_cannot_open_a_flow_in_another_containers_name() {
+    let Some(gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    // A forged "request" from the other container's port 53 to the remote...
+    gate.sent_by_container(&udp4(OTHER4, REMOTE4, 53, 40000));
+    gate.sent_by_container(&udp6(OTHER6, REMOTE6, 53, 40000));
+    gate.sent_by_container(&tcp4(OTHER4, REMOTE4, 22, 40001, SYN));
+    assert_eq!(gate.counter("foreign_source"), 3);
+    assert_eq!(gate.counter("flow_created"), 0);
+    // ...admits nothing back to it: these are new connections to ports without a rule.
+    assert_eq!(
+        gate.toward(&udp4(REMOTE4, OTHER4, 40000, 53)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        gate.toward(&udp6(REMOTE6, OTHER6, 40000, 53)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, OTHER4, 40001, 22, SYN)),
+        Verdict::Drop
+    );
+    // The container's own address still opens flows.
+    gate.sent_by_container(&udp4(CONTAINER4, REMOTE4, 53, 40000));
+    assert_eq!(
+        gate.toward(&udp4(REMOTE4, CONTAINER4, 40000, 53)),
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn ipv4_mapped_ipv6_addresses_never_alias_ipv4_keys() {
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    gate.allow("10.99.0.2", "80/tcp");
+    let mapped_container = ipv4_mapped(CONTAINER4);
+    let mapped_remote = ipv4_mapped(REMOTE4);
+    // IPv6 to ::ffff:10.99.0.2 port 80 would hit the IPv4 rule's key.
+    assert_eq!(
+        gate.toward(&tcp6(REMOTE6, mapped_container, 40000, 80, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("malformed"), 1);
+    // A container "request" from ::ffff:10.99.0.2 would open the IPv4 flow's key.
+    gate.sent_by_container(&udp6(mapped_container, mapped_remote, 53, 40000));
+    assert_eq!(gate.counter("flow_created"), 0);
+    assert_eq!(
+        gate.toward(&udp4(REMOTE4, CONTAINER4, 40000, 53)),
+        Verdict::Drop
+    );
+}
+
+#[test]
+fn a_containers_ping_admits_echo_replies_not_requests() {
+    let Some(gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    gate.sent_by_container(&echo4(CONTAINER4, REMOTE4, 21, true));
+    gate.sent_by_container(&echo6(CONTAINER6, REMOTE6, 22, true));
+    // Requests with the same identifier are new pings into the container: no icmp rule.
+    assert_eq!(
+        gate.toward(&echo4(REMOTE4, CONTAINER4, 21, true)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        gate.toward(&echo6(REMOTE6, CONTAINER6, 22, true)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        gate.toward(&echo4(REMOTE4, CONTAINER4, 21, false)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        gate.toward(&echo6(REMOTE6, CONTAINER6, 22, false)),
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn an_icmp_error_about_an_expired_flow_is_dropped() {
+    let Some(gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    let request = udp4(CONTAINER4, REMOTE4, 50020, 53);
+    let error = icmp4_error([10, 98, 0, 1], CONTAINER4, &request);
+    gate.sent_by_container(&request);
+    assert_eq!(gate.toward(&error), Verdict::Pass, "live flow: related");
+    gate.expire_flows();
+    assert_eq!(
+        gate.toward(&error),
+        Verdict::Drop,
+        "expired flow: unrelated"
+    );
+}
+
+#[test]
+fn published_host_ports_reached_through_local_sockets_are_gated() {
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    use gate_common::{AllowKey, AllowValue, NO_RULE, PROTO_TCP, PROTO_UDP};
+    let host_v4 = [10, 98, 0, 1];
+    let entries = [
+        // Published on every address, not admitted.
+        (AllowKey::new([0; 16], PROTO_TCP, 18101), NO_RULE),
+        (AllowKey::new([0; 16], PROTO_UDP, 18101), NO_RULE),
+        // Published on every address, admitted by rule 3.
+        (AllowKey::new([0; 16], PROTO_TCP, 18102), 3),
+        // Published on the host's 10.98.0.1 only, admitted by rule 4 there.
+        (AllowKey::new(ipv4_mapped(host_v4), PROTO_TCP, 18103), 4),
+        (AllowKey::new([0; 16], PROTO_TCP, 18103), NO_RULE),
+    ]
+    .into_iter()
+    .map(|(key, rule_id)| (key, AllowValue { rule_id }))
+    .collect();
+    gate.datapath.sync_host_ports(&entries).expect("host ports");
+    let lookup = |protocol: u8, remote: &str, local: &str| {
+        gate.lookup(sys::SkLookupRun {
+            protocol,
+            remote: remote.parse().expect("remote"),
+            local: local.parse().expect("local"),
+        })
+    };
+    // The userland proxy's paths: IPv6 from outside, IPv4 hairpin from a bridge.
+    assert_eq!(
+        lookup(PROTO_TCP, "[fd98::2]:40000", "[fd98::1]:18101"),
+        Verdict::Drop
+    );
+    assert_eq!(
+        lookup(PROTO_TCP, "10.99.0.3:40000", "10.99.0.1:18101"),
+        Verdict::Drop
+    );
+    assert_eq!(
+        lookup(PROTO_UDP, "[fd98::2]:40000", "[fd98::1]:18101"),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("not_allowed"), 3);
+    // Admitted, counted for its rule.
+    assert_eq!(
+        lookup(PROTO_TCP, "[fd98::2]:40000", "[fd98::1]:18102"),
+        Verdict::Pass
+    );
+    assert_eq!(gate.counter("host_port_allowed"), 1);
+    assert_eq!(gate.datapath.rule_stats(3).expect("stats").packets, 1);
+    // The exact host address decides before the every-address entry.
+    assert_eq!(
+        lookup(PROTO_TCP, "10.98.0.2:40000", "10.98.0.1:18103"),
+        Verdict::Pass
+    );
+    assert_eq!(
+        lookup(PROTO_TCP, "[fd98::2]:40000", "[fd98::1]:18103"),
+        Verdict::Drop
+    );
+    // Not a published port: the host's own services are none of the gate's business.
+    assert_eq!(
+        lookup(PROTO_TCP, "[fd98::2]:40000", "[fd98::1]:22"),
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn audit_mode_passes_unpublished_host_port_connections_and_counts_them() {
+    let Some(mut gate) = Gate::load(GateConfig {
+        audit: true,
+        ..GateConfig::default()
+    }) else {
+        return;
+    };
+    use gate_common::{AllowKey, AllowValue, NO_RULE, PROTO_TCP};
+    let entries = [(
+        AllowKey::new([0; 16], PROTO_TCP, 18101),
+        AllowValue { rule_id: NO_RULE },
+    )]
+    .into_iter()
+    .collect();
+    gate.datapath.sync_host_ports(&entries).expect("host ports");
+    let verdict = gate.lookup(sys::SkLookupRun {
+        protocol: PROTO_TCP,
+        remote: "[fd98::2]:40000".parse().expect("remote"),
+        local: "[fd98::1]:18101".parse().expect("local"),
+    });
+    assert_eq!(verdict, Verdict::Pass);
+    assert_eq!(gate.counter("not_allowed"), 1);
+    assert_eq!(gate.counter("audit_passed"), 1);
 }

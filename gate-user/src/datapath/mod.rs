@@ -411,9 +411,8 @@ impl Datapath {
                 target: "the host network namespace".to_owned(),
                 source,
             };
-            let netns = fs::File::open("/proc/self/ns/net").map_err(io_err(Path::new(
-                "/proc/self/ns/net",
-            )))?;
+            let netns = fs::File::open("/proc/self/ns/net")
+                .map_err(io_err(Path::new("/proc/self/ns/net")))?;
             let id = program.attach(netns).map_err(attach_err)?;
             Ok(program.take_link(id).map_err(attach_err)?.into())
         })?;
@@ -626,7 +625,10 @@ impl Datapath {
 
     /// The loaded program `name`, e.g. for BPF_PROG_TEST_RUN.
     pub fn program_fd(&self, name: &'static str) -> Result<BorrowedFd<'_>> {
-        let program = self.ebpf.program(name).ok_or(DatapathError::Missing(name))?;
+        let program = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::Missing(name))?;
         let fd = program
             .fd()
             .map_err(|source| DatapathError::Program { name, source })?;

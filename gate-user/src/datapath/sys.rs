@@ -90,6 +90,56 @@ pub fn test_run(
     })
 }
 
+/// A socket lookup, as `struct bpf_sk_lookup` carries it into a test run.
+#[derive(Clone, Copy, Debug)]
+pub struct SkLookupRun {
+    /// The IP protocol number (TCP or UDP).
+    pub protocol: u8,
+    pub remote: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
+}
+
+/// Runs a socket-lookup program once on `lookup`; returns its verdict (1 pass, 0 drop).
+/// The kernel takes no receiving interface for a test run: `ingress_ifindex` reads 0 (not
+/// lo, so the lookup counts as coming from outside).
+pub fn test_run_sk_lookup(prog: BorrowedFd<'_>, lookup: &SkLookupRun) -> io::Result<u32> {
+    use std::net::IpAddr;
+    // struct bpf_sk_lookup: the u64 socket/cookie union, then u32 fields.
+    let mut ctx = [0u32; 18];
+    let family_words = |addr: IpAddr| -> (u32, [u32; 4]) {
+        match addr {
+            IpAddr::V4(v4) => (2, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+            IpAddr::V6(v6) => {
+                let o = v6.octets();
+                let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                (10, [word(0), word(4), word(8), word(12)])
+            }
+        }
+    };
+    let (family, remote) = family_words(lookup.remote.ip());
+    let (_, local) = family_words(lookup.local.ip());
+    ctx[2] = family;
+    ctx[3] = u32::from(lookup.protocol);
+    if family == 2 {
+        ctx[4] = remote[0];
+        ctx[10] = local[0];
+    } else {
+        ctx[5..9].copy_from_slice(&remote);
+        ctx[11..15].copy_from_slice(&local);
+    }
+    ctx[9] = u32::from(lookup.remote.port().to_be());
+    ctx[15] = u32::from(lookup.local.port());
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        repeat: 1,
+        ctx_size_in: size_of_val(&ctx) as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ..Default::default()
+    };
+    sys_bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(attr.retval)
+}
+
 #[repr(C)]
 #[derive(Default)]
 struct ObjGetAttr {
