@@ -5,7 +5,7 @@
 //! request (not refused: a refusal would mean the packet reached the container).
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -277,5 +277,81 @@ pub fn assert_udp_no_reply(sandbox: &Sandbox, ns: &str, addr: SocketAddr) {
             "UDP request to {addr} got a reply ({:?}); it should have been dropped",
             String::from_utf8_lossy(&reply)
         );
+    }
+}
+
+/// Sends one UDP datagram over IPv4 from `ns` with a forged source, `from`, through a raw
+/// socket (as a container with CAP_NET_RAW, Docker's default, can).
+pub fn send_forged_udp(
+    sandbox: &Sandbox,
+    ns: &str,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    payload: &[u8],
+) {
+    let mut packet = Vec::with_capacity(28 + payload.len());
+    let total = (28 + payload.len()) as u16;
+    // IPv4 header: version/IHL, TOS, length, id, flags/fragment, TTL, protocol UDP; the
+    // kernel fills in the checksum of a raw socket's header.
+    packet.extend_from_slice(&[0x45, 0]);
+    packet.extend_from_slice(&total.to_be_bytes());
+    packet.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
+    packet.extend_from_slice(&from.ip().octets());
+    packet.extend_from_slice(&to.ip().octets());
+    // UDP header without checksum (allowed over IPv4).
+    packet.extend_from_slice(&from.port().to_be_bytes());
+    packet.extend_from_slice(&to.port().to_be_bytes());
+    packet.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    packet.extend_from_slice(&[0, 0]);
+    packet.extend_from_slice(payload);
+    sandbox.in_netns(ns, || {
+        // SAFETY: plain socket calls on a socket this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+            assert!(fd >= 0, "raw socket: {}", io::Error::last_os_error());
+            let mut dst: libc::sockaddr_in = std::mem::zeroed();
+            dst.sin_family = libc::AF_INET as u16;
+            dst.sin_addr.s_addr = u32::from_ne_bytes(to.ip().octets());
+            let sent = libc::sendto(
+                fd,
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&dst as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            let err = io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(sent, packet.len() as isize, "send forged packet: {err}");
+        }
+    });
+}
+
+/// Sends one datagram from `ns`, from local address `from`, to `to`; the reply, if any came
+/// within `timeout`.
+pub fn udp_request_from(
+    sandbox: &Sandbox,
+    ns: &str,
+    from: SocketAddr,
+    to: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    let socket = sandbox
+        .in_netns(ns, || UdpSocket::bind(from))
+        .unwrap_or_else(|e| panic!("bind udp client {from} in {ns}: {e}"));
+    socket
+        .set_read_timeout(Some(timeout))
+        .expect("set_read_timeout");
+    socket
+        .send_to(payload, to)
+        .unwrap_or_else(|e| panic!("send udp to {to}: {e}"));
+    let mut buf = [0u8; 2048];
+    loop {
+        match socket.recv_from(&mut buf) {
+            Ok((n, peer)) if peer == to => return Some(buf[..n].to_vec()),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
     }
 }

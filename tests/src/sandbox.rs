@@ -5,7 +5,13 @@
 //!  eth0 10.98.0.2/24  ───  vcli 10.98.0.1/24                           eth0 10.99.0.2/24
 //!       fd98::2/64              fd98::1/64                                  fd99::2/64
 //!                          pgbr0 10.99.0.1/24, fd99::1/64 ── vctr ───  (veth)
+//!                                                          └── vnbr ───  neighbour ns
+//!                                                                      eth0 10.99.0.3/24
+//!                                                                           fd99::3/64
 //! ```
+//!
+//! The neighbour is a second container on the same bridge: the one that tries to act in the
+//! container's name.
 //!
 //! The client's default routes point at the host, the container's at the bridge, so client
 //! to container traffic is forwarded by the host and leaves through the bridge's TC egress
@@ -34,6 +40,8 @@ pub const BRIDGE_V4: &str = "10.99.0.1";
 pub const BRIDGE_V6: &str = "fd99::1";
 pub const CONTAINER_V4: &str = "10.99.0.2";
 pub const CONTAINER_V6: &str = "fd99::2";
+pub const NEIGHBOUR_V4: &str = "10.99.0.3";
+pub const NEIGHBOUR_V6: &str = "fd99::3";
 
 /// A host, a client and a container namespace, deleted on drop (also when a test panics).
 pub struct Sandbox {
@@ -45,6 +53,8 @@ pub struct Sandbox {
     pub client: String,
     /// Name of the container namespace (on the bridge).
     pub container: String,
+    /// Name of a second container's namespace on the same bridge.
+    pub neighbour: String,
 }
 
 impl Sandbox {
@@ -57,6 +67,7 @@ impl Sandbox {
             host: format!("{id}-h"),
             client: format!("{id}-c"),
             container: format!("{id}-k"),
+            neighbour: format!("{id}-n"),
             id,
         };
         // From here on, a panic drops `sandbox`, which deletes whatever was created.
@@ -65,15 +76,16 @@ impl Sandbox {
     }
 
     fn setup(&self) {
-        let (h, c, k) = (
+        let (h, c, k, n) = (
             self.host.as_str(),
             self.client.as_str(),
             self.container.as_str(),
+            self.neighbour.as_str(),
         );
-        for ns in [h, c, k] {
+        for ns in [h, c, k, n] {
             run_ok(Command::new("ip").args(["netns", "add", ns]));
         }
-        for ns in [h, c, k] {
+        for ns in [h, c, k, n] {
             ip(ns, &["link", "set", "lo", "up"]);
             // Addresses are usable at once: no duplicate address detection, not even for the
             // link-local ones that neighbour discovery uses.
@@ -119,6 +131,13 @@ impl Sandbox {
             ],
         );
         ip(h, &["link", "set", "vctr", "master", BRIDGE]);
+        ip(
+            h,
+            &[
+                "link", "add", "vnbr", "type", "veth", "peer", "name", "eth0", "netns", n,
+            ],
+        );
+        ip(h, &["link", "set", "vnbr", "master", BRIDGE]);
         addr(
             h,
             BRIDGE,
@@ -131,13 +150,21 @@ impl Sandbox {
             &format!("{CONTAINER_V4}/24"),
             &format!("{CONTAINER_V6}/64"),
         );
+        addr(
+            n,
+            "eth0",
+            &format!("{NEIGHBOUR_V4}/24"),
+            &format!("{NEIGHBOUR_V6}/64"),
+        );
 
         for (ns, dev) in [
             (h, "vcli"),
             (h, "vctr"),
+            (h, "vnbr"),
             (h, BRIDGE),
             (c, "eth0"),
             (k, "eth0"),
+            (n, "eth0"),
         ] {
             ip(ns, &["link", "set", dev, "up"]);
         }
@@ -145,6 +172,8 @@ impl Sandbox {
         ip(c, &["-6", "route", "add", "default", "via", HOST_V6]);
         ip(k, &["route", "add", "default", "via", BRIDGE_V4]);
         ip(k, &["-6", "route", "add", "default", "via", BRIDGE_V6]);
+        ip(n, &["route", "add", "default", "via", BRIDGE_V4]);
+        ip(n, &["-6", "route", "add", "default", "via", BRIDGE_V6]);
     }
 
     /// Path of a namespace's handle, `/run/netns/NAME`.
@@ -183,7 +212,7 @@ impl Default for Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         // Best effort: a namespace that was never created just fails to delete.
-        for ns in [&self.container, &self.client, &self.host] {
+        for ns in [&self.neighbour, &self.container, &self.client, &self.host] {
             if Self::netns_path(ns).exists() {
                 let _ = Command::new("ip").args(["netns", "delete", ns]).output();
             }
