@@ -19,6 +19,7 @@ pub mod map_names {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const HOST_PORTS: &str = "HOST_PORTS";
     pub const PORT_ADDRS: &str = "PORT_ADDRS";
+    pub const BLACK_HOLE: &str = "BLACK_HOLE";
     /// Maps pinned so that they outlive the agent (the ring buffer and its budget are not:
     /// a new agent reads events from its own programs).
     pub const PINNED: [&str; 8] = [

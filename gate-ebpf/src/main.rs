@@ -21,7 +21,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, sk_action::SK_DROP, sk_action::SK_PASS},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map, sk_lookup},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockMap},
     programs::{SkLookupContext, TcContext},
 };
 use aya_log_ebpf::warn;
@@ -62,6 +62,13 @@ static HOST_PORTS: HashMap<AllowKey, AllowValue> =
 /// The addresses each bridge port's container may open connections from.
 #[map]
 static PORT_ADDRS: HashMap<PortAddrKey, u8> = HashMap::with_max_entries(PORT_ADDRS_CAPACITY, 0);
+
+/// The agent's black-hole sockets (TCP listener, UDP), whose socket filter discards every
+/// packet: a refused connection assigned to one vanishes without an answer, as a drop on the
+/// bridge does. Without them (no agent) the lookup fails, and the kernel refuses (RST or ICMP
+/// port unreachable): still closed, only not silent.
+#[map]
+static BLACK_HOLE: SockMap = SockMap::with_max_entries(2, 0);
 
 #[map]
 static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(DROP_EVENTS_BYTES, 0);
@@ -168,10 +175,13 @@ pub fn host_ports(ctx: SkLookupContext) -> u32 {
         tcp_flags: 0,
         icmp: Icmp::None,
     };
-    if dropped(lookup.ingress_ifindex, &packet, DROP_NOT_ALLOWED, flags) {
-        SK_DROP
-    } else {
-        SK_PASS
+    if !dropped(lookup.ingress_ifindex, &packet, DROP_NOT_ALLOWED, flags) {
+        return SK_PASS;
+    }
+    let black_hole = if proto == PROTO_TCP { 0 } else { 1 };
+    match BLACK_HOLE.redirect_sk_lookup(&ctx, black_hole, 0) {
+        Ok(()) => SK_PASS,
+        Err(_) => SK_DROP,
     }
 }
 

@@ -152,6 +152,10 @@ impl Agent {
         agent.attach_bridges(true)?;
         agent
             .datapath
+            .open_black_holes()
+            .context("opening the sockets refused connections vanish into")?;
+        agent
+            .datapath
             .attach_host_ports()
             .context("gating published host ports that reach local sockets")?;
         agent.sync_ports(true)?;

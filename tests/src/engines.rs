@@ -27,7 +27,7 @@
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -769,6 +769,10 @@ pub struct Scenario {
     pub host_addr: Ipv4Addr,
     /// 10.98.X.2: the client.
     pub client_addr: Ipv4Addr,
+    /// fd98:X::1: the host's IPv6 address on the client's link.
+    pub host_addr6: Ipv6Addr,
+    /// fd98:X::2.
+    pub client_addr6: Ipv6Addr,
     shared: bool,
 }
 
@@ -797,6 +801,8 @@ impl Scenario {
             host_if: format!("pe{}-{n}", std::process::id()),
             host_addr: Ipv4Addr::new(10, 98, x, 1),
             client_addr: Ipv4Addr::new(10, 98, x, 2),
+            host_addr6: Ipv6Addr::new(0xfd98, u16::from(x), 0, 0, 0, 0, 0, 1),
+            client_addr6: Ipv6Addr::new(0xfd98, u16::from(x), 0, 0, 0, 0, 0, 2),
             id,
             shared: false,
         };
@@ -830,6 +836,26 @@ impl Scenario {
             "dev",
             "eth0",
         ]));
+        run_ok(Command::new("ip").args([
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", self.host_addr6),
+            "dev",
+            h,
+            "nodad",
+        ]));
+        run_ok(Command::new("ip").args([
+            "-n",
+            c,
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", self.client_addr6),
+            "dev",
+            "eth0",
+            "nodad",
+        ]));
         run_ok(Command::new("ip").args(["link", "set", h, "up"]));
         run_ok(Command::new("ip").args(["-n", c, "link", "set", "eth0", "up"]));
         run_ok(Command::new("ip").args([
@@ -841,11 +867,27 @@ impl Scenario {
             "via",
             &self.host_addr.to_string(),
         ]));
+        run_ok(Command::new("ip").args([
+            "-n",
+            c,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.host_addr6.to_string(),
+        ]));
     }
 
     /// `10.98.X.1:PORT`: a published host port as the client reaches it.
     pub fn published(&self, host_port: u16) -> SocketAddr {
         SocketAddr::from((self.host_addr, host_port))
+    }
+
+    /// `[fd98:X::1]:PORT`: the same host port over IPv6 (Docker's userland proxy serves it on
+    /// networks without IPv6).
+    pub fn published6(&self, host_port: u16) -> SocketAddr {
+        SocketAddr::from((self.host_addr6, host_port))
     }
 
     /// Runs `f` in the client namespace.
@@ -1116,7 +1158,16 @@ fn reap_stale() {
 /// `GET PATH HTTP/1.0` from namespace `ns` to `addr`; the body when the status is 200.
 /// `timeout` bounds the connection request; reading may take [`SHOULD_ANSWER`].
 pub fn http_get(ns: &str, addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<String> {
-    let mut stream = in_netns(ns, || TcpStream::connect_timeout(&addr, timeout))?;
+    let stream = in_netns(ns, || TcpStream::connect_timeout(&addr, timeout))?;
+    http_exchange(stream, addr, path)
+}
+
+/// `GET PATH HTTP/1.0` from the host itself (the root namespace) to `addr`.
+pub fn http_get_from_host(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<String> {
+    http_exchange(TcpStream::connect_timeout(&addr, timeout)?, addr, path)
+}
+
+fn http_exchange(mut stream: TcpStream, addr: SocketAddr, path: &str) -> io::Result<String> {
     stream.set_read_timeout(Some(SHOULD_ANSWER))?;
     stream.set_write_timeout(Some(SHOULD_ANSWER))?;
     stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: portgate-test\r\n\r\n").as_bytes())?;

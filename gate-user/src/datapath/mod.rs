@@ -267,6 +267,8 @@ pub struct Datapath {
     /// Every link this agent attached or took over, by pin path, held open: a removed pin
     /// detaches nothing while the agent runs (see [`Datapath::repin`]).
     links: BTreeMap<PathBuf, OwnedFd>,
+    /// The sockets `host_ports` sends refused connections to, so that they get no answer.
+    black_holes: Vec<OwnedFd>,
 }
 
 impl Datapath {
@@ -334,6 +336,7 @@ impl Datapath {
             host_ports_written: None,
             port_addrs_written: None,
             links: BTreeMap::new(),
+            black_holes: Vec::new(),
         };
         datapath.set_config(config)?;
         Ok(datapath)
@@ -417,6 +420,23 @@ impl Datapath {
             Ok(program.take_link(id).map_err(attach_err)?.into())
         })?;
         self.links.insert(pin, link);
+        Ok(())
+    }
+
+    /// Opens the black-hole sockets (TCP at index 0, UDP at 1) and hands them to
+    /// `host_ports`, so that connections it refuses time out instead of being refused.
+    pub fn open_black_holes(&mut self) -> Result<()> {
+        let name = map_names::BLACK_HOLE;
+        let path = Path::new("black-hole socket");
+        let mut sockets = Vec::new();
+        for (index, stream) in [(0u32, true), (1, false)] {
+            let socket = sys::black_hole_socket(stream).map_err(io_err(path))?;
+            let mut map: aya::maps::SockMap<_> =
+                aya::maps::SockMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+            map.set(index, &socket, 0).map_err(map_err(name))?;
+            sockets.push(socket);
+        }
+        self.black_holes = sockets;
         Ok(())
     }
 

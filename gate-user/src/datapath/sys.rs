@@ -252,3 +252,62 @@ pub fn mount_bpffs(target: &Path) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// A dual-stack socket that takes what is assigned to it and discards every packet through its
+/// socket filter (classic BPF `ret #0`), without an answer: a TCP listener (`stream`) or an
+/// unconnected UDP socket, on an ephemeral port of every address.
+pub fn black_hole_socket(stream: bool) -> io::Result<OwnedFd> {
+    let kind = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
+    // SAFETY: plain socket calls on the socket created here, with valid option buffers.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, kind | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let check = |ret: libc::c_int| {
+            if ret < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        let off: libc::c_int = 0;
+        check(libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&off as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        ))?;
+        // BPF_RET | BPF_K, 0: keep no byte of any packet.
+        let mut discard = [libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }];
+        let program = libc::sock_fprog {
+            len: 1,
+            filter: discard.as_mut_ptr(),
+        };
+        check(libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&program as *const libc::sock_fprog).cast(),
+            size_of::<libc::sock_fprog>() as u32,
+        ))?;
+        let mut any: libc::sockaddr_in6 = std::mem::zeroed();
+        any.sin6_family = libc::AF_INET6 as u16;
+        check(libc::bind(
+            fd.as_raw_fd(),
+            (&any as *const libc::sockaddr_in6).cast(),
+            size_of::<libc::sockaddr_in6>() as u32,
+        ))?;
+        if stream {
+            check(libc::listen(fd.as_raw_fd(), 1))?;
+        }
+        Ok(fd)
+    }
+}
