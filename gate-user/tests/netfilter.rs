@@ -1,7 +1,8 @@
 //! The netfilter delegation rules, in real network namespaces: every backend (iptables-legacy,
 //! iptables-nft, ip6tables-*, native nftables), idempotence, restoring after a reload, moving
-//! into DOCKER-USER, removal that spares foreign rules, and real DNATed traffic through a
-//! FORWARD DROP router before and after.
+//! into DOCKER-USER, placement after the operator's own rules (and moving there when the
+//! operator adds rules later), removal that spares foreign rules, and real DNATed traffic
+//! through a FORWARD DROP router before and after, also from a source the operator drops.
 //!
 //! Netfilter state is per network namespace. Each test creates its own namespaces (removed on
 //! drop) and calls the module from a thread that entered one with setns(2): the iptables and
@@ -24,6 +25,8 @@ use std::{
 use gate_user::netfilter::{self, Delegation, DelegationStatus};
 
 const BR: &str = "pgbr0";
+/// The client address the operator's own rules drop, in the tests that have one.
+const BLOCKED: &str = "10.97.0.2";
 
 /// A network namespace of this test process, deleted on drop.
 struct Netns {
@@ -186,14 +189,14 @@ fn accept_policy_needs_nothing_and_creates_nothing() {
 }
 
 #[test]
-fn iptables_nft_drop_policy_gets_one_rule_at_the_top_of_forward() {
+fn iptables_nft_drop_policy_gets_one_rule_at_the_end_of_forward() {
     let Some(ns) = Netns::new() else { return };
     ns.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
     ns.exec(&["iptables-nft", "-A", "FORWARD", "-i", BR, "-j", "ACCEPT"]);
     let mut delegation = Delegation::new();
     let statuses = ns.ensure(&mut delegation, &[BR]);
     assert_eq!(statuses, [status(BR, "iptables-nft", "FORWARD")]);
-    let expected = vec![ours("FORWARD", BR), format!("-A FORWARD -i {BR} -j ACCEPT")];
+    let expected = vec![format!("-A FORWARD -i {BR} -j ACCEPT"), ours("FORWARD", BR)];
     assert_eq!(ns.rules("iptables-nft", "FORWARD"), expected);
     // Idempotent: a second ensure and a check change nothing.
     assert_eq!(ns.ensure(&mut delegation, &[BR]), statuses);
@@ -331,8 +334,9 @@ fn install_and_remove(ns: &Netns, tool: &str, backend: &str) {
             status("pgbr1", backend, "FORWARD")
         ]
     );
-    let mut expected = vec![ours("FORWARD", "pgbr1"), ours("FORWARD", BR)];
-    expected.extend(foreign.iter().cloned());
+    // After every foreign rule (each bridge's rule appended, the policy being DROP).
+    let mut expected = foreign.to_vec();
+    expected.extend([ours("FORWARD", BR), ours("FORWARD", "pgbr1")]);
     assert_eq!(ns.rules(tool, "FORWARD"), expected);
 
     // A bridge no longer gated loses its rule.
@@ -340,8 +344,8 @@ fn install_and_remove(ns: &Netns, tool: &str, backend: &str) {
         ns.ensure(&mut delegation, &[BR]),
         [status(BR, backend, "FORWARD")]
     );
-    let mut expected = vec![ours("FORWARD", BR)];
-    expected.extend(foreign.iter().cloned());
+    let mut expected = foreign.to_vec();
+    expected.push(ours("FORWARD", BR));
     assert_eq!(ns.rules(tool, "FORWARD"), expected);
 
     assert_eq!(ns.remove_all(), 1);
@@ -400,6 +404,7 @@ fn ip6tables_legacy_and_nft() {
 #[test]
 fn firewalld_style_final_reject_counts_as_dropping() {
     let Some(ns) = Netns::new() else { return };
+    ns.exec(&["iptables-nft", "-A", "FORWARD", "-s", BLOCKED, "-j", "DROP"]);
     ns.exec(&[
         "iptables-nft",
         "-A",
@@ -414,7 +419,155 @@ fn firewalld_style_final_reject_counts_as_dropping() {
         ns.ensure(&mut delegation, &[BR]),
         [status(BR, "iptables-nft", "FORWARD")]
     );
-    assert_eq!(ns.rules("iptables-nft", "FORWARD")[0], ours("FORWARD", BR));
+    // After the operator's DROP, before the final REJECT it stands in for.
+    assert_eq!(
+        ns.rules("iptables-nft", "FORWARD"),
+        [
+            format!("-A FORWARD -s {BLOCKED}/32 -j DROP"),
+            ours("FORWARD", BR),
+            "-A FORWARD -j REJECT --reject-with icmp-host-prohibited".to_owned(),
+        ]
+    );
+}
+
+#[test]
+fn docker_user_rule_goes_after_the_operators_rules() {
+    let Some(ns) = Netns::new() else { return };
+    ns.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
+    ns.exec(&["iptables-nft", "-N", "DOCKER-USER"]);
+    ns.exec(&["iptables-nft", "-A", "DOCKER-USER", "-j", "RETURN"]);
+    ns.exec(&["iptables-nft", "-A", "FORWARD", "-j", "DOCKER-USER"]);
+    // Docker's documented way: the operator's restriction inserted at the top.
+    ns.exec(&[
+        "iptables-nft",
+        "-I",
+        "DOCKER-USER",
+        "-s",
+        BLOCKED,
+        "-j",
+        "DROP",
+    ]);
+    let mut delegation = Delegation::new();
+    assert_eq!(
+        ns.ensure(&mut delegation, &[BR]),
+        [status(BR, "iptables-nft", "DOCKER-USER")]
+    );
+    let drop_blocked = format!("-A DOCKER-USER -s {BLOCKED}/32 -j DROP");
+    let ret = "-A DOCKER-USER -j RETURN".to_owned();
+    assert_eq!(
+        ns.rules("iptables-nft", "DOCKER-USER"),
+        [drop_blocked.clone(), ours("DOCKER-USER", BR), ret.clone()]
+    );
+    assert_eq!(ns.check_and_restore(&mut delegation), 0, "in place");
+
+    // The operator later adds a rule between ours and the RETURN: ours moves after it.
+    ns.exec(&[
+        "iptables-nft",
+        "-I",
+        "DOCKER-USER",
+        "3",
+        "-s",
+        "10.96.0.0/24",
+        "-j",
+        "DROP",
+    ]);
+    let drop_later = "-A DOCKER-USER -s 10.96.0.0/24 -j DROP".to_owned();
+    assert_eq!(ns.check_and_restore(&mut delegation), 1);
+    assert_eq!(
+        ns.rules("iptables-nft", "DOCKER-USER"),
+        [drop_blocked, drop_later, ours("DOCKER-USER", BR), ret]
+    );
+    assert_eq!(ns.check_and_restore(&mut delegation), 0, "in place");
+    assert_eq!(
+        delegation.status(),
+        [status(BR, "iptables-nft", "DOCKER-USER")]
+    );
+}
+
+#[test]
+fn empty_docker_user_gets_the_rule_appended() {
+    let Some(ns) = Netns::new() else { return };
+    // Docker 28 may create DOCKER-USER without the RETURN.
+    ns.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
+    ns.exec(&["iptables-nft", "-N", "DOCKER-USER"]);
+    ns.exec(&["iptables-nft", "-A", "FORWARD", "-j", "DOCKER-USER"]);
+    let mut delegation = Delegation::new();
+    ns.ensure(&mut delegation, &[BR]);
+    assert_eq!(
+        ns.rules("iptables-nft", "DOCKER-USER"),
+        [ours("DOCKER-USER", BR)]
+    );
+    // The operator appends a restriction: ours follows it.
+    ns.exec(&[
+        "iptables-nft",
+        "-A",
+        "DOCKER-USER",
+        "-s",
+        BLOCKED,
+        "-j",
+        "DROP",
+    ]);
+    assert_eq!(ns.check_and_restore(&mut delegation), 1);
+    assert_eq!(
+        ns.rules("iptables-nft", "DOCKER-USER"),
+        [
+            format!("-A DOCKER-USER -s {BLOCKED}/32 -j DROP"),
+            ours("DOCKER-USER", BR)
+        ]
+    );
+}
+
+/// FORWARD with policy DROP and an operator's DROP: ours goes after it, and moves after a
+/// rule appended later (two identical rules meanwhile: the old one is the one deleted).
+fn forward_rule_follows_the_operators_rules(tool: &str) {
+    let Some(ns) = Netns::new() else { return };
+    ns.exec(&[tool, "-P", "FORWARD", "DROP"]);
+    ns.exec(&[tool, "-A", "FORWARD", "-s", BLOCKED, "-j", "DROP"]);
+    let mut delegation = Delegation::new();
+    assert_eq!(
+        ns.ensure(&mut delegation, &[BR, "pgbr1"]),
+        [
+            status(BR, tool, "FORWARD"),
+            status("pgbr1", tool, "FORWARD")
+        ]
+    );
+    let drop_blocked = format!("-A FORWARD -s {BLOCKED}/32 -j DROP");
+    assert_eq!(
+        ns.rules(tool, "FORWARD"),
+        [
+            drop_blocked.clone(),
+            ours("FORWARD", BR),
+            ours("FORWARD", "pgbr1")
+        ]
+    );
+    assert_eq!(ns.check_and_restore(&mut delegation), 0, "in place");
+
+    ns.exec(&[tool, "-A", "FORWARD", "-s", "10.96.0.0/24", "-j", "DROP"]);
+    let drop_later = "-A FORWARD -s 10.96.0.0/24 -j DROP".to_owned();
+    assert_eq!(ns.check_and_restore(&mut delegation), 2, "both move");
+    assert_eq!(
+        ns.rules(tool, "FORWARD"),
+        [
+            drop_blocked.clone(),
+            drop_later.clone(),
+            ours("FORWARD", BR),
+            ours("FORWARD", "pgbr1")
+        ]
+    );
+    assert_eq!(ns.check_and_restore(&mut delegation), 0, "in place");
+
+    assert_eq!(ns.remove_all(), 2);
+    assert_eq!(ns.rules(tool, "FORWARD"), [drop_blocked, drop_later]);
+}
+
+#[test]
+fn forward_rule_follows_the_operators_rules_iptables_nft() {
+    forward_rule_follows_the_operators_rules("iptables-nft");
+}
+
+#[test]
+fn forward_rule_follows_the_operators_rules_iptables_legacy() {
+    forward_rule_follows_the_operators_rules("iptables-legacy");
 }
 
 /// The chain's rules as `nft -a` prints them, without handles.
@@ -466,13 +619,13 @@ fn native_nftables_drop_chain() {
     let foreign = "iifname \"pgbr0\" accept comment \"someone else\"".to_owned();
     assert_eq!(
         nft_rules(&ns, "inet", "pgfw", "forward"),
-        [ours_nft.clone(), foreign.clone()]
+        [foreign.clone(), ours_nft.clone()]
     );
     assert!(nft_rules(&ns, "inet", "pgfw", "other").is_empty());
     assert_eq!(ns.ensure(&mut delegation, &[BR]), statuses, "idempotent");
     assert_eq!(
         nft_rules(&ns, "inet", "pgfw", "forward"),
-        [ours_nft.clone(), foreign.clone()]
+        [foreign.clone(), ours_nft.clone()]
     );
 
     // A reload: the table is replaced by one without our rule (new handles).
@@ -490,12 +643,88 @@ table inet pgfw {
     assert_eq!(ns.check_and_restore(&mut delegation), 1);
     assert_eq!(
         nft_rules(&ns, "inet", "pgfw", "forward"),
-        [ours_nft, foreign.clone()]
+        [foreign.clone(), ours_nft]
     );
 
     assert_eq!(ns.remove_all(), 2);
     assert_eq!(nft_rules(&ns, "inet", "pgfw", "forward"), [foreign]);
     assert!(ns.rules("iptables-nft", "FORWARD").is_empty());
+}
+
+fn ours_nft(bridge: &str) -> String {
+    format!(
+        "oifname \"{bridge}\" ct status dnat accept comment \"portgate: delegate {bridge} to the eBPF gate\""
+    )
+}
+
+#[test]
+fn native_nftables_rule_goes_after_the_operators_rules() {
+    let Some(ns) = Netns::new() else { return };
+    ns.exec_stdin(
+        &["nft", "-f", "-"],
+        &format!(
+            r#"table inet pgfw {{
+    chain forward {{
+        type filter hook forward priority 0; policy drop;
+        ip saddr {BLOCKED} drop
+    }}
+    chain rejecting {{
+        type filter hook forward priority 10; policy accept;
+        ip saddr {BLOCKED} drop
+        reject
+    }}
+}}
+"#
+        ),
+    );
+    let mut delegation = Delegation::new();
+    assert_eq!(
+        ns.ensure(&mut delegation, &[BR]),
+        [
+            status(BR, "nftables", "inet pgfw forward"),
+            status(BR, "nftables", "inet pgfw rejecting")
+        ]
+    );
+    let drop_blocked = format!("ip saddr {BLOCKED} drop");
+    // Policy drop: at the end; a final reject: just before it.
+    assert_eq!(
+        nft_rules(&ns, "inet", "pgfw", "forward"),
+        [drop_blocked.clone(), ours_nft(BR)]
+    );
+    assert_eq!(
+        nft_rules(&ns, "inet", "pgfw", "rejecting"),
+        [drop_blocked.clone(), ours_nft(BR), "reject".to_owned()]
+    );
+    assert_eq!(ns.check_and_restore(&mut delegation), 0, "in place");
+
+    // The operator appends a rule after ours: ours moves after it.
+    ns.exec(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "pgfw",
+        "forward",
+        "ip",
+        "saddr",
+        "10.96.0.0/24",
+        "drop",
+    ]);
+    assert_eq!(ns.check_and_restore(&mut delegation), 1);
+    assert_eq!(
+        nft_rules(&ns, "inet", "pgfw", "forward"),
+        [
+            drop_blocked.clone(),
+            "ip saddr 10.96.0.0/24 drop".to_owned(),
+            ours_nft(BR)
+        ]
+    );
+    assert_eq!(ns.check_and_restore(&mut delegation), 0, "in place");
+    assert_eq!(ns.remove_all(), 2);
+    assert_eq!(
+        nft_rules(&ns, "inet", "pgfw", "rejecting"),
+        [drop_blocked, "reject".to_owned()]
+    );
 }
 
 #[test]
@@ -562,90 +791,205 @@ fn connect(client: &Netns, addr: &str) -> std::io::Result<String> {
     })
 }
 
+fn timed_out(result: &std::io::Result<String>) -> bool {
+    matches!(result, Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock))
+}
+
+/// A router namespace with bridge `pgbr0` (10.99.0.1) and a container (10.99.0.2, port 80
+/// answers "hello") published as 10.98.0.1:8080 by DNAT, and two clients routed through
+/// it: 10.98.0.2 and `BLOCKED` (10.97.0.2). Its filter rules are up to each test.
+struct Router {
+    _server: Server,
+    router: Netns,
+    client: Netns,
+    blocked: Netns,
+    _container: Netns,
+}
+
+const PUBLISHED: &str = "10.98.0.1:8080";
+
+impl Router {
+    fn new() -> Option<Self> {
+        let router = Netns::new()?;
+        let (client, blocked, container) = (Netns::new()?, Netns::new()?, Netns::new()?);
+        let ip = |args: &[&str]| run(Command::new("ip").args(args));
+        let (r, k) = (router.name.as_str(), container.name.as_str());
+        ip(&["-n", r, "link", "add", BR, "type", "bridge"]);
+        ip(&["-n", r, "addr", "add", "10.99.0.1/24", "dev", BR]);
+        ip(&["-n", r, "link", "set", BR, "up"]);
+        ip(&[
+            "-n", r, "link", "add", "vk", "type", "veth", "peer", "name", "eth0", "netns", k,
+        ]);
+        ip(&["-n", r, "link", "set", "vk", "master", BR, "up"]);
+        ip(&["-n", k, "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+        ip(&["-n", k, "link", "set", "eth0", "up"]);
+        ip(&["-n", k, "link", "set", "lo", "up"]);
+        ip(&["-n", k, "route", "add", "default", "via", "10.99.0.1"]);
+        for (peer, link, net) in [(&client, "vc", "10.98.0"), (&blocked, "vb", "10.97.0")] {
+            let c = peer.name.as_str();
+            ip(&[
+                "-n", r, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", c,
+            ]);
+            ip(&["-n", r, "addr", "add", &format!("{net}.1/24"), "dev", link]);
+            ip(&["-n", r, "link", "set", link, "up"]);
+            ip(&[
+                "-n",
+                c,
+                "addr",
+                "add",
+                &format!("{net}.2/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", c, "link", "set", "eth0", "up"]);
+            ip(&[
+                "-n",
+                c,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{net}.1"),
+            ]);
+        }
+        router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        router.exec(&[
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            "10.98.0.1",
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.99.0.2:80",
+        ]);
+        let server = Server::start(&container, "10.99.0.2:80".parse().expect("address"));
+        Some(Router {
+            _server: server,
+            router,
+            client,
+            blocked,
+            _container: container,
+        })
+    }
+
+    /// After `ensure`: the client reaches the published port, the blocked client does not.
+    fn assert_only_the_operators_drop_holds(&self) {
+        assert_eq!(
+            connect(&self.client, PUBLISHED).expect("published port from the client"),
+            "hello"
+        );
+        let blocked = connect(&self.blocked, PUBLISHED);
+        assert!(
+            timed_out(&blocked),
+            "the operator's DROP for {BLOCKED} must still drop it, got {blocked:?}"
+        );
+    }
+}
+
 #[test]
 fn dnat_traffic_passes_a_forward_drop_router_only_with_the_rule() {
-    let Some(router) = Netns::new() else { return };
-    let (Some(client), Some(container)) = (Netns::new(), Netns::new()) else {
-        return;
-    };
-    let ip = |args: &[&str]| run(Command::new("ip").args(args));
-    let (r, c, k) = (
-        router.name.as_str(),
-        client.name.as_str(),
-        container.name.as_str(),
-    );
-    // container 10.99.0.2 on bridge pgbr0 (10.99.0.1) of the router.
-    ip(&["-n", r, "link", "add", BR, "type", "bridge"]);
-    ip(&["-n", r, "addr", "add", "10.99.0.1/24", "dev", BR]);
-    ip(&["-n", r, "link", "set", BR, "up"]);
-    ip(&[
-        "-n", r, "link", "add", "vk", "type", "veth", "peer", "name", "eth0", "netns", k,
-    ]);
-    ip(&["-n", r, "link", "set", "vk", "master", BR, "up"]);
-    ip(&["-n", k, "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
-    ip(&["-n", k, "link", "set", "eth0", "up"]);
-    ip(&["-n", k, "link", "set", "lo", "up"]);
-    ip(&["-n", k, "route", "add", "default", "via", "10.99.0.1"]);
-    // client 10.98.0.2 -> router 10.98.0.1.
-    ip(&[
-        "-n", r, "link", "add", "vc", "type", "veth", "peer", "name", "eth0", "netns", c,
-    ]);
-    ip(&["-n", r, "addr", "add", "10.98.0.1/24", "dev", "vc"]);
-    ip(&["-n", r, "link", "set", "vc", "up"]);
-    ip(&["-n", c, "addr", "add", "10.98.0.2/24", "dev", "eth0"]);
-    ip(&["-n", c, "link", "set", "eth0", "up"]);
-    ip(&["-n", c, "route", "add", "default", "via", "10.98.0.1"]);
-    router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let Some(net) = Router::new() else { return };
     // Podman's situation: a published port (DNAT), FORWARD DROP, and only the container's
     // own traffic accepted (netavark's `-s 10.88.0.0/16 -j ACCEPT`).
-    router.exec(&[
-        "iptables-nft",
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-d",
-        "10.98.0.1",
-        "-p",
-        "tcp",
-        "--dport",
-        "8080",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        "10.99.0.2:80",
-    ]);
-    router.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
-    router.exec(&["iptables-nft", "-A", "FORWARD", "-i", BR, "-j", "ACCEPT"]);
-    let _server = Server::start(&container, "10.99.0.2:80".parse().expect("address"));
-
-    let timed_out = |result: std::io::Result<String>| matches!(&result, Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock));
-    let before = connect(&client, "10.98.0.1:8080");
+    net.router.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
+    net.router
+        .exec(&["iptables-nft", "-A", "FORWARD", "-i", BR, "-j", "ACCEPT"]);
     assert!(
-        timed_out(before),
+        timed_out(&connect(&net.client, PUBLISHED)),
         "published port must time out under FORWARD DROP without the rule"
     );
 
     let mut delegation = Delegation::new();
     assert_eq!(
-        router.ensure(&mut delegation, &[BR]),
+        net.router.ensure(&mut delegation, &[BR]),
         [status(BR, "iptables-nft", "FORWARD")]
     );
     assert_eq!(
-        connect(&client, "10.98.0.1:8080").expect("published port after ensure"),
+        connect(&net.client, PUBLISHED).expect("published port after ensure"),
         "hello"
     );
     // Narrow: the container's address itself, routed without DNAT, is still dropped.
     assert!(
-        timed_out(connect(&client, "10.99.0.2:80")),
+        timed_out(&connect(&net.client, "10.99.0.2:80")),
         "routed traffic must still meet FORWARD DROP"
     );
 
-    assert_eq!(router.remove_all(), 1);
+    assert_eq!(net.router.remove_all(), 1);
     assert!(
-        timed_out(connect(&client, "10.98.0.1:8080")),
+        timed_out(&connect(&net.client, PUBLISHED)),
         "times out again after remove_all"
     );
+}
+
+#[test]
+fn an_operators_drop_in_forward_still_drops_published_ports() {
+    let Some(net) = Router::new() else { return };
+    net.router.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
+    net.router
+        .exec(&["iptables-nft", "-A", "FORWARD", "-s", BLOCKED, "-j", "DROP"]);
+    net.router
+        .exec(&["iptables-nft", "-A", "FORWARD", "-i", BR, "-j", "ACCEPT"]);
+    let mut delegation = Delegation::new();
+    assert_eq!(
+        net.router.ensure(&mut delegation, &[BR]),
+        [status(BR, "iptables-nft", "FORWARD")]
+    );
+    net.assert_only_the_operators_drop_holds();
+}
+
+#[test]
+fn an_operators_drop_in_docker_user_still_drops_published_ports() {
+    let Some(net) = Router::new() else { return };
+    for args in [
+        &["-P", "FORWARD", "DROP"][..],
+        &["-N", "DOCKER-USER"],
+        &["-A", "DOCKER-USER", "-j", "RETURN"],
+        &["-A", "FORWARD", "-j", "DOCKER-USER"],
+        &["-A", "FORWARD", "-i", BR, "-j", "ACCEPT"],
+        &["-I", "DOCKER-USER", "-s", BLOCKED, "-j", "DROP"],
+    ] {
+        let mut command = vec!["iptables-nft"];
+        command.extend(args);
+        net.router.exec(&command);
+    }
+    let mut delegation = Delegation::new();
+    assert_eq!(
+        net.router.ensure(&mut delegation, &[BR]),
+        [status(BR, "iptables-nft", "DOCKER-USER")]
+    );
+    net.assert_only_the_operators_drop_holds();
+}
+
+#[test]
+fn an_operators_drop_in_native_nftables_still_drops_published_ports() {
+    let Some(net) = Router::new() else { return };
+    net.router.exec_stdin(
+        &["nft", "-f", "-"],
+        &format!(
+            r#"table inet pgfw {{
+    chain forward {{
+        type filter hook forward priority 0; policy drop;
+        ip saddr {BLOCKED} drop
+        iifname "{BR}" accept
+    }}
+}}
+"#
+        ),
+    );
+    let mut delegation = Delegation::new();
+    assert_eq!(
+        net.router.ensure(&mut delegation, &[BR]),
+        [status(BR, "nftables", "inet pgfw forward")]
+    );
+    net.assert_only_the_operators_drop_holds();
 }
 
 #[test]

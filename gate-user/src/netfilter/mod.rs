@@ -19,18 +19,18 @@
 //!
 //! * iptables, legacy and nft (`iptables-legacy`/`iptables-nft`, and `ip6tables-*` for
 //!   IPv6; plain `iptables`/`ip6tables` on hosts that have neither variant), table
-//!   `filter`, inserted at position 1 of `DOCKER-USER` when Docker owns FORWARD (that chain
-//!   exists and FORWARD jumps to it), else of `FORWARD`:
+//!   `filter`, in `DOCKER-USER` when Docker owns FORWARD (that chain exists and FORWARD
+//!   jumps to it), else in `FORWARD`:
 //!
 //!   ```text
 //!   -o <bridge> -m conntrack --ctstate DNAT \
 //!       -m comment --comment "portgate: delegate <bridge> to the eBPF gate" -j ACCEPT
 //!   ```
 //!
-//! * native nftables (tables made with `nft`, not iptables-nft's): at the top of every
-//!   `filter` chain on the `forward` hook (families ip, ip6, inet) whose policy is drop or
-//!   whose last rule drops or rejects everything (an accept in one such base chain does not
-//!   skip the others, so each needs the rule):
+//! * native nftables (tables made with `nft`, not iptables-nft's): in every `filter` chain
+//!   on the `forward` hook (families ip, ip6, inet) whose policy is drop or whose last rule
+//!   drops or rejects everything (an accept in one such base chain does not skip the
+//!   others, so each needs the rule):
 //!
 //!   ```text
 //!   oifname "<bridge>" ct status dnat accept comment "portgate: delegate <bridge> to the eBPF gate"
@@ -40,6 +40,30 @@
 //! created in a backend the host does not use (a legacy table that does not exist is not
 //! even listed, since listing would create it).
 //!
+//! # Where in the chain: after the host's own rules
+//!
+//! The gate may only narrow what the host's own rules let through, never widen it. An
+//! operator's `iptables -I DOCKER-USER -s <client> -j DROP` (Docker's documented place for
+//! a host's restrictions), a DROP in FORWARD or an `ip saddr <client> drop` in an nftables
+//! chain must still drop that client's connections to published ports, whatever the gate
+//! allows. So the rule goes after every rule of the host's and only before the rule that ends
+//! the chain unconditionally, which is what it stands in for:
+//!
+//! * `DOCKER-USER`: just before Docker's unconditional `-j RETURN` (Docker 20.10 creates the
+//!   chain with only that; Docker 28 may leave it empty, then at the end). A DROP or REJECT
+//!   there is the host's own rule (Docker adds none) and comes before ours.
+//! * `FORWARD`: just before an unconditional DROP/REJECT (firewalld's final REJECT), else at
+//!   the end (a DROP policy).
+//! * nftables: just before the first rule that drops or rejects everything, else at the end
+//!   (policy drop).
+//!
+//! A rule of the operator's that accepts some source before ours is their choice and stays
+//! in force. The periodic check keeps the rule there: when the operator later adds a rule
+//! after ours, a new rule goes in at the right place first and the old one is deleted after,
+//! so the bridge is never without one. (`iptables -D` deletes the first identical rule, the
+//! old one; a copy that ended up past the terminal rule, where no packet reaches it, is left
+//! alone rather than deleted, since deleting it would take the live one first.)
+//!
 //! # Why it is narrow enough
 //!
 //! * `--ctstate DNAT` / `ct status dnat`: only connections whose destination the container
@@ -48,21 +72,21 @@
 //!   rules.
 //! * `-o <bridge>` / `oifname`: only packets leaving through that bridge, exactly the ones
 //!   the gate's TC egress program inspects next. The gate drops every new connection its
-//!   allow list does not allow, so for published ports the gate's allow list becomes the
-//!   policy, for Podman and Docker alike. Replies and container-initiated traffic are not
-//!   touched (the engines' own rules accept them).
+//!   allow list does not allow, so for published ports the gate's allow list, within what the
+//!   host's own rules allow, becomes the policy, for Podman and Docker alike. Replies and
+//!   container-initiated traffic are not touched (the engines' own rules accept them).
 //! * The rule relies on the gate: on its own it would open every published port of the
-//!   bridge, as Docker's own rules do. It exists only for bridges the gate is attached to;
-//!   the gate stays attached when the agent exits (fail closed), and `portgate uninstall`
-//!   removes the rules together with the programs.
+//!   bridge that the host's rules do not drop first, as Docker's own rules do. It exists only
+//!   for bridges the gate is attached to; the gate stays attached when the agent exits (fail
+//!   closed), and `portgate uninstall` removes the rules together with the programs.
 //!
 //! # Lifecycle and ownership
 //!
 //! * The agent installs the rules at start (unless `--no-netfilter`) and re-checks them
 //!   every 2 s (`iptables -C`, or the nftables listing): a firewall reload that removed a
 //!   rule gets it back, logged as "restored" at warn level. If the right place changes
-//!   (Docker started and created DOCKER-USER, the policy went back to ACCEPT, a bridge is
-//!   no longer gated) the rule moves or goes.
+//!   (Docker started and created DOCKER-USER, the operator added a rule after ours, the
+//!   policy went back to ACCEPT, a bridge is no longer gated) the rule moves or goes.
 //! * `portgate uninstall` removes every rule carrying a portgate delegation comment, in
 //!   every backend.
 //! * The comment is the only mark of ownership: rules without it are never modified or
@@ -174,8 +198,9 @@ impl Delegation {
 
     /// Called every 2 s by the agent: re-checks each rule (`iptables -C`, the nftables
     /// listing) and re-inserts what a firewall reload removed, logging "restored" at warn
-    /// level; follows a change of place (DOCKER-USER appeared, policy changed). Returns how
-    /// many rules it inserted. Does nothing before the first `ensure`.
+    /// level; follows a change of place (DOCKER-USER appeared, policy changed, a rule of the
+    /// host's now follows ours). Returns how many rules it inserted (a move inserts one).
+    /// Does nothing before the first `ensure`.
     pub fn check_and_restore(&mut self) -> Result<usize, NetfilterError> {
         if !self.ensured {
             return Ok(0);
@@ -217,37 +242,35 @@ impl Delegation {
             };
             let mut kept = vec![false; survey.own.len()];
             for target in &survey.targets {
-                let chain = target.display();
+                let chain = target.location.display();
                 for bridge in &self.bridges {
                     let here: Vec<usize> = (0..survey.own.len())
                         .filter(|&i| {
-                            survey.own[i].location == *target && survey.own[i].bridge == *bridge
+                            survey.own[i].location == target.location
+                                && survey.own[i].bridge == *bridge
                         })
                         .collect();
-                    let result = backend.present(&survey, target, bridge, &here).and_then(|keep| {
-                        match keep {
-                            Found::Present(keep) => {
-                                if let Some(i) = keep {
-                                    kept[i] = true;
-                                }
-                                Ok(())
-                            }
-                            Found::Missing => backend.insert(&survey, target, bridge).map(|()| {
-                                outcome.inserted += 1;
-                                if previously.contains(&(backend.name(), chain.as_str(), bridge.as_str())) {
-                                    warn!(bridge = %bridge, backend = backend.name(), chain = %chain,
-                                        "delegation rule restored (a firewall reload had removed it)");
-                                } else {
-                                    info!(bridge = %bridge, backend = backend.name(), chain = %chain,
-                                        "delegation rule installed");
-                                }
-                            }),
+                    let was_installed =
+                        previously.contains(&(backend.name(), chain.as_str(), bridge.as_str()));
+                    let result = place_rule(
+                        backend,
+                        &survey,
+                        target,
+                        bridge,
+                        &here,
+                        &mut kept,
+                        was_installed,
+                    );
+                    let installed = match result {
+                        Ok(inserted) => {
+                            outcome.inserted += usize::from(inserted);
+                            true
                         }
-                    });
-                    let installed = result.is_ok();
-                    if let Err(error) = result {
-                        outcome.errors.push(error);
-                    }
+                        Err(error) => {
+                            outcome.errors.push(error);
+                            false
+                        }
+                    };
                     outcome.statuses.push(DelegationStatus {
                         bridge: bridge.clone(),
                         backend: backend.name().to_owned(),
@@ -256,8 +279,8 @@ impl Delegation {
                     });
                 }
             }
-            // Ours but not wanted: duplicates, the old place after a move, no longer needed,
-            // or a bridge that is no longer gated.
+            // Ours but not wanted: duplicates, the old place after a move (within the chain or
+            // to another one), no longer needed, or a bridge that is no longer gated.
             for (rule, _) in survey.own.iter().zip(&kept).filter(|(_, kept)| !**kept) {
                 match backend.delete(&survey, rule) {
                     Ok(()) => info!(bridge = %rule.bridge, backend = backend.name(),
@@ -284,6 +307,46 @@ impl Delegation {
         }
         outcome
     }
+}
+
+/// Puts the rule for `bridge` in place in `target`, marking in `kept` the rules of ours to
+/// keep; `here` are our rules there for that bridge. Returns whether it inserted one.
+fn place_rule(
+    backend: Backend,
+    survey: &Survey,
+    target: &Target,
+    bridge: &str,
+    here: &[usize],
+    kept: &mut [bool],
+    was_installed: bool,
+) -> Result<bool, NetfilterError> {
+    let plan = backend.plan(survey, target, bridge, here)?;
+    for &i in &plan.keep {
+        kept[i] = true;
+    }
+    if !plan.insert {
+        return Ok(false);
+    }
+    // The new rule goes in first; the old one, if any, is deleted after it (as unwanted):
+    // never a moment without the rule. Should the insert fail, the old one stays.
+    if let Err(error) = backend.insert(survey, target, bridge) {
+        for &i in here {
+            kept[i] = true;
+        }
+        return Err(error);
+    }
+    let chain = target.location.display();
+    if !here.is_empty() {
+        info!(bridge = %bridge, backend = backend.name(), chain = %chain,
+            "delegation rule moved after the host's own rules");
+    } else if was_installed {
+        warn!(bridge = %bridge, backend = backend.name(), chain = %chain,
+            "delegation rule restored (a firewall reload had removed it)");
+    } else {
+        info!(bridge = %bridge, backend = backend.name(), chain = %chain,
+            "delegation rule installed");
+    }
+    Ok(true)
 }
 
 /// Removes every rule carrying a portgate delegation comment, in every backend; returns how
@@ -411,15 +474,73 @@ struct Survey {
     /// nftables: whether `nft` speaks JSON (commands are sent as JSON then).
     json: bool,
     /// The chains where each gated bridge needs its rule (empty: FORWARD would not drop).
-    targets: Vec<Location>,
+    targets: Vec<Target>,
     own: Vec<OwnRule>,
 }
 
-/// The outcome of looking for a bridge's rule in one chain.
-enum Found {
-    Missing,
-    /// Present; the survey's rule that is it, if the listing recognised it.
-    Present(Option<usize>),
+/// A chain that needs the rule, and where in it the rule belongs: after every rule of the
+/// host's own, just before the chain's terminal rule (the one that ends it unconditionally)
+/// or at the end when it has none. The host's rules thus decide first; the gate can only
+/// narrow what they let through.
+#[derive(Debug)]
+struct Target {
+    location: Location,
+    /// Where a new rule is put.
+    position: Position,
+    /// Our rules (indexes into `Survey::own`) already in that place: only rules of ours
+    /// between them and the terminal rule (or the end).
+    placed: Vec<usize>,
+    /// Our rules after the terminal rule, which no packet reaches.
+    unreachable: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Position {
+    End,
+    /// iptables: before the rule with this number (1-based).
+    BeforeNumber(usize),
+    /// nftables: before the rule with this handle.
+    BeforeHandle(u64),
+}
+
+/// One rule of a target chain, in the chain's order, as far as placement is concerned.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// Index into `Survey::own` when the rule carries one of our comments.
+    own: Option<usize>,
+    /// Ends the chain unconditionally (a RETURN, DROP or REJECT, whichever count there).
+    terminal: bool,
+}
+
+/// Where the rule belongs among `slots`: the index of the terminal rule (None: the end),
+/// our rules already in place and our rules past the terminal rule.
+fn layout(slots: &[Slot]) -> (Option<usize>, Vec<usize>, Vec<usize>) {
+    let terminal = slots.iter().position(|slot| slot.terminal);
+    let end = terminal.unwrap_or(slots.len());
+    let start = slots[..end]
+        .iter()
+        .rposition(|slot| slot.own.is_none())
+        .map_or(0, |i| i + 1);
+    let placed = slots[start..end]
+        .iter()
+        .filter_map(|slot| slot.own)
+        .collect();
+    let unreachable = slots
+        .get(end + 1..)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|slot| slot.own)
+        .collect();
+    (terminal, placed, unreachable)
+}
+
+/// What to do about one bridge's rule in one target chain.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Plan {
+    /// Put a new rule at the target's position (the one there is missing or misplaced).
+    insert: bool,
+    /// Our rules there (indexes into `Survey::own`) to leave alone; the others are deleted.
+    keep: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -450,46 +571,72 @@ impl Backend {
         }
     }
 
-    /// Whether the rule for `bridge` is in `target`, and which of `candidates` (our rules
+    /// Whether `target` needs a new rule for `bridge`, and which of `candidates` (our rules
     /// there for that bridge, indexes into `survey.own`) to keep.
-    fn present(
+    fn plan(
         &self,
         survey: &Survey,
-        target: &Location,
+        target: &Target,
         bridge: &str,
         candidates: &[usize],
-    ) -> Result<Found, NetfilterError> {
-        match (self, target) {
+    ) -> Result<Plan, NetfilterError> {
+        match (self, &target.location) {
             (Backend::Xtables(_), Location::Chain(chain)) => {
                 // `-C` decides, even when the listing showed nothing: should a future
                 // iptables print our rule in a form not recognised above, the rule is still
                 // found and never inserted twice.
                 if !xtables::check(survey, chain, bridge)? {
                     // At most look-alikes with our comment: replaced (deleted as unwanted).
-                    return Ok(Found::Missing);
+                    return Ok(Plan {
+                        insert: true,
+                        keep: Vec::new(),
+                    });
                 }
                 let exact = RuleId::Spec(xtables::rule_spec(bridge));
-                let keep = candidates
+                let copies: Vec<usize> = candidates
                     .iter()
                     .copied()
-                    .find(|&i| survey.own[i].id == exact);
-                Ok(Found::Present(keep.or(candidates.first().copied())))
+                    .filter(|&i| survey.own[i].id == exact)
+                    .collect();
+                if copies.is_empty() {
+                    // Present in a form the listing does not show as ours: left as it is.
+                    return Ok(Plan {
+                        insert: false,
+                        keep: candidates.first().copied().into_iter().collect(),
+                    });
+                }
+                // `-D` removes the first identical rule. So the last copy in place is kept
+                // (or the new one, inserted after every misplaced copy), and copies past the
+                // terminal rule are left alone: deleting them would take the live one first.
+                let mut keep: Vec<usize> = copies
+                    .iter()
+                    .copied()
+                    .filter(|i| target.unreachable.contains(i))
+                    .collect();
+                let placed = copies.iter().rev().find(|i| target.placed.contains(i));
+                keep.extend(placed);
+                Ok(Plan {
+                    insert: placed.is_none(),
+                    keep,
+                })
             }
-            _ => Ok(candidates
-                .first()
-                .map_or(Found::Missing, |&i| Found::Present(Some(i)))),
+            _ => {
+                // nftables deletes by handle: keep one copy in place, delete every other.
+                let placed = candidates.iter().find(|i| target.placed.contains(i));
+                Ok(Plan {
+                    insert: placed.is_none(),
+                    keep: placed.copied().into_iter().collect(),
+                })
+            }
         }
     }
 
-    fn insert(
-        &self,
-        survey: &Survey,
-        target: &Location,
-        bridge: &str,
-    ) -> Result<(), NetfilterError> {
-        match (self, target) {
-            (Backend::Xtables(_), Location::Chain(chain)) => xtables::insert(survey, chain, bridge),
-            (Backend::Nft, _) => nft::insert(survey, target, bridge),
+    fn insert(&self, survey: &Survey, target: &Target, bridge: &str) -> Result<(), NetfilterError> {
+        match (self, &target.location) {
+            (Backend::Xtables(_), Location::Chain(chain)) => {
+                xtables::insert(survey, chain, target.position, bridge)
+            }
+            (Backend::Nft, location) => nft::insert(survey, location, target.position, bridge),
             (Backend::Xtables(_), Location::Nft { .. }) => Ok(()),
         }
     }

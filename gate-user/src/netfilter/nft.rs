@@ -5,8 +5,10 @@ use serde_json::{Value, json};
 use tracing::debug;
 
 use super::{
-    Location, NetfilterError, OwnRule, RuleId, Survey, bridge_of_comment, comment_for,
+    Location, NetfilterError, OwnRule, Position, RuleId, Slot, Survey, Target, bridge_of_comment,
+    comment_for,
     exec::{Invocation, find_binary},
+    layout,
 };
 
 pub(super) const BACKEND: &str = "nftables";
@@ -257,9 +259,10 @@ fn text_drops_everything(words: &[&str]) -> bool {
     matches!(rest, ["drop"]) || rest.first() == Some(&"reject")
 }
 
-/// The rule as nft JSON: `oifname "<bridge>" ct status dnat accept comment "..."`.
-fn rule_json(family: &str, table: &str, chain: &str, bridge: &str) -> Value {
-    json!({
+/// The rule as nft JSON: `oifname "<bridge>" ct status dnat accept comment "..."`; with
+/// `before`, the handle of the rule an "insert" puts it in front of.
+fn rule_json(family: &str, table: &str, chain: &str, bridge: &str, before: Option<u64>) -> Value {
+    let mut rule = json!({
         "family": family, "table": table, "chain": chain,
         "expr": [
             {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": bridge}},
@@ -267,7 +270,51 @@ fn rule_json(family: &str, table: &str, chain: &str, bridge: &str) -> Value {
             {"accept": null}
         ],
         "comment": comment_for(bridge),
-    })
+    });
+    if let (Some(handle), Some(fields)) = (before, rule.as_object_mut()) {
+        fields.insert("handle".to_owned(), handle.into());
+    }
+    rule
+}
+
+/// The chains that need the rule, with where it goes in each, and every rule of ours.
+fn place(chains: &[Chain]) -> (Vec<Target>, Vec<OwnRule>) {
+    let mut own = Vec::new();
+    let mut targets = Vec::new();
+    for chain in chains {
+        let slots: Vec<Slot> = chain
+            .rules
+            .iter()
+            .map(|rule| {
+                let bridge = rule.comment.as_deref().and_then(bridge_of_comment);
+                let own = bridge.map(|bridge| {
+                    own.push(OwnRule {
+                        location: chain.location(),
+                        bridge: bridge.to_owned(),
+                        id: RuleId::Handle(rule.handle),
+                    });
+                    own.len() - 1
+                });
+                Slot {
+                    own,
+                    terminal: rule.drops_everything,
+                }
+            })
+            .collect();
+        if chain.drops_forwarded() {
+            // Before the first unconditional drop/reject, else at the end (policy drop).
+            let (at, placed, unreachable) = layout(&slots);
+            targets.push(Target {
+                location: chain.location(),
+                position: at
+                    .and_then(|i| chain.rules.get(i))
+                    .map_or(Position::End, |rule| Position::BeforeHandle(rule.handle)),
+                placed,
+                unreachable,
+            });
+        }
+    }
+    (targets, own)
 }
 
 /// What the ruleset says: the chains that need the rule and every rule with our comment.
@@ -298,24 +345,7 @@ pub(super) fn survey() -> Result<Option<Survey>, NetfilterError> {
         command: list.display(),
         detail,
     })?;
-    let targets = chains
-        .iter()
-        .filter(|c| c.drops_forwarded())
-        .map(Chain::location)
-        .collect();
-    let own = chains
-        .iter()
-        .flat_map(|chain| {
-            chain.rules.iter().filter_map(move |rule| {
-                let bridge = bridge_of_comment(rule.comment.as_deref()?)?;
-                Some(OwnRule {
-                    location: chain.location(),
-                    bridge: bridge.to_owned(),
-                    id: RuleId::Handle(rule.handle),
-                })
-            })
-        })
-        .collect();
+    let (targets, own) = place(&chains);
     Ok(Some(Survey {
         tool,
         json,
@@ -339,10 +369,12 @@ fn plain(name: &str) -> Result<&str, NetfilterError> {
     }
 }
 
-/// `nft insert rule`: the rule goes first in the chain.
+/// `nft insert rule ... position H` before the terminal rule, or `nft add rule` at the end:
+/// after the host's own rules.
 pub(super) fn insert(
     survey: &Survey,
     location: &Location,
+    position: Position,
     bridge: &str,
 ) -> Result<(), NetfilterError> {
     let Location::Nft {
@@ -353,29 +385,45 @@ pub(super) fn insert(
     else {
         return Ok(());
     };
+    let before = match position {
+        Position::BeforeHandle(handle) => Some(handle),
+        Position::End | Position::BeforeNumber(_) => None,
+    };
     let invocation = if survey.json {
-        let batch =
-            json!({"nftables": [{"insert": {"rule": rule_json(family, table, chain, bridge)}}]});
-        Invocation::new(&survey.tool, ["-j", "-f", "-"]).stdin(batch.to_string())
+        let rule = rule_json(family, table, chain, bridge, before);
+        let command = if before.is_some() {
+            json!({"insert": {"rule": rule}})
+        } else {
+            json!({"add": {"rule": rule}})
+        };
+        Invocation::new(&survey.tool, ["-j", "-f", "-"])
+            .stdin(json!({"nftables": [command]}).to_string())
     } else {
-        Invocation::new(
-            &survey.tool,
+        let verb = if before.is_some() { "insert" } else { "add" };
+        let mut args = vec![
+            verb.to_owned(),
+            "rule".to_owned(),
+            plain(family)?.to_owned(),
+            plain(table)?.to_owned(),
+            plain(chain)?.to_owned(),
+        ];
+        if let Some(handle) = before {
+            args.extend(["position".to_owned(), handle.to_string()]);
+        }
+        args.extend(
             [
-                "insert".to_owned(),
-                "rule".to_owned(),
-                plain(family)?.to_owned(),
-                plain(table)?.to_owned(),
-                plain(chain)?.to_owned(),
-                "oifname".to_owned(),
-                format!("\"{bridge}\""),
-                "ct".to_owned(),
-                "status".to_owned(),
-                "dnat".to_owned(),
-                "accept".to_owned(),
-                "comment".to_owned(),
-                format!("\"{}\"", comment_for(bridge)),
-            ],
-        )
+                "oifname",
+                &format!("\"{bridge}\""),
+                "ct",
+                "status",
+                "dnat",
+                "accept",
+                "comment",
+                &format!("\"{}\"", comment_for(bridge)),
+            ]
+            .map(str::to_owned),
+        );
+        Invocation::new(&survey.tool, args)
     };
     invocation.run().map(drop)
 }
@@ -487,5 +535,43 @@ table inet fw { # handle 2
         assert!(chains[0].rules[1].drops_everything);
         assert!(!chains[0].rules[0].drops_everything);
         assert_eq!(chains[0].rules[0].handle, 3);
+    }
+
+    #[test]
+    fn the_rule_goes_after_the_hosts_rules() {
+        let chains = parse_text(TEXT).expect("parse");
+        let (targets, own) = place(&chains);
+        assert_eq!(own.len(), 1);
+        assert_eq!(targets.len(), 1);
+        // Ours (handle 3) is before "mine": misplaced; the new one goes before the reject.
+        assert_eq!(targets[0].position, Position::BeforeHandle(2));
+        assert!(targets[0].placed.is_empty());
+
+        let policy_drop = r#"table inet fw { # handle 2
+	chain forward { # handle 1
+		type filter hook forward priority filter; policy drop;
+		ip saddr 10.1.0.1 drop # handle 4
+		oifname "br0" ct status dnat accept comment "portgate: delegate br0 to the eBPF gate" # handle 3
+	}
+}
+"#;
+        let (targets, own) = place(&parse_text(policy_drop).expect("parse"));
+        assert_eq!(targets[0].position, Position::End);
+        assert_eq!(targets[0].placed, [0]);
+        assert_eq!(own[0].id, RuleId::Handle(3));
+
+        let early_drop = r#"table inet fw { # handle 2
+	chain forward { # handle 1
+		type filter hook forward priority filter; policy accept;
+		drop # handle 5
+		oifname "br0" ct status dnat accept comment "portgate: delegate br0 to the eBPF gate" # handle 3
+		drop # handle 4
+	}
+}
+"#;
+        let (targets, _) = place(&parse_text(early_drop).expect("parse"));
+        assert_eq!(targets[0].position, Position::BeforeHandle(5));
+        assert!(targets[0].placed.is_empty());
+        assert_eq!(targets[0].unreachable, [0]);
     }
 }

@@ -6,8 +6,10 @@ use std::path::Path;
 use tracing::{debug, warn};
 
 use super::{
-    Location, NetfilterError, OwnRule, RuleId, Survey, bridge_of_comment, comment_for,
+    Location, NetfilterError, OwnRule, Position, RuleId, Slot, Survey, Target, bridge_of_comment,
+    comment_for,
     exec::{Invocation, find_binary},
+    layout,
 };
 
 /// One iptables binary and how to tell, without side effects, that it has no tables at all.
@@ -67,7 +69,7 @@ const FORWARD: &str = "FORWARD";
 /// How long to wait for the xtables lock another iptables process holds (legacy only).
 const WAIT_SECONDS: &str = "5";
 
-/// The rule's match and target, after `-I CHAIN 1` / `-C CHAIN` / `-D CHAIN`; also exactly
+/// The rule's match and target, after `-I CHAIN N` / `-C CHAIN` / `-D CHAIN`; also exactly
 /// how `-S` prints it back.
 pub(super) fn rule_spec(bridge: &str) -> Vec<String> {
     [
@@ -162,19 +164,45 @@ pub(super) fn survey(backend: &Xtables) -> Result<Option<Survey>, NetfilterError
 pub(super) struct Listing {
     forward_policy: Option<String>,
     chains: Vec<String>,
-    /// FORWARD's rules, each as its tokens after `-A FORWARD`.
-    forward_rules: Vec<Vec<String>>,
+    /// Every rule of the table, in order: its chain, its tokens after `-A CHAIN`, and its
+    /// index in `own` when it is ours.
+    rules: Vec<(String, Vec<String>, Option<usize>)>,
     pub(super) own: Vec<OwnRule>,
 }
 
+/// The verdict of a rule that matches every packet (`-j TARGET` with nothing before it but
+/// comments), e.g. "DROP" for `-j DROP` or "REJECT" for `-j REJECT --reject-with ...`.
+fn unconditional(spec: &[String]) -> Option<&str> {
+    let mut rest = spec;
+    while let [m, comment, option, _, tail @ ..] = rest
+        && m == "-m"
+        && comment == "comment"
+        && option == "--comment"
+    {
+        rest = tail;
+    }
+    match rest {
+        [j, target, ..] if j == "-j" => Some(target),
+        _ => None,
+    }
+}
+
 impl Listing {
+    fn chain_rules<'a>(&'a self, chain: &'a str) -> impl Iterator<Item = &'a [String]> + 'a {
+        self.rules
+            .iter()
+            .filter(move |(name, _, _)| name == chain)
+            .map(|(_, spec, _)| spec.as_slice())
+    }
+
     /// Whether a packet that no earlier rule accepts ends up dropped in FORWARD: a DROP
     /// policy, or an unconditional DROP/REJECT as FORWARD's last rule (firewalld's iptables
     /// backend, hand-written firewalls).
     pub(super) fn forward_drops(&self) -> bool {
-        let last_drops = self.forward_rules.last().is_some_and(|rule| {
-            matches!(rule.as_slice(), [j, target, ..] if j == "-j" && (target == "DROP" || target == "REJECT"))
-        });
+        let last_drops = self
+            .chain_rules(FORWARD)
+            .last()
+            .is_some_and(|rule| matches!(unconditional(rule), Some("DROP" | "REJECT")));
         self.forward_policy.as_deref() == Some("DROP") || last_drops
     }
 
@@ -183,9 +211,8 @@ impl Listing {
     /// stopped and its rules were flushed) would make the rule useless.
     pub(super) fn target_chain(&self) -> &'static str {
         let jumps = self
-            .forward_rules
-            .iter()
-            .any(|rule| matches!(rule.as_slice(), [j, chain] if j == "-j" && chain == DOCKER_USER));
+            .chain_rules(FORWARD)
+            .any(|rule| matches!(rule, [j, chain] if j == "-j" && chain == DOCKER_USER));
         if jumps && self.chains.iter().any(|chain| chain == DOCKER_USER) {
             DOCKER_USER
         } else {
@@ -193,12 +220,36 @@ impl Listing {
         }
     }
 
-    fn targets(&self) -> Vec<Location> {
-        if self.forward_drops() {
-            vec![Location::Chain(self.target_chain().to_owned())]
-        } else {
-            Vec::new()
+    /// The target chain and where the rule goes in it. DOCKER-USER ends in Docker's
+    /// unconditional `-j RETURN` (Docker 28 may leave it empty); a DROP or REJECT there is
+    /// the host's own rule and comes first. In FORWARD the final DROP/REJECT stands for the
+    /// policy (firewalld), which is what the rule replaces for published ports.
+    fn targets(&self) -> Vec<Target> {
+        if !self.forward_drops() {
+            return Vec::new();
         }
+        let chain = self.target_chain();
+        let terminal: &[&str] = if chain == DOCKER_USER {
+            &["RETURN"]
+        } else {
+            &["RETURN", "DROP", "REJECT"]
+        };
+        let slots: Vec<Slot> = self
+            .rules
+            .iter()
+            .filter(|(name, _, _)| name == chain)
+            .map(|(_, spec, own)| Slot {
+                own: *own,
+                terminal: unconditional(spec).is_some_and(|verdict| terminal.contains(&verdict)),
+            })
+            .collect();
+        let (at, placed, unreachable) = layout(&slots);
+        vec![Target {
+            location: Location::Chain(chain.to_owned()),
+            position: at.map_or(Position::End, |i| Position::BeforeNumber(i + 1)),
+            placed,
+            unreachable,
+        }]
     }
 }
 
@@ -216,20 +267,19 @@ pub(super) fn parse_listing(text: &str) -> Result<Listing, String> {
             }
             [n, chain] if n == "-N" => listing.chains.push(chain.clone()),
             [a, chain, rest @ ..] if a == "-A" => {
-                if chain == FORWARD {
-                    listing.forward_rules.push(rest.to_vec());
-                }
                 let ours = rest
                     .windows(2)
                     .find(|pair| pair[0] == "--comment")
                     .and_then(|pair| bridge_of_comment(&pair[1]));
-                if let Some(bridge) = ours {
+                let own = ours.map(|bridge| {
                     listing.own.push(OwnRule {
                         location: Location::Chain(chain.clone()),
                         bridge: bridge.to_owned(),
                         id: RuleId::Spec(rest.to_vec()),
                     });
-                }
+                    listing.own.len() - 1
+                });
+                listing.rules.push((chain.clone(), rest.to_vec(), own));
             }
             _ => {}
         }
@@ -289,9 +339,19 @@ pub(super) fn check(survey: &Survey, chain: &str, bridge: &str) -> Result<bool, 
     }
 }
 
-/// `-I CHAIN 1`: the rule goes first, before anything that could drop the connection.
-pub(super) fn insert(survey: &Survey, chain: &str, bridge: &str) -> Result<(), NetfilterError> {
-    let mut args = vec!["-I".to_owned(), chain.to_owned(), "1".to_owned()];
+/// `-I CHAIN N` before the terminal rule, or `-A CHAIN`: after the host's own rules.
+pub(super) fn insert(
+    survey: &Survey,
+    chain: &str,
+    position: Position,
+    bridge: &str,
+) -> Result<(), NetfilterError> {
+    let mut args = match position {
+        Position::BeforeNumber(number) => {
+            vec!["-I".to_owned(), chain.to_owned(), number.to_string()]
+        }
+        Position::End | Position::BeforeHandle(_) => vec!["-A".to_owned(), chain.to_owned()],
+    };
     args.extend(rule_spec(bridge));
     invocation(&survey.tool, args).run().map(drop)
 }
@@ -351,6 +411,51 @@ mod tests {
         assert_eq!(listing.own.len(), 1);
         assert_eq!(listing.own[0].bridge, "docker0");
         assert_eq!(listing.own[0].id, RuleId::Spec(rule_spec("docker0")));
+        // Ours is before someone else's rule: misplaced; it belongs before the RETURN.
+        let targets = listing.targets();
+        assert_eq!(targets.len(), 1);
+        assert_eq!(targets[0].location, Location::Chain(DOCKER_USER.to_owned()));
+        assert_eq!(targets[0].position, Position::BeforeNumber(3));
+        assert!(targets[0].placed.is_empty());
+    }
+
+    fn target_of(text: &str) -> Target {
+        let mut targets = parse_listing(text).expect("parse").targets();
+        assert_eq!(targets.len(), 1, "{text}");
+        targets.remove(0)
+    }
+
+    #[test]
+    fn the_rule_goes_after_the_hosts_rules() {
+        let ours = r#"-o br0 -m conntrack --ctstate DNAT -m comment --comment "portgate: delegate br0 to the eBPF gate" -j ACCEPT"#;
+        let docker = "-P FORWARD DROP\n-N DOCKER-USER\n-A FORWARD -j DOCKER-USER\n";
+        // Before Docker's RETURN, after the host's DROP.
+        let placed = target_of(&format!(
+            "{docker}-A DOCKER-USER -s 10.0.0.1/32 -j DROP\n-A DOCKER-USER {ours}\n-A DOCKER-USER -j RETURN\n"
+        ));
+        assert_eq!(placed.position, Position::BeforeNumber(3));
+        assert_eq!(placed.placed, [0]);
+        // Docker 28: an empty DOCKER-USER; a DROP there is the host's, so ours goes after it.
+        assert_eq!(target_of(docker).position, Position::End);
+        let after_drop = target_of(&format!("{docker}-A DOCKER-USER -j DROP\n"));
+        assert_eq!(after_drop.position, Position::End);
+        // FORWARD: before firewalld's final REJECT (a comment does not make it conditional).
+        let firewalld = target_of(
+            "-P FORWARD ACCEPT\n-A FORWARD -s 10.0.0.1/32 -j DROP\n-A FORWARD -m comment --comment \"deny\" -j REJECT --reject-with icmp-host-prohibited\n",
+        );
+        assert_eq!(firewalld.position, Position::BeforeNumber(2));
+        // Policy DROP: at the end; a rule of the host's after ours means ours must move.
+        let moved = target_of(&format!(
+            "-P FORWARD DROP\n-A FORWARD {ours}\n-A FORWARD -s 10.0.0.1/32 -j DROP\n"
+        ));
+        assert_eq!(moved.position, Position::End);
+        assert!(moved.placed.is_empty());
+        // Past a RETURN nothing is reached: that copy is unreachable.
+        let dead = target_of(&format!(
+            "{docker}-A DOCKER-USER -j RETURN\n-A DOCKER-USER {ours}\n-A DOCKER-USER -j RETURN\n"
+        ));
+        assert_eq!(dead.position, Position::BeforeNumber(1));
+        assert_eq!(dead.unreachable, [0]);
     }
 
     #[test]
