@@ -7,6 +7,10 @@
 pub mod counters;
 pub mod tcp;
 
+/// Directory of the pins under the agent's bpffs directory; bumped whenever a map's layout or
+/// the set of links changes, so an old agent's pins are never misread.
+pub const LAYOUT_VERSION: &str = "v2";
+
 /// Names of the maps in the eBPF object; also the file names of their pins.
 pub mod map_names {
     pub const ALLOW: &str = "ALLOW";

@@ -81,7 +81,7 @@ fn removing_the_link_pins_never_opens_the_gate() {
     agent.allow("10.99.0.2", "80/tcp");
     assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
 
-    let links = agent.bpffs.join("v2/links");
+    let links = agent.bpffs.join(gate_common::LAYOUT_VERSION).join("links");
     let pins: Vec<_> = std::fs::read_dir(&links)
         .expect("the agent's link pins")
         .flatten()

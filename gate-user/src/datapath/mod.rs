@@ -41,8 +41,7 @@ use tracing::{info, warn};
 /// The eBPF object, built by build.rs with aya-build.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gate-ebpf"));
 
-/// Bumped whenever a map's layout changes, so an old agent's pins are never misread.
-pub const LAYOUT_VERSION: &str = "v2";
+pub use gate_common::LAYOUT_VERSION;
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/portgate";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 

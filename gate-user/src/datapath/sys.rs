@@ -257,7 +257,11 @@ pub fn mount_bpffs(target: &Path) -> io::Result<()> {
 /// socket filter (classic BPF `ret #0`), without an answer: a TCP listener (`stream`) or an
 /// unconnected UDP socket, on an ephemeral port of every address.
 pub fn black_hole_socket(stream: bool) -> io::Result<OwnedFd> {
-    let kind = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
+    let kind = if stream {
+        libc::SOCK_STREAM
+    } else {
+        libc::SOCK_DGRAM
+    };
     // SAFETY: plain socket calls on the socket created here, with valid option buffers.
     unsafe {
         let fd = libc::socket(libc::AF_INET6, kind | libc::SOCK_CLOEXEC, 0);

@@ -104,7 +104,9 @@ pub fn measure(plan: &Plan, setup: &Setup, cell: &str, n: usize) -> Result<Vec<I
     let servers = traffic::Servers::start(&topo)?;
     let installed = filters::install(Filter::Portgate, n, &topo, setup, cell)?;
     let bpffs = &installed.agent.as_ref().context("no agent")?.bpffs;
-    let root = Path::new(bpffs).join("v1/programs");
+    let root = Path::new(bpffs)
+        .join(gate_common::LAYOUT_VERSION)
+        .join("programs");
     let progs = [
         program_names::TOWARD_CONTAINERS,
         program_names::FROM_CONTAINERS,

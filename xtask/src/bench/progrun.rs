@@ -499,7 +499,7 @@ pub fn measure_all(
     )?;
     // The gate stays pinned; the maps are the bench's alone from here on.
     agent.stop()?;
-    let root = bpffs.join("v1");
+    let root = bpffs.join(gate_common::LAYOUT_VERSION);
     let mut gate = Gate {
         prog: obj_get(&root.join("programs").join(program_names::TOWARD_CONTAINERS))?,
         allow: obj_get(&root.join("maps").join(map_names::ALLOW))?,
