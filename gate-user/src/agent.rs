@@ -25,7 +25,7 @@ use crate::{
         NetfilterStatus, Reply, Request, Response, RuleList, RuleView, Status, WatchEvent,
         server::{self, ControlSocket},
     },
-    datapath::{self, Capacities, Datapath, GateConfig, sys},
+    datapath::{self, AllowSync, Capacities, Datapath, GateConfig, sys},
     metrics,
     netfilter::{Delegation, DelegationStatus},
     policy::{
@@ -83,6 +83,8 @@ pub struct Agent {
     store: RuleStore,
     resolver: Resolver,
     resolved: Resolved,
+    /// What the last sync of the allow map left out for want of room.
+    allow_sync: AllowSync,
     engines: BTreeMap<Engine, EngineState>,
     delegation: Option<NetfilterKeeper>,
     drop_events: DropEventStats,
@@ -137,6 +139,7 @@ impl Agent {
             store,
             resolver: Resolver::default(),
             resolved: Resolved::default(),
+            allow_sync: AllowSync::default(),
             engines,
             delegation,
             drop_events: DropEventStats::default(),
@@ -406,8 +409,16 @@ impl Agent {
                 && (value.rule_id >= MAX_SAVED_RULES || container_rules.contains(&value.rule_id))
         };
         self.datapath.reset_rule_stats(&resolved.new_ids)?;
-        self.datapath
+        let sync = self
+            .datapath
             .sync_allow(&resolved.entries, waits_for_engines)?;
+        if sync != self.allow_sync {
+            match not_fitted_warning(&sync, self.datapath.capacities().allow) {
+                Some(warning) => warn!("{warning}"),
+                None => info!("every allow entry fits in the allow map again"),
+            }
+        }
+        self.allow_sync = sync;
         self.resolved = resolved;
         Ok(())
     }
@@ -455,6 +466,7 @@ impl Agent {
         Ok(Reply::Changed(Changed {
             message,
             rules: Vec::new(),
+            warnings: Vec::new(),
         }))
     }
 
@@ -508,7 +520,14 @@ impl Agent {
         if allow && matches!(target, Target::Container(_)) && !rules.iter().any(|r| r.active) {
             message.push_str("; no such container is running: the rule waits for it (inactive)");
         }
-        Ok(Reply::Changed(Changed { message, rules }))
+        let warnings = not_fitted_warning(&self.allow_sync, self.datapath.capacities().allow)
+            .into_iter()
+            .collect();
+        Ok(Reply::Changed(Changed {
+            message,
+            rules,
+            warnings,
+        }))
     }
 
     fn views(&self, filter: impl Fn(&ResolvedRule) -> bool) -> Vec<RuleView> {
@@ -568,6 +587,8 @@ impl Agent {
             allow_entries: Fill {
                 used: self.datapath.allow_entries()?,
                 capacity: self.datapath.capacities().allow,
+                not_fitted: self.allow_sync.not_fitted_entries(),
+                not_fitted_rules: self.allow_sync.not_fitted.keys().copied().collect(),
             },
             flows: Flows {
                 tracked: self.datapath.tracked_flows()?,
@@ -643,6 +664,25 @@ fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64) -> RuleView {
         packets,
         bytes,
     }
+}
+
+/// Says what the allow map left out, if anything: how many entries, of which rules.
+fn not_fitted_warning(sync: &AllowSync, capacity: u32) -> Option<String> {
+    let entries = sync.not_fitted_entries();
+    if entries == 0 {
+        return None;
+    }
+    let rules: Vec<String> = sync.not_fitted.keys().map(ToString::to_string).collect();
+    let (noun, verb) = if entries == 1 {
+        ("entry", "is")
+    } else {
+        ("entries", "are")
+    };
+    let of = if rules.len() == 1 { "rule" } else { "rules" };
+    Some(format!(
+        "the allow map is full ({capacity} entries, --max-allow): {entries} allow {noun} of {of} {} did not fit and {verb} not enforced; deny what is no longer needed or raise --max-allow",
+        rules.join(", ")
+    ))
 }
 
 /// Keeps the netfilter delegation rules in place from a thread of its own: iptables may wait

@@ -538,3 +538,57 @@ fn deny_takes_effect_while_an_engine_is_unreachable() {
     agent.deny(CONTAINER_V4, "80");
     assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
 }
+
+#[test]
+fn a_full_allow_map_keeps_what_fits_says_what_does_not_and_deny_still_closes() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _servers: Vec<_> = (80..=82)
+        .map(|port| TcpEchoServer::start(&sb, &sb.container, sa(&format!("10.99.0.2:{port}"))))
+        .collect();
+    let port = |p: u16| sa(&format!("10.99.0.2:{p}"));
+    let agent = Agent::start_with(&sb, &["--max-allow", "2"]);
+    agent.allow(CONTAINER_V4, "80");
+    agent.allow(CONTAINER_V4, "81");
+    assert_tcp_answers(&sb, &sb.client, port(80));
+    assert_tcp_answers(&sb, &sb.client, port(81));
+
+    // One entry more than the map holds: the rule is saved, and the caller is told what
+    // did not fit.
+    let output = agent.cli(&["allow", CONTAINER_V4, "82"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "allow beyond the capacity should keep the rule and warn, exited {}: {stderr}",
+        output.status
+    );
+    assert!(
+        stderr.starts_with("warning: ")
+            && stderr.contains("1 allow entry")
+            && stderr.contains("rule 2")
+            && stderr.contains("did not fit"),
+        "the warning should say how many entries of which rule did not fit: {stderr}"
+    );
+    assert_tcp_times_out(&sb, &sb.client, port(82));
+    let status = agent.status_json();
+    let fill = &status["allow_entries"];
+    assert_eq!(fill["used"], 2, "{status}");
+    assert_eq!(fill["capacity"], 2, "{status}");
+    assert_eq!(fill["not_fitted"], 1, "{status}");
+    assert_eq!(fill["not_fitted_rules"], serde_json::json!([2]), "{status}");
+    let text = agent.cli_ok(&["status"]);
+    assert!(
+        text.contains("1 MORE DID NOT FIT"),
+        "status should say what did not fit:\n{text}"
+    );
+
+    // A deny while the map is full is applied at once, and the entry that waited takes the
+    // room it frees.
+    agent.deny(CONTAINER_V4, "81");
+    assert_tcp_times_out(&sb, &sb.client, port(81));
+    assert_tcp_answers(&sb, &sb.client, port(82));
+    assert_tcp_answers(&sb, &sb.client, port(80));
+    let status = agent.status_json();
+    assert_eq!(status["allow_entries"]["not_fitted"], 0, "{status}");
+    assert!(!agent.cli_ok(&["status"]).contains("DID NOT FIT"));
+}

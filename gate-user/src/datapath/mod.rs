@@ -253,6 +253,29 @@ fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usiz
     ]
 }
 
+/// What a sync of the allow map left out because the map was full.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllowSync {
+    /// Entries that did not fit, by the rule they belong to.
+    pub not_fitted: BTreeMap<u32, usize>,
+}
+
+impl AllowSync {
+    /// Entries that did not fit, over all rules.
+    pub fn not_fitted_entries(&self) -> usize {
+        self.not_fitted.values().sum()
+    }
+
+    fn left_out(&mut self, rule_id: u32) {
+        *self.not_fitted.entry(rule_id).or_default() += 1;
+    }
+}
+
+/// A hash map refuses a new key with E2BIG when it holds `max_entries` already.
+fn is_map_full(err: &MapError) -> bool {
+    matches!(err, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
 /// The loaded programs and their maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -436,15 +459,19 @@ impl Datapath {
         .map_err(map_err(name))
     }
 
-    /// Makes the allow map equal to `desired`: new and changed entries first, then stale
-    /// ones removed (except those `keep_stale` holds on to), so a port that stays allowed is
-    /// never missing. Only the differences reach the kernel: the map's content is read once,
-    /// then followed in memory (the agent is its only writer).
+    /// Makes the allow map equal to `desired`, as far as it holds: stale entries are removed
+    /// first (except those `keep_stale` holds on to), so a deny never waits for room and
+    /// frees room for what follows; then new and changed entries are written, those of the
+    /// lowest rule ids first (saved rules before the ones containers bring). A changed entry
+    /// is updated in place, so a port that stays allowed is never missing. New entries that
+    /// find the map full are left out and reported, never an error. Only the differences
+    /// reach the kernel: the map's content is read once, then followed in memory (the agent
+    /// is its only writer).
     pub fn sync_allow(
         &mut self,
         desired: &BTreeMap<AllowKey, AllowValue>,
         keep_stale: impl Fn(&AllowValue) -> bool,
-    ) -> Result<()> {
+    ) -> Result<AllowSync> {
         let name = map_names::ALLOW;
         let mut current = match self.allow_written.take() {
             Some(current) => current,
@@ -459,12 +486,6 @@ impl Datapath {
         // On any failure the in-memory copy is dropped, and the next sync reads the map again.
         let mut map: HashMap<_, AllowKey, AllowValue> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        for (key, value) in desired {
-            if current.get(key) != Some(value) {
-                map.insert(key, value, 0).map_err(map_err(name))?;
-                current.insert(*key, *value);
-            }
-        }
         let stale: Vec<AllowKey> = current
             .iter()
             .filter(|(key, value)| !desired.contains_key(key) && !keep_stale(value))
@@ -474,8 +495,34 @@ impl Datapath {
             map.remove(&key).map_err(map_err(name))?;
             current.remove(&key);
         }
+        let mut pending: Vec<(&AllowKey, &AllowValue)> = desired
+            .iter()
+            .filter(|(key, value)| current.get(key) != Some(value))
+            .collect();
+        pending.sort_by_key(|(key, value)| (value.rule_id, **key));
+        let mut report = AllowSync::default();
+        let mut full = false;
+        for (key, value) in pending {
+            // Once the map is full, new keys cannot fit (nothing is removed after this point);
+            // updates of present keys still can.
+            let new_key = !current.contains_key(key);
+            if full && new_key {
+                report.left_out(value.rule_id);
+                continue;
+            }
+            match map.insert(key, value, 0) {
+                Ok(()) => {
+                    current.insert(*key, *value);
+                }
+                Err(err) if new_key && is_map_full(&err) => {
+                    full = true;
+                    report.left_out(value.rule_id);
+                }
+                Err(err) => return Err(map_err(name)(err)),
+            }
+        }
         self.allow_written = Some(current);
-        Ok(())
+        Ok(report)
     }
 
     pub fn allow_entries(&self) -> Result<usize> {
