@@ -26,6 +26,7 @@ use crate::{
         server::{self, ControlSocket},
     },
     datapath::{self, AllowSync, Capacities, Datapath, GateConfig, sys},
+    lock::{self, Lock},
     metrics,
     netfilter::{Delegation, DelegationStatus},
     policy::{
@@ -90,6 +91,8 @@ pub struct Agent {
     drop_events: DropEventStats,
     /// Fan-out of drop events to `portgate watch` clients.
     watchers: broadcast::Sender<WatchEvent>,
+    /// The state and pin directories are this agent's while it runs.
+    _locks: [Lock; 2],
 }
 
 impl Agent {
@@ -102,6 +105,12 @@ impl Agent {
                 "portgate agent must run as root: it loads eBPF programs and attaches them to bridges"
             );
         }
+        // One agent per state directory and pin directory, settled before anything is
+        // touched: a second agent must not write the maps, programs or links of the first.
+        let locks = [
+            lock::lock_state_dir(&options.state_dir)?,
+            datapath::lock_pin_dir(&options.bpffs)?,
+        ];
         if options.bridges.is_empty() && !options.auto_bridges {
             bail!(
                 "no bridge to gate: pass --bridge IFACE (for example docker0 or podman0) or --bridge auto"
@@ -144,6 +153,7 @@ impl Agent {
             delegation,
             drop_events: DropEventStats::default(),
             watchers: broadcast::channel(256).0,
+            _locks: locks,
         };
         // Rules first, then programs: the new programs never run on a stale allow map. Until
         // the engines have reported, entries for containers stay as the last agent left them.

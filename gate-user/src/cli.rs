@@ -308,6 +308,12 @@ fn uninstall(socket: &std::path::Path, bpffs: &std::path::Path) -> anyhow::Resul
             socket.display()
         );
     }
+    // An agent that serves another socket still holds its pin directory.
+    let _lock = if bpffs.exists() {
+        Some(crate::lock::lock_dir(bpffs, "pin directory")?)
+    } else {
+        None
+    };
     let done = datapath::uninstall(bpffs)?;
     let rules = netfilter::remove_for(&done.bridges)?;
     println!(

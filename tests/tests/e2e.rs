@@ -7,8 +7,10 @@ use portgate_tests::net::{
     SHOULD_ANSWER, assert_tcp_answers, assert_tcp_times_out, assert_udp_answers,
     assert_udp_no_reply, exchange, sa, tcp_connect,
 };
-use portgate_tests::sandbox::{CLIENT_V4, CLIENT_V6, CONTAINER_V4, CONTAINER_V6};
+use portgate_tests::sandbox::{BRIDGE, CLIENT_V4, CLIENT_V6, CONTAINER_V4, CONTAINER_V6};
 use portgate_tests::{Agent, Sandbox, TcpEchoServer, UdpEchoServer, require_root};
+use std::os::unix::fs::PermissionsExt as _;
+use std::time::Duration;
 
 /// Skips the test (saying why) unless running as root.
 macro_rules! require_root {
@@ -591,4 +593,83 @@ fn a_full_allow_map_keeps_what_fits_says_what_does_not_and_deny_still_closes() {
     let status = agent.status_json();
     assert_eq!(status["allow_entries"]["not_fitted"], 0, "{status}");
     assert!(!agent.cli_ok(&["status"]).contains("DID NOT FIT"));
+}
+
+#[test]
+fn a_second_agent_refuses_before_it_touches_the_gate() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let agent = Agent::start(&sb);
+    let pid = agent.pid().expect("the agent runs");
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+
+    let other_state = agent.dir.path().join("other-state");
+    let other_socket = agent.dir.path().join("other.sock");
+    let cases = [
+        // Started again by mistake: everything the same, in audit mode.
+        (
+            "the same pins, state and socket",
+            &agent.state_dir,
+            &agent.socket,
+            "state directory",
+        ),
+        // Only the pins shared: the maps and links are what must not be touched.
+        (
+            "the same pins only",
+            &other_state,
+            &other_socket,
+            "pin directory",
+        ),
+    ];
+    for (what, state_dir, socket, locked) in cases {
+        let mut second = sb.command_in(&sb.host, &agent.bin);
+        second
+            .args([
+                "agent",
+                "--bridge",
+                BRIDGE,
+                "--runtime",
+                "none",
+                "--mode",
+                "audit",
+            ])
+            .args(["--metrics-addr", "off", "--bpffs"])
+            .arg(&agent.bpffs)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--socket")
+            .arg(socket)
+            .env_remove("PORTGATE_SOCKET")
+            .stdin(std::process::Stdio::null());
+        let output = portgate_tests::engines::run_timeout(&mut second, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("a second agent with {what} should refuse at once: {e}"));
+        let message = assert_cli_error(&output, &format!("a second agent with {what}"));
+        eprintln!("second agent with {what} -> {message}");
+        assert!(
+            message.contains(&format!("pid {pid}")) && message.contains(locked),
+            "a second agent with {what}: the error should name the running agent (pid {pid}) \
+             and the {locked}: {message}"
+        );
+        assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+        let status = agent.status_json();
+        assert_eq!(
+            status["mode"], "enforce",
+            "after a second agent with {what}: {status}"
+        );
+        assert!(agent.cli(&["status"]).status.success());
+    }
+    assert!(!other_socket.exists(), "the second agent bound a socket");
+    let lock = agent.state_dir.join("agent.lock");
+    let mode = std::fs::metadata(&lock)
+        .unwrap_or_else(|e| panic!("{}: {e}", lock.display()))
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{} is root-only", lock.display());
+
+    // `uninstall` refuses too, also when the agent serves a socket it was not told about.
+    let message = assert_cli_error(&agent.uninstall(), "portgate uninstall beside the agent");
+    assert!(message.contains(&format!("pid {pid}")), "{message}");
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+    assert_eq!(agent.status_json()["bridges"][0]["attached"], true);
 }

@@ -12,7 +12,10 @@ pub mod sys;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
-    os::fd::{AsFd as _, BorrowedFd},
+    os::{
+        fd::{AsFd as _, BorrowedFd},
+        unix::fs::DirBuilderExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -83,6 +86,8 @@ pub enum DatapathError {
     },
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
@@ -691,6 +696,19 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Creates the pin directory if missing (root-only, on a bpf filesystem: /sys/fs/bpf is
+/// mounted if it is the one missing) and locks it for this process: one agent per pin
+/// directory. The lock lasts as long as the returned value.
+pub fn lock_pin_dir(bpffs_dir: &Path) -> Result<crate::lock::Lock> {
+    ensure_bpffs(bpffs_dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(bpffs_dir)
+        .map_err(io_err(bpffs_dir))?;
+    Ok(crate::lock::lock_dir(bpffs_dir, "pin directory")?)
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {
