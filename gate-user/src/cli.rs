@@ -322,6 +322,19 @@ fn uninstall(socket: &std::path::Path, bpffs: &std::path::Path) -> anyhow::Resul
         done.pins,
         bpffs.display()
     );
+    if !done.foreign.is_empty() {
+        let foreign: Vec<String> = done
+            .foreign
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        println!(
+            "left {} entr{} that portgate did not create: {}",
+            foreign.len(),
+            if foreign.len() == 1 { "y" } else { "ies" },
+            foreign.join(", ")
+        );
+    }
     Ok(())
 }
 

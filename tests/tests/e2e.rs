@@ -673,3 +673,95 @@ fn a_second_agent_refuses_before_it_touches_the_gate() {
     assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
     assert_eq!(agent.status_json()["bridges"][0]["attached"], true);
 }
+
+#[test]
+fn uninstall_removes_only_portgates_own_pins_and_the_pin_dirs_are_root_only() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let mut agent = Agent::start(&sb);
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+    let v1 = agent.bpffs.join("v1");
+    for dir in [
+        agent.bpffs.clone(),
+        v1.clone(),
+        v1.join("maps"),
+        v1.join("programs"),
+        v1.join("links"),
+    ] {
+        let mode = std::fs::metadata(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{} should be root-only", dir.display());
+    }
+
+    // Another tool's maps, pinned beside portgate's and among them.
+    let foreign = agent.bpffs.join("foreign");
+    let among = v1.join("maps").join("theirs");
+    for pin in [&foreign, &among] {
+        portgate_tests::run_ok(
+            std::process::Command::new("bpftool")
+                .args(["map", "create"])
+                .arg(pin)
+                .args(["type", "array", "key", "4", "value", "4", "entries", "1"])
+                .args(["name", "pgt_foreign"]),
+        );
+    }
+
+    agent.stop();
+    let output = agent.uninstall();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "portgate uninstall failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("uninstall -> {stdout}");
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+    for pin in [&foreign, &among] {
+        assert!(
+            pin.exists(),
+            "uninstall removed a foreign pin: {}",
+            pin.display()
+        );
+        portgate_tests::run_ok(
+            std::process::Command::new("bpftool")
+                .args(["map", "show", "pinned"])
+                .arg(pin),
+        );
+    }
+    assert!(
+        stdout.contains("left 2 entries") && stdout.contains(&*foreign.to_string_lossy()),
+        "uninstall should say what it left: {stdout}"
+    );
+    let mut left: Vec<String> = walk(&agent.bpffs)
+        .iter()
+        .map(|p| {
+            p.strip_prefix(&agent.bpffs)
+                .unwrap_or(p)
+                .display()
+                .to_string()
+        })
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["foreign", "v1", "v1/maps", "v1/maps/theirs"],
+        "only the foreign pins and the directories holding them should be left"
+    );
+}
+
+/// Every path under `dir`, directories included.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        }
+        found.push(path);
+    }
+    found
+}

@@ -5,7 +5,8 @@
 //!   v1/maps/{ALLOW,FLOWS,RULE_STATS,COUNTERS,CONFIG}
 //!   v1/programs/{toward_containers,from_containers}
 //!   v1/links/<bridge>-{egress,ingress}
-//! The links keep the programs attached after the agent exits (fail closed).
+//! The links keep the programs attached after the agent exits (fail closed). The directories
+//! are root-only (0700); `uninstall` removes these names only, never other tools' pins.
 
 pub mod sys;
 
@@ -14,7 +15,7 @@ use std::{
     fs, io,
     os::{
         fd::{AsFd as _, BorrowedFd},
-        unix::fs::DirBuilderExt as _,
+        unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     },
     path::{Path, PathBuf},
 };
@@ -700,7 +701,8 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
 
 /// Creates the pin directory if missing (root-only, on a bpf filesystem: /sys/fs/bpf is
 /// mounted if it is the one missing) and locks it for this process: one agent per pin
-/// directory. The lock lasts as long as the returned value.
+/// directory. The lock lasts as long as the returned value. Then makes sure this layout's
+/// directories are there, root-only (0700) also when an older agent created them.
 pub fn lock_pin_dir(bpffs_dir: &Path) -> Result<crate::lock::Lock> {
     ensure_bpffs(bpffs_dir)?;
     fs::DirBuilder::new()
@@ -708,7 +710,23 @@ pub fn lock_pin_dir(bpffs_dir: &Path) -> Result<crate::lock::Lock> {
         .mode(0o700)
         .create(bpffs_dir)
         .map_err(io_err(bpffs_dir))?;
-    Ok(crate::lock::lock_dir(bpffs_dir, "pin directory")?)
+    let lock = crate::lock::lock_dir(bpffs_dir, "pin directory")?;
+    let pins = Pins::new(bpffs_dir);
+    for dir in [
+        pins.root.clone(),
+        pins.maps(),
+        pins.programs(),
+        pins.links(),
+    ] {
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Err(err) if err.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(io_err(&dir)(err));
+            }
+            _ => {}
+        }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
+    }
+    Ok(lock)
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {
@@ -718,55 +736,159 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
-/// What `uninstall` removed.
+/// What `uninstall` removed, and what it left.
 #[derive(Debug, Default)]
 pub struct Uninstalled {
     pub links: usize,
     pub pins: usize,
     /// The bridges the gate was attached to.
     pub bridges: BTreeSet<String>,
+    /// Entries under the pin directory that are not portgate's, left in place.
+    pub foreign: Vec<PathBuf>,
 }
 
-/// Detaches every pinned link under `bpffs_dir` (all layout versions) and removes all pins and
-/// the directory. The gate stops: traffic is no longer filtered.
+/// The bridge of a link pin's file name (`<bridge>-egress`, `<bridge>-ingress`), if it is one.
+fn link_pin_bridge(name: &str) -> Option<&str> {
+    Hook::ALL.iter().find_map(|hook| {
+        name.strip_suffix(hook.suffix())?
+            .strip_suffix('-')
+            .filter(|bridge| !bridge.is_empty())
+    })
+}
+
+/// Whether a directory name is one of portgate's layout versions (`v1`, `v2`, ...).
+fn is_layout_version(name: &str) -> bool {
+    name.strip_prefix('v')
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Detaches the links portgate pinned under `bpffs_dir` and removes portgate's own pins: in
+/// each layout-version directory (`v1`, ...) the link pins, the programs and the maps named as
+/// portgate names them, then every directory that is left empty. Whatever else is there
+/// (another tool's pins) stays, with the directories that hold it. The gate stops: traffic is
+/// no longer filtered.
 pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled> {
     let mut done = Uninstalled::default();
     if !bpffs_dir.exists() {
         return Ok(done);
     }
-    let versions = fs::read_dir(bpffs_dir).map_err(io_err(bpffs_dir))?;
-    for version in versions {
-        let links = version.map_err(io_err(bpffs_dir))?.path().join("links");
-        let Ok(entries) = fs::read_dir(&links) else {
+    let map_pins = map_names::PINNED
+        .iter()
+        .chain(&[map_names::DROP_EVENTS, map_names::EVENT_BUDGET]);
+    let program_pins = Hook::ALL.map(Hook::program);
+    for version in fs::read_dir(bpffs_dir).map_err(io_err(bpffs_dir))? {
+        let version = version.map_err(io_err(bpffs_dir))?;
+        let is_ours = version.file_name().to_str().is_some_and(is_layout_version)
+            && version.file_type().map_err(io_err(bpffs_dir))?.is_dir();
+        if !is_ours {
             continue;
+        }
+        let pins = Pins {
+            root: version.path(),
         };
-        for entry in entries {
+        let links = pins.links();
+        for entry in fs::read_dir(&links).into_iter().flatten() {
             let path = entry.map_err(io_err(&links))?.path();
-            // Detach explicitly: another process may still hold the link open.
-            sys::detach_pinned_link(&path).map_err(io_err(&path))?;
-            done.links += 1;
             let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();
-            if let Some((bridge, _hook)) = name.rsplit_once('-') {
-                done.bridges.insert(bridge.to_owned());
+            let Some(bridge) = link_pin_bridge(name) else {
+                continue;
+            };
+            // Detach explicitly: another process may still hold the link open.
+            match sys::detach_pinned_link(&path) {
+                Ok(()) => {}
+                // Named like a link pin of ours, but not a link: not ours.
+                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => continue,
+                Err(err) => return Err(io_err(&path)(err)),
             }
+            done.links += 1;
+            done.bridges.insert(bridge.to_owned());
+            done.pins += remove_pin(&path)?;
+        }
+        for name in program_pins {
+            done.pins += remove_pin(&pins.programs().join(name))?;
+        }
+        for name in map_pins.clone() {
+            done.pins += remove_pin(&pins.map(name))?;
+        }
+        for dir in [links, pins.programs(), pins.maps(), pins.root.clone()] {
+            remove_dir_if_empty(&dir)?;
         }
     }
-    done.pins = count_files(bpffs_dir);
-    fs::remove_dir_all(bpffs_dir).map_err(io_err(bpffs_dir))?;
+    remove_dir_if_empty(bpffs_dir)?;
+    done.foreign = leftovers(bpffs_dir);
     Ok(done)
 }
 
-fn count_files(dir: &Path) -> usize {
-    fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| {
-            let path = e.path();
-            if path.is_dir() { count_files(&path) } else { 1 }
-        })
-        .sum()
+/// Removes a pin; 1 if it was there, 0 if not.
+fn remove_pin(path: &Path) -> Result<usize> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(1),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(err) => Err(io_err(path)(err)),
+    }
+}
+
+/// Removes a directory unless something is left in it (or it is gone already).
+fn remove_dir_if_empty(dir: &Path) -> Result<()> {
+    match fs::remove_dir(dir) {
+        Err(err)
+            if !matches!(
+                err.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+            ) =>
+        {
+            Err(io_err(dir)(err))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Files and empty directories left under `dir`, deepest paths included.
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let inner = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            leftovers(&path)
+        } else {
+            Vec::new()
+        };
+        if inner.is_empty() {
+            found.push(path);
+        } else {
+            found.extend(inner);
+        }
+    }
+    found.sort();
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uninstall_knows_its_own_names() {
+        assert_eq!(link_pin_bridge("docker0-egress"), Some("docker0"));
+        assert_eq!(
+            link_pin_bridge("br-0123456789ab-ingress"),
+            Some("br-0123456789ab")
+        );
+        for foreign in [
+            "-egress",
+            "egress",
+            "docker0",
+            "docker0-egress.bak",
+            "x-ingres",
+        ] {
+            assert_eq!(link_pin_bridge(foreign), None, "{foreign}");
+        }
+        assert!(is_layout_version(LAYOUT_VERSION) && is_layout_version("v12"));
+        for foreign in ["v", "va", "maps", "v1x", "foreign"] {
+            assert!(!is_layout_version(foreign), "{foreign}");
+        }
+    }
 }
