@@ -25,7 +25,8 @@ use crate::{
         NetfilterStatus, Reply, Request, Response, RuleList, RuleView, Status, WatchEvent,
         server::{self, ControlSocket},
     },
-    datapath::{self, Capacities, Datapath, GateConfig, sys},
+    datapath::{self, AllowSync, Capacities, Datapath, GateConfig, sys},
+    lock::{self, Lock},
     metrics,
     netfilter::{Delegation, DelegationStatus},
     policy::{
@@ -84,6 +85,8 @@ pub struct Agent {
     store: RuleStore,
     resolver: Resolver,
     resolved: Resolved,
+    /// What the last sync of the allow map left out for want of room.
+    allow_sync: AllowSync,
     engines: BTreeMap<Engine, EngineState>,
     delegation: Option<NetfilterKeeper>,
     drop_events: DropEventStats,
@@ -91,6 +94,8 @@ pub struct Agent {
     watchers: broadcast::Sender<WatchEvent>,
     /// The bridge ports must be looked at again (containers changed, or one was not found).
     ports_stale: bool,
+    /// The state and pin directories are this agent's while it runs.
+    _locks: [Lock; 2],
 }
 
 impl Agent {
@@ -103,6 +108,12 @@ impl Agent {
                 "portgate agent must run as root: it loads eBPF programs and attaches them to bridges"
             );
         }
+        // One agent per state directory and pin directory, settled before anything is
+        // touched: a second agent must not write the maps, programs or links of the first.
+        let locks = [
+            lock::lock_state_dir(&options.state_dir)?,
+            datapath::lock_pin_dir(&options.bpffs)?,
+        ];
         if options.bridges.is_empty() && !options.auto_bridges {
             bail!(
                 "no bridge to gate: pass --bridge IFACE (for example docker0 or podman0) or --bridge auto"
@@ -140,11 +151,13 @@ impl Agent {
             store,
             resolver: Resolver::default(),
             resolved: Resolved::default(),
+            allow_sync: AllowSync::default(),
             engines,
             delegation,
             drop_events: DropEventStats::default(),
             watchers: broadcast::channel(256).0,
             ports_stale: true,
+            _locks: locks,
         };
         // Rules first, then programs: the new programs never run on a stale allow map. Until
         // the engines have reported, entries for containers stay as the last agent left them.
@@ -479,7 +492,8 @@ impl Agent {
                 && (value.rule_id >= MAX_SAVED_RULES || container_rules.contains(&value.rule_id))
         };
         self.datapath.reset_rule_stats(&resolved.new_ids)?;
-        self.datapath
+        let sync = self
+            .datapath
             .sync_allow(&resolved.entries, waits_for_engines)?;
         // Until every engine has reported, the host ports stay as the last agent left them.
         if all_known {
@@ -487,6 +501,13 @@ impl Agent {
                 .sync_host_ports(&host_ports(&self.containers(), &resolved.entries))
                 .context("writing the published host ports")?;
         }
+        if sync != self.allow_sync {
+            match not_fitted_warning(&sync, self.datapath.capacities().allow) {
+                Some(warning) => warn!("{warning}"),
+                None => info!("every allow entry fits in the allow map again"),
+            }
+        }
+        self.allow_sync = sync;
         self.resolved = resolved;
         // Containers changed: look at the bridge ports again.
         self.ports_stale = true;
@@ -536,6 +557,7 @@ impl Agent {
         Ok(Reply::Changed(Changed {
             message,
             rules: Vec::new(),
+            warnings: Vec::new(),
         }))
     }
 
@@ -589,7 +611,14 @@ impl Agent {
         if allow && matches!(target, Target::Container(_)) && !rules.iter().any(|r| r.active) {
             message.push_str("; no such container is running: the rule waits for it (inactive)");
         }
-        Ok(Reply::Changed(Changed { message, rules }))
+        let warnings = not_fitted_warning(&self.allow_sync, self.datapath.capacities().allow)
+            .into_iter()
+            .collect();
+        Ok(Reply::Changed(Changed {
+            message,
+            rules,
+            warnings,
+        }))
     }
 
     fn views(&self, filter: impl Fn(&ResolvedRule) -> bool) -> Vec<RuleView> {
@@ -649,6 +678,8 @@ impl Agent {
             allow_entries: Fill {
                 used: self.datapath.allow_entries()?,
                 capacity: self.datapath.capacities().allow,
+                not_fitted: self.allow_sync.not_fitted_entries(),
+                not_fitted_rules: self.allow_sync.not_fitted.keys().copied().collect(),
             },
             flows: Flows {
                 tracked: self.datapath.tracked_flows()?,
@@ -763,6 +794,25 @@ fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64) -> RuleView {
         packets,
         bytes,
     }
+}
+
+/// Says what the allow map left out, if anything: how many entries, of which rules.
+fn not_fitted_warning(sync: &AllowSync, capacity: u32) -> Option<String> {
+    let entries = sync.not_fitted_entries();
+    if entries == 0 {
+        return None;
+    }
+    let rules: Vec<String> = sync.not_fitted.keys().map(ToString::to_string).collect();
+    let (noun, verb) = if entries == 1 {
+        ("entry", "is")
+    } else {
+        ("entries", "are")
+    };
+    let of = if rules.len() == 1 { "rule" } else { "rules" };
+    Some(format!(
+        "the allow map is full ({capacity} entries, --max-allow): {entries} allow {noun} of {of} {} did not fit and {verb} not enforced; deny what is no longer needed or raise --max-allow",
+        rules.join(", ")
+    ))
 }
 
 /// Keeps the netfilter delegation rules in place from a thread of its own: iptables may wait

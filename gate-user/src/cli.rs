@@ -115,6 +115,11 @@ pub struct AgentArgs {
     /// Changing it on a host where the gate runs needs `portgate uninstall` first.
     #[arg(long, default_value_t = gate_common::FLOW_CAPACITY, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_flows: u32,
+    /// Allow-map entries, one per (address, protocol, port) the rules open; what does not fit
+    /// is left out and reported (`status`, `allow`). At most the default. Changing it on a
+    /// host where the gate runs needs `portgate uninstall` first.
+    #[arg(long, default_value_t = gate_common::ALLOW_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=i64::from(gate_common::ALLOW_CAPACITY)))]
+    pub max_allow: u32,
     /// Serve Prometheus metrics on ADDR (/metrics); `off` to serve none.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9560", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,
@@ -240,7 +245,7 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr.0,
         capacities: Capacities {
             flows: args.max_flows,
-            ..Capacities::default()
+            allow: args.max_allow,
         },
         state_dir: args.state_dir,
         bpffs: args.bpffs,
@@ -287,6 +292,9 @@ fn change(socket: &std::path::Path, args: RuleArgs, allow: bool) -> anyhow::Resu
     match client::call(socket, &request)? {
         Reply::Changed(changed) => {
             println!("{}", changed.message);
+            for warning in &changed.warnings {
+                eprintln!("warning: {warning}");
+            }
             Ok(())
         }
         other => unexpected(other),
@@ -300,6 +308,12 @@ fn uninstall(socket: &std::path::Path, bpffs: &std::path::Path) -> anyhow::Resul
             socket.display()
         );
     }
+    // An agent that serves another socket still holds its pin directory.
+    let _lock = if bpffs.exists() {
+        Some(crate::lock::lock_dir(bpffs, "pin directory")?)
+    } else {
+        None
+    };
     let done = datapath::uninstall(bpffs)?;
     let rules = netfilter::remove_for(&done.bridges)?;
     println!(
@@ -308,6 +322,19 @@ fn uninstall(socket: &std::path::Path, bpffs: &std::path::Path) -> anyhow::Resul
         done.pins,
         bpffs.display()
     );
+    if !done.foreign.is_empty() {
+        let foreign: Vec<String> = done
+            .foreign
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        println!(
+            "left {} entr{} that portgate did not create: {}",
+            foreign.len(),
+            if foreign.len() == 1 { "y" } else { "ies" },
+            foreign.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -425,10 +452,22 @@ pub fn format_status(status: &Status) -> String {
             bridge.name, bridge.ifindex
         );
     }
+    let fill = &status.allow_entries;
+    let not_fitted = match fill.not_fitted {
+        0 => String::new(),
+        n => format!(
+            "; {n} MORE DID NOT FIT (rules {}), not enforced: see --max-allow",
+            fill.not_fitted_rules
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    };
     let _ = writeln!(
         out,
-        "rules:    {} ({} of {} allow entries)",
-        status.rules, status.allow_entries.used, status.allow_entries.capacity
+        "rules:    {} ({} of {} allow entries{not_fitted})",
+        status.rules, fill.used, fill.capacity
     );
     let _ = writeln!(
         out,

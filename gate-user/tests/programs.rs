@@ -10,7 +10,7 @@ use std::{
 use etherparse::PacketBuilder;
 use gate_common::{FlowKey, FlowState, PortAddrKey, counters, ipv4_mapped, program_names};
 use gate_user::{
-    datapath::{self, Datapath, GateConfig, sys},
+    datapath::{self, AllowSync, Capacities, Datapath, GateConfig, sys},
     policy::{Ports, Resolver, RuleSet, Target, parse_address},
 };
 
@@ -42,6 +42,10 @@ struct Gate {
 impl Gate {
     /// None, with a message, when the test cannot run here.
     fn load(config: GateConfig) -> Option<Self> {
+        Self::load_with(config, Capacities::default())
+    }
+
+    fn load_with(config: GateConfig, capacities: Capacities) -> Option<Self> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("skipped: needs root to load eBPF programs");
@@ -53,7 +57,7 @@ impl Gate {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut datapath = Datapath::load(&dir, config).expect("load the gate");
+        let mut datapath = Datapath::load_with(&dir, config, capacities).expect("load the gate");
         // The test container's addresses are its own on the port the test runs use (lo,
         // BPF_PROG_TEST_RUN's default device).
         let bindings = [ipv4_mapped(CONTAINER4), CONTAINER6]
@@ -87,11 +91,11 @@ impl Gate {
         self.sync();
     }
 
-    fn sync(&mut self) {
+    fn sync(&mut self) -> AllowSync {
         let resolved = Resolver::default().resolve(&self.rules, &[], false);
         self.datapath
             .sync_allow(&resolved.entries, |_| false)
-            .expect("sync");
+            .expect("sync")
     }
 
     fn run(&self, program: &'static str, frame: &[u8], ingress_ifindex: u32) -> Verdict {
@@ -341,6 +345,43 @@ fn with_ipv6_extensions(mut frame: Vec<u8>, first: u8, ext: &[u8]) -> Vec<u8> {
 /// One 8-byte hop-by-hop/destination-options header: next header, length 0, padding.
 fn ext_header(next: u8) -> [u8; 8] {
     [next, 0, 1, 4, 0, 0, 0, 0]
+}
+
+#[test]
+fn a_full_allow_map_applies_every_removal_and_leaves_out_what_does_not_fit() {
+    let capacities = Capacities {
+        allow: 2,
+        ..Capacities::default()
+    };
+    let Some(mut gate) = Gate::load_with(GateConfig::default(), capacities) else {
+        return;
+    };
+    let mut sport = 40000;
+    let mut syn = |gate: &Gate, port| {
+        sport += 1;
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, sport, port, SYN))
+    };
+    gate.rules
+        .allow(target("10.99.0.2"), spec("80-81"))
+        .expect("allow");
+    assert_eq!(gate.sync(), AllowSync::default(), "two entries fit in two");
+    // One more than the map holds: saved, left out, reported by rule.
+    gate.rules
+        .allow(target("10.99.0.2"), spec("82"))
+        .expect("allow");
+    let sync = gate.sync();
+    assert_eq!(sync.not_fitted.into_iter().collect::<Vec<_>>(), [(1, 1)]);
+    assert_eq!(gate.datapath.allow_entries().expect("entries"), 2);
+    assert_eq!(syn(&gate, 80), Verdict::Pass);
+    assert_eq!(syn(&gate, 81), Verdict::Pass);
+    assert_eq!(syn(&gate, 82), Verdict::Drop, "left out: not enforced");
+    // A deny while the map is full: its removal comes first, then the entry that waited
+    // takes the freed room.
+    gate.deny("10.99.0.2", "81");
+    assert_eq!(syn(&gate, 81), Verdict::Drop, "denied");
+    assert_eq!(syn(&gate, 82), Verdict::Pass, "fits now");
+    assert_eq!(syn(&gate, 80), Verdict::Pass);
+    assert_eq!(gate.sync(), AllowSync::default());
 }
 
 #[test]

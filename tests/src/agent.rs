@@ -195,6 +195,11 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
             Some(child) => child.try_wait().ok().flatten().is_none(),

@@ -7,8 +7,10 @@ use portgate_tests::net::{
     SHOULD_ANSWER, assert_tcp_answers, assert_tcp_times_out, assert_udp_answers,
     assert_udp_no_reply, exchange, sa, tcp_connect,
 };
-use portgate_tests::sandbox::{CLIENT_V4, CLIENT_V6, CONTAINER_V4, CONTAINER_V6};
+use portgate_tests::sandbox::{BRIDGE, CLIENT_V4, CLIENT_V6, CONTAINER_V4, CONTAINER_V6};
 use portgate_tests::{Agent, Sandbox, TcpEchoServer, UdpEchoServer, require_root};
+use std::os::unix::fs::PermissionsExt as _;
+use std::time::Duration;
 
 /// Skips the test (saying why) unless running as root.
 macro_rules! require_root {
@@ -537,4 +539,229 @@ fn deny_takes_effect_while_an_engine_is_unreachable() {
     assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
     agent.deny(CONTAINER_V4, "80");
     assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+}
+
+#[test]
+fn a_full_allow_map_keeps_what_fits_says_what_does_not_and_deny_still_closes() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _servers: Vec<_> = (80..=82)
+        .map(|port| TcpEchoServer::start(&sb, &sb.container, sa(&format!("10.99.0.2:{port}"))))
+        .collect();
+    let port = |p: u16| sa(&format!("10.99.0.2:{p}"));
+    let agent = Agent::start_with(&sb, &["--max-allow", "2"]);
+    agent.allow(CONTAINER_V4, "80");
+    agent.allow(CONTAINER_V4, "81");
+    assert_tcp_answers(&sb, &sb.client, port(80));
+    assert_tcp_answers(&sb, &sb.client, port(81));
+
+    // One entry more than the map holds: the rule is saved, and the caller is told what
+    // did not fit.
+    let output = agent.cli(&["allow", CONTAINER_V4, "82"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "allow beyond the capacity should keep the rule and warn, exited {}: {stderr}",
+        output.status
+    );
+    assert!(
+        stderr.starts_with("warning: ")
+            && stderr.contains("1 allow entry")
+            && stderr.contains("rule 2")
+            && stderr.contains("did not fit"),
+        "the warning should say how many entries of which rule did not fit: {stderr}"
+    );
+    assert_tcp_times_out(&sb, &sb.client, port(82));
+    let status = agent.status_json();
+    let fill = &status["allow_entries"];
+    assert_eq!(fill["used"], 2, "{status}");
+    assert_eq!(fill["capacity"], 2, "{status}");
+    assert_eq!(fill["not_fitted"], 1, "{status}");
+    assert_eq!(fill["not_fitted_rules"], serde_json::json!([2]), "{status}");
+    let text = agent.cli_ok(&["status"]);
+    assert!(
+        text.contains("1 MORE DID NOT FIT"),
+        "status should say what did not fit:\n{text}"
+    );
+
+    // A deny while the map is full is applied at once, and the entry that waited takes the
+    // room it frees.
+    agent.deny(CONTAINER_V4, "81");
+    assert_tcp_times_out(&sb, &sb.client, port(81));
+    assert_tcp_answers(&sb, &sb.client, port(82));
+    assert_tcp_answers(&sb, &sb.client, port(80));
+    let status = agent.status_json();
+    assert_eq!(status["allow_entries"]["not_fitted"], 0, "{status}");
+    assert!(!agent.cli_ok(&["status"]).contains("DID NOT FIT"));
+}
+
+#[test]
+fn a_second_agent_refuses_before_it_touches_the_gate() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let agent = Agent::start(&sb);
+    let pid = agent.pid().expect("the agent runs");
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+
+    let other_state = agent.dir.path().join("other-state");
+    let other_socket = agent.dir.path().join("other.sock");
+    let cases = [
+        // Started again by mistake: everything the same, in audit mode.
+        (
+            "the same pins, state and socket",
+            &agent.state_dir,
+            &agent.socket,
+            "state directory",
+        ),
+        // Only the pins shared: the maps and links are what must not be touched.
+        (
+            "the same pins only",
+            &other_state,
+            &other_socket,
+            "pin directory",
+        ),
+    ];
+    for (what, state_dir, socket, locked) in cases {
+        let mut second = sb.command_in(&sb.host, &agent.bin);
+        second
+            .args([
+                "agent",
+                "--bridge",
+                BRIDGE,
+                "--runtime",
+                "none",
+                "--mode",
+                "audit",
+            ])
+            .args(["--metrics-addr", "off", "--bpffs"])
+            .arg(&agent.bpffs)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--socket")
+            .arg(socket)
+            .env_remove("PORTGATE_SOCKET")
+            .stdin(std::process::Stdio::null());
+        let output = portgate_tests::engines::run_timeout(&mut second, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("a second agent with {what} should refuse at once: {e}"));
+        let message = assert_cli_error(&output, &format!("a second agent with {what}"));
+        eprintln!("second agent with {what} -> {message}");
+        assert!(
+            message.contains(&format!("pid {pid}")) && message.contains(locked),
+            "a second agent with {what}: the error should name the running agent (pid {pid}) \
+             and the {locked}: {message}"
+        );
+        assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+        let status = agent.status_json();
+        assert_eq!(
+            status["mode"], "enforce",
+            "after a second agent with {what}: {status}"
+        );
+        assert!(agent.cli(&["status"]).status.success());
+    }
+    assert!(!other_socket.exists(), "the second agent bound a socket");
+    let lock = agent.state_dir.join("agent.lock");
+    let mode = std::fs::metadata(&lock)
+        .unwrap_or_else(|e| panic!("{}: {e}", lock.display()))
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{} is root-only", lock.display());
+
+    // `uninstall` refuses too, also when the agent serves a socket it was not told about.
+    let message = assert_cli_error(&agent.uninstall(), "portgate uninstall beside the agent");
+    assert!(message.contains(&format!("pid {pid}")), "{message}");
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+    assert_eq!(agent.status_json()["bridges"][0]["attached"], true);
+}
+
+#[test]
+fn uninstall_removes_only_portgates_own_pins_and_the_pin_dirs_are_root_only() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let mut agent = Agent::start(&sb);
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+    let v1 = agent.bpffs.join("v1");
+    for dir in [
+        agent.bpffs.clone(),
+        v1.clone(),
+        v1.join("maps"),
+        v1.join("programs"),
+        v1.join("links"),
+    ] {
+        let mode = std::fs::metadata(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{} should be root-only", dir.display());
+    }
+
+    // Another tool's maps, pinned beside portgate's and among them.
+    let foreign = agent.bpffs.join("foreign");
+    let among = v1.join("maps").join("theirs");
+    for pin in [&foreign, &among] {
+        portgate_tests::run_ok(
+            std::process::Command::new("bpftool")
+                .args(["map", "create"])
+                .arg(pin)
+                .args(["type", "array", "key", "4", "value", "4", "entries", "1"])
+                .args(["name", "pgt_foreign"]),
+        );
+    }
+
+    agent.stop();
+    let output = agent.uninstall();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "portgate uninstall failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("uninstall -> {stdout}");
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+    for pin in [&foreign, &among] {
+        assert!(
+            pin.exists(),
+            "uninstall removed a foreign pin: {}",
+            pin.display()
+        );
+        portgate_tests::run_ok(
+            std::process::Command::new("bpftool")
+                .args(["map", "show", "pinned"])
+                .arg(pin),
+        );
+    }
+    assert!(
+        stdout.contains("left 2 entries") && stdout.contains(&*foreign.to_string_lossy()),
+        "uninstall should say what it left: {stdout}"
+    );
+    let mut left: Vec<String> = walk(&agent.bpffs)
+        .iter()
+        .map(|p| {
+            p.strip_prefix(&agent.bpffs)
+                .unwrap_or(p)
+                .display()
+                .to_string()
+        })
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["foreign", "v1", "v1/maps", "v1/maps/theirs"],
+        "only the foreign pins and the directories holding them should be left"
+    );
+}
+
+/// Every path under `dir`, directories included.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        }
+        found.push(path);
+    }
+    found
 }

@@ -58,6 +58,9 @@ pub enum Reply {
 pub struct Changed {
     pub message: String,
     pub rules: Vec<RuleView>,
+    /// What went only partly as asked, e.g. allow entries that did not fit in the map.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -160,6 +163,12 @@ pub struct BridgeStatus {
 pub struct Fill {
     pub used: usize,
     pub capacity: u32,
+    /// Entries the rules want that did not fit (the map was full): not enforced.
+    #[serde(default)]
+    pub not_fitted: usize,
+    /// The rules those entries belong to.
+    #[serde(default)]
+    pub not_fitted_rules: Vec<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -9,13 +9,18 @@
 //!   v2/links/host-ports          host_ports on the host's network namespace (socket lookup)
 //! The links keep the programs attached after the agent exits (fail closed). While the agent
 //! runs it also holds each link open, so removing a pin detaches nothing; it pins it again.
+//! The directories are root-only (0700); `uninstall` removes these names only, never other
+//! tools' pins.
 
 pub mod sys;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
-    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    os::{
+        fd::{AsFd as _, BorrowedFd, OwnedFd},
+        unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    },
     path::{Path, PathBuf},
 };
 
@@ -87,6 +92,8 @@ pub enum DatapathError {
     },
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
@@ -176,6 +183,13 @@ fn port_link(port: &str) -> String {
 /// Pin name of the socket-lookup link on the host's network namespace.
 const HOST_PORTS_LINK: &str = "host-ports";
 
+/// Every program of the object, pinned under `programs/` by name.
+const PROGRAMS: [&str; 3] = [
+    program_names::TOWARD_CONTAINERS,
+    program_names::FROM_CONTAINERS,
+    program_names::HOST_PORTS,
+];
+
 /// Sizes of the maps that grow with the host: set at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
@@ -251,6 +265,29 @@ fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usiz
     ]
 }
 
+/// What a sync of the allow map left out because the map was full.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllowSync {
+    /// Entries that did not fit, by the rule they belong to.
+    pub not_fitted: BTreeMap<u32, usize>,
+}
+
+impl AllowSync {
+    /// Entries that did not fit, over all rules.
+    pub fn not_fitted_entries(&self) -> usize {
+        self.not_fitted.values().sum()
+    }
+
+    fn left_out(&mut self, rule_id: u32) {
+        *self.not_fitted.entry(rule_id).or_default() += 1;
+    }
+}
+
+/// A hash map refuses a new key with E2BIG when it holds `max_entries` already.
+fn is_map_full(err: &MapError) -> bool {
+    matches!(err, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
 /// The loaded programs and their maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -311,11 +348,7 @@ impl Datapath {
         sk_lookup(&mut ebpf, name)?
             .load()
             .map_err(|source| DatapathError::Program { name, source })?;
-        for name in [
-            program_names::TOWARD_CONTAINERS,
-            program_names::FROM_CONTAINERS,
-            program_names::HOST_PORTS,
-        ] {
+        for name in PROGRAMS {
             // Replace the previous agent's program pin, for inspection with bpftool.
             let pin = pins.programs().join(name);
             remove_if_present(&pin)?;
@@ -525,15 +558,19 @@ impl Datapath {
         .map_err(map_err(name))
     }
 
-    /// Makes the allow map equal to `desired`: new and changed entries first, then stale
-    /// ones removed (except those `keep_stale` holds on to), so a port that stays allowed is
-    /// never missing. Only the differences reach the kernel: the map's content is read once,
-    /// then followed in memory (the agent is its only writer).
+    /// Makes the allow map equal to `desired`, as far as it holds: stale entries are removed
+    /// first (except those `keep_stale` holds on to), so a deny never waits for room and
+    /// frees room for what follows; then new and changed entries are written, those of the
+    /// lowest rule ids first (saved rules before the ones containers bring). A changed entry
+    /// is updated in place, so a port that stays allowed is never missing. New entries that
+    /// find the map full are left out and reported, never an error. Only the differences
+    /// reach the kernel: the map's content is read once, then followed in memory (the agent
+    /// is its only writer).
     pub fn sync_allow(
         &mut self,
         desired: &BTreeMap<AllowKey, AllowValue>,
         keep_stale: impl Fn(&AllowValue) -> bool,
-    ) -> Result<()> {
+    ) -> Result<AllowSync> {
         let name = map_names::ALLOW;
         let mut current = match self.allow_written.take() {
             Some(current) => current,
@@ -548,12 +585,6 @@ impl Datapath {
         // On any failure the in-memory copy is dropped, and the next sync reads the map again.
         let mut map: HashMap<_, AllowKey, AllowValue> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        for (key, value) in desired {
-            if current.get(key) != Some(value) {
-                map.insert(key, value, 0).map_err(map_err(name))?;
-                current.insert(*key, *value);
-            }
-        }
         let stale: Vec<AllowKey> = current
             .iter()
             .filter(|(key, value)| !desired.contains_key(key) && !keep_stale(value))
@@ -563,8 +594,34 @@ impl Datapath {
             map.remove(&key).map_err(map_err(name))?;
             current.remove(&key);
         }
+        let mut pending: Vec<(&AllowKey, &AllowValue)> = desired
+            .iter()
+            .filter(|(key, value)| current.get(key) != Some(value))
+            .collect();
+        pending.sort_by_key(|(key, value)| (value.rule_id, **key));
+        let mut report = AllowSync::default();
+        let mut full = false;
+        for (key, value) in pending {
+            // Once the map is full, new keys cannot fit (nothing is removed after this point);
+            // updates of present keys still can.
+            let new_key = !current.contains_key(key);
+            if full && new_key {
+                report.left_out(value.rule_id);
+                continue;
+            }
+            match map.insert(key, value, 0) {
+                Ok(()) => {
+                    current.insert(*key, *value);
+                }
+                Err(err) if new_key && is_map_full(&err) => {
+                    full = true;
+                    report.left_out(value.rule_id);
+                }
+                Err(err) => return Err(map_err(name)(err)),
+            }
+        }
         self.allow_written = Some(current);
-        Ok(())
+        Ok(report)
     }
 
     pub fn allow_entries(&self) -> Result<usize> {
@@ -832,6 +889,36 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Creates the pin directory if missing (root-only, on a bpf filesystem: /sys/fs/bpf is
+/// mounted if it is the one missing) and locks it for this process: one agent per pin
+/// directory. The lock lasts as long as the returned value. Then makes sure this layout's
+/// directories are there, root-only (0700) also when an older agent created them.
+pub fn lock_pin_dir(bpffs_dir: &Path) -> Result<crate::lock::Lock> {
+    ensure_bpffs(bpffs_dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(bpffs_dir)
+        .map_err(io_err(bpffs_dir))?;
+    let lock = crate::lock::lock_dir(bpffs_dir, "pin directory")?;
+    let pins = Pins::new(bpffs_dir);
+    for dir in [
+        pins.root.clone(),
+        pins.maps(),
+        pins.programs(),
+        pins.links(),
+    ] {
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Err(err) if err.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(io_err(&dir)(err));
+            }
+            _ => {}
+        }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
+    }
+    Ok(lock)
+}
+
 fn remove_if_present(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Err(err) if err.kind() != io::ErrorKind::NotFound => Err(io_err(path)(err)),
@@ -841,80 +928,191 @@ fn remove_if_present(path: &Path) -> Result<()> {
 
 /// Detaches and removes the pins of every other layout version under `bpffs_dir`: an older
 /// agent's programs, which the new ones (attached first) replace. Their tracked flows go with
-/// them.
+/// them. Other tools' pins stay, as with `uninstall`.
 pub fn retire_other_layouts(bpffs_dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(bpffs_dir).map_err(io_err(bpffs_dir))? {
-        let dir = entry.map_err(io_err(bpffs_dir))?.path();
-        let is_other_layout = dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-            n != LAYOUT_VERSION && n.starts_with('v') && n[1..].bytes().all(|b| b.is_ascii_digit())
-        });
-        if !is_other_layout {
-            continue;
+    let mut done = Uninstalled::default();
+    for version in layout_dirs(bpffs_dir)? {
+        if version.file_name().and_then(|n| n.to_str()) != Some(LAYOUT_VERSION) {
+            uninstall_layout(&version, &mut done)?;
+            info!(layout = %version.display(), "detached the previous layout's programs");
         }
-        let links = dir.join("links");
-        for link in fs::read_dir(&links).into_iter().flatten().flatten() {
-            let path = link.path();
-            sys::detach_pinned_link(&path).map_err(io_err(&path))?;
-        }
-        info!(layout = %dir.display(), "detached the previous layout's programs");
-        fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }
     Ok(())
 }
 
-/// What `uninstall` removed.
+/// What `uninstall` removed, and what it left.
 #[derive(Debug, Default)]
 pub struct Uninstalled {
     pub links: usize,
     pub pins: usize,
     /// The bridges the gate was attached to.
     pub bridges: BTreeSet<String>,
+    /// Entries under the pin directory that are not portgate's, left in place.
+    pub foreign: Vec<PathBuf>,
 }
 
-/// Detaches every pinned link under `bpffs_dir` (all layout versions) and removes all pins and
-/// the directory. The gate stops: traffic is no longer filtered.
+/// Whether a link pin's file name is one of portgate's (`<bridge>-egress`, v1's
+/// `<bridge>-ingress`, `<port>-port`, `host-ports`), and the bridge it names, if any.
+fn link_pin_owner(name: &str) -> Option<Option<&str>> {
+    if name == HOST_PORTS_LINK || name.strip_suffix("-port").is_some_and(|p| !p.is_empty()) {
+        return Some(None);
+    }
+    ["-egress", "-ingress"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix).filter(|b| !b.is_empty()))
+        .map(Some)
+}
+
+/// Whether a directory name is one of portgate's layout versions (`v1`, `v2`, ...).
+fn is_layout_version(name: &str) -> bool {
+    name.strip_prefix('v')
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Detaches the links portgate pinned under `bpffs_dir` and removes portgate's own pins: in
+/// each layout-version directory (`v1`, ...) the link pins, the programs and the maps named as
+/// portgate names them, then every directory that is left empty. Whatever else is there
+/// (another tool's pins) stays, with the directories that hold it. The gate stops: traffic is
+/// no longer filtered.
 pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled> {
     let mut done = Uninstalled::default();
     if !bpffs_dir.exists() {
         return Ok(done);
     }
-    let versions = fs::read_dir(bpffs_dir).map_err(io_err(bpffs_dir))?;
-    for version in versions {
-        let links = version.map_err(io_err(bpffs_dir))?.path().join("links");
-        let Ok(entries) = fs::read_dir(&links) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry.map_err(io_err(&links))?.path();
-            // Detach explicitly: another process may still hold the link open.
-            sys::detach_pinned_link(&path).map_err(io_err(&path))?;
-            done.links += 1;
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            // v1 pinned `<bridge>-egress` and `<bridge>-ingress`; v2 `<bridge>-egress`.
-            if let Some(bridge) = name
-                .strip_suffix("-egress")
-                .or_else(|| name.strip_suffix("-ingress"))
-            {
-                done.bridges.insert(bridge.to_owned());
-            }
-        }
+    for version in layout_dirs(bpffs_dir)? {
+        uninstall_layout(&version, &mut done)?;
     }
-    done.pins = count_files(bpffs_dir);
-    fs::remove_dir_all(bpffs_dir).map_err(io_err(bpffs_dir))?;
+    remove_dir_if_empty(bpffs_dir)?;
+    done.foreign = leftovers(bpffs_dir);
     Ok(done)
 }
 
-fn count_files(dir: &Path) -> usize {
-    fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| {
-            let path = e.path();
-            if path.is_dir() { count_files(&path) } else { 1 }
-        })
-        .sum()
+/// The layout-version directories (`v1`, `v2`, ...) under `bpffs_dir`.
+fn layout_dirs(bpffs_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut dirs = Vec::new();
+    for entry in fs::read_dir(bpffs_dir).map_err(io_err(bpffs_dir))? {
+        let entry = entry.map_err(io_err(bpffs_dir))?;
+        if entry.file_name().to_str().is_some_and(is_layout_version)
+            && entry.file_type().map_err(io_err(bpffs_dir))?.is_dir()
+        {
+            dirs.push(entry.path());
+        }
+    }
+    Ok(dirs)
+}
+
+/// Detaches the links of one layout directory and removes its pins that portgate names, then
+/// its directories that are left empty.
+fn uninstall_layout(root: &Path, done: &mut Uninstalled) -> Result<()> {
+    let pins = Pins {
+        root: root.to_owned(),
+    };
+    let links = pins.links();
+    for entry in fs::read_dir(&links).into_iter().flatten() {
+        let path = entry.map_err(io_err(&links))?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let Some(bridge) = link_pin_owner(name) else {
+            continue;
+        };
+        // Detach explicitly: another process may still hold the link open.
+        match sys::detach_pinned_link(&path) {
+            Ok(()) => {}
+            // Named like a link pin of ours, but not a link: not ours.
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => continue,
+            Err(err) => return Err(io_err(&path)(err)),
+        }
+        done.links += 1;
+        done.bridges.extend(bridge.map(str::to_owned));
+        done.pins += remove_pin(&path)?;
+    }
+    for name in PROGRAMS {
+        done.pins += remove_pin(&pins.programs().join(name))?;
+    }
+    let maps = map_names::PINNED
+        .iter()
+        .chain(&[map_names::DROP_EVENTS, map_names::EVENT_BUDGET]);
+    for name in maps {
+        done.pins += remove_pin(&pins.map(name))?;
+    }
+    for dir in [links, pins.programs(), pins.maps(), pins.root.clone()] {
+        remove_dir_if_empty(&dir)?;
+    }
+    Ok(())
+}
+
+/// Removes a pin; 1 if it was there, 0 if not.
+fn remove_pin(path: &Path) -> Result<usize> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(1),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(err) => Err(io_err(path)(err)),
+    }
+}
+
+/// Removes a directory unless something is left in it (or it is gone already).
+fn remove_dir_if_empty(dir: &Path) -> Result<()> {
+    match fs::remove_dir(dir) {
+        Err(err)
+            if !matches!(
+                err.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+            ) =>
+        {
+            Err(io_err(dir)(err))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Files and empty directories left under `dir`, deepest paths included.
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let inner = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            leftovers(&path)
+        } else {
+            Vec::new()
+        };
+        if inner.is_empty() {
+            found.push(path);
+        } else {
+            found.extend(inner);
+        }
+    }
+    found.sort();
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uninstall_knows_its_own_names() {
+        assert_eq!(link_pin_owner("docker0-egress"), Some(Some("docker0")));
+        assert_eq!(
+            link_pin_owner("br-0123456789ab-ingress"),
+            Some(Some("br-0123456789ab"))
+        );
+        assert_eq!(link_pin_owner("veth1a2b3c-port"), Some(None));
+        assert_eq!(link_pin_owner("host-ports"), Some(None));
+        for foreign in [
+            "-egress",
+            "egress",
+            "docker0",
+            "docker0-egress.bak",
+            "x-ingres",
+            "-port",
+        ] {
+            assert_eq!(link_pin_owner(foreign), None, "{foreign}");
+        }
+        assert!(is_layout_version(LAYOUT_VERSION) && is_layout_version("v12"));
+        for foreign in ["v", "va", "maps", "v1x", "foreign"] {
+            assert!(!is_layout_version(foreign), "{foreign}");
+        }
+    }
 }

@@ -28,7 +28,8 @@
 //! | `portgate_drop_events_suppressed_total` | | drop events lost to the rate limit or a full queue |
 //!
 //! Gauges: `portgate_tracked_connections`, `portgate_tracked_connections_capacity`,
-//! `portgate_allow_entries`, `portgate_allow_entries_capacity`, `portgate_rules{source,state}`,
+//! `portgate_allow_entries`, `portgate_allow_entries_capacity`,
+//! `portgate_allow_entries_not_fitted`, `portgate_rules{source,state}`,
 //! `portgate_bridge_attached{bridge}` (0/1), `portgate_engine_connected{engine}` (0/1),
 //! `portgate_engine_containers{engine}`,
 //! `portgate_netfilter_delegation_installed{bridge,backend,chain}` (0/1),
@@ -487,6 +488,11 @@ impl Snapshot {
             Family::gauge("allow_entries_capacity", "Entries the allow map holds.")
                 .sample(vec![], u64::from(status.allow_entries.capacity)),
             Family::gauge(
+                "allow_entries_not_fitted",
+                "Entries the rules want that did not fit in the full allow map, so are not enforced (see --max-allow).",
+            )
+            .sample(vec![], status.allow_entries.not_fitted as u64),
+            Family::gauge(
                 "rules",
                 "Rules by source (cli, label, default-policy) and state: active rules open at least one port on at least one address; inactive ones wait for their container.",
             )
@@ -625,6 +631,8 @@ mod tests {
             allow_entries: Fill {
                 used: 12,
                 capacity: 262_144,
+                not_fitted: 3,
+                not_fitted_rules: vec![8192],
             },
             flows: Flows {
                 tracked: 7,
@@ -764,6 +772,7 @@ mod tests {
             ("portgate_tracked_connections_capacity", "gauge"),
             ("portgate_allow_entries", "gauge"),
             ("portgate_allow_entries_capacity", "gauge"),
+            ("portgate_allow_entries_not_fitted", "gauge"),
             ("portgate_rules", "gauge"),
             ("portgate_bridge_attached", "gauge"),
             ("portgate_engine_connected", "gauge"),
@@ -908,6 +917,7 @@ mod tests {
         assert_eq!(v("portgate_tracked_connections_capacity", &[]), 262_144);
         assert_eq!(v("portgate_allow_entries", &[]), 12);
         assert_eq!(v("portgate_allow_entries_capacity", &[]), 262_144);
+        assert_eq!(v("portgate_allow_entries_not_fitted", &[]), 3);
         assert_eq!(
             v("portgate_rules", &[("source", "cli"), ("state", "active")]),
             1

@@ -358,6 +358,72 @@ mod tests {
         assert_eq!(after.rules.len(), 2);
     }
 
+    /// `web` publishing `bindings`: (host address, host port, container port), all TCP.
+    fn published_on(bindings: &[(&str, u16, u16)]) -> Container {
+        let mut web = container("web", "172.17.0.2", &[], None);
+        web.published = bindings
+            .iter()
+            .map(|(host_ip, host_port, container_port)| Published {
+                host_ip: host_ip.parse().expect("host address"),
+                host_port: *host_port,
+                container_port: *container_port,
+                protocol: Protocol::Tcp,
+            })
+            .collect();
+        web
+    }
+
+    #[test]
+    fn loopback_only_ports_are_left_to_the_host_unless_allowed_explicitly() {
+        let port = |p: u16| AllowKey::new(ipv4_mapped([172, 17, 0, 2]), PROTO_TCP, p);
+        // `-p 127.0.0.1:8080:80` (and its IPv6 twin): for the host itself only.
+        let local = published_on(&[("127.0.0.1", 8080, 80), ("::1", 8080, 80)]);
+
+        let by_published = Resolver::default().resolve(
+            &rules(&[("web", "published")]),
+            std::slice::from_ref(&local),
+            false,
+        );
+        assert!(
+            !by_published.entries.contains_key(&port(80)),
+            "--published must not admit a loopback-only port: {:?}",
+            by_published.entries
+        );
+        assert!(!by_published.rules[0].is_active());
+
+        let by_policy =
+            Resolver::default().resolve(&RuleSet::default(), std::slice::from_ref(&local), true);
+        assert!(
+            by_policy.entries.is_empty(),
+            "the default policy must not admit a loopback-only port: {:?}",
+            by_policy.entries
+        );
+
+        // Asked for by name and port, it is admitted: the operator said so.
+        let explicit = Resolver::default().resolve(
+            &rules(&[("web", "80")]),
+            std::slice::from_ref(&local),
+            false,
+        );
+        assert_eq!(
+            explicit.entries.get(&port(80)),
+            Some(&AllowValue { rule_id: 0 })
+        );
+        assert_eq!(explicit.rules[0].host_ports, [8080]);
+
+        // Published on loopback and on every address: reachable from outside, so admitted.
+        let both = published_on(&[("127.0.0.1", 8080, 80), ("0.0.0.0", 9090, 80)]);
+        for (set, default_published) in [
+            (rules(&[("web", "published")]), false),
+            (RuleSet::default(), true),
+        ] {
+            let resolved =
+                Resolver::default().resolve(&set, std::slice::from_ref(&both), default_published);
+            let ports: Vec<u16> = resolved.entries.keys().map(|k| k.port).collect();
+            assert_eq!(ports, [80], "default_published {default_published}");
+        }
+    }
+
     #[test]
     fn saved_rules_win_where_they_overlap_derived_ones() {
         let web = container("web", "172.17.0.2", &[(8080, 80)], Some("80"));
