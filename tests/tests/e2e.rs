@@ -681,13 +681,13 @@ fn uninstall_removes_only_portgates_own_pins_and_the_pin_dirs_are_root_only() {
     let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
     let mut agent = Agent::start(&sb);
     assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
-    let v1 = agent.bpffs.join("v1");
+    let layout = agent.bpffs.join(gate_common::LAYOUT_VERSION);
     for dir in [
         agent.bpffs.clone(),
-        v1.clone(),
-        v1.join("maps"),
-        v1.join("programs"),
-        v1.join("links"),
+        layout.clone(),
+        layout.join("maps"),
+        layout.join("programs"),
+        layout.join("links"),
     ] {
         let mode = std::fs::metadata(&dir)
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -698,7 +698,7 @@ fn uninstall_removes_only_portgates_own_pins_and_the_pin_dirs_are_root_only() {
 
     // Another tool's maps, pinned beside portgate's and among them.
     let foreign = agent.bpffs.join("foreign");
-    let among = v1.join("maps").join("theirs");
+    let among = layout.join("maps").join("theirs");
     for pin in [&foreign, &among] {
         portgate_tests::run_ok(
             std::process::Command::new("bpftool")
@@ -748,7 +748,12 @@ fn uninstall_removes_only_portgates_own_pins_and_the_pin_dirs_are_root_only() {
     left.sort();
     assert_eq!(
         left,
-        ["foreign", "v1", "v1/maps", "v1/maps/theirs"],
+        [
+            "foreign".to_owned(),
+            gate_common::LAYOUT_VERSION.to_owned(),
+            format!("{}/maps", gate_common::LAYOUT_VERSION),
+            format!("{}/maps/theirs", gate_common::LAYOUT_VERSION),
+        ],
         "only the foreign pins and the directories holding them should be left"
     );
 }
