@@ -26,6 +26,7 @@ use crate::{
         server::{self, ControlSocket},
     },
     datapath::{self, AllowSync, Capacities, Datapath, GateConfig, sys},
+    exposure,
     lock::{self, Lock},
     metrics,
     netfilter::{Delegation, DelegationStatus},
@@ -59,6 +60,8 @@ pub struct AgentOptions {
     pub engines: Vec<(Engine, PathBuf)>,
     /// Allow every container's published ports (Docker's old behaviour, chosen explicitly).
     pub default_published: bool,
+    /// Honour containers' `portgate.allow` labels.
+    pub labels: bool,
     /// Install the netfilter delegation rules where FORWARD would drop.
     pub netfilter: bool,
     /// Where to serve Prometheus metrics; none: not at all.
@@ -144,12 +147,13 @@ impl Agent {
             })
             .collect();
         let delegation = options.netfilter.then(NetfilterKeeper::start);
+        let resolver = Resolver::new(options.labels);
         let mut agent = Self {
             options,
             datapath,
             rules,
             store,
-            resolver: Resolver::default(),
+            resolver,
             resolved: Resolved::default(),
             allow_sync: AllowSync::default(),
             engines,
@@ -622,14 +626,26 @@ impl Agent {
     }
 
     fn views(&self, filter: impl Fn(&ResolvedRule) -> bool) -> Vec<RuleView> {
+        let (containers, gated_bridges) = (self.containers(), self.gated_bridges());
         self.resolved
             .rules
             .iter()
             .filter(|r| filter(r))
             .map(|rule| {
                 let stats = self.datapath.rule_stats(rule.id).unwrap_or_default();
-                rule_view(rule, stats.packets, stats.bytes)
+                let gated = exposure::rule_gated(rule, &containers, &gated_bridges);
+                rule_view(rule, stats.packets, stats.bytes, gated)
             })
+            .collect()
+    }
+
+    /// The bridges the gate is attached to now.
+    fn gated_bridges(&self) -> BTreeSet<String> {
+        self.datapath
+            .bridges()
+            .iter()
+            .filter(|b| self.datapath.is_attached(b))
+            .map(|b| b.name.clone())
             .collect()
     }
 
@@ -641,6 +657,7 @@ impl Agent {
 
     fn status(&self) -> anyhow::Result<Status> {
         let values = self.datapath.counters()?;
+        let (containers, gated_bridges) = (self.containers(), self.gated_bridges());
         let mut by_kind: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         for (index, name, kind) in counters::ALL {
             let kind = match kind {
@@ -710,6 +727,12 @@ impl Agent {
                 .collect(),
             drop_events: self.drop_events,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            labels: self.options.labels,
+            published_ports: exposure::published_ports(&containers, &gated_bridges),
+            ungated: containers
+                .iter()
+                .filter_map(|c| exposure::ungated(c, &gated_bridges))
+                .collect(),
             netfilter: self
                 .delegation
                 .as_ref()
@@ -769,7 +792,7 @@ fn host_ports(
     entries
 }
 
-fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64) -> RuleView {
+fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64, gated: Option<bool>) -> RuleView {
     let (protocol, port_start, port_end) = match rule.ports {
         Ports::Spec(spec) => (spec.protocol.to_string(), spec.port_start, spec.port_end),
         Ports::Published => ("published".to_owned(), 0, 0),
@@ -793,6 +816,8 @@ fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64) -> RuleView {
         port_end,
         packets,
         bytes,
+        label_origin: rule.label_origin,
+        gated,
     }
 }
 

@@ -8,12 +8,12 @@ use tracing_subscriber::EnvFilter;
 
 use crate::{
     agent::{Agent, AgentOptions},
-    api::{DEFAULT_SOCKET, Reply, Request, RuleView, Status, WatchEvent, client},
+    api::{DEFAULT_SOCKET, Reply, Request, RuleView, Status, UngatedContainer, WatchEvent, client},
     datapath::{self, Capacities, DEFAULT_BPFFS_DIR, GateConfig},
     netfilter,
     policy::Source,
     policy::{PortSpec, Target},
-    runtime::{DEFAULT_DOCKER_SOCKET, DEFAULT_PODMAN_SOCKET, Engine},
+    runtime::{DEFAULT_DOCKER_SOCKET, DEFAULT_PODMAN_SOCKET, Engine, LabelOrigin},
 };
 
 const ABOUT: &str = "An eBPF port gate for container bridges.
@@ -107,6 +107,11 @@ pub struct AgentArgs {
     /// ports (Docker's own behaviour, as an explicit choice).
     #[arg(long, value_enum, default_value_t = DefaultPolicy::Deny)]
     pub default_policy: DefaultPolicy,
+    /// on: a container's `portgate.allow` label opens its ports while it runs (also a label
+    /// its image carries: `list` tells which); off: labels are ignored, only saved rules
+    /// and the default policy open ports.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub labels: Switch,
     /// Do not install the netfilter rules that hand published ports to the gate where the
     /// FORWARD policy would drop them.
     #[arg(long)]
@@ -156,6 +161,12 @@ pub enum RuntimeChoice {
     Podman,
     Auto,
     None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -241,6 +252,7 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         auto_bridges,
         engines,
         default_published: args.default_policy == DefaultPolicy::Published,
+        labels: args.labels == Switch::On,
         netfilter: !args.no_netfilter,
         metrics_addr: args.metrics_addr.0,
         capacities: Capacities {
@@ -367,8 +379,17 @@ pub fn format_rules(rules: &[RuleView]) -> String {
         return "no rules: every new connection into the gated bridges is dropped\n".to_owned();
     }
     let mut out = format!(
-        "{:<5} {:<20} {:<16} {:<26} {:<16} {:<10} {:<14} {:>10} {:>12}\n",
-        "ID", "TARGET", "CONTAINER", "ADDRESS", "PORTS", "HOST", "STATE", "PACKETS", "BYTES"
+        "{:<5} {:<20} {:<16} {:<26} {:<16} {:<10} {:<20} {:<5} {:>10} {:>12}\n",
+        "ID",
+        "TARGET",
+        "CONTAINER",
+        "ADDRESS",
+        "PORTS",
+        "HOST",
+        "STATE",
+        "GATED",
+        "PACKETS",
+        "BYTES"
     );
     for rule in rules {
         let ports = if rule.published && rule.ports.is_empty() {
@@ -380,12 +401,20 @@ pub fn format_rules(rules: &[RuleView]) -> String {
         let state = match (rule.active, rule.source) {
             (false, _) => "inactive".to_owned(),
             (true, Source::Cli) => "active".to_owned(),
+            (true, Source::Label) if rule.label_origin == Some(LabelOrigin::Image) => {
+                "active (image label)".to_owned()
+            }
             (true, Source::Label) => "active (label)".to_owned(),
             (true, Source::DefaultPolicy) => "active (policy)".to_owned(),
         };
+        let gated = match rule.gated {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        };
         let _ = writeln!(
             out,
-            "{:<5} {:<20} {:<16} {:<26} {:<16} {:<10} {:<14} {:>10} {:>12}",
+            "{:<5} {:<20} {:<16} {:<26} {:<16} {:<10} {:<20} {gated:<5} {:>10} {:>12}",
             rule.id,
             rule.target,
             rule.container.as_deref().unwrap_or("-"),
@@ -432,6 +461,24 @@ pub fn format_watch_event(event: &WatchEvent) -> String {
     )
 }
 
+/// One container the gate does not see: who, why, and what is open to whoever reaches it.
+pub fn format_ungated(ungated: &UngatedContainer) -> String {
+    let mut line = format!(
+        "{} ({}): {}",
+        ungated.container, ungated.engine, ungated.reason
+    );
+    for (what, list) in [
+        ("on", &ungated.addresses),
+        ("publishes", &ungated.published),
+        ("exposes", &ungated.exposed),
+    ] {
+        if !list.is_empty() {
+            let _ = write!(line, "; {what} {}", list.join(","));
+        }
+    }
+    line
+}
+
 pub fn format_status(status: &Status) -> String {
     let mut out = String::new();
     let host = if status.gate_host_traffic {
@@ -456,7 +503,12 @@ pub fn format_status(status: &Status) -> String {
     let not_fitted = match fill.not_fitted {
         0 => String::new(),
         n => format!(
-            "; {n} MORE DID NOT FIT (rules {}), not enforced: see --max-allow",
+            "; {n} MORE DID NOT FIT ({} {}), not enforced: see --max-allow",
+            if fill.not_fitted_rules.len() == 1 {
+                "rule"
+            } else {
+                "rules"
+            },
             fill.not_fitted_rules
                 .iter()
                 .map(ToString::to_string)
@@ -514,6 +566,21 @@ pub fn format_status(status: &Status) -> String {
             "netfilter: {} via {} {} {state}",
             rule.bridge, rule.backend, rule.chain
         );
+    }
+    let labels = if status.labels {
+        "on (portgate.allow labels open ports)"
+    } else {
+        "off (portgate.allow labels are ignored)"
+    };
+    let _ = writeln!(out, "labels:   {labels}");
+    let ports = status.published_ports;
+    let _ = writeln!(
+        out,
+        "published: {} port(s) gated, {} not",
+        ports.gated, ports.ungated
+    );
+    for ungated in &status.ungated {
+        let _ = writeln!(out, "UNGATED:  {}", format_ungated(ungated));
     }
     let _ = writeln!(out, "pins:     {}", status.bpffs);
     let _ = writeln!(out, "rules in: {}", status.state_file);

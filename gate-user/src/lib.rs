@@ -4,6 +4,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod datapath;
+pub mod exposure;
 pub mod lock;
 pub mod metrics;
 pub mod netfilter;

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod engines;
+pub mod fake_engine;
 pub mod net;
 pub mod sandbox;
 

@@ -770,3 +770,160 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+/// A fake Docker with what a sandbox cannot run for real: `web` on the gated bridge, whose
+/// `portgate.allow=80/tcp` label is its image's; `svc` on the same image, which sets the
+/// label to a value of its own; `dns` on the host network; `nas` on a macvlan network.
+fn fake_docker() -> portgate_tests::fake_engine::FakeEngine {
+    use portgate_tests::fake_engine::{EngineState, FakeEngine};
+    use serde_json::json;
+    let image = format!("sha256:{}", "a".repeat(64));
+    let container =
+        |name: &str, mode: &str, labels: serde_json::Value, network: serde_json::Value| {
+            json!({
+                "Id": format!("{name:0>64}"),
+                "Name": format!("/{name}"),
+                "Image": image,
+                "Config": {"Labels": labels, "ExposedPorts": {"80/tcp": {}, "53/udp": {}}},
+                "HostConfig": {"NetworkMode": mode},
+                "NetworkSettings": {"Ports": {}, "Networks": network},
+            })
+        };
+    let mut web = container(
+        "web",
+        "bridge",
+        json!({"portgate.allow": "80/tcp"}),
+        json!({"bridge": {"NetworkID": "n-bridge", "IPAddress": CONTAINER_V4, "GlobalIPv6Address": CONTAINER_V6}}),
+    );
+    web["NetworkSettings"]["Ports"] =
+        json!({"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]});
+    FakeEngine::start(EngineState {
+        networks: vec![
+            json!({"Name": "bridge", "Id": "n-bridge", "Driver": "bridge",
+                   "Options": {"com.docker.network.bridge.name": BRIDGE}}),
+            json!({"Name": "host", "Id": "n-host", "Driver": "host"}),
+            json!({"Name": "lan", "Id": "n-lan", "Driver": "macvlan"}),
+        ],
+        containers: vec![
+            web,
+            container(
+                "svc",
+                "bridge",
+                json!({"portgate.allow": "81/tcp"}),
+                json!({"bridge": {"NetworkID": "n-bridge", "IPAddress": "10.99.0.3"}}),
+            ),
+            container(
+                "dns",
+                "host",
+                json!({}),
+                json!({"host": {"NetworkID": "n-host", "IPAddress": ""}}),
+            ),
+            container(
+                "nas",
+                "lan",
+                json!({}),
+                json!({"lan": {"NetworkID": "n-lan", "IPAddress": "192.168.77.50"}}),
+            ),
+        ],
+        images: [(
+            image.clone(),
+            json!({"Id": image, "Config": {"Labels": {"portgate.allow": "80/tcp"}}}),
+        )]
+        .into(),
+    })
+}
+
+#[test]
+fn labels_say_where_they_come_from_and_status_names_what_the_gate_cannot_see() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let docker = fake_docker();
+    let socket = docker.socket.to_str().expect("utf-8 path").to_owned();
+    let args = ["--runtime", "docker", "--docker-socket", &socket];
+    let agent = Agent::start_with(&sb, &args);
+    let status = agent.wait_engines_connected(&["docker"]);
+    assert_eq!(status["engines"][0]["containers"], 4, "{status}");
+
+    // The labels: web's is its image's, svc's was set on the container.
+    let list = agent.list_json();
+    let label_rule = |name: &str| {
+        rules(&list)
+            .iter()
+            .find(|r| r["source"] == "label" && r["container"] == name)
+            .unwrap_or_else(|| panic!("no label rule for {name}: {list}"))
+            .clone()
+    };
+    let web = label_rule("web");
+    assert_eq!(web["label_origin"], "image", "{web}");
+    assert_eq!(web["active"], true, "{web}");
+    assert_eq!(web["gated"], true, "web is on the gated bridge: {web}");
+    assert_eq!(label_rule("svc")["label_origin"], "container", "{list}");
+    let text = agent.cli_ok(&["list"]);
+    assert!(text.contains("active (image label)"), "{text}");
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+    // One image inspect for the image web and svc share, per snapshot.
+    let requests = docker.requests();
+    let count = |prefix: &str| requests.iter().filter(|r| r.starts_with(prefix)).count();
+    assert!(
+        count("/images/") >= 1 && count("/images/") <= count("/containers/json"),
+        "one image inspect per distinct image per snapshot: {requests:?}"
+    );
+
+    // What the gate cannot see, and why.
+    let ungated = status["ungated"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status --json has no ungated list: {status}"));
+    let names: Vec<&str> = ungated
+        .iter()
+        .filter_map(|u| u["container"].as_str())
+        .collect();
+    assert_eq!(names, ["dns", "nas"], "{status}");
+    assert_eq!(ungated[0]["network_mode"], "host", "{status}");
+    assert_eq!(
+        ungated[0]["exposed"],
+        serde_json::json!(["53/udp", "80/tcp"])
+    );
+    assert_eq!(ungated[1]["networks"], serde_json::json!(["lan"]));
+    assert_eq!(
+        ungated[1]["addresses"],
+        serde_json::json!(["192.168.77.50"])
+    );
+    assert!(
+        ungated[1]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("macvlan")),
+        "{status}"
+    );
+    assert_eq!(status["published_ports"]["gated"], 1, "{status}");
+    assert_eq!(status["published_ports"]["ungated"], 0, "{status}");
+    let text = agent.cli_ok(&["status"]);
+    assert!(
+        text.contains("UNGATED:  dns (docker): host network")
+            && text.contains("UNGATED:  nas (docker): network lan (macvlan)"),
+        "{text}"
+    );
+    // A rule for the host-network container says the gate does not see it.
+    agent.allow("dns", "53/udp");
+    let list = agent.list_json();
+    let dns = rules(&list)
+        .iter()
+        .find(|r| r["target"] == "dns")
+        .unwrap_or_else(|| panic!("no rule for dns: {list}"));
+    assert_eq!(dns["gated"], false, "{dns}");
+    drop(agent);
+
+    // --labels off: the label opens nothing.
+    let mut off = args.to_vec();
+    off.extend(["--labels", "off"]);
+    let agent = Agent::start_with(&sb, &off);
+    let status = agent.wait_engines_connected(&["docker"]);
+    assert_eq!(status["labels"], false, "{status}");
+    let list = agent.list_json();
+    assert!(
+        rules(&list).iter().all(|r| r["source"] != "label"),
+        "--labels off lists no label rules: {list}"
+    );
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
+    assert!(agent.cli_ok(&["status"]).contains("labels:   off"));
+}

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::Source;
+use crate::{policy::Source, runtime::LabelOrigin};
 
 pub const DEFAULT_SOCKET: &str = "/run/portgate/portgate.sock";
 /// Requests are tiny; anything larger is refused.
@@ -94,6 +94,15 @@ pub struct RuleView {
     /// Packets of the connections this rule admitted, both directions.
     pub packets: u64,
     pub bytes: u64,
+    /// A label rule: "image" when the image carries the label, "container" when it was set
+    /// on the container (`docker run --label`); null for other rules, or when unknown.
+    #[serde(default)]
+    pub label_origin: Option<LabelOrigin>,
+    /// Whether the gate sees traffic to the rule's addresses: true when all are on gated
+    /// bridges, false when one is not (host network, macvlan, an ungated bridge); null when
+    /// no container owns them.
+    #[serde(default)]
+    pub gated: Option<bool>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -116,6 +125,48 @@ pub struct Status {
     /// Drop events read from the kernel, and those the kernel's rate limit suppressed.
     pub drop_events: DropEventStats,
     pub version: String,
+    /// Whether containers' `portgate.allow` labels open ports (`agent --labels`).
+    #[serde(default = "labels_default")]
+    pub labels: bool,
+    /// Published ports of the running containers, by whether the gate sees them.
+    #[serde(default)]
+    pub published_ports: PublishedPorts,
+    /// Running containers the gate does not (fully) see, with the ports that are open to
+    /// whoever reaches them.
+    #[serde(default)]
+    pub ungated: Vec<UngatedContainer>,
+}
+
+fn labels_default() -> bool {
+    true
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPorts {
+    /// Published ports of containers on a gated bridge.
+    pub gated: usize,
+    /// Published ports of containers on no gated bridge.
+    pub ungated: usize,
+}
+
+/// A running container whose ports the gate does not see, or not all of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UngatedContainer {
+    pub container: String,
+    pub engine: String,
+    /// `host`, `bridge`, a network name, ...
+    pub network_mode: String,
+    /// Why, e.g. "host network: ..." or "network lan (macvlan): no bridge for the gate".
+    pub reason: String,
+    /// The networks the gate does not see.
+    pub networks: Vec<String>,
+    /// The container's addresses on them.
+    pub addresses: Vec<String>,
+    /// Published ports that bypass the gate, e.g. "8080->80/tcp", "127.0.0.1:8080->80/tcp".
+    pub published: Vec<String>,
+    /// Ports the container exposes (EXPOSE, --expose), e.g. "53/udp": on the host network
+    /// they are the host's ports, on the other networks they answer on those addresses.
+    pub exposed: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -29,7 +29,8 @@
 //!
 //! Gauges: `portgate_tracked_connections`, `portgate_tracked_connections_capacity`,
 //! `portgate_allow_entries`, `portgate_allow_entries_capacity`,
-//! `portgate_allow_entries_not_fitted`, `portgate_rules{source,state}`,
+//! `portgate_allow_entries_not_fitted`, `portgate_ungated_containers`,
+//! `portgate_rules{source,state}`,
 //! `portgate_bridge_attached{bridge}` (0/1), `portgate_engine_connected{engine}` (0/1),
 //! `portgate_engine_containers{engine}`,
 //! `portgate_netfilter_delegation_installed{bridge,backend,chain}` (0/1),
@@ -493,6 +494,11 @@ impl Snapshot {
             )
             .sample(vec![], status.allow_entries.not_fitted as u64),
             Family::gauge(
+                "ungated_containers",
+                "Running containers whose ports the gate does not (fully) see: on the host network, a macvlan or ipvlan network, or a bridge that is not gated.",
+            )
+            .sample(vec![], status.ungated.len() as u64),
+            Family::gauge(
                 "rules",
                 "Rules by source (cli, label, default-policy) and state: active rules open at least one port on at least one address; inactive ones wait for their container.",
             )
@@ -671,6 +677,21 @@ mod tests {
                 suppressed: 1,
             },
             version: "1.2.3".into(),
+            labels: true,
+            published_ports: crate::api::PublishedPorts {
+                gated: 3,
+                ungated: 1,
+            },
+            ungated: vec![crate::api::UngatedContainer {
+                container: "dns".into(),
+                engine: "docker".into(),
+                network_mode: "host".into(),
+                reason: "host network".into(),
+                networks: vec![],
+                addresses: vec![],
+                published: vec![],
+                exposed: vec!["53/udp".into()],
+            }],
         }
     }
 
@@ -695,6 +716,8 @@ mod tests {
             port_end: ports.1,
             packets: 10 * u64::from(id) + 1,
             bytes: 1000 * u64::from(id) + 60,
+            label_origin: None,
+            gated: Some(true),
         }
     }
 
@@ -773,6 +796,7 @@ mod tests {
             ("portgate_allow_entries", "gauge"),
             ("portgate_allow_entries_capacity", "gauge"),
             ("portgate_allow_entries_not_fitted", "gauge"),
+            ("portgate_ungated_containers", "gauge"),
             ("portgate_rules", "gauge"),
             ("portgate_bridge_attached", "gauge"),
             ("portgate_engine_connected", "gauge"),
@@ -918,6 +942,7 @@ mod tests {
         assert_eq!(v("portgate_allow_entries", &[]), 12);
         assert_eq!(v("portgate_allow_entries_capacity", &[]), 262_144);
         assert_eq!(v("portgate_allow_entries_not_fitted", &[]), 3);
+        assert_eq!(v("portgate_ungated_containers", &[]), 1);
         assert_eq!(
             v("portgate_rules", &[("source", "cli"), ("state", "active")]),
             1

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use super::{MAX_SAVED_RULES, PortSpec, Ports, RuleSet, Target, map_addr};
-use crate::runtime::{ALLOW_LABEL, Container};
+use crate::runtime::{ALLOW_LABEL, Container, LabelOrigin};
 
 /// Where a rule comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -40,6 +40,8 @@ pub struct ResolvedRule {
     pub specs: Vec<PortSpec>,
     /// Host ports that the engines map to this rule's container ports.
     pub host_ports: Vec<u16>,
+    /// For a label rule: whether the label is the image's or was set on the container.
+    pub label_origin: Option<LabelOrigin>,
 }
 
 impl ResolvedRule {
@@ -60,12 +62,29 @@ pub struct Resolved {
 
 /// Keeps the ids of derived rules stable while their container runs, so their counters
 /// accumulate across re-syncs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Resolver {
     derived_ids: BTreeMap<(String, Source, Ports), u32>,
+    /// Whether containers' `portgate.allow` labels open ports (`agent --labels on|off`).
+    labels: bool,
+}
+
+impl Default for Resolver {
+    /// Labels honoured.
+    fn default() -> Self {
+        Self::new(true)
+    }
 }
 
 impl Resolver {
+    /// A resolver that honours `portgate.allow` labels, or ignores them.
+    pub fn new(labels: bool) -> Self {
+        Self {
+            derived_ids: BTreeMap::new(),
+            labels,
+        }
+    }
+
     pub fn resolve(
         &mut self,
         rules: &RuleSet,
@@ -88,7 +107,7 @@ impl Resolver {
         }
         let mut wanted = BTreeSet::new();
         for container in containers {
-            for (source, ports) in derived_rules(container, default_published) {
+            for (source, ports) in derived_rules(container, default_published, self.labels) {
                 wanted.insert((container.id.clone(), source, ports));
             }
         }
@@ -113,9 +132,11 @@ impl Resolver {
                 continue;
             };
             let target = Target::Container(container.name.clone());
-            resolved
-                .rules
-                .push(resolve_one(id, source, &target, ports, &[container]));
+            let mut rule = resolve_one(id, source, &target, ports, &[container]);
+            if source == Source::Label {
+                rule.label_origin = container.allow_label_origin;
+            }
+            resolved.rules.push(rule);
         }
         resolved.rules.sort_by_key(|r| r.id);
         for rule in &resolved.rules {
@@ -142,9 +163,13 @@ impl Resolver {
 }
 
 /// The rules a container brings by itself.
-fn derived_rules(container: &Container, default_published: bool) -> Vec<(Source, Ports)> {
+fn derived_rules(
+    container: &Container,
+    default_published: bool,
+    labels: bool,
+) -> Vec<(Source, Ports)> {
     let mut derived = Vec::new();
-    if let Some(label) = container.labels.get(ALLOW_LABEL) {
+    if let Some(label) = container.labels.get(ALLOW_LABEL).filter(|_| labels) {
         for item in label.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match item.parse::<PortSpec>() {
                 Ok(spec) => derived.push((Source::Label, Ports::Spec(spec))),
@@ -216,6 +241,7 @@ fn resolve_one(
         addresses,
         specs,
         host_ports,
+        label_origin: None,
     }
 }
 
@@ -251,6 +277,11 @@ mod tests {
             labels: label
                 .map(|l| BTreeMap::from([(ALLOW_LABEL.to_owned(), l.to_owned())]))
                 .unwrap_or_default(),
+            image: None,
+            allow_label_origin: label.map(|_| LabelOrigin::Container),
+            network_mode: "bridge".to_owned(),
+            networks: Vec::new(),
+            exposed: Vec::new(),
         }
     }
 
@@ -422,6 +453,36 @@ mod tests {
             let ports: Vec<u16> = resolved.entries.keys().map(|k| k.port).collect();
             assert_eq!(ports, [80], "default_published {default_published}");
         }
+    }
+
+    #[test]
+    fn labels_off_ignores_them_and_label_rules_say_where_the_label_came_from() {
+        let mut from_image = container("app", "10.88.0.7", &[], Some("22/tcp"));
+        from_image.allow_label_origin = Some(LabelOrigin::Image);
+        let set = rules(&[("app", "80")]);
+        let on = Resolver::default().resolve(&set, std::slice::from_ref(&from_image), false);
+        let label_rules: Vec<&ResolvedRule> = on
+            .rules
+            .iter()
+            .filter(|r| r.source == Source::Label)
+            .collect();
+        assert_eq!(label_rules.len(), 1);
+        assert_eq!(label_rules[0].label_origin, Some(LabelOrigin::Image));
+        assert_eq!(on.rules[0].label_origin, None, "a saved rule has no label");
+        assert_eq!(on.entries.len(), 2);
+
+        let off = Resolver::new(false).resolve(&set, &[from_image], false);
+        assert!(
+            off.rules.iter().all(|r| r.source != Source::Label),
+            "--labels off: no label rules"
+        );
+        let ports: Vec<u16> = off.entries.keys().map(|k| k.port).collect();
+        assert_eq!(ports, [80], "saved rules still apply");
+        // The default policy does not depend on labels.
+        let web = container("web", "10.88.0.6", &[(8081, 80)], Some("443"));
+        let policy = Resolver::new(false).resolve(&RuleSet::default(), &[web], true);
+        let sources: Vec<Source> = policy.rules.iter().map(|r| r.source).collect();
+        assert_eq!(sources, [Source::DefaultPolicy]);
     }
 
     #[test]

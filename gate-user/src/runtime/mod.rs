@@ -2,8 +2,8 @@
 //! Docker-compatible API, watched over their unix sockets with bollard.
 //!
 //! Each engine gets a task that connects, takes a full snapshot (running containers with
-//! their addresses, published ports and labels; the bridges of the engine's networks), then
-//! re-takes it after every container or network event. When the engine goes away the task
+//! their addresses, published ports, labels and networks; the bridges of the engine's
+//! networks), then re-takes it after every container or network event. When the engine goes away the task
 //! says so and reconnects with backoff; the agent keeps enforcing the last snapshot.
 
 use std::{
@@ -20,11 +20,11 @@ use bollard::{
     query_parameters::{EventsOptions, ListContainersOptions, ListNetworksOptions},
 };
 use futures_util::StreamExt as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::policy::Protocol;
+use crate::policy::{PortSpec, Protocol};
 
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
@@ -63,6 +63,31 @@ pub struct Published {
     pub protocol: Protocol,
 }
 
+/// Where a container's label comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LabelOrigin {
+    /// The image has it, with the same value (a `LABEL` its author wrote).
+    Image,
+    /// Set when the container was created (`docker run --label`), or changed from the image's.
+    Container,
+}
+
+/// A network a container is attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    /// The network's name, as the container's inspect names it.
+    pub network: String,
+    pub network_id: Option<String>,
+    /// The network's driver (bridge, macvlan, ipvlan, host, overlay, ...), if the engine
+    /// listed the network.
+    pub driver: Option<String>,
+    /// The Linux bridge behind a bridge network.
+    pub bridge: Option<String>,
+    /// The container's addresses on this network.
+    pub addresses: Vec<IpAddr>,
+}
+
 /// What the gate needs to know about a running container.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Container {
@@ -72,6 +97,17 @@ pub struct Container {
     pub addresses: Vec<IpAddr>,
     pub published: Vec<Published>,
     pub labels: BTreeMap<String, String>,
+    /// The image's ID.
+    pub image: Option<String>,
+    /// Where the `portgate.allow` label comes from, if the container has one and the image
+    /// could be inspected.
+    pub allow_label_origin: Option<LabelOrigin>,
+    /// `HostConfig.NetworkMode`: `bridge`, `host`, `none`, a network, `container:<id>`.
+    pub network_mode: String,
+    /// The networks the container is on, by name.
+    pub networks: Vec<Attachment>,
+    /// Ports the container exposes (`EXPOSE` in the image, `--expose`), one port per spec.
+    pub exposed: Vec<PortSpec>,
 }
 
 impl Container {
@@ -79,6 +115,15 @@ impl Container {
     /// 12 characters (the short form engines print).
     pub fn is_named(&self, target: &str) -> bool {
         self.name == target || (target.len() >= 12 && self.id.starts_with(target))
+    }
+
+    /// On the host's network: what it listens on is the host's own ports, behind no bridge.
+    pub fn is_host_network(&self) -> bool {
+        self.network_mode == "host"
+            || self
+                .networks
+                .iter()
+                .any(|n| n.driver.as_deref() == Some("host"))
     }
 }
 
@@ -196,13 +241,10 @@ async fn take_snapshot(
     engine: Engine,
     docker: &Docker,
 ) -> Result<Snapshot, bollard::errors::Error> {
-    let networks = docker.list_networks(None::<ListNetworksOptions>).await?;
-    let mut bridges: Vec<String> = networks
-        .iter()
-        .filter_map(|n| bridge_of(engine, n))
-        .collect();
-    bridges.sort();
-    bridges.dedup();
+    let networks = NetworkIndex::new(
+        engine,
+        &docker.list_networks(None::<ListNetworksOptions>).await?,
+    );
     let summaries = docker
         .list_containers(None::<ListContainersOptions>)
         .await?;
@@ -214,11 +256,103 @@ async fn take_snapshot(
             Err(err) => warn!(%engine, id, "cannot inspect container: {err}"),
         }
     }
+    // One image inspect per distinct image that a container's allow label may come from.
+    let mut image_labels: HashMap<String, Option<HashMap<String, String>>> = HashMap::new();
+    for container in &mut containers {
+        networks.describe(&mut container.networks);
+        let Some(image) = container
+            .image
+            .clone()
+            .filter(|_| container.labels.contains_key(ALLOW_LABEL))
+        else {
+            continue;
+        };
+        if !image_labels.contains_key(&image) {
+            let labels = match docker.inspect_image(&image).await {
+                Ok(inspect) => Some(inspect.config.and_then(|c| c.labels).unwrap_or_default()),
+                Err(err) => {
+                    warn!(%engine, image, "cannot inspect image; its labels' origin is unknown: {err}");
+                    None
+                }
+            };
+            image_labels.insert(image.clone(), labels);
+        }
+        container.allow_label_origin = image_labels
+            .get(&image)
+            .and_then(Option::as_ref)
+            .and_then(|labels| label_origin(&container.labels, labels, ALLOW_LABEL));
+    }
     containers.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Snapshot {
         containers,
-        bridges,
+        bridges: networks.bridges(),
     })
+}
+
+/// Where the container's label `key` comes from: the image when the image has it with the
+/// same value (a `--label` that repeats the image's value cannot be told from it).
+pub fn label_origin(
+    container: &BTreeMap<String, String>,
+    image: &HashMap<String, String>,
+    key: &str,
+) -> Option<LabelOrigin> {
+    let value = container.get(key)?;
+    Some(if image.get(key) == Some(value) {
+        LabelOrigin::Image
+    } else {
+        LabelOrigin::Container
+    })
+}
+
+/// An engine's networks: driver and bridge, by ID and by name.
+#[derive(Debug, Default)]
+struct NetworkIndex {
+    by_id: HashMap<String, (Option<String>, Option<String>)>,
+    by_name: HashMap<String, (Option<String>, Option<String>)>,
+}
+
+impl NetworkIndex {
+    fn new(engine: Engine, networks: &[Network]) -> Self {
+        let mut index = Self::default();
+        for network in networks {
+            let facts = (network.driver.clone(), bridge_of(engine, network));
+            if let Some(id) = &network.id {
+                index.by_id.insert(id.clone(), facts.clone());
+            }
+            if let Some(name) = &network.name {
+                index.by_name.insert(name.clone(), facts);
+            }
+        }
+        index
+    }
+
+    /// The Linux bridges of the bridge networks, sorted.
+    fn bridges(&self) -> Vec<String> {
+        let mut bridges: Vec<String> = self
+            .by_name
+            .values()
+            .chain(self.by_id.values())
+            .filter_map(|(_, bridge)| bridge.clone())
+            .collect();
+        bridges.sort();
+        bridges.dedup();
+        bridges
+    }
+
+    /// Fills in each attachment's driver and bridge.
+    fn describe(&self, attachments: &mut [Attachment]) {
+        for attachment in attachments {
+            let facts = attachment
+                .network_id
+                .as_ref()
+                .and_then(|id| self.by_id.get(id))
+                .or_else(|| self.by_name.get(&attachment.network));
+            if let Some((driver, bridge)) = facts {
+                attachment.driver.clone_from(driver);
+                attachment.bridge.clone_from(bridge);
+            }
+        }
+    }
 }
 
 /// The Linux bridge behind a bridge network, as each engine names it.
@@ -279,19 +413,49 @@ fn container_facts(engine: Engine, inspect: ContainerInspectResponse) -> Option<
         .unwrap_or_default()
         .trim_start_matches('/')
         .to_owned();
-    let labels = inspect
-        .config
-        .and_then(|c| c.labels)
+    let config = inspect.config.unwrap_or_default();
+    let labels = config
+        .labels
         .map(|l| l.into_iter().collect())
         .unwrap_or_default();
+    let mut exposed: Vec<PortSpec> = config
+        .exposed_ports
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p.parse::<PortSpec>().ok())
+        .filter(|spec| spec.protocol != Protocol::Icmp)
+        .collect();
+    exposed.sort_by_key(|spec| (spec.port_start, spec.protocol));
+    exposed.dedup();
+    let network_mode = inspect
+        .host_config
+        .and_then(|h| h.network_mode)
+        .unwrap_or_default();
     let settings = inspect.network_settings.unwrap_or_default();
-    let mut addresses: Vec<IpAddr> = settings
+    let mut networks: Vec<Attachment> = settings
         .networks
         .unwrap_or_default()
-        .values()
-        .flat_map(|ep| [ep.ip_address.clone(), ep.global_ipv6_address.clone()])
-        .flatten()
-        .filter_map(|a| a.parse().ok())
+        .into_iter()
+        .map(|(network, endpoint)| {
+            let mut addresses: Vec<IpAddr> = [endpoint.ip_address, endpoint.global_ipv6_address]
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.parse().ok())
+                .collect();
+            addresses.sort();
+            Attachment {
+                network,
+                network_id: endpoint.network_id.filter(|id| !id.is_empty()),
+                driver: None,
+                bridge: None,
+                addresses,
+            }
+        })
+        .collect();
+    networks.sort_by(|a, b| a.network.cmp(&b.network));
+    let mut addresses: Vec<IpAddr> = networks
+        .iter()
+        .flat_map(|n| n.addresses.iter().copied())
         .collect();
     addresses.sort();
     addresses.dedup();
@@ -330,6 +494,11 @@ fn container_facts(engine: Engine, inspect: ContainerInspectResponse) -> Option<
         addresses,
         published,
         labels,
+        image: inspect.image.filter(|i| !i.is_empty()),
+        allow_label_origin: None,
+        network_mode,
+        networks,
+        exposed,
     })
 }
 
@@ -391,6 +560,149 @@ mod tests {
             c.labels.get(ALLOW_LABEL).map(String::as_str),
             Some("443/tcp")
         );
+    }
+
+    /// Trimmed from `docker inspect` of `docker run --network host` of an image that
+    /// exposes 53/udp and 8053/tcp (`-p` is ignored on the host network).
+    const HOST_NETWORK: &str = r#"{
+        "Id": "6f1a0c0e4b8d2a9e2f3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091",
+        "Name": "/dns",
+        "Image": "sha256:9f0c0d6e1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5",
+        "Config": {"ExposedPorts": {"53/udp": {}, "8053/tcp": {}}, "Labels": {}},
+        "HostConfig": {"NetworkMode": "host"},
+        "NetworkSettings": {
+            "Ports": {},
+            "Networks": {
+                "host": {"NetworkID": "3c6a3d3f6e0b", "IPAddress": "", "GlobalIPv6Address": ""}
+            }
+        }
+    }"#;
+
+    /// Trimmed from `docker inspect` of a container on a macvlan network `lan`.
+    const MACVLAN: &str = r#"{
+        "Id": "0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c",
+        "Name": "/nas",
+        "Image": "sha256:1111111111111111111111111111111111111111111111111111111111111111",
+        "Config": {"ExposedPorts": {"445/tcp": {}}},
+        "HostConfig": {"NetworkMode": "lan"},
+        "NetworkSettings": {
+            "Ports": {"445/tcp": null},
+            "Networks": {
+                "lan": {"NetworkID": "aa11bb22cc33dd44", "IPAddress": "192.168.1.50", "GlobalIPv6Address": ""}
+            }
+        }
+    }"#;
+
+    fn index(networks: &[(&str, &str, &str)]) -> NetworkIndex {
+        let networks: Vec<Network> = networks
+            .iter()
+            .map(|(name, id, driver)| Network {
+                name: Some((*name).to_owned()),
+                id: Some((*id).to_owned()),
+                driver: Some((*driver).to_owned()),
+                ..Default::default()
+            })
+            .collect();
+        NetworkIndex::new(Engine::Docker, &networks)
+    }
+
+    #[test]
+    fn host_network_containers_are_recognised_with_their_exposed_ports() {
+        let inspect: ContainerInspectResponse =
+            serde_json::from_str(HOST_NETWORK).expect("inspect JSON");
+        let mut c = container_facts(Engine::Docker, inspect).expect("facts");
+        index(&[("host", "3c6a3d3f6e0b", "host"), ("bridge", "b1", "bridge")])
+            .describe(&mut c.networks);
+        assert_eq!(c.network_mode, "host");
+        assert!(c.is_host_network());
+        assert!(c.addresses.is_empty() && c.published.is_empty());
+        assert_eq!(c.networks.len(), 1);
+        assert_eq!(c.networks[0].driver.as_deref(), Some("host"));
+        assert_eq!(c.networks[0].bridge, None);
+        let exposed: Vec<String> = c.exposed.iter().map(ToString::to_string).collect();
+        assert_eq!(exposed, ["53/udp", "8053/tcp"]);
+        assert_eq!(
+            c.image.as_deref(),
+            Some("sha256:9f0c0d6e1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5")
+        );
+    }
+
+    #[test]
+    fn macvlan_containers_have_their_network_driver_and_no_bridge() {
+        let inspect: ContainerInspectResponse =
+            serde_json::from_str(MACVLAN).expect("inspect JSON");
+        let mut c = container_facts(Engine::Docker, inspect).expect("facts");
+        index(&[("lan", "aa11bb22cc33dd44", "macvlan")]).describe(&mut c.networks);
+        assert!(!c.is_host_network());
+        assert_eq!(
+            c.networks,
+            [Attachment {
+                network: "lan".to_owned(),
+                network_id: Some("aa11bb22cc33dd44".to_owned()),
+                driver: Some("macvlan".to_owned()),
+                bridge: None,
+                addresses: vec!["192.168.1.50".parse().unwrap()],
+            }]
+        );
+        assert!(
+            c.published.is_empty(),
+            "a port without bindings is not published"
+        );
+        assert_eq!(c.exposed.len(), 1);
+
+        // A bridge network's attachment gets its Linux bridge, found by network ID.
+        let inspect: ContainerInspectResponse = serde_json::from_str(INSPECT).expect("inspect");
+        let mut web = container_facts(Engine::Docker, inspect).expect("facts");
+        assert_eq!(web.network_mode, "");
+        let networks = vec![
+            Network {
+                name: Some("bridge".to_owned()),
+                id: Some("b1".to_owned()),
+                driver: Some("bridge".to_owned()),
+                ..Default::default()
+            },
+            Network {
+                name: Some("backend".to_owned()),
+                id: Some("0123456789abcdef".to_owned()),
+                driver: Some("bridge".to_owned()),
+                ..Default::default()
+            },
+        ];
+        let index = NetworkIndex::new(Engine::Docker, &networks);
+        index.describe(&mut web.networks);
+        let bridges: Vec<Option<&str>> = web.networks.iter().map(|n| n.bridge.as_deref()).collect();
+        assert_eq!(bridges, [Some("br-0123456789ab"), Some("docker0")]);
+        assert_eq!(index.bridges(), ["br-0123456789ab", "docker0"]);
+    }
+
+    #[test]
+    fn an_allow_label_comes_from_the_image_only_with_the_images_value() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let image: HashMap<String, String> =
+            labels(&[(ALLOW_LABEL, "80/tcp")]).into_iter().collect();
+        let none = HashMap::new();
+        let origin = |container: &[(&str, &str)], image: &HashMap<String, String>| {
+            label_origin(&labels(container), image, ALLOW_LABEL)
+        };
+        assert_eq!(
+            origin(&[(ALLOW_LABEL, "80/tcp")], &image),
+            Some(LabelOrigin::Image)
+        );
+        assert_eq!(
+            origin(&[(ALLOW_LABEL, "80/tcp,22/tcp")], &image),
+            Some(LabelOrigin::Container),
+            "docker run --label overrides the image's value"
+        );
+        assert_eq!(
+            origin(&[(ALLOW_LABEL, "80/tcp")], &none),
+            Some(LabelOrigin::Container)
+        );
+        assert_eq!(origin(&[("other", "x")], &image), None);
     }
 
     #[test]
