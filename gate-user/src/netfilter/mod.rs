@@ -96,8 +96,11 @@
 //!   that backend is absent. The calls are synchronous: run them off the async runtime.
 
 mod exec;
+mod keeper;
 mod nft;
 mod xtables;
+
+pub use keeper::NetfilterKeeper;
 
 use std::{collections::BTreeSet, io};
 

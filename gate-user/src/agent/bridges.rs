@@ -1,0 +1,122 @@
+//! Which bridges and bridge ports the gate is on: the explicit and engine bridges, their
+//! ports bound to the addresses of the containers behind them.
+
+use std::collections::BTreeSet;
+
+use anyhow::Context as _;
+use gate_common::PortAddrKey;
+use tracing::{info, warn};
+
+use super::{Agent, DEFAULT_BRIDGES};
+use crate::{datapath::sys, policy::map_addr, ports};
+
+impl Agent {
+    /// The bridges to gate now: the explicit ones, and with `--bridge auto` the default and
+    /// engine bridges that exist.
+    pub(super) fn wanted_bridges(&self) -> BTreeSet<String> {
+        let mut wanted: BTreeSet<String> = self.options.bridges.iter().cloned().collect();
+        if self.options.auto_bridges {
+            let engine_bridges = self
+                .engines
+                .values()
+                .filter_map(|s| s.snapshot.as_ref())
+                .flat_map(|s| s.bridges.iter().cloned());
+            wanted.extend(
+                DEFAULT_BRIDGES
+                    .iter()
+                    .map(|b| (*b).to_owned())
+                    .chain(engine_bridges),
+            );
+        }
+        wanted
+    }
+
+    /// Attaches to wanted bridges that exist and are not attached (new, or re-created), then
+    /// makes sure their netfilter delegation is in place. With `strict`, any failure is an
+    /// error (start-up); later, a failing bridge is logged and retried on the next tick.
+    pub(super) fn attach_bridges(&mut self, strict: bool) -> anyhow::Result<()> {
+        let mut changed = false;
+        for name in self.wanted_bridges() {
+            let Some(ifindex) = sys::ifindex(&name) else {
+                continue;
+            };
+            let current = self.datapath.bridges().iter().find(|b| b.name == name);
+            if current.is_some_and(|b| b.ifindex == ifindex && self.datapath.is_attached(b)) {
+                continue;
+            }
+            match self.datapath.attach(&name) {
+                Ok(()) => changed = true,
+                Err(err) if !strict => warn!("{err}; retrying"),
+                Err(err) => return Err(err.into()),
+            }
+        }
+        if changed || strict {
+            let bridges: Vec<String> = self
+                .datapath
+                .bridges()
+                .iter()
+                .map(|b| b.name.clone())
+                .collect();
+            if let Some(delegation) = &self.delegation {
+                delegation.ensure(bridges);
+            }
+        }
+        Ok(())
+    }
+
+    /// Binds each port of the gated bridges to the addresses of the container behind it, and
+    /// attaches `from_containers` to ports that do not have it yet. Bindings are written
+    /// before a port's program is attached, and a port that is not found opens nothing (fail
+    /// closed). Runs on each tick and after each engine sync, where containers come and go.
+    pub(super) fn sync_ports(&mut self, strict: bool) -> anyhow::Result<()> {
+        let ports: Vec<ports::Port> = self
+            .datapath
+            .bridges()
+            .iter()
+            .flat_map(|b| ports::bridge_ports(&b.name))
+            .collect();
+        let current: BTreeSet<u32> = ports.iter().map(|p| p.ifindex).collect();
+        let known: BTreeSet<u32> = self.datapath.ports().keys().copied().collect();
+        if current == known && !self.ports_stale {
+            return Ok(());
+        }
+        let addresses = ports::port_addresses(&ports);
+        let bindings: BTreeSet<PortAddrKey> = addresses
+            .iter()
+            .flat_map(|(ifindex, addrs)| {
+                addrs.iter().map(|addr| PortAddrKey {
+                    addr: map_addr(*addr),
+                    ifindex: *ifindex,
+                })
+            })
+            .collect();
+        self.datapath
+            .sync_port_addrs(&bindings)
+            .context("binding bridge ports to their containers' addresses")?;
+        for port in ports.iter().filter(|p| !known.contains(&p.ifindex)) {
+            match self.datapath.attach_port(&port.name, port.ifindex) {
+                Ok(()) => info!(
+                    port = port.name,
+                    addresses = ?addresses.get(&port.ifindex),
+                    "bridge port tracked"
+                ),
+                Err(err) if !strict => warn!("bridge port {}: {err:#}; retrying", port.name),
+                Err(err) => {
+                    return Err(err).with_context(|| format!("bridge port {}", port.name));
+                }
+            }
+        }
+        self.datapath.forget_ports(&(&known - &current))?;
+        // A port whose container was not found yet is looked at again on the next round.
+        self.ports_stale = ports.iter().any(|p| !addresses.contains_key(&p.ifindex));
+        Ok(())
+    }
+
+    pub(super) fn bridge_name(&self, ifindex: u32) -> String {
+        self.datapath
+            .bridges()
+            .iter()
+            .find(|b| b.ifindex == ifindex)
+            .map_or_else(|| format!("ifindex {ifindex}"), |b| b.name.clone())
+    }
+}

@@ -1,0 +1,437 @@
+//! The host agent: loads the gate, keeps the allow map equal to the saved rules resolved
+//! against the running containers, and serves the control socket until SIGINT or SIGTERM.
+//! Enforcement outlives it (pinned links).
+//!
+//! One owner, one loop: [`Agent`] holds all the agent's state and [`Agent::serve`] is the
+//! only place that changes it, one event at a time. Each job has its file: `bridges`
+//! (bridges and their ports), `reconcile` (rules × containers → maps), `requests` (the
+//! control socket), `views` (list, status, watch, metrics).
+
+mod bridges;
+mod reconcile;
+mod requests;
+mod views;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use gate_common::DropEvent;
+use tokio::{
+    io::{AsyncWriteExt as _, unix::AsyncFd},
+    net::UnixStream,
+    signal::unix::{SignalKind, signal},
+    sync::{broadcast, mpsc},
+};
+use tracing::{error, info, warn};
+
+use self::views::{counter_name, protocol_name};
+use crate::{
+    api::{
+        DropEventStats, Request, WatchEvent,
+        server::{self, ControlSocket},
+    },
+    datapath::{self, AllowSync, Capacities, Datapath, GateConfig, sys},
+    lock::{self, Lock},
+    metrics,
+    netfilter::NetfilterKeeper,
+    policy::{Resolved, Resolver, RuleSet, RuleStore, addr_from_map},
+    runtime::{self, Engine, RuntimeEvent, Snapshot},
+};
+
+/// Bridges `--bridge auto` gates whenever they exist, besides those of the engines' networks.
+const DEFAULT_BRIDGES: [&str; 2] = ["docker0", "podman0"];
+/// How often the agent re-checks bridges and the netfilter delegation rules.
+const TICK: Duration = Duration::from_secs(2);
+/// Drop events waiting for the agent loop; beyond this they count as suppressed.
+const DROP_EVENT_QUEUE: usize = 1024;
+
+/// How the agent was asked to run.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// Bridges named explicitly; they must exist at start.
+    pub bridges: Vec<String>,
+    /// Also gate docker0, podman0 and the engines' bridge networks as they appear.
+    pub auto_bridges: bool,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub socket: PathBuf,
+    pub gate: GateConfig,
+    /// Engines to watch, with their sockets.
+    pub engines: Vec<(Engine, PathBuf)>,
+    /// Allow every container's published ports (Docker's old behaviour, chosen explicitly).
+    pub default_published: bool,
+    /// Honour containers' `portgate.allow` labels.
+    pub labels: bool,
+    /// Install the netfilter delegation rules where FORWARD would drop.
+    pub netfilter: bool,
+    /// Where to serve Prometheus metrics; none: not at all.
+    pub metrics_addr: Option<SocketAddr>,
+    pub capacities: Capacities,
+}
+
+#[derive(Debug)]
+struct EngineState {
+    socket: PathBuf,
+    connected: bool,
+    /// The last snapshot; kept (and enforced) while the engine is away.
+    snapshot: Option<Snapshot>,
+    syncs: u64,
+    events: u64,
+    last_error: Option<String>,
+}
+
+/// The agent's state while it serves.
+pub struct Agent {
+    options: AgentOptions,
+    datapath: Datapath,
+    rules: RuleSet,
+    store: RuleStore,
+    resolver: Resolver,
+    resolved: Resolved,
+    /// What the last sync of the allow map left out for want of room.
+    allow_sync: AllowSync,
+    engines: BTreeMap<Engine, EngineState>,
+    delegation: Option<NetfilterKeeper>,
+    drop_events: DropEventStats,
+    /// Fan-out of drop events to `portgate watch` clients.
+    watchers: broadcast::Sender<WatchEvent>,
+    /// The bridge ports must be looked at again (containers changed, or one was not found).
+    ports_stale: bool,
+    /// The state and pin directories are this agent's while it runs.
+    _locks: [Lock; 2],
+}
+
+impl Agent {
+    /// Loads the saved rules and the datapath, and attaches to the bridges. Any failure here
+    /// leaves a previously attached gate exactly as it was.
+    pub fn start(options: AgentOptions) -> anyhow::Result<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!(
+                "portgate agent must run as root: it loads eBPF programs and attaches them to bridges"
+            );
+        }
+        // One agent per state directory and pin directory, settled before anything is
+        // touched: a second agent must not write the maps, programs or links of the first.
+        let locks = [
+            lock::lock_state_dir(&options.state_dir)?,
+            datapath::lock_pin_dir(&options.bpffs)?,
+        ];
+        if options.bridges.is_empty() && !options.auto_bridges {
+            bail!(
+                "no bridge to gate: pass --bridge IFACE (for example docker0 or podman0) or --bridge auto"
+            );
+        }
+        for bridge in &options.bridges {
+            if sys::ifindex(bridge).is_none() {
+                bail!("bridge {bridge}: no such interface");
+            }
+        }
+        let store = RuleStore::new(&options.state_dir);
+        let rules = store.load()?;
+        let datapath = Datapath::load_with(&options.bpffs, options.gate, options.capacities)
+            .with_context(|| format!("loading the gate under {}", options.bpffs.display()))?;
+        let engines = options
+            .engines
+            .iter()
+            .map(|(engine, socket)| {
+                let state = EngineState {
+                    socket: socket.clone(),
+                    connected: false,
+                    snapshot: None,
+                    syncs: 0,
+                    events: 0,
+                    last_error: None,
+                };
+                (*engine, state)
+            })
+            .collect();
+        let delegation = options.netfilter.then(NetfilterKeeper::start);
+        let resolver = Resolver::new(options.labels);
+        let mut agent = Self {
+            options,
+            datapath,
+            rules,
+            store,
+            resolver,
+            resolved: Resolved::default(),
+            allow_sync: AllowSync::default(),
+            engines,
+            delegation,
+            drop_events: DropEventStats::default(),
+            watchers: broadcast::channel(256).0,
+            ports_stale: true,
+            _locks: locks,
+        };
+        // Rules first, then programs: the new programs never run on a stale allow map. Until
+        // the engines have reported, entries for containers stay as the last agent left them.
+        agent.reconcile().context("writing the allow map")?;
+        agent.attach_bridges(true)?;
+        agent
+            .datapath
+            .open_black_holes()
+            .context("opening the sockets refused connections vanish into")?;
+        agent
+            .datapath
+            .attach_host_ports()
+            .context("gating published host ports that reach local sockets")?;
+        agent.sync_ports(true)?;
+        datapath::retire_other_layouts(&agent.options.bpffs)
+            .context("detaching an older gate's programs")?;
+        info!(
+            rules = agent.rules.rules().len(),
+            bridges = ?agent.datapath.bridges().iter().map(|b| &b.name).collect::<Vec<_>>(),
+            engines = ?agent.engines.keys().collect::<Vec<_>>(),
+            audit = agent.options.gate.audit,
+            gate_host_traffic = agent.options.gate.gate_host_traffic,
+            "gate loaded"
+        );
+        Ok(agent)
+    }
+
+    /// Serves the control socket and follows the engines until SIGINT or SIGTERM.
+    pub async fn serve(mut self) -> anyhow::Result<()> {
+        let socket = ControlSocket::bind(&self.options.socket)?;
+        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let logs = self.datapath.take_logger().and_then(|logger| {
+            // SAFETY: the logger owns its ring buffer's fd, open and unchanged while it lives.
+            unsafe { AsyncFd::register(logger) }
+                .map_err(|err| warn!("cannot watch eBPF logs: {err}"))
+                .ok()
+        });
+        tokio::spawn(drain_ebpf_logs(logs));
+        let (drops_tx, mut drops) = mpsc::channel(DROP_EVENT_QUEUE);
+        let ring = self.datapath.take_drop_events()?;
+        // SAFETY: the ring buffer owns its map fd, open and unchanged while it lives.
+        let ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|err| anyhow::anyhow!("cannot watch the drop events: {err}"))?;
+        tokio::spawn(read_drop_events(ring, drops_tx));
+        let (scrape_tx, mut scrapes) = mpsc::channel(4);
+        if let Some(addr) = self.options.metrics_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            info!(%addr, "serving Prometheus metrics on /metrics");
+            tokio::spawn(async move {
+                if let Err(err) = metrics::serve(listener, scrape_tx).await {
+                    error!("metrics server stopped: {err}");
+                }
+            });
+        }
+        let (events_tx, mut events) = mpsc::channel(16);
+        for (engine, state) in &self.engines {
+            tokio::spawn(runtime::watch(
+                *engine,
+                state.socket.clone(),
+                events_tx.clone(),
+            ));
+        }
+        drop(events_tx);
+        let mut tick = tokio::time::interval(TICK);
+        info!(socket = %socket.path().display(), "agent ready");
+        let (requests_tx, mut requests) = mpsc::channel(16);
+        tokio::spawn(socket.run(requests_tx));
+        loop {
+            tokio::select! {
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                Some((request, mut stream)) = requests.recv() => match request {
+                    Request::Watch => {
+                        tokio::spawn(stream_watch(stream, self.watchers.subscribe()));
+                    }
+                    request => {
+                        let response = self.handle(request);
+                        tokio::spawn(async move { server::reply(&mut stream, &response).await });
+                    }
+                },
+                Some(event) = events.recv() => self.on_runtime_event(event),
+                Some(drop) = drops.recv() => self.on_drop_event(drop),
+                Some(reply) = scrapes.recv() => {
+                    let body = self.metrics_text().unwrap_or_else(|err| {
+                        error!("building metrics: {err:#}");
+                        String::new()
+                    });
+                    let _ = reply.send(body);
+                }
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+        info!("stopping; the gate stays attached and keeps enforcing");
+        Ok(())
+    }
+
+    fn on_runtime_event(&mut self, event: RuntimeEvent) {
+        match event {
+            RuntimeEvent::Synced {
+                engine,
+                snapshot,
+                after_event,
+            } => {
+                let Some(state) = self.engines.get_mut(&engine) else {
+                    return;
+                };
+                if !state.connected {
+                    info!(%engine, "engine connected");
+                }
+                state.connected = true;
+                state.last_error = None;
+                state.syncs += 1;
+                state.events += u64::from(after_event);
+                if state.snapshot.as_ref() == Some(&snapshot) {
+                    return;
+                }
+                state.snapshot = Some(snapshot);
+                if let Err(err) = self
+                    .attach_bridges(false)
+                    .and_then(|()| self.reconcile())
+                    .and_then(|()| self.sync_ports(false))
+                {
+                    error!("applying {engine}'s containers failed: {err:#}");
+                }
+            }
+            RuntimeEvent::Disconnected { engine, error } => {
+                let Some(state) = self.engines.get_mut(&engine) else {
+                    return;
+                };
+                if state.connected || state.last_error.is_none() {
+                    warn!(%engine, socket = %state.socket.display(), "engine unreachable ({error}); enforcing what is known, reconnecting");
+                }
+                state.connected = false;
+                state.last_error = Some(error);
+            }
+        }
+    }
+
+    fn on_drop_event(&mut self, drop: Option<DropEvent>) {
+        let Some(drop) = drop else {
+            // Lost between the kernel and this loop (queue full).
+            self.drop_events.suppressed += 1;
+            return;
+        };
+        self.drop_events.reported += 1;
+        self.drop_events.suppressed += u64::from(drop.suppressed);
+        if self.watchers.receiver_count() == 0 {
+            return;
+        }
+        let destination = addr_from_map(drop.dst);
+        let container = self
+            .engines
+            .values()
+            .filter_map(|s| s.snapshot.as_ref())
+            .flat_map(|s| &s.containers)
+            .find(|c| c.addresses.contains(&destination));
+        let event = WatchEvent {
+            time: humantime::format_rfc3339_millis(wall_clock(drop.timestamp_ns)).to_string(),
+            bridge: self.bridge_name(drop.ifindex),
+            source: addr_from_map(drop.src).to_string(),
+            source_port: drop.src_port,
+            destination: destination.to_string(),
+            destination_port: drop.dst_port,
+            protocol: protocol_name(drop.proto),
+            reason: counter_name(u32::from(drop.reason)),
+            container: container.map(|c| c.name.clone()),
+            audit: drop.audit != 0,
+            suppressed: drop.suppressed,
+        };
+        let _ = self.watchers.send(event);
+    }
+
+    fn on_tick(&mut self) {
+        for path in self.datapath.repin() {
+            warn!(pin = %path.display(), "a link pin was removed; pinned it again (the gate stayed attached)");
+        }
+        if let Err(err) = self
+            .attach_bridges(false)
+            .and_then(|()| self.sync_ports(false))
+        {
+            warn!("{err:#}");
+        }
+    }
+}
+
+/// The wall-clock time of a `bpf_ktime_get_ns` (CLOCK_MONOTONIC) timestamp.
+fn wall_clock(monotonic_ns: u64) -> SystemTime {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    SystemTime::now() - Duration::from_nanos(now_ns.saturating_sub(monotonic_ns))
+}
+
+/// Moves drop events from the kernel's ring buffer to the agent loop. `None` stands for an
+/// event lost because the loop is behind.
+async fn read_drop_events(
+    mut ring: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    events: mpsc::Sender<Option<DropEvent>>,
+) {
+    loop {
+        let mut guard = match ring.readable_mut().await {
+            Ok(guard) => guard,
+            Err(err) => {
+                warn!("drop event buffer unreadable: {err}");
+                return;
+            }
+        };
+        while let Some(item) = guard.get_inner_mut().next() {
+            let event = datapath::decode_drop_event(&item);
+            match events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // Report the loss once there is room again.
+                    if events.send(None).await.is_err() {
+                        return;
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Streams drop events to one `portgate watch` client as JSON lines, until it hangs up.
+async fn stream_watch(mut stream: UnixStream, mut events: broadcast::Receiver<WatchEvent>) {
+    loop {
+        let line = match events.recv().await {
+            Ok(event) => serde_json::to_string(&event).map(|mut l| {
+                l.push('\n');
+                l
+            }),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                warn!(missed, "a watch client fell behind");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Ok(line) = line else { continue };
+        if stream.write_all(line.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Forwards the programs' aya-log records to tracing (through the `log` bridge).
+async fn drain_ebpf_logs(logs: Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>) {
+    let Some(mut logs) = logs else { return };
+    loop {
+        match logs.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(err) => {
+                warn!("eBPF log buffer unreadable: {err}");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Rules × containers → the kernel's maps: the allow map, and the published host ports the
+//! socket lookup gates.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Context as _;
+use gate_common::{AllowKey, AllowValue, NO_RULE};
+use tracing::{info, warn};
+
+use super::Agent;
+use crate::{
+    datapath::AllowSync,
+    policy::{MAX_SAVED_RULES, Target, map_addr},
+    runtime::Container,
+};
+
+impl Agent {
+    pub(super) fn containers(&self) -> Vec<Container> {
+        self.engines
+            .values()
+            .filter_map(|s| s.snapshot.as_ref())
+            .flat_map(|s| s.containers.iter().cloned())
+            .collect()
+    }
+
+    /// Resolves the rules against the containers and writes the allow map. Until every engine
+    /// has reported, entries of rules that depend on containers (saved container rules,
+    /// labels, the default policy) stay as they are: an agent that just started must not drop
+    /// what its predecessor allowed for containers it has not seen yet. Everything else (an
+    /// address rule, a denied rule) is exact at once.
+    pub(super) fn reconcile(&mut self) -> anyhow::Result<()> {
+        let resolved = self.resolver.resolve(
+            &self.rules,
+            &self.containers(),
+            self.options.default_published,
+        );
+        let all_known = self.engines.values().all(|s| s.snapshot.is_some());
+        let container_rules: BTreeSet<u32> = self
+            .rules
+            .rules()
+            .iter()
+            .filter(|r| matches!(r.target, Target::Container(_)))
+            .map(|r| r.id)
+            .collect();
+        let waits_for_engines = |value: &gate_common::AllowValue| {
+            !all_known
+                && (value.rule_id >= MAX_SAVED_RULES || container_rules.contains(&value.rule_id))
+        };
+        self.datapath.reset_rule_stats(&resolved.new_ids)?;
+        let sync = self
+            .datapath
+            .sync_allow(&resolved.entries, waits_for_engines)?;
+        // Until every engine has reported, the host ports stay as the last agent left them.
+        if all_known {
+            self.datapath
+                .sync_host_ports(&host_ports(&self.containers(), &resolved.entries))
+                .context("writing the published host ports")?;
+        }
+        if sync != self.allow_sync {
+            match not_fitted_warning(&sync, self.datapath.capacities().allow) {
+                Some(warning) => warn!("{warning}"),
+                None => info!("every allow entry fits in the allow map again"),
+            }
+        }
+        self.allow_sync = sync;
+        self.resolved = resolved;
+        // Containers changed: look at the bridge ports again.
+        self.ports_stale = true;
+        Ok(())
+    }
+}
+
+/// Each published host port, with the rule that admits the container port it maps to, or
+/// `NO_RULE`. Keyed as `host_ports` looks them up: the host address, or all-zero for a port
+/// published on every address. Where several mappings share a key, one that is not admitted
+/// closes it (fail closed).
+pub(super) fn host_ports(
+    containers: &[Container],
+    allow: &BTreeMap<AllowKey, AllowValue>,
+) -> BTreeMap<AllowKey, AllowValue> {
+    let mut entries = BTreeMap::new();
+    for container in containers {
+        for published in &container.published {
+            let host_addr = if published.host_ip.is_unspecified() {
+                [0; 16]
+            } else {
+                map_addr(published.host_ip)
+            };
+            let proto = published.protocol.number(published.host_ip);
+            let rule_id = container
+                .addresses
+                .iter()
+                .find_map(|addr| {
+                    let key = AllowKey::new(
+                        map_addr(*addr),
+                        published.protocol.number(*addr),
+                        published.container_port,
+                    );
+                    allow.get(&key).map(|v| v.rule_id)
+                })
+                .unwrap_or(NO_RULE);
+            let key = AllowKey::new(host_addr, proto, published.host_port);
+            let entry = entries.entry(key).or_insert(AllowValue { rule_id });
+            if rule_id == NO_RULE {
+                entry.rule_id = NO_RULE;
+            }
+        }
+    }
+    entries
+}
+
+/// Says what the allow map left out, if anything: how many entries, of which rules.
+pub(super) fn not_fitted_warning(sync: &AllowSync, capacity: u32) -> Option<String> {
+    let entries = sync.not_fitted_entries();
+    if entries == 0 {
+        return None;
+    }
+    let rules: Vec<String> = sync.not_fitted.keys().map(ToString::to_string).collect();
+    let (noun, verb) = if entries == 1 {
+        ("entry", "is")
+    } else {
+        ("entries", "are")
+    };
+    let of = if rules.len() == 1 { "rule" } else { "rules" };
+    Some(format!(
+        "the allow map is full ({capacity} entries, --max-allow): {entries} allow {noun} of {of} {} did not fit and {verb} not enforced; deny what is no longer needed or raise --max-allow",
+        rules.join(", ")
+    ))
+}

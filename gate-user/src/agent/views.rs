@@ -1,0 +1,204 @@
+//! What `list`, `status`, `watch` and the metrics show, built from the agent's state.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use gate_common::counters;
+
+use super::Agent;
+use crate::{
+    api::{
+        BridgeDrops, BridgeStatus, EngineStatus, Fill, Flows, NetfilterStatus, RuleList, RuleView,
+        Status,
+    },
+    exposure, metrics,
+    policy::{Ports, ResolvedRule},
+};
+
+impl Agent {
+    pub(super) fn metrics_text(&self) -> anyhow::Result<String> {
+        let status = self.status()?;
+        let rules = self.list()?.rules;
+        Ok(metrics::encode(&status, &rules)?)
+    }
+
+    pub(super) fn views(&self, filter: impl Fn(&ResolvedRule) -> bool) -> Vec<RuleView> {
+        let (containers, gated_bridges) = (self.containers(), self.gated_bridges());
+        self.resolved
+            .rules
+            .iter()
+            .filter(|r| filter(r))
+            .map(|rule| {
+                let stats = self.datapath.rule_stats(rule.id).unwrap_or_default();
+                let gated = exposure::rule_gated(rule, &containers, &gated_bridges);
+                rule_view(rule, stats.packets, stats.bytes, gated)
+            })
+            .collect()
+    }
+
+    /// The bridges the gate is attached to now.
+    pub(super) fn gated_bridges(&self) -> BTreeSet<String> {
+        self.datapath
+            .bridges()
+            .iter()
+            .filter(|b| self.datapath.is_attached(b))
+            .map(|b| b.name.clone())
+            .collect()
+    }
+
+    pub(super) fn list(&self) -> anyhow::Result<RuleList> {
+        Ok(RuleList {
+            rules: self.views(|_| true),
+        })
+    }
+
+    pub(super) fn status(&self) -> anyhow::Result<Status> {
+        let values = self.datapath.counters()?;
+        let (containers, gated_bridges) = (self.containers(), self.gated_bridges());
+        let mut by_kind: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (index, name, kind) in counters::ALL {
+            let kind = match kind {
+                counters::Kind::Pass => "pass",
+                counters::Kind::Drop => "drop",
+                counters::Kind::Event => "event",
+            };
+            let value = values.get(*index as usize).copied().unwrap_or(0);
+            by_kind
+                .entry(kind.to_owned())
+                .or_default()
+                .insert((*name).to_owned(), value);
+        }
+        Ok(Status {
+            mode: if self.options.gate.audit {
+                "audit"
+            } else {
+                "enforce"
+            }
+            .to_owned(),
+            gate_host_traffic: self.options.gate.gate_host_traffic,
+            bpffs: self.options.bpffs.display().to_string(),
+            state_file: self.store.path().display().to_string(),
+            bridges: self
+                .datapath
+                .bridges()
+                .iter()
+                .map(|b| BridgeStatus {
+                    name: b.name.clone(),
+                    ifindex: b.ifindex,
+                    attached: self.datapath.is_attached(b),
+                })
+                .collect(),
+            rules: self.resolved.rules.len(),
+            allow_entries: Fill {
+                used: self.datapath.allow_entries()?,
+                capacity: self.datapath.capacities().allow,
+                not_fitted: self.allow_sync.not_fitted_entries(),
+                not_fitted_rules: self.allow_sync.not_fitted.keys().copied().collect(),
+            },
+            flows: Flows {
+                tracked: self.datapath.tracked_flows()?,
+                capacity: self.datapath.capacities().flows,
+            },
+            engines: self
+                .engines
+                .iter()
+                .map(|(engine, s)| EngineStatus {
+                    engine: engine.to_string(),
+                    socket: s.socket.display().to_string(),
+                    connected: s.connected,
+                    containers: s.snapshot.as_ref().map_or(0, |s| s.containers.len()),
+                    syncs: s.syncs,
+                    events: s.events,
+                    last_error: s.last_error.clone(),
+                })
+                .collect(),
+            bridge_drops: self
+                .datapath
+                .bridge_drops()?
+                .into_iter()
+                .map(|(key, packets)| BridgeDrops {
+                    bridge: self.bridge_name(key.ifindex),
+                    reason: counter_name(key.reason),
+                    packets,
+                })
+                .collect(),
+            drop_events: self.drop_events,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            labels: self.options.labels,
+            published_ports: exposure::published_ports(&containers, &gated_bridges),
+            ungated: containers
+                .iter()
+                .filter_map(|c| exposure::ungated(c, &gated_bridges))
+                .collect(),
+            netfilter: self
+                .delegation
+                .as_ref()
+                .map(|d| {
+                    d.status()
+                        .into_iter()
+                        .map(|n| NetfilterStatus {
+                            bridge: n.bridge,
+                            backend: n.backend,
+                            chain: n.chain,
+                            installed: n.installed,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            counters: by_kind,
+        })
+    }
+}
+
+fn rule_view(
+    rule: &ResolvedRule,
+    packets: u64,
+    bytes: u64,
+    gated: Option<bool>,
+) -> RuleView {
+    let (protocol, port_start, port_end) = match rule.ports {
+        Ports::Spec(spec) => (spec.protocol.to_string(), spec.port_start, spec.port_end),
+        Ports::Published => ("published".to_owned(), 0, 0),
+    };
+    RuleView {
+        id: rule.id,
+        target: rule.target.to_string(),
+        container: rule.containers.first().cloned(),
+        published: rule.ports == Ports::Published,
+        source: rule.source,
+        active: rule.is_active(),
+        address: rule
+            .addresses
+            .first()
+            .map_or_else(|| rule.target.to_string(), ToString::to_string),
+        addresses: rule.addresses.iter().map(ToString::to_string).collect(),
+        ports: rule.specs.iter().map(ToString::to_string).collect(),
+        host_ports: rule.host_ports.clone(),
+        protocol,
+        port_start,
+        port_end,
+        packets,
+        bytes,
+        label_origin: rule.label_origin,
+        gated,
+    }
+}
+
+pub(super) fn counter_name(index: u32) -> String {
+    counters::ALL
+        .iter()
+        .find(|(i, _, _)| *i == index)
+        .map_or_else(
+            || format!("counter {index}"),
+            |(_, name, _)| (*name).to_owned(),
+        )
+}
+
+pub(super) fn protocol_name(proto: u8) -> String {
+    match proto {
+        gate_common::PROTO_TCP => "tcp".to_owned(),
+        gate_common::PROTO_UDP => "udp".to_owned(),
+        gate_common::PROTO_ICMP => "icmp".to_owned(),
+        gate_common::PROTO_ICMPV6 => "icmpv6".to_owned(),
+        other => other.to_string(),
+    }
+}
