@@ -30,7 +30,7 @@ pub enum LockError {
         dir: PathBuf,
         pid: Option<u32>,
     },
-    #[error("locking {path}: {source}")]
+    #[error("locking {path}")]
     Io { path: PathBuf, source: io::Error },
 }
 

@@ -7,7 +7,7 @@ fn main() -> ExitCode {
     match gate_user::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", gate_user::cli::error_text(&err));
+            eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
     }

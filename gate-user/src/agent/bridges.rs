@@ -46,7 +46,7 @@ impl Agent {
             }
             match self.datapath.attach(&name) {
                 Ok(()) => changed = true,
-                Err(err) if !strict => warn!("{err}; retrying"),
+                Err(err) if !strict => warn!("{:#}; retrying", anyhow::Error::from(err)),
                 Err(err) => return Err(err.into()),
             }
         }

@@ -33,7 +33,7 @@ impl Agent {
         };
         match result {
             Ok(reply) => Response::Ok(reply),
-            Err(err) => Response::Error(crate::cli::error_text(&err)),
+            Err(err) => Response::Error(format!("{err:#}")),
         }
     }
 

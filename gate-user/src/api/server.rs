@@ -20,7 +20,7 @@ use super::{MAX_REQUEST_BYTES, Request, Response};
 pub enum ServerError {
     #[error("another agent is already serving {0}")]
     InUse(PathBuf),
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}")]
     Io { path: PathBuf, source: io::Error },
 }
 

@@ -56,15 +56,15 @@ pub enum DatapathError {
     NotBpffs { path: PathBuf },
     #[error("cannot mount bpffs on /sys/fs/bpf: {0}")]
     Mount(io::Error),
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: PathBuf, source: io::Error },
     #[error(
         "pinned map {path} does not fit this portgate ({detail}); run `portgate uninstall` to remove the old gate first"
     )]
     IncompatibleMap { path: PathBuf, detail: String },
-    #[error("loading the eBPF programs: {0}")]
+    #[error("loading the eBPF programs")]
     Load(#[from] aya::EbpfError),
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Program {
         name: &'static str,
         source: ProgramError,
@@ -78,14 +78,14 @@ pub enum DatapathError {
     LinkIo { path: PathBuf, source: io::Error },
     #[error("bridge {bridge}: no such interface")]
     NoSuchBridge { bridge: String },
-    #[error("link {path}: {source}")]
+    #[error("link {path}")]
     Link { path: PathBuf, source: LinkError },
-    #[error("pinning {path}: {source}")]
+    #[error("pinning {path}")]
     Pin {
         path: PathBuf,
         source: aya::pin::PinError,
     },
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         source: MapError,

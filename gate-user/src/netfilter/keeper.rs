@@ -37,7 +37,7 @@ impl NetfilterKeeper {
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 };
                 if let Err(err) = result {
-                    error!("netfilter delegation rules: {err}");
+                    error!("netfilter delegation rules: {:#}", anyhow::Error::from(err));
                 }
                 if let Ok(mut status) = shared.lock() {
                     *status = delegation.status();

@@ -136,7 +136,7 @@ pub enum NetfilterError {
         status: String,
         stderr: String,
     },
-    #[error("cannot run `{command}`: {source}")]
+    #[error("cannot run `{command}`")]
     Spawn {
         command: String,
         #[source]

@@ -15,7 +15,7 @@ const FORMAT_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot read rules from {path}: {source}")]
+    #[error("cannot read rules from {path}")]
     Read { path: PathBuf, source: io::Error },
     #[error(
         "rules file {path} is corrupt ({source}); fix or move it away, portgate will not overwrite it"
@@ -28,7 +28,7 @@ pub enum StoreError {
         "rules file {path} has format version {found}; this portgate reads version {FORMAT_VERSION}"
     )]
     Version { path: PathBuf, found: u32 },
-    #[error("cannot write rules to {path}: {source}")]
+    #[error("cannot write rules to {path}")]
     Write { path: PathBuf, source: io::Error },
 }
 
