@@ -1,8 +1,8 @@
-//! portgate's user-space side: the host agent and the pieces the CLI shares with it.
+//! portgate's user-space side: the host agent and its parts (the `portgate` binary's command
+//! line lives in the binary, src/cli/).
 
 pub mod agent;
 pub mod api;
-pub mod cli;
 pub mod datapath;
 pub mod exposure;
 pub mod lock;

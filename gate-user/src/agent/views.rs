@@ -149,12 +149,7 @@ impl Agent {
     }
 }
 
-fn rule_view(
-    rule: &ResolvedRule,
-    packets: u64,
-    bytes: u64,
-    gated: Option<bool>,
-) -> RuleView {
+fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64, gated: Option<bool>) -> RuleView {
     let (protocol, port_start, port_end) = match rule.ports {
         Ports::Spec(spec) => (spec.protocol.to_string(), spec.port_start, spec.port_end),
         Ports::Published => ("published".to_owned(), 0, 0),

@@ -11,9 +11,7 @@ use super::{MAX_REQUEST_BYTES, Reply, Request, Response, WatchEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error(
-        "cannot reach the agent at {path} (is `portgate agent` running? is --socket right?)"
-    )]
+    #[error("cannot reach the agent at {path} (is `portgate agent` running? is --socket right?)")]
     Connect { path: PathBuf, source: io::Error },
     #[error("talking to the agent at {path}")]
     Io { path: PathBuf, source: io::Error },

@@ -1,0 +1,232 @@
+//! How the commands print the agent's replies for people (`--json` prints them as they are).
+
+use std::fmt::Write as _;
+
+use gate_user::{
+    api::{RuleView, Status, UngatedContainer, WatchEvent},
+    netfilter,
+    policy::Source,
+    runtime::LabelOrigin,
+};
+
+pub fn format_rules(rules: &[RuleView]) -> String {
+    if rules.is_empty() {
+        return "no rules: every new connection into the gated bridges is dropped\n".to_owned();
+    }
+    let mut out = format!(
+        "{:<5} {:<20} {:<16} {:<26} {:<16} {:<10} {:<20} {:<5} {:>10} {:>12}\n",
+        "ID",
+        "TARGET",
+        "CONTAINER",
+        "ADDRESS",
+        "PORTS",
+        "HOST",
+        "STATE",
+        "GATED",
+        "PACKETS",
+        "BYTES"
+    );
+    for rule in rules {
+        let ports = if rule.published && rule.ports.is_empty() {
+            "published".to_owned()
+        } else {
+            rule.ports.join(",")
+        };
+        let host: Vec<String> = rule.host_ports.iter().map(ToString::to_string).collect();
+        let state = match (rule.active, rule.source) {
+            (false, _) => "inactive".to_owned(),
+            (true, Source::Cli) => "active".to_owned(),
+            (true, Source::Label) if rule.label_origin == Some(LabelOrigin::Image) => {
+                "active (image label)".to_owned()
+            }
+            (true, Source::Label) => "active (label)".to_owned(),
+            (true, Source::DefaultPolicy) => "active (policy)".to_owned(),
+        };
+        let gated = match rule.gated {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        };
+        let _ = writeln!(
+            out,
+            "{:<5} {:<20} {:<16} {:<26} {:<16} {:<10} {:<20} {gated:<5} {:>10} {:>12}",
+            rule.id,
+            rule.target,
+            rule.container.as_deref().unwrap_or("-"),
+            if rule.addresses.is_empty() {
+                "-".to_owned()
+            } else {
+                rule.addresses.join(",")
+            },
+            ports,
+            if host.is_empty() {
+                "-".to_owned()
+            } else {
+                host.join(",")
+            },
+            state,
+            rule.packets,
+            rule.bytes
+        );
+    }
+    out
+}
+
+pub fn format_watch_event(event: &WatchEvent) -> String {
+    let verdict = if event.audit { "would drop" } else { "dropped" };
+    let container = event
+        .container
+        .as_deref()
+        .map(|c| format!(" ({c})"))
+        .unwrap_or_default();
+    let suppressed = match event.suppressed {
+        0 => String::new(),
+        n => format!(" [+{n} suppressed before]"),
+    };
+    format!(
+        "{} {} {verdict} {} {}:{} -> {}:{}{container} {}{suppressed}",
+        event.time,
+        event.bridge,
+        event.protocol,
+        event.source,
+        event.source_port,
+        event.destination,
+        event.destination_port,
+        event.reason,
+    )
+}
+
+/// One container the gate does not see: who, why, and what is open to whoever reaches it.
+pub fn format_ungated(ungated: &UngatedContainer) -> String {
+    let mut line = format!(
+        "{} ({}): {}",
+        ungated.container, ungated.engine, ungated.reason
+    );
+    for (what, list) in [
+        ("on", &ungated.addresses),
+        ("publishes", &ungated.published),
+        ("exposes", &ungated.exposed),
+    ] {
+        if !list.is_empty() {
+            let _ = write!(line, "; {what} {}", list.join(","));
+        }
+    }
+    line
+}
+
+pub fn format_status(status: &Status) -> String {
+    let mut out = String::new();
+    let host = if status.gate_host_traffic {
+        "gated"
+    } else {
+        "passes"
+    };
+    let _ = writeln!(out, "mode:     {} (host traffic {host})", status.mode);
+    for bridge in &status.bridges {
+        let state = if bridge.attached {
+            "attached"
+        } else {
+            "NOT ATTACHED"
+        };
+        let _ = writeln!(
+            out,
+            "bridge:   {} (ifindex {}) {state}",
+            bridge.name, bridge.ifindex
+        );
+    }
+    let fill = &status.allow_entries;
+    let not_fitted = match fill.not_fitted {
+        0 => String::new(),
+        n => format!(
+            "; {n} MORE DID NOT FIT ({} {}), not enforced: see --max-allow",
+            if fill.not_fitted_rules.len() == 1 {
+                "rule"
+            } else {
+                "rules"
+            },
+            fill.not_fitted_rules
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    };
+    let _ = writeln!(
+        out,
+        "rules:    {} ({} of {} allow entries{not_fitted})",
+        status.rules, fill.used, fill.capacity
+    );
+    let _ = writeln!(
+        out,
+        "flows:    {} tracked of {}",
+        status.flows.tracked, status.flows.capacity
+    );
+    let _ = writeln!(
+        out,
+        "events:   {} drop events reported, {} suppressed by the rate limit",
+        status.drop_events.reported, status.drop_events.suppressed
+    );
+    for drops in &status.bridge_drops {
+        let _ = writeln!(
+            out,
+            "drops:    {} {} {}",
+            drops.bridge, drops.reason, drops.packets
+        );
+    }
+    for engine in &status.engines {
+        let state = if engine.connected {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        };
+        let error = engine
+            .last_error
+            .as_deref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "engine:   {} {state}{error}, {} containers, {} syncs, {} events, {}",
+            engine.engine, engine.containers, engine.syncs, engine.events, engine.socket
+        );
+    }
+    for rule in &status.netfilter {
+        let state = match (rule.installed, rule.backend.as_str()) {
+            (true, _) => "installed",
+            (false, netfilter::BACKEND_NONE) => "not needed",
+            (false, _) => "MISSING (could not be installed; see the agent log)",
+        };
+        let _ = writeln!(
+            out,
+            "netfilter: {} via {} {} {state}",
+            rule.bridge, rule.backend, rule.chain
+        );
+    }
+    let labels = if status.labels {
+        "on (portgate.allow labels open ports)"
+    } else {
+        "off (portgate.allow labels are ignored)"
+    };
+    let _ = writeln!(out, "labels:   {labels}");
+    let ports = status.published_ports;
+    let _ = writeln!(
+        out,
+        "published: {} port(s) gated, {} not",
+        ports.gated, ports.ungated
+    );
+    for ungated in &status.ungated {
+        let _ = writeln!(out, "UNGATED:  {}", format_ungated(ungated));
+    }
+    let _ = writeln!(out, "pins:     {}", status.bpffs);
+    let _ = writeln!(out, "rules in: {}", status.state_file);
+    for (kind, title) in [("pass", "passed"), ("drop", "dropped"), ("event", "events")] {
+        if let Some(counters) = status.counters.get(kind) {
+            let list: Vec<String> = counters
+                .iter()
+                .map(|(name, v)| format!("{name} {v}"))
+                .collect();
+            let _ = writeln!(out, "{title:<9} {}", list.join(", "));
+        }
+    }
+    out
+}
