@@ -7,8 +7,8 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use crate::{
     api::{PublishedPorts, UngatedContainer},
-    policy::ResolvedRule,
-    runtime::{Attachment, Container, Published},
+    policy::{Published, ResolvedRule},
+    runtime::{Attachment, Container},
 };
 
 /// Whether traffic to a container's addresses on this network crosses a gated bridge.
@@ -359,7 +359,8 @@ mod tests {
                 )
                 .expect("allow");
         }
-        let resolved = Resolver::default().resolve(&rules, &containers, false);
+        let workloads: Vec<_> = containers.iter().map(Container::workload).collect();
+        let resolved = Resolver::default().resolve(&rules, &workloads, false);
         let gated: Vec<(String, Option<bool>)> = resolved
             .rules
             .iter()

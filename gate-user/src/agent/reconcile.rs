@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::Agent;
 use crate::{
     datapath::AllowSync,
-    policy::{MAX_SAVED_RULES, Target, map_addr},
+    policy::{MAX_SAVED_RULES, Target, Workload, map_addr},
     runtime::Container,
 };
 
@@ -29,11 +29,10 @@ impl Agent {
     /// what its predecessor allowed for containers it has not seen yet. Everything else (an
     /// address rule, a denied rule) is exact at once.
     pub(super) fn reconcile(&mut self) -> anyhow::Result<()> {
-        let resolved = self.resolver.resolve(
-            &self.rules,
-            &self.containers(),
-            self.options.default_published,
-        );
+        let workloads: Vec<Workload> = self.containers().iter().map(Container::workload).collect();
+        let resolved =
+            self.resolver
+                .resolve(&self.rules, &workloads, self.options.default_published);
         let all_known = self.engines.values().all(|s| s.snapshot.is_some());
         let container_rules: BTreeSet<u32> = self
             .rules

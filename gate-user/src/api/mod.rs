@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{policy::Source, runtime::LabelOrigin};
+use crate::policy::{LabelOrigin, Source};
 
 pub const DEFAULT_SOCKET: &str = "/run/portgate/portgate.sock";
 /// Requests are tiny; anything larger is refused.

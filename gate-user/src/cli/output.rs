@@ -5,8 +5,7 @@ use std::fmt::Write as _;
 use gate_user::{
     api::{RuleView, Status, UngatedContainer, WatchEvent},
     netfilter,
-    policy::Source,
-    runtime::LabelOrigin,
+    policy::{LabelOrigin, Source},
 };
 
 pub fn format_rules(rules: &[RuleView]) -> String {

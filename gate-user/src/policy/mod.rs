@@ -2,6 +2,7 @@
 
 mod resolve;
 mod store;
+mod workload;
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub use resolve::{Resolved, ResolvedRule, Resolver, Source};
 pub use store::{RuleStore, StoreError};
+pub use workload::{ALLOW_LABEL, LabelOrigin, Published, Workload};
 
 /// Rule ids below this are saved rules; the rest are for rules the agent derives from
 /// containers (labels, the default policy), which live only while their container runs.

@@ -11,8 +11,8 @@ use gate_common::{AllowKey, AllowValue, MAX_RULES};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use super::{ALLOW_LABEL, LabelOrigin, Workload};
 use super::{MAX_SAVED_RULES, PortSpec, Ports, RuleSet, Target, map_addr};
-use crate::runtime::{ALLOW_LABEL, Container, LabelOrigin};
 
 /// Where a rule comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -88,12 +88,12 @@ impl Resolver {
     pub fn resolve(
         &mut self,
         rules: &RuleSet,
-        containers: &[Container],
+        containers: &[Workload],
         default_published: bool,
     ) -> Resolved {
         let mut resolved = Resolved::default();
         for rule in rules.rules() {
-            let matched: Vec<&Container> = match &rule.target {
+            let matched: Vec<&Workload> = match &rule.target {
                 Target::Address(_) => Vec::new(),
                 Target::Container(name) => containers.iter().filter(|c| c.is_named(name)).collect(),
             };
@@ -164,12 +164,12 @@ impl Resolver {
 
 /// The rules a container brings by itself.
 fn derived_rules(
-    container: &Container,
+    container: &Workload,
     default_published: bool,
     labels: bool,
 ) -> Vec<(Source, Ports)> {
     let mut derived = Vec::new();
-    if let Some(label) = container.labels.get(ALLOW_LABEL).filter(|_| labels) {
+    if let Some(label) = container.allow_label.as_ref().filter(|_| labels) {
         for item in label.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match item.parse::<PortSpec>() {
                 Ok(spec) => derived.push((Source::Label, Ports::Spec(spec))),
@@ -191,7 +191,7 @@ fn resolve_one(
     source: Source,
     target: &Target,
     ports: Ports,
-    containers: &[&Container],
+    containers: &[&Workload],
 ) -> ResolvedRule {
     let mut addresses: Vec<IpAddr> = match target {
         Target::Address(address) => vec![*address],
@@ -248,10 +248,7 @@ fn resolve_one(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        policy::{Protocol, parse_address},
-        runtime::{Engine, Published},
-    };
+    use crate::policy::{Protocol, Published, parse_address};
     use gate_common::{PROTO_ICMP, PROTO_TCP, ipv4_mapped};
 
     fn container(
@@ -259,9 +256,8 @@ mod tests {
         address: &str,
         published: &[(u16, u16)],
         label: Option<&str>,
-    ) -> Container {
-        Container {
-            engine: Engine::Docker,
+    ) -> Workload {
+        Workload {
             id: format!("{name:0>64}"),
             name: name.to_owned(),
             addresses: vec![parse_address(address).expect("address")],
@@ -274,14 +270,8 @@ mod tests {
                     protocol: Protocol::Tcp,
                 })
                 .collect(),
-            labels: label
-                .map(|l| BTreeMap::from([(ALLOW_LABEL.to_owned(), l.to_owned())]))
-                .unwrap_or_default(),
-            image: None,
+            allow_label: label.map(str::to_owned),
             allow_label_origin: label.map(|_| LabelOrigin::Container),
-            network_mode: "bridge".to_owned(),
-            networks: Vec::new(),
-            exposed: Vec::new(),
         }
     }
 
@@ -390,7 +380,7 @@ mod tests {
     }
 
     /// `web` publishing `bindings`: (host address, host port, container port), all TCP.
-    fn published_on(bindings: &[(&str, u16, u16)]) -> Container {
+    fn published_on(bindings: &[(&str, u16, u16)]) -> Workload {
         let mut web = container("web", "172.17.0.2", &[], None);
         web.published = bindings
             .iter()

@@ -20,16 +20,14 @@ use bollard::{
     query_parameters::{EventsOptions, ListContainersOptions, ListNetworksOptions},
 };
 use futures_util::StreamExt as _;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::policy::{PortSpec, Protocol};
+use crate::policy::{ALLOW_LABEL, LabelOrigin, PortSpec, Protocol, Published, Workload};
 
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
-/// Label that allows ports for as long as the container runs: `80/tcp,53/udp`.
-pub const ALLOW_LABEL: &str = "portgate.allow";
 
 /// Events arrive in bursts (a `docker run` is several); one snapshot after a short pause.
 const SETTLE: Duration = Duration::from_millis(200);
@@ -51,26 +49,6 @@ impl fmt::Display for Engine {
             Engine::Podman => "podman",
         })
     }
-}
-
-/// A host port that maps to a container port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Published {
-    /// The host address the port is published on; unspecified (`0.0.0.0`, `::`) for all.
-    pub host_ip: IpAddr,
-    pub host_port: u16,
-    pub container_port: u16,
-    pub protocol: Protocol,
-}
-
-/// Where a container's label comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LabelOrigin {
-    /// The image has it, with the same value (a `LABEL` its author wrote).
-    Image,
-    /// Set when the container was created (`docker run --label`), or changed from the image's.
-    Container,
 }
 
 /// A network a container is attached to.
@@ -115,6 +93,18 @@ impl Container {
     /// 12 characters (the short form engines print).
     pub fn is_named(&self, target: &str) -> bool {
         self.name == target || (target.len() >= 12 && self.id.starts_with(target))
+    }
+
+    /// The facts the policy resolves rules against.
+    pub fn workload(&self) -> Workload {
+        Workload {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            addresses: self.addresses.clone(),
+            published: self.published.clone(),
+            allow_label: self.labels.get(ALLOW_LABEL).cloned(),
+            allow_label_origin: self.allow_label_origin,
+        }
     }
 
     /// On the host's network: what it listens on is the host's own ports, behind no bridge.
@@ -397,13 +387,6 @@ fn podman_network_interface(network: &str) -> Option<String> {
 fn host_ip(text: Option<&str>) -> IpAddr {
     text.and_then(|t| t.parse().ok())
         .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
-}
-
-impl Published {
-    /// Published on a loopback address only: reachable from the host itself, not from outside.
-    pub fn is_loopback_only(&self) -> bool {
-        self.host_ip.is_loopback()
-    }
 }
 
 fn container_facts(engine: Engine, inspect: ContainerInspectResponse) -> Option<Container> {
