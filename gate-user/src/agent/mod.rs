@@ -26,6 +26,7 @@ use tokio::{
     net::UnixStream,
     signal::unix::{SignalKind, signal},
     sync::{broadcast, mpsc},
+    task::JoinSet,
 };
 use tracing::{error, info, warn};
 
@@ -47,6 +48,8 @@ use crate::{
 const DEFAULT_BRIDGES: [&str; 2] = ["docker0", "podman0"];
 /// How often the agent re-checks bridges and the netfilter delegation rules.
 const TICK: Duration = Duration::from_secs(2);
+/// How long answers being written may take to finish when the agent stops.
+const DRAIN: Duration = Duration::from_secs(2);
 /// Drop events waiting for the agent loop; beyond this they count as suppressed.
 const DROP_EVENT_QUEUE: usize = 1024;
 
@@ -194,8 +197,13 @@ impl Agent {
         Ok(agent)
     }
 
-    /// Serves the control socket and follows the engines until SIGINT or SIGTERM.
+    /// Serves the control socket and follows the engines until SIGINT or SIGTERM. Every task
+    /// it starts is in one of two sets: `tasks` (engine watchers, event readers, servers,
+    /// `watch` streams), stopped at shutdown, and `replies`, which get [`DRAIN`] to finish
+    /// writing, so that a client's answer is not cut by a SIGTERM.
     pub async fn serve(mut self) -> anyhow::Result<()> {
+        let mut tasks = JoinSet::new();
+        let mut replies = JoinSet::new();
         let socket = ControlSocket::bind(&self.options.socket)?;
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -205,20 +213,20 @@ impl Agent {
                 .map_err(|err| warn!("cannot watch eBPF logs: {err}"))
                 .ok()
         });
-        tokio::spawn(drain_ebpf_logs(logs));
+        tasks.spawn(drain_ebpf_logs(logs));
         let (drops_tx, mut drops) = mpsc::channel(DROP_EVENT_QUEUE);
         let ring = self.datapath.take_drop_events()?;
         // SAFETY: the ring buffer owns its map fd, open and unchanged while it lives.
         let ring = unsafe { AsyncFd::register(ring) }
             .map_err(|err| anyhow::anyhow!("cannot watch the drop events: {err}"))?;
-        tokio::spawn(read_drop_events(ring, drops_tx));
+        tasks.spawn(read_drop_events(ring, drops_tx));
         let (scrape_tx, mut scrapes) = mpsc::channel(4);
         if let Some(addr) = self.options.metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("serving metrics on {addr}"))?;
             info!(%addr, "serving Prometheus metrics on /metrics");
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 if let Err(err) = metrics::serve(listener, scrape_tx).await {
                     error!("metrics server stopped: {err}");
                 }
@@ -226,7 +234,7 @@ impl Agent {
         }
         let (events_tx, mut events) = mpsc::channel(16);
         for (engine, state) in &self.engines {
-            tokio::spawn(runtime::watch(
+            tasks.spawn(runtime::watch(
                 *engine,
                 state.socket.clone(),
                 events_tx.clone(),
@@ -236,18 +244,18 @@ impl Agent {
         let mut tick = tokio::time::interval(TICK);
         info!(socket = %socket.path().display(), "agent ready");
         let (requests_tx, mut requests) = mpsc::channel(16);
-        tokio::spawn(socket.run(requests_tx));
+        tasks.spawn(socket.run(requests_tx));
         loop {
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 Some((request, mut stream)) = requests.recv() => match request {
                     Request::Watch => {
-                        tokio::spawn(stream_watch(stream, self.watchers.subscribe()));
+                        tasks.spawn(stream_watch(stream, self.watchers.subscribe()));
                     }
                     request => {
                         let response = self.handle(request);
-                        tokio::spawn(async move { server::reply(&mut stream, &response).await });
+                        replies.spawn(async move { server::reply(&mut stream, &response).await });
                     }
                 },
                 Some(event) = events.recv() => self.on_runtime_event(event),
@@ -260,9 +268,24 @@ impl Agent {
                     let _ = reply.send(body);
                 }
                 _ = tick.tick() => self.on_tick(),
+                // Finished replies are collected as they go, so the set stays small.
+                Some(_) = replies.join_next(), if !replies.is_empty() => {}
             }
         }
         info!("stopping; the gate stays attached and keeps enforcing");
+        // No new requests; the answers already on their way get a moment to be written.
+        tasks.shutdown().await;
+        let drained = tokio::time::timeout(DRAIN, async {
+            while replies.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                "{} replies were still being written after {DRAIN:?}; cut",
+                replies.len()
+            );
+        }
+        replies.shutdown().await;
         Ok(())
     }
 
