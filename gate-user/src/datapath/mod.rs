@@ -54,6 +54,10 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 pub enum DatapathError {
     #[error("{path} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
     NotBpffs { path: PathBuf },
+    #[error(
+        "this kernel ({release}) has no TCX links, which the gate needs to attach and swap its programs atomically: run Linux 6.6 or later"
+    )]
+    NoTcx { release: String },
     #[error("cannot mount bpffs on /sys/fs/bpf: {0}")]
     Mount(io::Error),
     #[error("{path}")]
@@ -316,6 +320,10 @@ impl Datapath {
     /// Loads the programs, reusing the maps pinned under `bpffs_dir` when they fit, and
     /// applies `config`. Nothing is attached yet: see [`Datapath::attach`].
     pub fn load_with(bpffs_dir: &Path, config: GateConfig, capacities: Capacities) -> Result<Self> {
+        let release = sys::kernel_release();
+        if !has_tcx(&release) {
+            return Err(DatapathError::NoTcx { release });
+        }
         ensure_bpffs(bpffs_dir)?;
         let pins = Pins::new(bpffs_dir);
         for dir in [pins.maps(), pins.programs(), pins.links()] {
@@ -869,6 +877,18 @@ fn check_pinned_maps(pins: &Pins, capacities: Capacities) -> Result<()> {
     Ok(())
 }
 
+/// Whether a kernel of this release (`uname -r`) has TCX links: Linux 6.6 and later. A
+/// release that does not parse is given the benefit of the doubt (attaching says the rest).
+fn has_tcx(release: &str) -> bool {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().ok());
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (6, 6),
+        _ => true,
+    }
+}
+
 /// Makes sure `dir` will be on a bpf filesystem, mounting /sys/fs/bpf if it is the one missing.
 fn ensure_bpffs(dir: &Path) -> Result<()> {
     let sys_fs_bpf = Path::new("/sys/fs/bpf");
@@ -1090,6 +1110,26 @@ fn leftovers(dir: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernels_before_6_6_have_no_tcx() {
+        for old in ["5.15.0-91-generic", "6.1.0-18-amd64", "6.5.13"] {
+            assert!(!has_tcx(old), "{old}");
+        }
+        for new in ["6.6.0", "6.18.0-1-cloud-amd64", "7.0.1"] {
+            assert!(has_tcx(new), "{new}");
+        }
+        let message = DatapathError::NoTcx {
+            release: "6.1.0-18-amd64".to_owned(),
+        }
+        .to_string();
+        assert!(
+            !message.contains('\n')
+                && message.contains("6.1.0-18-amd64")
+                && message.contains("6.6"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn uninstall_knows_its_own_names() {

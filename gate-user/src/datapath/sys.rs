@@ -315,3 +315,16 @@ pub fn black_hole_socket(stream: bool) -> io::Result<OwnedFd> {
         Ok(fd)
     }
 }
+
+/// The running kernel's release, as `uname -r` prints it.
+pub fn kernel_release() -> String {
+    // SAFETY: uname fills the zeroed struct we pass.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return String::new();
+    }
+    // SAFETY: uname NUL-terminates its fields.
+    unsafe { std::ffi::CStr::from_ptr(name.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
