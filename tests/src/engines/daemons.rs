@@ -1,0 +1,635 @@
+//! Engines: the daemons and the image.
+
+use super::*;
+
+/// The engine environment of this process. See the module documentation.
+pub struct Engines {
+    /// The `docker` CLI (Debian's, /usr/bin/docker, when present: it matches the daemon).
+    pub docker: PathBuf,
+    pub podman: PathBuf,
+    dockerd: PathBuf,
+    containerd: PathBuf,
+    /// `docker version` and `podman version`, as printed.
+    pub docker_version: String,
+    pub podman_version: String,
+    started: Mutex<Started>,
+}
+
+/// The daemons this process started (and so may stop).
+#[derive(Default)]
+pub(super) struct Started {
+    containerd: Option<Child>,
+    dockerd: Option<Child>,
+    podman: Option<Child>,
+}
+
+pub(super) enum State {
+    Ready(Box<Engines>),
+    Skip(String),
+    Failed(String),
+}
+
+impl Engines {
+    /// The engine environment, started on first use. None (after printing "skipped: <test>:
+    /// <reason>") when the tests cannot run here: not root, or an engine is not installed.
+    /// With `PORTGATE_REQUIRE_ENGINES=1` a missing engine fails the test instead (for CI,
+    /// where `cargo xtask setup` installs them). Panics when an installed engine fails to
+    /// start, with the reason and where its log is.
+    pub fn get() -> Option<&'static Engines> {
+        static STATE: OnceLock<State> = OnceLock::new();
+        match STATE.get_or_init(|| match Self::init() {
+            Ok(engines) => State::Ready(Box::new(engines)),
+            Err(InitError::Skip(reason)) => State::Skip(reason),
+            Err(InitError::Failed(e)) => State::Failed(format!("{e:#}")),
+        }) {
+            State::Ready(engines) => Some(engines),
+            State::Skip(reason) => {
+                if std::env::var_os("PORTGATE_REQUIRE_ENGINES").is_some_and(|v| v != "0") {
+                    panic!(
+                        "{}: {reason} (PORTGATE_REQUIRE_ENGINES is set)",
+                        current_test_name()
+                    );
+                }
+                // Straight to stderr: libtest captures print macros of passing tests.
+                let _ = writeln!(io::stderr(), "skipped: {}: {reason}", current_test_name());
+                None
+            }
+            State::Failed(message) => panic!("container engines could not be started: {message}"),
+        }
+    }
+
+    fn init() -> std::result::Result<Engines, InitError> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(InitError::Skip(
+                "needs root (starts container engines, creates network namespaces)".into(),
+            ));
+        }
+        let find = |name: &str, package: &str| {
+            find_program(name).ok_or_else(|| {
+                InitError::Skip(format!(
+                    "`{name}` not found (apt-get install {package}; `cargo xtask setup` does)"
+                ))
+            })
+        };
+        let dockerd = find("dockerd", "docker.io")?;
+        let containerd = find("containerd", "containerd")?;
+        let podman = find("podman", "podman")?;
+        // Debian's docker.io CLI matches its daemon; another `docker` earlier in PATH may not.
+        let docker = ["/usr/bin/docker"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .or_else(|| find_program("docker"))
+            .ok_or_else(|| {
+                InitError::Skip("`docker` CLI not found (apt-get install docker.io)".into())
+            })?;
+        if !is_static_busybox(Path::new("/bin/busybox")) {
+            return Err(InitError::Skip(
+                "no static /bin/busybox for the test image (apt-get install busybox-static)".into(),
+            ));
+        }
+        let mut engines = Engines {
+            docker,
+            podman,
+            dockerd,
+            containerd,
+            docker_version: String::new(),
+            podman_version: String::new(),
+            started: Mutex::new(Started::default()),
+        };
+        engines.start().map_err(InitError::Failed)?;
+        Ok(engines)
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
+        // containerd first: dockerd is pointed at its socket.
+        if !socket_accepts(CONTAINERD_SOCKET) {
+            let child = spawn_daemon(Command::new(&self.containerd), CONTAINERD_LOG)?;
+            started.containerd = Some(child);
+            wait_until(Duration::from_secs(30), || {
+                socket_accepts(CONTAINERD_SOCKET)
+            })
+            .with_context(|| {
+                format!(
+                    "containerd did not open {CONTAINERD_SOCKET}; log {CONTAINERD_LOG}:\n{}",
+                    tail(CONTAINERD_LOG)
+                )
+            })?;
+        }
+        if !self.docker_answers() {
+            started.dockerd = Some(self.spawn_dockerd()?);
+            self.wait_docker()?;
+        }
+        write_containers_conf()?;
+        if !socket_accepts(PODMAN_SOCKET) {
+            std::fs::create_dir_all("/run/podman").context("mkdir /run/podman")?;
+            let _ = std::fs::remove_file(PODMAN_SOCKET);
+            let mut command = Command::new(&self.podman);
+            command.args([
+                "system",
+                "service",
+                "--time=0",
+                &format!("unix://{PODMAN_SOCKET}"),
+            ]);
+            started.podman = Some(spawn_daemon(command, PODMAN_LOG)?);
+            wait_until(Duration::from_secs(30), || socket_accepts(PODMAN_SOCKET)).with_context(
+                || {
+                    format!(
+                        "podman system service did not open {PODMAN_SOCKET}; log {PODMAN_LOG}:\n{}",
+                        tail(PODMAN_LOG)
+                    )
+                },
+            )?;
+        }
+        drop(started);
+
+        self.docker_version = output_text(
+            Command::new(&self.docker).arg("version"),
+            Duration::from_secs(20),
+        )?;
+        self.podman_version = output_text(
+            Command::new(&self.podman).arg("version"),
+            Duration::from_secs(20),
+        )?;
+        self.reap_stale_containers();
+        reap_stale();
+        self.ensure_image()?;
+        Ok(())
+    }
+
+    fn spawn_dockerd(&self) -> Result<Child> {
+        let mut command = Command::new(&self.dockerd);
+        command.arg(format!("--containerd={CONTAINERD_SOCKET}"));
+        spawn_daemon(command, DOCKERD_LOG)
+    }
+
+    fn docker_answers(&self) -> bool {
+        run_timeout(
+            Command::new(&self.docker).arg("info"),
+            Duration::from_secs(10),
+        )
+        .is_ok_and(|o| o.status.success())
+    }
+
+    fn wait_docker(&self) -> Result<()> {
+        wait_until(DOCKER_START_TIMEOUT, || self.docker_answers()).with_context(|| {
+            format!(
+                "dockerd did not answer `docker info` within {DOCKER_START_TIMEOUT:?}; log {DOCKERD_LOG}:\n{}",
+                tail(DOCKERD_LOG)
+            )
+        })
+    }
+
+    /// Builds `local/busybox:latest` for Docker (`docker import` of a rootfs holding only the
+    /// static busybox and a few applet links) unless present, and gives Podman the same image.
+    fn ensure_image(&self) -> Result<()> {
+        let inspect = run_timeout(
+            Command::new(&self.docker).args(["image", "inspect", IMAGE]),
+            Duration::from_secs(20),
+        )?;
+        if !inspect.status.success() {
+            let rootfs = tempfile::Builder::new().prefix("pge-rootfs-").tempdir()?;
+            let bin = rootfs.path().join("bin");
+            std::fs::create_dir_all(&bin)?;
+            std::fs::create_dir_all(rootfs.path().join("www"))?;
+            std::fs::create_dir_all(rootfs.path().join("tmp"))?;
+            std::fs::copy("/bin/busybox", bin.join("busybox")).context("copy /bin/busybox")?;
+            for applet in [
+                "sh", "httpd", "nc", "sleep", "cat", "echo", "dd", "mkdir", "ls",
+            ] {
+                std::os::unix::fs::symlink("busybox", bin.join(applet))?;
+            }
+            std::fs::write(
+                rootfs.path().join("www/index.html"),
+                "portgate-test image\n",
+            )?;
+            let mut tar = Command::new("tar")
+                .arg("-C")
+                .arg(rootfs.path())
+                .args(["-c", "."])
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("spawn tar")?;
+            let tar_out = tar.stdout.take().context("tar stdout")?;
+            let import = Command::new(&self.docker)
+                .args(["import", "-", IMAGE])
+                .stdin(Stdio::from(tar_out))
+                .output()
+                .context("docker import")?;
+            let tar_status = tar.wait()?;
+            if !tar_status.success() || !import.status.success() {
+                bail!(
+                    "building {IMAGE}: tar {tar_status}, docker import {}: {}",
+                    import.status,
+                    String::from_utf8_lossy(&import.stderr)
+                );
+            }
+        }
+        let exists = run_timeout(
+            Command::new(&self.podman).args(["image", "exists", IMAGE]),
+            Duration::from_secs(20),
+        )?;
+        if !exists.status.success() {
+            let mut save = Command::new(&self.docker)
+                .args(["save", IMAGE])
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("spawn docker save")?;
+            let saved = save.stdout.take().context("docker save stdout")?;
+            let load = Command::new(&self.podman)
+                .arg("load")
+                .stdin(Stdio::from(saved))
+                .output()
+                .context("podman load")?;
+            let save_status = save.wait()?;
+            if !save_status.success() || !load.status.success() {
+                bail!(
+                    "docker save {IMAGE} ({save_status}) | podman load ({}): {}",
+                    load.status,
+                    String::from_utf8_lossy(&load.stderr)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes containers named `pge-<pid>-...` whose process is gone (a killed run).
+    fn reap_stale_containers(&self) {
+        for engine in [Engine::Docker, Engine::Podman] {
+            let Ok(output) = run_timeout(
+                self.cli(engine)
+                    .args(["ps", "-a", "--format", "{{.Names}}"]),
+                Duration::from_secs(20),
+            ) else {
+                continue;
+            };
+            for name in String::from_utf8_lossy(&output.stdout).lines() {
+                let name = name.trim();
+                if stale_owner(name).is_some_and(|pid| !pid_alive(pid)) && name.starts_with("pge-")
+                {
+                    remove_container(self, engine, name);
+                }
+            }
+        }
+    }
+
+    /// A command for an engine's CLI.
+    pub fn cli(&self, engine: Engine) -> Command {
+        let mut command = Command::new(match engine {
+            Engine::Docker => &self.docker,
+            Engine::Podman => &self.podman,
+        });
+        command.stdin(Stdio::null());
+        command
+    }
+
+    /// Runs an engine CLI command, asserting success; returns its trimmed stdout.
+    pub fn cli_ok(&self, engine: Engine, args: &[&str]) -> String {
+        let output = run_timeout(self.cli(engine).args(args), Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("`{} {}`: {e:#}", engine.name(), args.join(" ")));
+        assert!(
+            output.status.success(),
+            "`{} {}` failed ({}): {}{}",
+            engine.name(),
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// `<engine> run -d --name NAME ARGS...` (Podman: with [`PODMAN_ULIMITS`]); the container
+    /// is removed when the guard drops. Panics when the engine refuses.
+    pub fn run(&'static self, engine: Engine, name: &str, args: &[&str]) -> ContainerGuard {
+        let mut full: Vec<&str> = vec!["run", "-d", "--name", name];
+        if engine == Engine::Podman {
+            full.extend_from_slice(PODMAN_ULIMITS);
+        }
+        full.extend_from_slice(args);
+        // The guard exists before the run, so a half-created container is removed too.
+        let guard = ContainerGuard {
+            engines: self,
+            engine,
+            name: name.to_owned(),
+        };
+        self.cli_ok(engine, &full);
+        guard
+    }
+
+    pub fn docker_run(&'static self, name: &str, args: &[&str]) -> ContainerGuard {
+        self.run(Engine::Docker, name, args)
+    }
+
+    pub fn podman_run(&'static self, name: &str, args: &[&str]) -> ContainerGuard {
+        self.run(Engine::Podman, name, args)
+    }
+
+    /// A container serving [`body_of`]`(name)` at `/` on port 80, published as `host_port`,
+    /// with extra run options (labels, restart policy...) before the image.
+    pub fn run_httpd(
+        &'static self,
+        engine: Engine,
+        name: &str,
+        host_port: u16,
+        options: &[&str],
+    ) -> ContainerGuard {
+        let publish = format!("{host_port}:80");
+        let script = httpd_script(name, &[80], 0);
+        let mut args: Vec<&str> = vec!["-p", &publish];
+        args.extend_from_slice(options);
+        args.extend_from_slice(&[IMAGE, "/bin/sh", "-c", &script]);
+        let guard = self.run(engine, name, &args);
+        guard.wait_serving(80);
+        guard
+    }
+
+    /// Runs a container in the foreground (`run --rm`) and returns its output (stdout and
+    /// status), waiting at most `timeout`.
+    pub fn run_to_completion(
+        &'static self,
+        engine: Engine,
+        name: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Output {
+        let mut full: Vec<&str> = vec!["run", "--rm", "--name", name];
+        if engine == Engine::Podman {
+            full.extend_from_slice(PODMAN_ULIMITS);
+        }
+        full.extend_from_slice(args);
+        let _guard = ContainerGuard {
+            engines: self,
+            engine,
+            name: name.to_owned(),
+        };
+        run_timeout(self.cli(engine).args(&full), timeout)
+            .unwrap_or_else(|e| panic!("`{} {}`: {e:#}", engine.name(), full.join(" ")))
+    }
+
+    /// The pid of the running dockerd (the one this process started, else the pidfile's).
+    pub fn dockerd_pid(&self) -> Option<u32> {
+        let started = self.started.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(child) = &started.dockerd {
+            return Some(child.id());
+        }
+        let pid: u32 = std::fs::read_to_string("/var/run/docker.pid")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        pid_alive(pid).then_some(pid)
+    }
+
+    /// Whether this process may kill and restart dockerd: it started it, or a previous test
+    /// run did (its output goes to [`DOCKERD_LOG`]), or `PORTGATE_TESTS_MAY_RESTART_DOCKERD=1`
+    /// says any dockerd on this machine may be restarted. Err says why not.
+    pub fn may_restart_dockerd(&self) -> std::result::Result<(), String> {
+        if self
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dockerd
+            .is_some()
+            || std::env::var_os("PORTGATE_TESTS_MAY_RESTART_DOCKERD").is_some_and(|v| v != "0")
+        {
+            return Ok(());
+        }
+        let Some(pid) = self.dockerd_pid() else {
+            return Err("no dockerd pid (/var/run/docker.pid)".into());
+        };
+        let output = std::fs::read_link(format!("/proc/{pid}/fd/1")).unwrap_or_default();
+        if output == Path::new(DOCKERD_LOG) {
+            Ok(())
+        } else {
+            Err(format!(
+                "dockerd (pid {pid}, output to {}) was started outside the test harness; not \
+                 killing it (PORTGATE_TESTS_MAY_RESTART_DOCKERD=1 allows it)",
+                output.display()
+            ))
+        }
+    }
+
+    /// Kills dockerd with SIGKILL, like a crash: containers keep running under containerd,
+    /// the engine's iptables rules stay. Returns once dockerd is gone.
+    pub fn kill_dockerd(&self) {
+        let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut child) = started.dockerd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        drop(started);
+        // A dockerd a previous test run started (the test harness's own daemon).
+        let pid = self.dockerd_pid().expect("dockerd is not running");
+        // SAFETY: kill on the pid from dockerd's own pidfile, checked alive above.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        wait_until(Duration::from_secs(10), || {
+            !pid_alive(pid) || is_zombie(pid)
+        })
+        .unwrap_or_else(|_| panic!("dockerd {pid} did not die of SIGKILL"));
+        // Nobody may reap it here (PID 1 is not an init on these machines): a zombie keeps
+        // its pid "running", and a new dockerd would refuse to start over its pidfile.
+        let _ = std::fs::remove_file("/var/run/docker.pid");
+    }
+
+    /// Starts dockerd again (after [`Engines::kill_dockerd`]) and waits until it answers.
+    pub fn start_dockerd(&self) {
+        let child = self.spawn_dockerd().unwrap_or_else(|e| panic!("{e:#}"));
+        self.started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dockerd = Some(child);
+        self.wait_docker().unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    /// Stops (SIGTERM, then SIGKILL after 30 s) the daemons this process started, newest
+    /// first. Not called by the tests: the daemons outlive a test binary so the next one
+    /// reuses them.
+    pub fn stop_started(&self) {
+        let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
+        for child in [
+            started.podman.take(),
+            started.dockerd.take(),
+            started.containerd.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let mut child = child;
+            // SAFETY: kill on the pid of our own child, not yet reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+pub(super) enum InitError {
+    Skip(String),
+    Failed(anyhow::Error),
+}
+
+/// The shell script of a test httpd: `/www/index.html` holds [`body_of`]`(name)`,
+/// `/www/big` is a sparse file of `big_mib` MiB (when not 0), one httpd per port, the last
+/// one in the foreground.
+pub fn httpd_script(name: &str, ports: &[u16], big_mib: u32) -> String {
+    let mut script = format!(
+        "/bin/busybox mkdir -p /www && echo '{}' > /www/index.html",
+        body_of(name)
+    );
+    if big_mib > 0 {
+        script.push_str(&format!(
+            " && /bin/busybox dd if=/dev/zero of=/www/big bs=1048576 count=0 seek={big_mib} 2>/dev/null"
+        ));
+    }
+    for (i, port) in ports.iter().enumerate() {
+        if i + 1 == ports.len() {
+            script.push_str(&format!(" && exec /bin/busybox httpd -f -p {port} -h /www"));
+        } else {
+            script.push_str(&format!(" && /bin/busybox httpd -p {port} -h /www"));
+        }
+    }
+    script
+}
+
+/// A container, removed (`rm -f`) on drop.
+pub struct ContainerGuard {
+    engines: &'static Engines,
+    pub engine: Engine,
+    pub name: String,
+}
+
+impl ContainerGuard {
+    fn cli_ok(&self, args: &[&str]) -> String {
+        self.engines.cli_ok(self.engine, args)
+    }
+
+    /// The container's address on its engine's default bridge (empty when not running).
+    pub fn address(&self) -> String {
+        self.cli_ok(&[
+            "inspect",
+            "--format",
+            "{{.NetworkSettings.IPAddress}}",
+            &self.name,
+        ])
+    }
+
+    /// The container's full ID.
+    pub fn id(&self) -> String {
+        self.cli_ok(&["inspect", "--format", "{{.Id}}", &self.name])
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.cli_ok(&["inspect", "--format", "{{.State.Running}}", &self.name]) == "true"
+    }
+
+    /// `restart -t 1` (busybox as PID 1 ignores SIGTERM; no need to wait 10 s for it).
+    pub fn restart(&self) {
+        self.cli_ok(&["restart", "-t", "1", &self.name]);
+    }
+
+    pub fn stop(&self) {
+        self.cli_ok(&["stop", "-t", "1", &self.name]);
+    }
+
+    pub fn start(&self) {
+        self.cli_ok(&["start", &self.name]);
+    }
+
+    pub fn logs(&self) -> String {
+        run_timeout(
+            self.engines.cli(self.engine).args(["logs", &self.name]),
+            Duration::from_secs(20),
+        )
+        .map(|o| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+        .unwrap_or_else(|e| format!("(no logs: {e:#})"))
+    }
+
+    /// Waits until the container runs and accepts TCP on `port` from the root namespace
+    /// (the host's own connections pass the gate). Panics after [`FOLLOW_TIMEOUT`].
+    pub fn wait_serving(&self, port: u16) -> String {
+        let deadline = Instant::now() + FOLLOW_TIMEOUT;
+        let mut last: String;
+        loop {
+            if self.is_running() {
+                let address = self.address();
+                if let Ok(ip) = address.parse::<Ipv4Addr>() {
+                    let sa = SocketAddr::from((ip, port));
+                    match TcpStream::connect_timeout(&sa, Duration::from_secs(1)) {
+                        Ok(_) => return address,
+                        Err(e) => last = format!("connect {sa}: {e}"),
+                    }
+                } else {
+                    last = format!("no address yet ({address:?})");
+                }
+            } else {
+                last = "not running".into();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} container {} does not serve port {port} after {FOLLOW_TIMEOUT:?} ({last}); logs:\n{}",
+                    self.engine.name(),
+                    self.name,
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        remove_container(self.engines, self.engine, &self.name);
+    }
+}
+
+pub(super) fn remove_container(engines: &Engines, engine: Engine, name: &str) {
+    let mut command = engines.cli(engine);
+    command.args(["rm", "-f"]);
+    if engine == Engine::Podman {
+        command.args(["-t", "0"]);
+    }
+    let _ = run_timeout(command.arg(name), Duration::from_secs(60));
+}
+
+/// A host port nobody uses: unique in this process, and free on the host right now.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Start somewhere that depends on the pid, so parallel runs tend to pick different ports.
+    let _ = NEXT.compare_exchange(
+        0,
+        20000 + (std::process::id() % 500) as u16 * 40,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        if port >= 60000 {
+            NEXT.store(20000, Ordering::SeqCst);
+            continue;
+        }
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+}

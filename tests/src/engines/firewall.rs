@@ -1,0 +1,58 @@
+//! iptables helpers.
+
+use super::*;
+
+/// The rules (`-A ...` lines) of `chain` through iptables binary `bin`.
+pub fn iptables_rules(bin: &str, chain: &str) -> Vec<String> {
+    let output = Command::new(bin)
+        .args(["-S", chain])
+        .output()
+        .unwrap_or_else(|e| panic!("run {bin} -S {chain}: {e}"));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with("-A "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Splits an `iptables -S` line into arguments (double quotes group, as iptables prints them).
+pub fn split_rule(line: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut has = false;
+    for ch in line.chars() {
+        match ch {
+            '"' => {
+                quoted = !quoted;
+                has = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if has {
+                    args.push(std::mem::take(&mut current));
+                    has = false;
+                }
+            }
+            c => {
+                current.push(c);
+                has = true;
+            }
+        }
+    }
+    if has {
+        args.push(current);
+    }
+    args
+}
+
+/// Deletes one rule printed by `iptables -S` (`-A CHAIN SPEC` -> `-D CHAIN SPEC`).
+pub fn iptables_delete(bin: &str, rule_line: &str) {
+    let mut args = split_rule(rule_line);
+    assert_eq!(
+        args.first().map(String::as_str),
+        Some("-A"),
+        "not a rule: {rule_line}"
+    );
+    args[0] = "-D".into();
+    run_ok(Command::new(bin).args(&args));
+}
