@@ -227,8 +227,9 @@ pub fn ifindex(name: &str) -> Option<u32> {
 /// The filesystem magic number of `path`'s filesystem.
 pub fn fs_type(path: &Path) -> Option<i64> {
     let path = CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statfs writes into the zeroed struct we pass.
+    // SAFETY: `statfs` is plain integers, for which all zeroes is a valid value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string; statfs writes only into `stat`.
     let ret = unsafe { libc::statfs(path.as_ptr(), &mut stat) };
     (ret == 0).then_some(stat.f_type as i64)
 }
