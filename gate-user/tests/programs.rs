@@ -40,15 +40,14 @@ struct Gate {
 }
 
 impl Gate {
-    /// None, with a message, when the test cannot run here.
+    /// None when the test cannot run here, after saying so (a failure in CI instead: see
+    /// `portgate_test_support::skip`).
     fn load(config: GateConfig) -> Option<Self> {
         Self::load_with(config, Capacities::default())
     }
 
     fn load_with(config: GateConfig, capacities: Capacities) -> Option<Self> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root to load eBPF programs");
+        if !portgate_test_support::require_root("loads eBPF programs") {
             return None;
         }
         static NEXT: AtomicU32 = AtomicU32::new(0);

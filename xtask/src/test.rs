@@ -27,7 +27,8 @@ pub fn run(extra_args: &[String]) -> Result<()> {
         println!(
             "note: not running as root: the tests that load eBPF programs (gate-user's program \
              tests) or build network namespaces (portgate-tests) need root and will be skipped, \
-             each printing `skipped: ...`; setup cannot install anything"
+             each printing `skipped: ...` (or fail, where PORTGATE_REQUIRE_ROOT, \
+             PORTGATE_REQUIRE_ENGINES or CI is set); setup cannot install anything"
         );
     }
 
