@@ -267,16 +267,28 @@ pub struct EventBudget {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all are repr(C), Copy, without implicit padding, valid for any bit pattern.
+    // Each type is repr(C) and Copy, made of integers and byte arrays only, with explicit
+    // padding fields (no implicit padding: `layouts_have_no_implicit_padding` checks the
+    // sizes), so any bit pattern is a valid value and every byte is initialised.
+    // SAFETY: see above; `AllowKey` is such a type.
     unsafe impl aya::Pod for super::AllowKey {}
+    // SAFETY: see above; `AllowValue` is such a type.
     unsafe impl aya::Pod for super::AllowValue {}
+    // SAFETY: see above; `FlowKey` is such a type.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: see above; `FlowState` is such a type.
     unsafe impl aya::Pod for super::FlowState {}
+    // SAFETY: see above; `RuleStats` is such a type.
     unsafe impl aya::Pod for super::RuleStats {}
+    // SAFETY: see above; `Config` is such a type.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: see above; `BridgeDropKey` is such a type.
     unsafe impl aya::Pod for super::BridgeDropKey {}
+    // SAFETY: see above; `DropEvent` is such a type.
     unsafe impl aya::Pod for super::DropEvent {}
+    // SAFETY: see above; `EventBudget` is such a type.
     unsafe impl aya::Pod for super::EventBudget {}
+    // SAFETY: see above; `PortAddrKey` is such a type.
     unsafe impl aya::Pod for super::PortAddrKey {}
 }
 

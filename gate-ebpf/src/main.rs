@@ -83,7 +83,7 @@ const REFRESH_NS: u64 = NS_PER_SECOND;
 /// "Next" in a TCX chain (pass, unless a later program decides otherwise); with legacy tc,
 /// the default action, which passes.
 const PASS: i32 = TC_ACT_UNSPEC;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const DROP: i32 = TC_ACT_SHOT;
 
 enum Verdict {
     Pass(u32),
@@ -262,7 +262,7 @@ fn toward_container(ctx: &TcContext, packet: &Transport) -> Verdict {
     };
     // SAFETY: ktime has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+    if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: the map value stays valid for this program run; concurrent updates of
         // a flow's fields race benignly (last writer wins, as in Cilium's conntrack).
         let flow = unsafe { &mut *flow };
@@ -286,6 +286,7 @@ fn toward_container(ctx: &TcContext, packet: &Transport) -> Verdict {
     } else {
         0
     };
+    // SAFETY: plain map lookup; the value is read at once (its rule id copied out).
     let Some(allow) = (unsafe { ALLOW.get(AllowKey::new(packet.dst, packet.proto, port)) }) else {
         return Verdict::Drop(DROP_NOT_ALLOWED);
     };
@@ -305,7 +306,7 @@ fn try_from_containers(ctx: &TcContext) {
     let key = container_sent(&packet);
     // SAFETY: ktime has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+    if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: as in `toward_container`.
         let flow = unsafe { &mut *flow };
         if continues(flow, &packet, now) {
@@ -325,7 +326,7 @@ fn try_from_containers(ctx: &TcContext) {
         ifindex,
     };
     // SAFETY: plain map lookup.
-    if unsafe { PORT_ADDRS.get(&binding) }.is_none() {
+    if unsafe { PORT_ADDRS.get(binding) }.is_none() {
         count(FOREIGN_SOURCE);
         return;
     }
@@ -398,7 +399,7 @@ fn open_flow(
         flags: 0,
         _pad: 0,
     };
-    match FLOWS.insert(key, &state, 0) {
+    match FLOWS.insert(key, state, 0) {
         Ok(()) => count(FLOW_CREATED),
         Err(err) => {
             count(FLOW_INSERT_FAILED);
@@ -413,11 +414,11 @@ fn open_flow(
 #[inline(never)]
 fn record_drop(ifindex: u32, packet: &Transport, reason: u32, audit: bool) {
     let key = BridgeDropKey { ifindex, reason };
-    match BRIDGE_DROPS.get_ptr_mut(&key) {
+    match BRIDGE_DROPS.get_ptr_mut(key) {
         // SAFETY: per-CPU slot, only this CPU writes it.
         Some(value) => unsafe { *value += 1 },
         None => {
-            let _ = BRIDGE_DROPS.insert(&key, &1, 0);
+            let _ = BRIDGE_DROPS.insert(key, 1, 0);
         }
     }
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {

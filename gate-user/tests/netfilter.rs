@@ -34,11 +34,10 @@ struct Netns {
 }
 
 impl Netns {
-    /// None, with a message, when the test cannot run here.
+    /// None when the test cannot run here, after saying so (a failure in CI instead: see
+    /// `portgate_test_support::skip`).
     fn new() -> Option<Self> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: netfilter tests need root (network namespaces, iptables, nft)");
+        if !portgate_test_support::require_root("network namespaces, iptables, nft") {
             return None;
         }
         static NEXT: AtomicU32 = AtomicU32::new(0);

@@ -40,15 +40,14 @@ struct Gate {
 }
 
 impl Gate {
-    /// None, with a message, when the test cannot run here.
+    /// None when the test cannot run here, after saying so (a failure in CI instead: see
+    /// `portgate_test_support::skip`).
     fn load(config: GateConfig) -> Option<Self> {
         Self::load_with(config, Capacities::default())
     }
 
     fn load_with(config: GateConfig, capacities: Capacities) -> Option<Self> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root to load eBPF programs");
+        if !portgate_test_support::require_root("loads eBPF programs") {
             return None;
         }
         static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -1050,4 +1049,94 @@ fn audit_mode_passes_unpublished_host_port_connections_and_counts_them() {
     assert_eq!(verdict, Verdict::Pass);
     assert_eq!(gate.counter("not_allowed"), 1);
     assert_eq!(gate.counter("audit_passed"), 1);
+}
+
+/// `bpftool -j ARGS...`'s JSON; panics unless it succeeds.
+fn bpftool_json(args: &[&str]) -> serde_json::Value {
+    let output = std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        output.status.success(),
+        "bpftool {args:?} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.stdout.iter().all(u8::is_ascii_whitespace) {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice(&output.stdout).expect("bpftool's JSON")
+}
+
+/// Removes a test's pin directory, whatever is in it, on drop.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_pinned_map_with_another_layout_is_refused_not_reused_or_replaced() {
+    if !portgate_test_support::require_root("pins maps, loads eBPF programs") {
+        return;
+    }
+    if std::process::Command::new("bpftool")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        portgate_test_support::skip("bpftool not found (apt-get install bpftool)");
+        return;
+    }
+    let dir = PathBuf::from(format!("/sys/fs/bpf/pgprog-{}-foreign", std::process::id()));
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let _ = std::fs::remove_dir_all(&dir);
+    let maps = dir.join(gate_common::LAYOUT_VERSION).join("maps");
+    std::fs::create_dir_all(&maps).expect("create the maps directory");
+    // Where this layout's allow map is pinned, a map of another layout (a u32 key and value,
+    // 8 entries), with an entry in it.
+    let pin = maps.join(gate_common::map_names::ALLOW);
+    let pin_str = pin.to_str().expect("UTF-8 path");
+    bpftool_json(&[
+        "map", "create", pin_str, "type", "hash", "key", "4", "value", "4", "entries", "8", "name",
+        "ALLOW",
+    ]);
+    bpftool_json(&[
+        "map", "update", "pinned", pin_str, "key", "1", "0", "0", "0", "value", "2", "0", "0", "0",
+    ]);
+    let show = || bpftool_json(&["map", "show", "pinned", pin_str]);
+    let before = show();
+    let dump = || bpftool_json(&["map", "dump", "pinned", pin_str]);
+    let entries = dump();
+
+    match Datapath::load(&dir, GateConfig::default()) {
+        Ok(_) => panic!("a pinned map of another layout was reused"),
+        Err(datapath::DatapathError::IncompatibleMap { path, detail }) => {
+            assert_eq!(path, pin, "{detail}");
+        }
+        Err(other) => panic!("expected IncompatibleMap, got: {other}"),
+    }
+
+    // Not replaced: the same map (same id, type, sizes), with its entry.
+    let after = show();
+    assert_eq!(after["id"], before["id"], "replaced: {before} -> {after}");
+    for field in ["type", "key", "value", "max_entries", "name"] {
+        assert_eq!(after[field], before[field], "{field}: {before} -> {after}");
+    }
+    assert_eq!(dump(), entries, "the map's contents changed");
+    // Not reused: nothing was loaded or pinned next to it.
+    let pinned: Vec<_> = std::fs::read_dir(dir.join(gate_common::LAYOUT_VERSION))
+        .expect("read the layout directory")
+        .flat_map(|entry| {
+            let entry = entry.expect("entry");
+            std::fs::read_dir(entry.path())
+                .map(|d| d.map(|e| e.expect("entry").path()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(pinned, [pin], "only the foreign map may be pinned");
 }

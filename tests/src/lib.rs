@@ -18,33 +18,18 @@ pub use agent::{Agent, portgate_bin};
 pub use net::{TcpEchoServer, UdpEchoServer};
 pub use sandbox::Sandbox;
 
-use std::io::Write;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Whether the test may run. When not root, prints why the test is skipped and returns false:
-/// a skip is never silently a pass.
-pub fn require_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    // Straight to stderr, not eprintln!: libtest captures the print macros of passing tests,
-    // and a skip must be seen, not shown as a silent pass.
-    let _ = writeln!(
-        std::io::stderr(),
-        "skipped: {}: needs root (loads eBPF programs, creates network namespaces)",
-        current_test_name()
-    );
-    false
-}
+/// The skip policy of every test crate (`portgate-test-support`): `skip(why)` prints
+/// `skipped: <test>: <why>` past libtest's capture, or fails the test where skips are
+/// failures (`PORTGATE_REQUIRE_ROOT`, `PORTGATE_REQUIRE_ENGINES` or `CI` set, as in CI).
+pub use portgate_test_support::{current_test_name, skip};
 
-/// The name of the running test: libtest names each test's thread after it.
-pub fn current_test_name() -> String {
-    match std::thread::current().name() {
-        Some(name) if name != "main" => name.to_owned(),
-        _ => "<unknown test>".to_owned(),
-    }
+/// Whether the test may run. When not root, skips the test saying why and returns false
+/// (or fails it where skips are failures, see [`skip`]): a skip is never silently a pass.
+pub fn require_root() -> bool {
+    portgate_test_support::require_root("loads eBPF programs, creates network namespaces")
 }
 
 /// A name unique to this process and call: `pgt-<pid>-<n>`. Leftovers of a killed run carry

@@ -7,7 +7,6 @@
 //! test says it is skipped (`PORTGATE_REQUIRE_ENGINES=1` turns that into a failure).
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -322,10 +321,7 @@ fn rule_follows_the_container_across_restarts() {
 fn dockerd_restart_keeps_enforcement_and_the_agent_resyncs() {
     let (_serial, engines) = setup!();
     if let Err(why) = engines.may_restart_dockerd() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped: dockerd_restart_keeps_enforcement_and_the_agent_resyncs: {why}"
-        );
+        portgate_tests::skip(why);
         return;
     }
     let sc = Scenario::new();

@@ -44,11 +44,9 @@ fn docs(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Straight to stderr: libtest captures the print macros of passing tests, and a skip must
-/// be seen.
+/// The shared skip policy: seen past libtest's capture, a failure in CI.
 fn skip(why: &str) {
-    let test = thread::current().name().unwrap_or("metrics").to_owned();
-    let _ = writeln!(io::stderr(), "skipped: {test}: {why}");
+    portgate_tests::skip(why);
 }
 
 /// Whether `program --version` runs.
@@ -136,7 +134,7 @@ fn http_get(ns: &str, addr: &str, path: &str, accept: &str) -> io::Result<(u16, 
     let (addr, path, accept) = (addr.to_owned(), path.to_owned(), accept.to_owned());
     in_netns(ns, move || {
         let mut stream =
-            TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))?;
+            TcpStream::connect_timeout(&addr.parse().expect("address"), Duration::from_secs(2))?;
         stream.set_read_timeout(Some(Duration::from_secs(15)))?;
         write!(
             stream,
@@ -204,7 +202,10 @@ impl Prometheus<'_> {
     /// Waits until Prometheus holds a scrape of the agent taken after `after` (so it covers
     /// everything done before `after`).
     fn wait_for_scrape_after(&self, after: SystemTime) {
-        let after = after.duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+        let after = after
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs_f64();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let result = self.query(r#"timestamp(portgate_build_info{job="portgate"})"#);
@@ -593,10 +594,10 @@ fn promtool_check_metrics(text: &str) {
     child
         .stdin
         .take()
-        .unwrap()
+        .expect("promtool's stdin")
         .write_all(text.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+        .expect("write to promtool");
+    let output = child.wait_with_output().expect("wait for promtool");
     assert!(
         output.status.success(),
         "promtool check metrics failed: {}{}\n--- exposition ---\n{text}",

@@ -1,9 +1,10 @@
-//! Developer tasks for portgate: `cargo xtask setup | build | test | demo | bench`.
+//! Developer tasks for portgate: `cargo xtask setup | build | lint | test | demo | bench`.
 //!
 //! Everything here shells out to the tools a developer would type by hand (apt-get, cargo,
 //! rustup, ip, socat), printing each command before it runs.
 mod bench;
 mod demo;
+mod lint;
 mod proc;
 mod setup;
 mod test;
@@ -38,7 +39,10 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Run setup, build, and every test: unit, program and end-to-end (the CI command; root).
+    /// rustfmt check and clippy (warnings denied) over every crate and target.
+    Lint,
+    /// Run setup, lint, build, and every test: unit, program and end-to-end (the CI command;
+    /// root).
     Test {
         /// Passed to the final `cargo test -p portgate-tests -- --test-threads=2 ...`
         /// (e.g. a test name filter).
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
             setup::Mode::Install
         }),
         Task::Build { release } => build(release),
+        Task::Lint => lint::run(),
         Task::Test { args } => test::run(&args),
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(args),

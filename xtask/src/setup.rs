@@ -4,7 +4,7 @@
 //! 1. apt packages: Debian's Rust with its prebuilt BPF `core`, LLVM 22 for bpf-linker, the
 //!    network tools the tests and the demo use, and the container engines the engine tests run;
 //! 2. bpf-linker 0.13.0, built against Debian's LLVM 22;
-//! 3. `rustup toolchain link debian /usr`, so aya-build can select Debian's compiler;
+//! 3. `rustup toolchain link debian /usr`, so gate-user's build.rs can select Debian's compiler;
 //! 4. (report only) which toolchain gate-user's build.rs will use for the eBPF object;
 //! 5. bpffs mounted at /sys/fs/bpf.
 use std::{path::Path, process::Command, time::Duration};

@@ -1,4 +1,5 @@
-//! `cargo xtask test [ARGS]`: every test, in stages, with a summary line per stage.
+//! `cargo xtask test [ARGS]`: setup, lint and every test, in stages, with a summary line per
+//! stage.
 use std::{
     process::Command,
     time::{Duration, Instant},
@@ -26,7 +27,8 @@ pub fn run(extra_args: &[String]) -> Result<()> {
         println!(
             "note: not running as root: the tests that load eBPF programs (gate-user's program \
              tests) or build network namespaces (portgate-tests) need root and will be skipped, \
-             each printing `skipped: ...`; setup cannot install anything"
+             each printing `skipped: ...` (or fail, where PORTGATE_REQUIRE_ROOT, \
+             PORTGATE_REQUIRE_ENGINES or CI is set); setup cannot install anything"
         );
     }
 
@@ -35,6 +37,13 @@ pub fn run(extra_args: &[String]) -> Result<()> {
             name: "setup",
             blocks_later: true,
             command: None,
+        },
+        Stage {
+            // The first check (clippy needs what setup installs: it runs gate-user's build
+            // script). A lint failure fails the run but blocks nothing: the tests still run.
+            name: "lint (rustfmt, clippy)",
+            blocks_later: false,
+            command: Some(cargo(&["xtask", "lint"])),
         },
         Stage {
             name: "cargo build --release",

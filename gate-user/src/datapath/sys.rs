@@ -227,8 +227,9 @@ pub fn ifindex(name: &str) -> Option<u32> {
 /// The filesystem magic number of `path`'s filesystem.
 pub fn fs_type(path: &Path) -> Option<i64> {
     let path = CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statfs writes into the zeroed struct we pass.
+    // SAFETY: `statfs` is plain integers, for which all zeroes is a valid value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string; statfs writes only into `stat`.
     let ret = unsafe { libc::statfs(path.as_ptr(), &mut stat) };
     (ret == 0).then_some(stat.f_type as i64)
 }
@@ -318,8 +319,9 @@ pub fn black_hole_socket(stream: bool) -> io::Result<OwnedFd> {
 
 /// The running kernel's release, as `uname -r` prints it.
 pub fn kernel_release() -> String {
-    // SAFETY: uname fills the zeroed struct we pass.
+    // SAFETY: utsname is plain old data; all-zero is a valid value.
     let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname fills the struct we pass.
     if unsafe { libc::uname(&mut name) } != 0 {
         return String::new();
     }

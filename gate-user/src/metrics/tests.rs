@@ -491,11 +491,9 @@ fn promtool_check_metrics_passes() {
     let mut child = match child {
         Ok(child) => child,
         Err(err) => {
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipped: promtool_check_metrics_passes: promtool not runnable ({err}); apt-get install prometheus"
-            );
+            portgate_test_support::skip(format_args!(
+                "promtool not runnable ({err}); apt-get install prometheus"
+            ));
             return;
         }
     };

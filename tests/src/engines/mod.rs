@@ -43,8 +43,8 @@ use serde_json::Value;
 
 use crate::agent::{Agent, remove_pins};
 use crate::net::{SHOULD_ANSWER, SHOULD_TIME_OUT};
+use crate::run_ok;
 use crate::sandbox::in_netns;
-use crate::{current_test_name, run_ok};
 
 mod agent;
 mod daemons;

@@ -32,8 +32,9 @@ fn ticks_per_sec() -> f64 {
 }
 
 fn rusage_secs(who: libc::c_int) -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct we pass.
+    // SAFETY: `rusage` is plain integers, for which all zeroes is a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes only into the struct we pass.
     if unsafe { libc::getrusage(who, &mut usage) } != 0 {
         return 0.0;
     }

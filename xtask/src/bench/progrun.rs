@@ -309,8 +309,9 @@ fn new_remote_of(i: usize) -> [u8; 4] {
 const REMOTE_PORT: u16 = 40_000;
 
 fn monotonic_ns() -> u64 {
-    // SAFETY: clock_gettime writes into the zeroed timespec we pass.
+    // SAFETY: `timespec` is plain integers, for which all zeroes is a valid value.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: clock_gettime writes only into the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -128,8 +128,9 @@ fn cpu_set(cpu: usize) -> Option<libc::cpu_set_t> {
     if cpus < 2 {
         return None;
     }
-    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET stays within it.
+    // SAFETY: an all-zero cpu_set_t is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu % cpus` is below the number of CPUs, within the set's bits.
     unsafe { libc::CPU_SET(cpu % cpus, &mut set) };
     Some(set)
 }

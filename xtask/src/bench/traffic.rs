@@ -333,9 +333,11 @@ fn sink_loop(
     const BATCH: usize = 64;
     let fd = socket.as_raw_fd();
     let mut bufs = [[0u8; 64]; BATCH];
-    // SAFETY: all-zero sockaddr_in, iovec and mmsghdr are valid initial values.
+    // SAFETY: an all-zero sockaddr_in is a valid initial value (integers only).
     let mut names: [libc::sockaddr_in; BATCH] = unsafe { zeroed() };
+    // SAFETY: an all-zero iovec (null pointer, length 0) is a valid initial value.
     let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
+    // SAFETY: an all-zero mmsghdr (null pointers, zero lengths) is a valid initial value.
     let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
     // One bit per source port: answered already.
     let mut answered = vec![0u64; 65536 / 64];
