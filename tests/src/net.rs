@@ -238,28 +238,12 @@ pub fn udp_request(
     payload: &[u8],
     timeout: Duration,
 ) -> Option<Vec<u8>> {
-    let local: SocketAddr = if addr.is_ipv4() {
+    let any = if addr.is_ipv4() {
         sa("0.0.0.0:0")
     } else {
         sa("[::]:0")
     };
-    let socket = sandbox
-        .in_netns(ns, || UdpSocket::bind(local))
-        .unwrap_or_else(|e| panic!("bind udp client in {ns}: {e}"));
-    socket
-        .set_read_timeout(Some(timeout))
-        .expect("set_read_timeout");
-    socket
-        .send_to(payload, addr)
-        .unwrap_or_else(|e| panic!("send udp to {addr}: {e}"));
-    let mut buf = [0u8; 2048];
-    loop {
-        match socket.recv_from(&mut buf) {
-            Ok((n, from)) if from == addr => return Some(buf[..n].to_vec()),
-            Ok(_) => continue,
-            Err(_) => return None,
-        }
-    }
+    udp_request_from(sandbox, ns, any, addr, payload, timeout)
 }
 
 /// Asserts that a UDP request from `ns` to `addr` gets its echo.

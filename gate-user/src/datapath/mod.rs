@@ -443,12 +443,7 @@ impl Datapath {
         let name = program_names::HOST_PORTS;
         let pin = self.pins.link(HOST_PORTS_LINK);
         let program = sk_lookup(&mut self.ebpf, name)?;
-        let program_fd = program
-            .fd()
-            .map_err(|source| DatapathError::Program { name, source })?
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(io_err(&pin))?;
+        let program_fd = owned_fd(name, program.fd(), &pin)?;
         let link = take_over_or_create(&pin, program_fd.as_fd(), || {
             let attach_err = |source| DatapathError::Attach {
                 target: "the host network namespace".to_owned(),
@@ -489,12 +484,7 @@ impl Datapath {
     ) -> Result<()> {
         let pin = self.pins.link(link_name);
         let program = classifier(&mut self.ebpf, name)?;
-        let program_fd = program
-            .fd()
-            .map_err(|source| DatapathError::Program { name, source })?
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(io_err(&pin))?;
+        let program_fd = owned_fd(name, program.fd(), &pin)?;
         let link = take_over_or_create(&pin, program_fd.as_fd(), || {
             let attach_err = |source| DatapathError::Attach {
                 target: interface.to_owned(),
@@ -825,6 +815,19 @@ fn take_over_or_create(
         source,
     })?;
     sys::obj_get(pin).map_err(link_io)
+}
+
+/// A descriptor of its own for program `name`'s fd, kept while the program is borrowed to
+/// attach it.
+fn owned_fd(
+    name: &'static str,
+    fd: std::result::Result<&aya::programs::ProgramFd, ProgramError>,
+    pin: &Path,
+) -> Result<OwnedFd> {
+    fd.map_err(|source| DatapathError::Program { name, source })?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(io_err(pin))
 }
 
 fn sk_lookup<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SkLookup> {
