@@ -68,7 +68,7 @@ impl Agent {
     /// attaches `from_containers` to ports that do not have it yet. Bindings are written
     /// before a port's program is attached, and a port that is not found opens nothing (fail
     /// closed). Runs on each tick and after each engine sync, where containers come and go.
-    pub(super) fn sync_ports(&mut self, strict: bool) -> anyhow::Result<()> {
+    pub(super) fn sync_ports(&mut self) -> anyhow::Result<()> {
         let ports: Vec<ports::Port> = self
             .datapath
             .bridges()
@@ -100,10 +100,13 @@ impl Agent {
                     addresses = ?addresses.get(&port.ifindex),
                     "bridge port tracked"
                 ),
-                Err(err) if !strict => warn!("bridge port {}: {err:#}; retrying", port.name),
-                Err(err) => {
-                    return Err(err).with_context(|| format!("bridge port {}", port.name));
-                }
+                // Until the next round it opens nothing (fail closed); its container may be
+                // just going.
+                Err(err) => warn!(
+                    "bridge port {}: {:#}; retrying",
+                    port.name,
+                    anyhow::Error::from(err)
+                ),
             }
         }
         self.datapath.forget_ports(&(&known - &current))?;

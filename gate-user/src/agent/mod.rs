@@ -183,7 +183,7 @@ impl Agent {
             .datapath
             .attach_host_ports()
             .context("gating published host ports that reach local sockets")?;
-        agent.sync_ports(true)?;
+        agent.sync_ports()?;
         datapath::retire_other_layouts(&agent.options.bpffs)
             .context("detaching an older gate's programs")?;
         info!(
@@ -313,7 +313,7 @@ impl Agent {
                 if let Err(err) = self
                     .attach_bridges(false)
                     .and_then(|()| self.reconcile())
-                    .and_then(|()| self.sync_ports(false))
+                    .and_then(|()| self.sync_ports())
                 {
                     error!("applying {engine}'s containers failed: {err:#}");
                 }
@@ -369,10 +369,7 @@ impl Agent {
         for path in self.datapath.repin() {
             warn!(pin = %path.display(), "a link pin was removed; pinned it again (the gate stayed attached)");
         }
-        if let Err(err) = self
-            .attach_bridges(false)
-            .and_then(|()| self.sync_ports(false))
-        {
+        if let Err(err) = self.attach_bridges(false).and_then(|()| self.sync_ports()) {
             warn!("{err:#}");
         }
     }
