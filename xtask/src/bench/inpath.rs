@@ -12,11 +12,12 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use gate_common::program_names;
+use portgate_bpf_sys::sys_bpf;
 
 use super::{
     Plan, WRK_CONNECTIONS, WRK_THREADS,
     filters::{self, Filter, Setup},
-    progrun::{obj_get, sys_bpf},
+    progrun::obj_get,
     report::Metric,
     topo::Topology,
     traffic,

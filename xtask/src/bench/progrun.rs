@@ -14,16 +14,10 @@
 //! clock around it, so the bench also reports the floor: the same call on a frame the program
 //! passes at once (sent by the host itself).
 //!
-//! Only raw bpf(2) calls here, no aya: xtask must build before `cargo xtask setup` has
-//! installed what building the eBPF object needs.
+//! Only raw bpf(2) calls here (portgate-bpf-sys, shared with the agent), no aya: xtask must
+//! build before `cargo xtask setup` has installed what building the eBPF object needs.
 use std::{
-    ffi::CString,
-    io,
-    mem::size_of,
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    },
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -32,6 +26,7 @@ use gate_common::{
     AllowKey, AllowValue, FLOW_REPLIED, FlowKey, FlowState, ORIGIN_REMOTE, PROTO_TCP, PROTO_UDP,
     ipv4_mapped, map_names, program_names, tcp,
 };
+use portgate_bpf_sys::sys_bpf;
 
 use super::{
     filters::{self, Agent, Entry, HTTP_PORT, Proto, Setup},
@@ -41,14 +36,8 @@ use super::{
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
-/// Size of the kernel's `struct __sk_buff`, the context of a TC program's test run.
-const SK_BUFF_CTX_WORDS: usize = 48;
-/// Word index of `__sk_buff.ingress_ifindex`.
-const INGRESS_IFINDEX_WORD: usize = 9;
 /// Any non-zero receiving interface: the frame looks forwarded, not sent by the host.
 const FORWARDED: u32 = 7;
 const FROM_HOST: u32 = 0;
@@ -71,36 +60,9 @@ pub struct ProgCost {
     pub samples: usize,
 }
 
-pub(super) fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
-    // SAFETY: `attr` is a valid, initialised bpf_attr variant of the size passed.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    path_fd: i32,
-    _pad: u32,
-}
-
+/// The pinned object at `path`, opened.
 pub(super) fn obj_get(path: &Path) -> Result<OwnedFd> {
-    let name = CString::new(path.as_os_str().as_bytes())?;
-    let mut attr = ObjGetAttr {
-        pathname: name.as_ptr() as u64,
-        ..Default::default()
-    };
-    let fd = sys_bpf(BPF_OBJ_GET, &mut attr)
-        .with_context(|| format!("BPF_OBJ_GET {}", path.display()))?;
-    // SAFETY: BPF_OBJ_GET returned a new descriptor that we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    portgate_bpf_sys::obj_get(path).with_context(|| format!("BPF_OBJ_GET {}", path.display()))
 }
 
 #[repr(C)]
@@ -221,42 +183,11 @@ fn count_entries<K: Copy>(map: &OwnedFd, zero: K) -> Result<usize> {
     }
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
 /// Runs the program once on `frame`; (return value, nanoseconds as the kernel measured).
 fn test_run(prog: &OwnedFd, frame: &[u8], ingress_ifindex: u32) -> Result<(i32, u32)> {
-    let mut ctx = [0u32; SK_BUFF_CTX_WORDS];
-    ctx[INGRESS_IFINDEX_WORD] = ingress_ifindex;
-    let mut attr = TestRunAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        repeat: 1,
-        ctx_size_in: size_of_val(&ctx) as u32,
-        ctx_in: ctx.as_ptr() as u64,
-        ..Default::default()
-    };
-    sys_bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN")?;
-    Ok((attr.retval as i32, attr.duration))
+    let run = portgate_bpf_sys::test_run(prog.as_fd(), frame, ingress_ifindex, 1)
+        .context("BPF_PROG_TEST_RUN")?;
+    Ok((run.retval, run.duration_ns))
 }
 
 /// An Ethernet + IPv4 + TCP frame (no options, no payload).

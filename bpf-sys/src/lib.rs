@@ -1,0 +1,222 @@
+//! The BPF system calls portgate makes itself (aya 0.14 does not wrap them): BPF_OBJ_GET and
+//! BPF_OBJ_PIN, BPF_PROG_TEST_RUN (TC and socket-lookup programs), BPF_LINK_UPDATE and
+//! BPF_LINK_DETACH. Shared by the agent and the bench; no aya, so xtask can build it before
+//! setup has installed bpf-linker.
+
+use std::{
+    ffi::CString,
+    io,
+    mem::size_of,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+pub const BPF_OBJ_PIN: libc::c_long = 6;
+pub const BPF_OBJ_GET: libc::c_long = 7;
+pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
+pub const BPF_LINK_UPDATE: libc::c_long = 29;
+pub const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Size of the kernel's `struct __sk_buff`, the context of a TC program's test run.
+const SK_BUFF_CTX_WORDS: usize = 48;
+/// Word index of `__sk_buff.ingress_ifindex` (byte offset 36).
+const INGRESS_IFINDEX_WORD: usize = 9;
+
+/// The bpf(2) system call with one `bpf_attr` variant.
+pub fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
+    // SAFETY: `attr` is a valid, initialised bpf_attr variant of the size passed.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// The result of running a program on a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestRun {
+    /// The program's return value.
+    pub retval: i32,
+    /// Average nanoseconds per run, as the kernel measured it.
+    pub duration_ns: u32,
+}
+
+/// Runs a TC program on `frame` (an Ethernet frame) `repeat` times in the kernel.
+/// `ingress_ifindex` 0 looks like traffic from the host's own stack; anything else like a
+/// forwarded packet.
+pub fn test_run(
+    prog: BorrowedFd<'_>,
+    frame: &[u8],
+    ingress_ifindex: u32,
+    repeat: u32,
+) -> io::Result<TestRun> {
+    let mut ctx = [0u32; SK_BUFF_CTX_WORDS];
+    ctx[INGRESS_IFINDEX_WORD] = ingress_ifindex;
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ctx_size_in: size_of_val(&ctx) as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ..Default::default()
+    };
+    sys_bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(TestRun {
+        retval: attr.retval as i32,
+        duration_ns: attr.duration,
+    })
+}
+
+/// A socket lookup, as `struct bpf_sk_lookup` carries it into a test run.
+#[derive(Clone, Copy, Debug)]
+pub struct SkLookupRun {
+    /// The IP protocol number (TCP or UDP).
+    pub protocol: u8,
+    pub remote: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
+}
+
+/// Runs a socket-lookup program once on `lookup`; returns its verdict (1 pass, 0 drop).
+/// The kernel takes no receiving interface for a test run: `ingress_ifindex` reads 0 (not
+/// lo, so the lookup counts as coming from outside).
+pub fn test_run_sk_lookup(prog: BorrowedFd<'_>, lookup: &SkLookupRun) -> io::Result<u32> {
+    use std::net::IpAddr;
+    // struct bpf_sk_lookup: the u64 socket/cookie union, then u32 fields.
+    let mut ctx = [0u32; 18];
+    let family_words = |addr: IpAddr| -> (u32, [u32; 4]) {
+        match addr {
+            IpAddr::V4(v4) => (2, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+            IpAddr::V6(v6) => {
+                let o = v6.octets();
+                let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                (10, [word(0), word(4), word(8), word(12)])
+            }
+        }
+    };
+    let (family, remote) = family_words(lookup.remote.ip());
+    let (_, local) = family_words(lookup.local.ip());
+    ctx[2] = family;
+    ctx[3] = u32::from(lookup.protocol);
+    if family == 2 {
+        ctx[4] = remote[0];
+        ctx[10] = local[0];
+    } else {
+        ctx[5..9].copy_from_slice(&remote);
+        ctx[11..15].copy_from_slice(&local);
+    }
+    ctx[9] = u32::from(lookup.remote.port().to_be());
+    ctx[15] = u32::from(lookup.local.port());
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        repeat: 1,
+        ctx_size_in: size_of_val(&ctx) as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ..Default::default()
+    };
+    sys_bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(attr.retval)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// `path` as a C string.
+pub fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// Opens the BPF object (map, program, link) pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let pathname = c_path(path)?;
+    let mut get = ObjGetAttr {
+        pathname: pathname.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = sys_bpf(BPF_OBJ_GET, &mut get)?;
+    // SAFETY: BPF_OBJ_GET returned a new file descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the BPF object behind `fd` at `path`.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let pathname = c_path(path)?;
+    let mut pin = ObjGetAttr {
+        pathname: pathname.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_OBJ_PIN, &mut pin).map(drop)
+}
+
+/// Detaches the link pinned at `path` (its programs stop running at once).
+pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    let fd = obj_get(path)?;
+    let mut detach = LinkDetachAttr {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    match sys_bpf(BPF_LINK_DETACH, &mut detach) {
+        // A link whose interface is gone is already detached.
+        Err(err) if err.raw_os_error() == Some(libc::ENOLINK) => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Swaps the program behind `link` for `program` in one step (BPF_LINK_UPDATE): the hook
+/// never runs without a program.
+pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
