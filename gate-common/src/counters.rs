@@ -33,7 +33,7 @@ counters! {
     PASS_NEW_ALLOWED = 4, "new_allowed", Pass;
     /// ICMPv6 neighbour discovery and multicast listener messages.
     PASS_NEIGHBOR = 5, "neighbor_discovery", Pass;
-    /// Sent by a container (bridge ingress never drops).
+    /// Sent by a container (the bridge ports' program never drops).
     PASS_FROM_CONTAINER = 6, "from_container", Pass;
     /// New connection to a destination without an allow rule.
     DROP_NOT_ALLOWED = 7, "not_allowed", Drop;

@@ -125,7 +125,7 @@ impl Gate {
     /// A packet a container sends; the ingress program never drops.
     fn sent_by_container(&self, frame: &[u8]) {
         let verdict = self.run(program_names::FROM_CONTAINERS, frame, FORWARDED);
-        assert_eq!(verdict, Verdict::Pass, "bridge ingress must never drop");
+        assert_eq!(verdict, Verdict::Pass, "from_containers must never drop");
     }
 
     /// Runs `host_ports` on a socket lookup.

@@ -452,7 +452,7 @@ fn predicted(results: &Results, metric: Metric) -> Option<f64> {
 
 /// Gate nanoseconds per unit on the CPU(s) that limit the load: both programs for short
 /// connections (both CPUs are busy); the egress program alone for the single-CPU loads
-/// (their bridge-ingress runs, for ACKs and answers, land on the other CPU).
+/// (their bridge-port runs, for ACKs and answers, land on the other CPU).
 fn gate_ns_on_limit(load: &InPath) -> f64 {
     let per_unit = |i: usize| {
         load.programs.get(i).map_or(0.0, |(_, runs, ns)| {
@@ -481,7 +481,7 @@ fn inpath_section(results: &Results) -> String {
     );
     let _ = writeln!(
         md,
-        "| load | toward_containers (bridge egress): runs per unit × ns per run | from_containers (bridge ingress): runs per unit × ns per run | gate ns per unit on the limiting CPU | CPU ns per unit without a filter | predicted slowdown |"
+        "| load | toward_containers (bridge egress): runs per unit × ns per run | from_containers (bridge ports' ingress): runs per unit × ns per run | gate ns per unit on the limiting CPU | CPU ns per unit without a filter | predicted slowdown |"
     );
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
     for load in loads {
