@@ -321,7 +321,7 @@ impl Gate {
         let (lo, hi) = (self.allow_n.min(n) - used, self.allow_n.max(n) - used);
         let keys: Vec<AllowKey> = all[lo..hi].iter().map(allow_key).collect();
         if n > self.allow_n {
-            let values = vec![AllowValue { rule_id: 0 }; keys.len()];
+            let values = vec![AllowValue::any_source(0); keys.len()];
             update_all(&self.allow, &keys, &values)?;
         } else if n < self.allow_n {
             delete_all(&self.allow, &keys)?;

@@ -11,7 +11,9 @@ use etherparse::PacketBuilder;
 use gate_common::{FlowKey, FlowState, PortAddrKey, counters, ipv4_mapped, program_names};
 use gate_user::{
     datapath::{self, AllowSync, Capacities, Datapath, GateConfig, sys},
-    policy::{Ports, Resolver, RuleSet, Target, parse_address},
+    policy::{
+        Access, Context, Ports, Prefix, Resolver, RuleSet, SourceSets, Target, parse_address,
+    },
 };
 
 const CONTAINER4: [u8; 4] = [10, 99, 0, 2];
@@ -36,8 +38,12 @@ enum Verdict {
 struct Gate {
     datapath: Datapath,
     rules: RuleSet,
+    sets: SourceSets,
     dir: PathBuf,
 }
+
+/// The interface `--via` names in these tests: the runs' receiving interface.
+const VIA: &str = "wg-test";
 
 impl Gate {
     /// None when the test cannot run here, after saying so (a failure in CI instead: see
@@ -72,15 +78,33 @@ impl Gate {
         Some(Self {
             datapath,
             rules: RuleSet::default(),
+            sets: SourceSets::new(),
             dir,
         })
     }
 
     fn allow(&mut self, address: &str, ports: &str) {
+        self.allow_with(address, ports, Access::default());
+    }
+
+    fn allow_with(&mut self, address: &str, ports: &str, access: Access) {
         self.rules
-            .allow(target(address), spec(ports))
+            .allow(target(address), spec(ports), access)
             .expect("allow");
         self.sync();
+    }
+
+    fn set(&mut self, name: &str, prefixes: &[&str]) {
+        self.sets.insert(
+            name.to_owned(),
+            prefixes.iter().map(|p| prefix(p)).collect(),
+        );
+        self.sync();
+    }
+
+    fn block(&mut self, prefixes: &[&str]) {
+        let blocks = prefixes.iter().map(|p| prefix(p)).collect();
+        self.datapath.sync_blocks(&blocks).expect("block list");
     }
 
     fn deny(&mut self, address: &str, ports: &str) {
@@ -91,10 +115,21 @@ impl Gate {
     }
 
     fn sync(&mut self) -> AllowSync {
-        let resolved = Resolver::default().resolve(&self.rules, &[], false);
+        let context = Context {
+            sets: self.sets.clone(),
+            interfaces: [(VIA.to_owned(), FORWARDED)].into(),
+            ..Context::default()
+        };
+        let resolved = Resolver::default().resolve(&self.rules, &[], &context);
+        let allow = self
+            .datapath
+            .write_access_lists(&resolved.entries)
+            .expect("access lists");
+        let sync = self.datapath.sync_allow(&allow, |_| false).expect("sync");
         self.datapath
-            .sync_allow(&resolved.entries, |_| false)
-            .expect("sync")
+            .remove_unused_access_lists()
+            .expect("remove unused access lists");
+        sync
     }
 
     fn run(&self, program: &'static str, frame: &[u8], ingress_ifindex: u32) -> Verdict {
@@ -120,6 +155,11 @@ impl Gate {
     /// A forwarded packet entering the bridge toward a container.
     fn toward(&self, frame: &[u8]) -> Verdict {
         self.run(program_names::TOWARD_CONTAINERS, frame, FORWARDED)
+    }
+
+    /// The same, received on another interface than [`VIA`].
+    fn toward_via_other(&self, frame: &[u8]) -> Verdict {
+        self.run(program_names::TOWARD_CONTAINERS, frame, FORWARDED + 1)
     }
 
     /// A packet a container sends; the ingress program never drops.
@@ -177,6 +217,17 @@ impl Drop for Gate {
 
 fn target(s: &str) -> Target {
     Target::Address(parse_address(s).expect("address"))
+}
+
+fn prefix(s: &str) -> Prefix {
+    s.parse().expect("prefix")
+}
+
+fn from(sources: &[&str]) -> Access {
+    Access {
+        from: sources.iter().map(|s| s.parse().expect("source")).collect(),
+        ..Access::default()
+    }
 }
 
 fn spec(s: &str) -> Ports {
@@ -361,12 +412,12 @@ fn a_full_allow_map_applies_every_removal_and_leaves_out_what_does_not_fit() {
         gate.toward(&tcp4(REMOTE4, CONTAINER4, sport, port, SYN))
     };
     gate.rules
-        .allow(target("10.99.0.2"), spec("80-81"))
+        .allow(target("10.99.0.2"), spec("80-81"), Access::default())
         .expect("allow");
     assert_eq!(gate.sync(), AllowSync::default(), "two entries fit in two");
     // One more than the map holds: saved, left out, reported by rule.
     gate.rules
-        .allow(target("10.99.0.2"), spec("82"))
+        .allow(target("10.99.0.2"), spec("82"), Access::default())
         .expect("allow");
     let sync = gate.sync();
     assert_eq!(sync.not_fitted.into_iter().collect::<Vec<_>>(), [(1, 1)]);
@@ -978,7 +1029,7 @@ fn published_host_ports_reached_through_local_sockets_are_gated() {
         (AllowKey::new([0; 16], PROTO_TCP, 18103), NO_RULE),
     ]
     .into_iter()
-    .map(|(key, rule_id)| (key, AllowValue { rule_id }))
+    .map(|(key, rule_id)| (key, AllowValue::any_source(rule_id)))
     .collect();
     gate.datapath.sync_host_ports(&entries).expect("host ports");
     let lookup = |protocol: u8, remote: &str, local: &str| {
@@ -1036,7 +1087,7 @@ fn audit_mode_passes_unpublished_host_port_connections_and_counts_them() {
     use gate_common::{AllowKey, AllowValue, NO_RULE, PROTO_TCP};
     let entries = [(
         AllowKey::new([0; 16], PROTO_TCP, 18101),
-        AllowValue { rule_id: NO_RULE },
+        AllowValue::any_source(NO_RULE),
     )]
     .into_iter()
     .collect();
@@ -1139,4 +1190,263 @@ fn a_pinned_map_with_another_layout_is_refused_not_reused_or_replaced() {
         })
         .collect();
     assert_eq!(pinned, [pin], "only the foreign map may be pinned");
+}
+
+#[test]
+fn rules_with_sources_admit_only_those_sources_ipv4_and_ipv6() {
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    gate.allow_with("10.99.0.2", "80", from(&["10.98.0.0/16"]));
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN)),
+        Verdict::Pass
+    );
+    let outsider = [192, 0, 2, 1];
+    assert_eq!(
+        gate.toward(&tcp4(outsider, CONTAINER4, 40000, 80, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("source_not_allowed"), 1);
+    assert_eq!(
+        gate.counter("flow_created"),
+        1,
+        "no state for the refused source"
+    );
+
+    gate.allow_with("fd99::2", "80", from(&["fd98::/16"]));
+    assert_eq!(
+        gate.toward(&tcp6(REMOTE6, CONTAINER6, 40000, 80, SYN)),
+        Verdict::Pass
+    );
+    let mut outsider6 = REMOTE6;
+    outsider6[0] = 0x20;
+    assert_eq!(
+        gate.toward(&tcp6(outsider6, CONTAINER6, 40000, 80, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("source_not_allowed"), 2);
+
+    // Every IPv6 source is not every IPv4 source: the trie keeps IPv4 as ::ffff:a.b.c.d.
+    gate.allow_with("10.99.0.2", "81", from(&["::/0"]));
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 81, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("source_not_allowed"), 3);
+    // ... while 0.0.0.0/0 next to it admits them.
+    gate.allow_with("10.99.0.2", "81", from(&["0.0.0.0/0"]));
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40001, 81, SYN)),
+        Verdict::Pass
+    );
+
+    // Rules add up: a second rule with another source opens the port to it as well.
+    gate.allow_with("10.99.0.2", "80", from(&["192.0.2.0/24"]));
+    assert_eq!(
+        gate.toward(&tcp4(outsider, CONTAINER4, 40002, 80, SYN)),
+        Verdict::Pass
+    );
+    // And a rule without sources opens it to everyone.
+    let elsewhere = [203, 0, 113, 9];
+    assert_eq!(
+        gate.toward(&tcp4(elsewhere, CONTAINER4, 40003, 80, SYN)),
+        Verdict::Drop
+    );
+    gate.allow("10.99.0.2", "80");
+    assert_eq!(
+        gate.toward(&tcp4(elsewhere, CONTAINER4, 40004, 80, SYN)),
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn rules_with_an_interface_admit_only_what_came_in_on_it() {
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    let via = Access {
+        via: Some(VIA.into()),
+        ..Access::default()
+    };
+    gate.allow_with("10.99.0.2", "80", via.clone());
+    let syn = tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN);
+    assert_eq!(gate.toward_via_other(&syn), Verdict::Drop);
+    assert_eq!(gate.counter("interface_not_allowed"), 1);
+    assert_eq!(gate.toward(&syn), Verdict::Pass);
+
+    // Interface and sources together: both must hold.
+    let both = Access {
+        via: Some(VIA.into()),
+        ..from(&["10.98.0.0/16"])
+    };
+    gate.allow_with("10.99.0.2", "443", both);
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40001, 443, SYN)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        gate.toward(&tcp4([192, 0, 2, 1], CONTAINER4, 40001, 443, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("source_not_allowed"), 1);
+    assert_eq!(
+        gate.toward_via_other(&tcp4(REMOTE4, CONTAINER4, 40002, 443, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("interface_not_allowed"), 2);
+
+    // A rule whose interface does not exist admits nobody (it is not taken for "any").
+    let missing = Access {
+        via: Some("nonexistent0".into()),
+        ..Access::default()
+    };
+    gate.allow_with("10.99.0.2", "8080", missing);
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40003, 8080, SYN)),
+        Verdict::Drop
+    );
+}
+
+#[test]
+fn the_block_list_overrides_every_allow_and_is_replaced_at_once() {
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    gate.allow("10.99.0.2", "80");
+    // A connection established before the block.
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN)),
+        Verdict::Pass
+    );
+    gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 40000, SYN_ACK));
+
+    gate.block(&["10.98.0.0/24", "2001:db8::/32"]);
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40001, 80, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("blocked"), 1);
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, ACK)),
+        Verdict::Pass,
+        "established connections continue"
+    );
+    // Sources do not help a blocked address either.
+    gate.allow_with("10.99.0.2", "443", from(&["10.98.0.2"]));
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40002, 443, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("blocked"), 2);
+
+    // One entry more or less; then a replacement that drops the 10.98.0.0/24 entry.
+    gate.block(&["10.98.0.0/24", "2001:db8::/32", "192.0.2.0/24"]);
+    assert_eq!(
+        gate.toward(&tcp4([192, 0, 2, 5], CONTAINER4, 40003, 80, SYN)),
+        Verdict::Drop
+    );
+    gate.block(&["198.51.100.0/24", "203.0.113.7"]);
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40004, 80, SYN)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        gate.toward(&tcp4([192, 0, 2, 5], CONTAINER4, 40005, 80, SYN)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        gate.toward(&tcp4([203, 0, 113, 7], CONTAINER4, 40006, 80, SYN)),
+        Verdict::Drop
+    );
+    // The old generation is gone from the trie: only the two entries in force remain.
+    assert_eq!(bpftool_entries(&gate, gate_common::map_names::BLOCKED), 2);
+    gate.block(&[]);
+    assert_eq!(
+        gate.toward(&tcp4([203, 0, 113, 7], CONTAINER4, 40007, 80, SYN)),
+        Verdict::Pass
+    );
+    assert_eq!(bpftool_entries(&gate, gate_common::map_names::BLOCKED), 0);
+}
+
+#[test]
+fn a_replaced_set_changes_every_rule_and_keeps_established_connections() {
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    gate.set("office", &["10.98.0.2"]);
+    gate.allow_with("10.99.0.2", "80", from(&["office"]));
+    gate.allow_with("10.99.0.2", "443", from(&["office"]));
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN)),
+        Verdict::Pass
+    );
+    gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 40000, SYN_ACK));
+    let newcomer = [192, 0, 2, 1];
+    assert_eq!(
+        gate.toward(&tcp4(newcomer, CONTAINER4, 40000, 443, SYN)),
+        Verdict::Drop
+    );
+
+    gate.set("office", &["192.0.2.0/24"]);
+    for port in [80, 443] {
+        assert_eq!(
+            gate.toward(&tcp4(newcomer, CONTAINER4, 40001, port, SYN)),
+            Verdict::Pass,
+            "port {port} follows the set"
+        );
+        assert_eq!(
+            gate.toward(&tcp4(REMOTE4, CONTAINER4, 40002, port, SYN)),
+            Verdict::Drop,
+            "port {port}: the removed source is refused"
+        );
+    }
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, ACK)),
+        Verdict::Pass,
+        "the removed source's established connection continues"
+    );
+    // One list per rule, each the set's prefix and the marker: the old lists are gone.
+    assert_eq!(bpftool_entries(&gate, gate_common::map_names::SOURCES), 4);
+}
+
+#[test]
+fn published_host_ports_apply_sources_and_the_block_list() {
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    use gate_common::{AllowKey, PROTO_TCP};
+    gate.allow_with("10.99.0.2", "80", from(&["fd98::/16"]));
+    let container_key = AllowKey::new(ipv4_mapped(CONTAINER4), PROTO_TCP, 80);
+    let value = gate
+        .datapath
+        .allow_value(&container_key)
+        .expect("allow map")
+        .expect("entry");
+    let entries = [(AllowKey::new([0; 16], PROTO_TCP, 18201), value)].into();
+    gate.datapath.sync_host_ports(&entries).expect("host ports");
+    let lookup = |gate: &Gate, remote: &str| {
+        gate.lookup(sys::SkLookupRun {
+            protocol: PROTO_TCP,
+            remote: remote.parse().expect("remote"),
+            local: "[fd98::1]:18201".parse().expect("local"),
+        })
+    };
+    assert_eq!(lookup(&gate, "[fd98::2]:40000"), Verdict::Pass);
+    assert_eq!(lookup(&gate, "[2001:db8::2]:40000"), Verdict::Drop);
+    assert_eq!(gate.counter("source_not_allowed"), 1);
+    gate.block(&["fd98::2"]);
+    assert_eq!(lookup(&gate, "[fd98::2]:40001"), Verdict::Drop);
+    assert_eq!(gate.counter("blocked"), 1);
+}
+
+/// Entries of one of the gate's maps, counted by bpftool from its pin.
+fn bpftool_entries(gate: &Gate, map: &str) -> usize {
+    let pin = gate
+        .dir
+        .join(datapath::LAYOUT_VERSION)
+        .join("maps")
+        .join(map);
+    let dump = bpftool_json(&["map", "dump", "pinned", &pin.display().to_string()]);
+    dump.as_array().map_or(0, Vec::len)
 }

@@ -8,6 +8,7 @@
 //! control socket), `views` (list, status, watch, metrics).
 
 mod bridges;
+mod explain;
 mod reconcile;
 mod requests;
 mod views;
@@ -40,7 +41,7 @@ use crate::{
     lock::{self, Lock},
     metrics,
     netfilter::NetfilterKeeper,
-    policy::{Resolved, Resolver, RuleSet, RuleStore, addr_from_map},
+    policy::{Resolved, Resolver, RuleStore, Saved, addr_from_map},
     runtime::{self, Engine, RuntimeEvent, Snapshot},
 };
 
@@ -92,8 +93,11 @@ struct EngineState {
 pub struct Agent {
     options: AgentOptions,
     datapath: Datapath,
-    rules: RuleSet,
+    /// Rules, sets and blocks as saved.
+    saved: Saved,
     store: RuleStore,
+    /// The `--via` interfaces as the last reconcile found them (name → ifindex).
+    via_interfaces: BTreeMap<String, u32>,
     resolver: Resolver,
     resolved: Resolved,
     /// What the last sync of the allow map left out for want of room.
@@ -136,7 +140,7 @@ impl Agent {
             }
         }
         let store = RuleStore::new(&options.state_dir);
-        let rules = store.load()?;
+        let saved = store.load()?;
         let datapath = Datapath::load_with(&options.bpffs, options.gate, options.capacities)
             .with_context(|| format!("loading the gate under {}", options.bpffs.display()))?;
         let engines = options
@@ -159,8 +163,9 @@ impl Agent {
         let mut agent = Self {
             options,
             datapath,
-            rules,
+            saved,
             store,
+            via_interfaces: BTreeMap::new(),
             resolver,
             resolved: Resolved::default(),
             allow_sync: AllowSync::default(),
@@ -187,7 +192,7 @@ impl Agent {
         datapath::retire_other_layouts(&agent.options.bpffs)
             .context("detaching an older gate's programs")?;
         info!(
-            rules = agent.rules.rules().len(),
+            rules = agent.saved.rules.rules().len(),
             bridges = ?agent.datapath.bridges().iter().map(|b| &b.name).collect::<Vec<_>>(),
             engines = ?agent.engines.keys().collect::<Vec<_>>(),
             audit = agent.options.gate.audit,
@@ -366,6 +371,15 @@ impl Agent {
     }
 
     fn on_tick(&mut self) {
+        if let Err(err) = self.expire_rules() {
+            warn!("{err:#}");
+        }
+        if self.via_interfaces != self.interfaces() {
+            info!("an interface named by --via appeared, went or changed; re-resolving");
+            if let Err(err) = self.reconcile() {
+                warn!("{err:#}");
+            }
+        }
         for path in self.datapath.repin() {
             warn!(pin = %path.display(), "a link pin was removed; pinned it again (the gate stayed attached)");
         }

@@ -7,8 +7,8 @@ use gate_common::counters;
 use super::Agent;
 use crate::{
     api::{
-        BridgeDrops, BridgeStatus, EngineStatus, Fill, Flows, NetfilterStatus, RuleList, RuleView,
-        Status,
+        BridgeDrops, BridgeStatus, EngineStatus, Fill, Flows, LabelError, NetfilterStatus,
+        RuleList, RuleView, Status,
     },
     exposure, metrics,
     policy::{Ports, ResolvedRule},
@@ -48,7 +48,31 @@ impl Agent {
     pub(super) fn list(&self) -> anyhow::Result<RuleList> {
         Ok(RuleList {
             rules: self.views(|_| true),
+            sets: self
+                .saved
+                .sets
+                .iter()
+                .map(|(name, prefixes)| {
+                    (
+                        name.clone(),
+                        prefixes.iter().map(ToString::to_string).collect(),
+                    )
+                })
+                .collect(),
+            blocks: self.saved.blocks.iter().map(ToString::to_string).collect(),
+            label_errors: self.label_errors(),
         })
+    }
+
+    fn label_errors(&self) -> Vec<LabelError> {
+        self.resolved
+            .label_errors
+            .iter()
+            .map(|(container, error)| LabelError {
+                container: container.clone(),
+                error: error.clone(),
+            })
+            .collect()
     }
 
     pub(super) fn status(&self) -> anyhow::Result<Status> {
@@ -145,6 +169,8 @@ impl Agent {
                 })
                 .unwrap_or_default(),
             counters: by_kind,
+            label_errors: self.label_errors(),
+            blocks: self.saved.blocks.len(),
         })
     }
 }
@@ -175,6 +201,17 @@ fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64, gated: Option<bool>)
         bytes,
         label_origin: rule.label_origin,
         gated,
+        from: rule.access.from.iter().map(ToString::to_string).collect(),
+        via: rule.access.via.clone(),
+        expires: rule.access.expires.map(|at| {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(at);
+            humantime::format_rfc3339_seconds(at).to_string()
+        }),
+        expires_in_seconds: rule
+            .access
+            .expires
+            .map(|at| at.saturating_sub(super::reconcile::unix_now())),
+        problem: rule.problem.clone(),
     }
 }
 

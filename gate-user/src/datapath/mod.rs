@@ -2,17 +2,21 @@
 //! attach (or atomically replace) the programs, and read and write the maps.
 //!
 //! Pin layout under the bpffs directory (default /sys/fs/bpf/portgate):
-//!   v2/maps/{ALLOW,FLOWS,RULE_STATS,COUNTERS,CONFIG,BRIDGE_DROPS,HOST_PORTS,PORT_ADDRS}
-//!   v2/programs/{toward_containers,from_containers,host_ports}
-//!   v2/links/<bridge>-egress     toward_containers on each bridge's TC egress
-//!   v2/links/<port>-port         from_containers on each bridge port's TC ingress
-//!   v2/links/host-ports          host_ports on the host's network namespace (socket lookup)
+//!   v3/maps/{ALLOW,FLOWS,RULE_STATS,COUNTERS,CONFIG,BRIDGE_DROPS,HOST_PORTS,PORT_ADDRS,
+//!            SOURCES,BLOCKED}
+//!   v3/programs/{toward_containers,from_containers,host_ports}
+//!   v3/links/<bridge>-egress     toward_containers on each bridge's TC egress
+//!   v3/links/<port>-port         from_containers on each bridge port's TC ingress
+//!   v3/links/host-ports          host_ports on the host's network namespace (socket lookup)
 //! The links keep the programs attached after the agent exits (fail closed). While the agent
 //! runs it also holds each link open, so removing a pin detaches nothing; it pins it again.
 //! The directories are root-only (0700); `uninstall` removes these names only, never other
 //! tools' pins.
 
+mod sources;
 pub mod sys;
+
+pub use sources::Lookup;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -37,9 +41,10 @@ use aya::{
     },
 };
 use gate_common::{
-    ALLOW_CAPACITY, AllowKey, AllowValue, BRIDGE_DROPS_CAPACITY, BridgeDropKey, CONFIG_AUDIT,
-    CONFIG_GATE_HOST, Config, DropEvent, FLOW_CAPACITY, FlowKey, FlowState, HOST_PORTS_CAPACITY,
-    MAX_RULES, PORT_ADDRS_CAPACITY, PortAddrKey, RuleStats, counters, map_names, program_names,
+    ALLOW_CAPACITY, AllowKey, AllowValue, BLOCKED_CAPACITY, BRIDGE_DROPS_CAPACITY, BlockKey,
+    BridgeDropKey, CONFIG_AUDIT, CONFIG_GATE_HOST, Config, DropEvent, FLOW_CAPACITY, FlowKey,
+    FlowState, HOST_PORTS_CAPACITY, MAX_RULES, PORT_ADDRS_CAPACITY, PortAddrKey, RuleStats,
+    SOURCES_CAPACITY, SourceKey, SourceValue, counters, map_names, program_names,
 };
 use tracing::{info, warn};
 
@@ -213,7 +218,7 @@ impl Default for Capacities {
 }
 
 /// What each pinned map must look like: (name, type, key size, value size, capacity).
-fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usize, u32); 8] {
+fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usize, u32); 10] {
     use std::mem::size_of;
     [
         (
@@ -266,6 +271,21 @@ fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usiz
             size_of::<u8>(),
             PORT_ADDRS_CAPACITY,
         ),
+        // LPM trie keys: a 32-bit prefix length, then the data.
+        (
+            map_names::SOURCES,
+            MapType::LpmTrie,
+            4 + size_of::<SourceKey>(),
+            size_of::<SourceValue>(),
+            SOURCES_CAPACITY,
+        ),
+        (
+            map_names::BLOCKED,
+            MapType::LpmTrie,
+            4 + size_of::<BlockKey>(),
+            size_of::<u8>(),
+            BLOCKED_CAPACITY,
+        ),
     ]
 }
 
@@ -304,6 +324,12 @@ pub struct Datapath {
     allow_written: Option<BTreeMap<AllowKey, AllowValue>>,
     host_ports_written: Option<BTreeMap<AllowKey, AllowValue>>,
     port_addrs_written: Option<BTreeMap<PortAddrKey, u8>>,
+    /// The access lists in the trie, by id.
+    access_written: Option<BTreeMap<u32, crate::policy::AccessList>>,
+    /// The block list in force.
+    blocks_written: Option<BTreeSet<crate::policy::Prefix>>,
+    /// The config map's content.
+    config: Config,
     /// Every link this agent attached or took over, by pin path, held open: a removed pin
     /// detaches nothing while the agent runs (see [`Datapath::repin`]).
     links: BTreeMap<PathBuf, OwnedFd>,
@@ -375,9 +401,14 @@ impl Datapath {
             allow_written: None,
             host_ports_written: None,
             port_addrs_written: None,
+            access_written: None,
+            blocks_written: None,
+            config: Config::default(),
             links: BTreeMap::new(),
             black_holes: Vec::new(),
         };
+        // Keep the block list the previous agent left in force.
+        datapath.config = datapath.read_config()?;
         datapath.set_config(config)?;
         Ok(datapath)
     }
@@ -543,17 +574,31 @@ impl Datapath {
     }
 
     pub fn set_config(&mut self, config: GateConfig) -> Result<()> {
+        self.write_config(Config {
+            flags: config.flags(),
+            ..self.config
+        })
+    }
+
+    fn read_config(&self) -> Result<Config> {
         let name = map_names::CONFIG;
-        let mut map: Array<_, Config> =
-            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        map.set(
-            0,
-            Config {
-                flags: config.flags(),
-            },
-            0,
-        )
-        .map_err(map_err(name))
+        let map: Array<_, Config> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        map.get(&0, 0).map_err(map_err(name))
+    }
+
+    /// The allow map's entry for `key`.
+    pub fn allow_value(&self, key: &AllowKey) -> Result<Option<AllowValue>> {
+        if let Some(written) = &self.allow_written {
+            return Ok(written.get(key).copied());
+        }
+        let name = map_names::ALLOW;
+        let map: HashMap<_, AllowKey, AllowValue> =
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        match map.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(err) => Err(map_err(name)(err)),
+        }
     }
 
     /// Makes the allow map equal to `desired`, as far as it holds: stale entries are removed

@@ -12,7 +12,7 @@ use prometheus_client::{
 
 use crate::{
     api::{RuleView, Status},
-    policy::Source,
+    policy::Origin,
 };
 
 /// Everything one scrape reports, owned so that a registry can hold it.
@@ -79,11 +79,11 @@ fn flag(on: bool) -> u64 {
     u64::from(on)
 }
 
-fn source_name(source: Source) -> &'static str {
+fn source_name(source: Origin) -> &'static str {
     match source {
-        Source::Cli => "cli",
-        Source::Label => "label",
-        Source::DefaultPolicy => "default-policy",
+        Origin::Cli => "cli",
+        Origin::Label => "label",
+        Origin::DefaultPolicy => "default-policy",
     }
 }
 
@@ -148,7 +148,7 @@ impl Snapshot {
             *attached.entry(bridge.name.as_str()).or_default() |= bridge.attached;
         }
         let mut rule_counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-        for source in [Source::Cli, Source::Label, Source::DefaultPolicy] {
+        for source in [Origin::Cli, Origin::Label, Origin::DefaultPolicy] {
             for state in ["active", "inactive"] {
                 rule_counts.insert((source_name(source), state), 0);
             }
