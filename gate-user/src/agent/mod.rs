@@ -41,7 +41,7 @@ use crate::{
     lock::{self, Lock},
     metrics,
     netfilter::NetfilterKeeper,
-    policy::{Resolved, Resolver, RuleStore, Saved, addr_from_map},
+    policy::{FilePolicy, Resolved, Resolver, RuleStore, Saved, addr_from_map},
     runtime::{self, Engine, RuntimeEvent, Snapshot},
 };
 
@@ -76,6 +76,11 @@ pub struct AgentOptions {
     /// Where to serve Prometheus metrics; none: not at all.
     pub metrics_addr: Option<SocketAddr>,
     pub capacities: Capacities,
+    /// The policy file, read at start, on SIGHUP and on `reload`.
+    pub policy_file: PathBuf,
+    /// Whether the policy file must exist (it was named explicitly); else a missing file is
+    /// an empty policy.
+    pub policy_required: bool,
 }
 
 #[derive(Debug)]
@@ -95,6 +100,8 @@ pub struct Agent {
     datapath: Datapath,
     /// Rules, sets and blocks as saved.
     saved: Saved,
+    /// What the policy file says.
+    file: FilePolicy,
     store: RuleStore,
     /// The `--via` interfaces as the last reconcile found them (name → ifindex).
     via_interfaces: BTreeMap<String, u32>,
@@ -141,6 +148,7 @@ impl Agent {
         }
         let store = RuleStore::new(&options.state_dir);
         let saved = store.load()?;
+        let file = read_policy_file(&options, &saved)?;
         let datapath = Datapath::load_with(&options.bpffs, options.gate, options.capacities)
             .with_context(|| format!("loading the gate under {}", options.bpffs.display()))?;
         let engines = options
@@ -164,6 +172,7 @@ impl Agent {
             options,
             datapath,
             saved,
+            file,
             store,
             via_interfaces: BTreeMap::new(),
             resolver,
@@ -212,6 +221,7 @@ impl Agent {
         let socket = ControlSocket::bind(&self.options.socket)?;
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let logs = self.datapath.take_logger().and_then(|logger| {
             // SAFETY: the logger owns its ring buffer's fd, open and unchanged while it lives.
             unsafe { AsyncFd::register(logger) }
@@ -254,6 +264,10 @@ impl Agent {
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
+                _ = sighup.recv() => match self.reload() {
+                    Ok(message) => info!("SIGHUP: {message}"),
+                    Err(err) => error!("SIGHUP: {err:#}"),
+                },
                 Some((request, mut stream)) = requests.recv() => match request {
                     Request::Watch => {
                         tasks.spawn(stream_watch(stream, self.watchers.subscribe()));
@@ -387,6 +401,26 @@ impl Agent {
             warn!("{err:#}");
         }
     }
+}
+
+/// The policy file as the options name it, checked against the saved sets: an empty policy
+/// when it is optional and absent.
+pub(super) fn read_policy_file(
+    options: &AgentOptions,
+    saved: &Saved,
+) -> anyhow::Result<FilePolicy> {
+    let path = &options.policy_file;
+    if !options.policy_required && !path.exists() {
+        return Ok(FilePolicy::default());
+    }
+    let file = FilePolicy::load(path, &saved.sets)?;
+    if let Some(name) = file.sets.keys().find(|name| saved.sets.contains_key(*name)) {
+        anyhow::bail!(
+            "{}: set {name} is also defined by `portgate set`; delete one of the two",
+            path.display()
+        );
+    }
+    Ok(file)
 }
 
 /// The wall-clock time of a `bpf_ktime_get_ns` (CLOCK_MONOTONIC) timestamp.

@@ -17,11 +17,11 @@ use crate::{
 impl Agent {
     /// The interfaces the rules' `--via` name, that exist now, with their ifindex.
     pub(super) fn interfaces(&self) -> BTreeMap<String, u32> {
-        self.saved
-            .rules
-            .rules()
-            .iter()
-            .filter_map(|r| r.access.via.as_ref())
+        let saved = self.saved.rules.rules().iter().map(|r| &r.access);
+        let file = self.file.rules.iter().map(|r| &r.access);
+        saved
+            .chain(file)
+            .filter_map(|access| access.via.as_ref())
             .filter_map(|name| Some((name.clone(), crate::datapath::sys::ifindex(name)?)))
             .collect()
     }
@@ -52,11 +52,14 @@ impl Agent {
     /// address rule, a denied rule) is exact at once.
     pub(super) fn reconcile(&mut self) -> anyhow::Result<()> {
         let workloads: Vec<Workload> = self.containers().iter().map(Container::workload).collect();
+        let mut sets = self.saved.sets.clone();
+        sets.extend(self.file.sets.clone());
         let context = Context {
             default_published: self.options.default_published,
-            sets: self.saved.sets.clone(),
+            sets,
             interfaces: self.interfaces(),
             now: unix_now(),
+            file_rules: self.file.rules.clone(),
         };
         let resolved = self
             .resolver
@@ -76,8 +79,14 @@ impl Agent {
         };
         self.datapath.reset_rule_stats(&resolved.new_ids)?;
         // The block list first: a block takes effect before anything it covers opens.
+        let blocks = self
+            .saved
+            .blocks
+            .union(&self.file.blocks)
+            .copied()
+            .collect();
         self.datapath
-            .sync_blocks(&self.saved.blocks)
+            .sync_blocks(&blocks)
             .context("writing the block list")?;
         // New access lists, then the entries that point at them, then the old lists go.
         let allow = self

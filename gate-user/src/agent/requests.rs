@@ -14,8 +14,8 @@ use crate::{
     api::{Changed, Reply, Request, Response},
     datapath::GateConfig,
     policy::{
-        Access, PolicyError, PortSpec, Ports, Prefix, Protocol, Saved, SourceSpec, Target,
-        check_interface, is_set_name,
+        Access, PolicyError, Prefix, Saved, SourceSpec, Target, check_interface, is_set_name,
+        rule_target,
     },
 };
 
@@ -98,6 +98,7 @@ impl Agent {
             Request::List => self.list().map(Reply::List),
             Request::Status => self.status().map(|s| Reply::Status(Box::new(s))),
             Request::Mode { audit } => self.set_mode(audit),
+            Request::Reload => self.reload().map(|message| self.changed(message)),
             // Served by `serve`, which hands the connection to a streaming task.
             Request::Watch => Err(anyhow::anyhow!("watch is a streaming request")),
         };
@@ -105,6 +106,35 @@ impl Agent {
             Ok(reply) => Response::Ok(reply),
             Err(err) => Response::Error(format!("{err:#}")),
         }
+    }
+
+    /// Reads the policy file again and applies it; a file that does not parse changes
+    /// nothing.
+    pub(super) fn reload(&mut self) -> anyhow::Result<String> {
+        let file = super::read_policy_file(&self.options, &self.saved)?;
+        let message = format!(
+            "policy file {}: {} rules, {} sets, {} blocks",
+            self.options.policy_file.display(),
+            file.rules.len(),
+            file.sets.len(),
+            file.blocks.len()
+        );
+        let previous = std::mem::replace(&mut self.file, file);
+        if let Err(err) = self.reconcile() {
+            self.file = previous;
+            self.reconcile()?;
+            return Err(err.context("applying the policy file"));
+        }
+        info!("{message}");
+        Ok(message)
+    }
+
+    /// Refuses to change through the control socket what the policy file owns.
+    fn owned_by_file(&self, what: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{what} comes from the policy file {}: edit it, then `portgate reload`",
+            self.options.policy_file.display()
+        )
     }
 
     /// Switches between enforce and audit; the flow table is untouched, so tracked
@@ -168,39 +198,16 @@ impl Agent {
             access,
             allow,
         } = change;
-        let (target, ports) = match host_port {
-            Some(spec) => {
-                if !target.is_empty() || ports.is_some() || published {
-                    bail!(
-                        "--host-port names the target itself: give no target, PORTS or --published"
-                    );
-                }
-                let spec: PortSpec = spec.parse()?;
-                if spec.port_start != spec.port_end || spec.protocol == Protocol::Icmp {
-                    bail!("--host-port takes one port and protocol, e.g. 8080/tcp");
-                }
-                let target = Target::HostPort {
-                    protocol: spec.protocol,
-                    port: spec.port_start,
-                };
-                (target, Ports::Published)
-            }
-            None => {
-                let target: Target = target.parse()?;
-                let ports = match (ports, published) {
-                    (Some(_), true) => bail!("give either ports or --published, not both"),
-                    (None, false) => {
-                        bail!("which ports? give PORTS (e.g. 80/tcp), --published or --host-port")
-                    }
-                    (Some(spec), false) => Ports::Spec(spec.parse()?),
-                    (None, true) => Ports::Published,
-                };
-                (target, ports)
-            }
-        };
+        let (target, ports) = rule_target(
+            Some(target.as_str()),
+            ports.as_deref(),
+            published,
+            host_port.as_deref(),
+        )?;
         for spec in &access.from {
             if let SourceSpec::Set(name) = spec
                 && !self.saved.sets.contains_key(name)
+                && !self.file.sets.contains_key(name)
             {
                 return Err(PolicyError::NoSuchSet(name.clone()).into());
             }
@@ -221,7 +228,17 @@ impl Agent {
                 .unwrap_or_default();
             format!("allowed {target} {ports}{access}{until} (rule {id})")
         } else {
-            next.rules.deny(&target, ports)?;
+            let in_file = self
+                .file
+                .rules
+                .iter()
+                .any(|r| r.target == target && r.ports == ports);
+            match next.rules.deny(&target, ports) {
+                Err(PolicyError::NotAllowed(_)) if in_file => {
+                    return Err(self.owned_by_file(&format!("the rule for {target} {ports}")));
+                }
+                result => result?,
+            };
             format!("denied {target} {ports}; established connections continue")
         };
         self.commit(next)?;
@@ -249,6 +266,9 @@ impl Agent {
     fn set(&mut self, name: &str, prefixes: &[String], delete: bool) -> anyhow::Result<Reply> {
         if !is_set_name(name) {
             bail!("invalid set name {name:?}: a letter, then letters, digits, '_', '.' or '-'");
+        }
+        if self.file.sets.contains_key(name) {
+            return Err(self.owned_by_file(&format!("set {name}")));
         }
         let mut next = self.saved.clone();
         let message = if delete {
@@ -292,6 +312,9 @@ impl Agent {
                 .filter(|p| !next.blocks.contains(p))
                 .map(ToString::to_string)
                 .collect();
+            if let Some(owned) = parsed.iter().find(|p| self.file.blocks.contains(p)) {
+                return Err(self.owned_by_file(&format!("the block of {owned}")));
+            }
             if !missing.is_empty() {
                 bail!("not on the block list: {}", missing.join(", "));
             }

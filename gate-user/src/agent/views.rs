@@ -8,10 +8,10 @@ use super::Agent;
 use crate::{
     api::{
         BridgeDrops, BridgeStatus, EngineStatus, Fill, Flows, LabelError, NetfilterStatus,
-        RuleList, RuleView, Status,
+        PolicyFileView, RuleList, RuleView, Status,
     },
     exposure, metrics,
-    policy::{Ports, ResolvedRule},
+    policy::{Ports, Prefix, ResolvedRule, SourceSets},
 };
 
 impl Agent {
@@ -46,21 +46,26 @@ impl Agent {
     }
 
     pub(super) fn list(&self) -> anyhow::Result<RuleList> {
+        let texts = |set: &BTreeSet<Prefix>| set.iter().map(ToString::to_string).collect();
+        let sets = |sets: &SourceSets| {
+            sets.iter()
+                .map(|(name, prefixes)| (name.clone(), texts(prefixes)))
+                .collect()
+        };
+        let file = &self.file;
+        let policy_file = (!file.path.as_os_str().is_empty()).then(|| PolicyFileView {
+            path: file.path.display().to_string(),
+            sets: sets(&file.sets),
+            blocks: texts(&file.blocks),
+        });
+        let mut all_sets = self.saved.sets.clone();
+        all_sets.extend(file.sets.clone());
         Ok(RuleList {
             rules: self.views(|_| true),
-            sets: self
-                .saved
-                .sets
-                .iter()
-                .map(|(name, prefixes)| {
-                    (
-                        name.clone(),
-                        prefixes.iter().map(ToString::to_string).collect(),
-                    )
-                })
-                .collect(),
-            blocks: self.saved.blocks.iter().map(ToString::to_string).collect(),
+            sets: sets(&all_sets),
+            blocks: texts(&self.saved.blocks.union(&file.blocks).copied().collect()),
             label_errors: self.label_errors(),
+            policy_file,
         })
     }
 
@@ -170,7 +175,7 @@ impl Agent {
                 .unwrap_or_default(),
             counters: by_kind,
             label_errors: self.label_errors(),
-            blocks: self.saved.blocks.len(),
+            blocks: self.saved.blocks.union(&self.file.blocks).count(),
         })
     }
 }

@@ -64,6 +64,8 @@ pub enum Request {
         #[serde(default)]
         via: Option<String>,
     },
+    /// Read the policy file again and apply it (as SIGHUP does).
+    Reload,
     List,
     Status,
     /// Switch between enforce and audit at run time; tracked connections are kept.
@@ -130,6 +132,17 @@ pub struct RuleList {
     /// Containers whose `portgate.allow` label does not parse (it opens nothing).
     #[serde(default)]
     pub label_errors: Vec<LabelError>,
+    /// What of the sets and blocks comes from the policy file (its rules are listed with
+    /// source "file").
+    #[serde(default)]
+    pub policy_file: Option<PolicyFileView>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PolicyFileView {
+    pub path: String,
+    pub sets: BTreeMap<String, Vec<String>>,
+    pub blocks: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

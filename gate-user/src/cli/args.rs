@@ -95,6 +95,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read the policy file again and apply it (as SIGHUP does); a file that does not parse
+    /// changes nothing.
+    Reload,
+    /// Check a policy file without applying it, and say what applying it would change.
+    #[command(after_help = POLICY_HELP)]
+    Check {
+        /// The file (default: /etc/portgate/policy.toml).
+        file: Option<PathBuf>,
+    },
     /// Switch the running gate between enforce and audit; tracked connections are kept.
     Mode {
         #[arg(value_enum)]
@@ -225,7 +234,32 @@ pub struct AgentArgs {
     /// Gate connections from the host's own stack too (by default they pass).
     #[arg(long)]
     pub gate_host_traffic: bool,
+    /// The policy file: sets, blocks and rules, read at start, on SIGHUP and on `portgate
+    /// reload` (see `portgate check --help`). The default is optional; a file named here
+    /// must exist.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
 }
+
+/// Where the policy file is looked for when `--policy` is not given.
+pub const DEFAULT_POLICY_FILE: &str = "/etc/portgate/policy.toml";
+
+const POLICY_HELP: &str =
+    "The policy file holds sets, blocks and rules in the words of the command line:
+
+  block = [\"203.0.113.0/24\"]
+
+  [sets]
+  office = [\"192.0.2.0/24\", \"198.51.100.7\"]
+
+  [[allow]]
+  target = \"web\"            # a container name or ID, or an address
+  ports = \"443/tcp\"         # or: published = true, or: host_port = \"8080/tcp\" (no target)
+  from = [\"office\", \"10.0.0.0/8\"]
+  via = \"wg0\"
+
+Its rules are listed with source `file` and cannot be removed with `deny`; its sets and
+blocks cannot be changed with `set`, `block` or `unblock`: edit the file, then reload.";
 
 /// `--metrics-addr`: an address, or off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 //! here.
 
 mod args;
+mod check;
 mod output;
 
 use std::path::{Path, PathBuf};
@@ -99,6 +100,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             },
         )?),
         Command::Uninstall { bpffs } => uninstall(&cli.socket, &bpffs),
+        Command::Reload => print_changed(client::call(&cli.socket, &Request::Reload)?),
+        Command::Check { file } => check::run(&cli.socket, file.as_deref()),
     }
 }
 
@@ -135,6 +138,10 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
             flows: args.max_flows,
             allow: args.max_allow,
         },
+        policy_required: args.policy.is_some(),
+        policy_file: args
+            .policy
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY_FILE)),
         state_dir: args.state_dir,
         bpffs: args.bpffs,
         socket,

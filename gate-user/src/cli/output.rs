@@ -94,6 +94,7 @@ pub fn format_rules(rules: &[RuleView]) -> String {
             }
             (true, Origin::Label) => "active (label)".to_owned(),
             (true, Origin::DefaultPolicy) => "active (policy)".to_owned(),
+            (true, Origin::File) => "active (file)".to_owned(),
         };
         let gated = match rule.gated {
             Some(true) => "yes",

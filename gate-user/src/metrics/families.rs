@@ -84,6 +84,7 @@ fn source_name(source: Origin) -> &'static str {
         Origin::Cli => "cli",
         Origin::Label => "label",
         Origin::DefaultPolicy => "default-policy",
+        Origin::File => "file",
     }
 }
 

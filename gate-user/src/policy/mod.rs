@@ -1,5 +1,6 @@
 //! The desired state: allow rules, their validation, and what they mean for the allow map.
 
+mod file;
 mod resolve;
 mod sources;
 mod store;
@@ -12,6 +13,7 @@ use gate_common::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use file::{FileError, FilePolicy, FileRule};
 pub use resolve::{Admission, Context, Origin, Resolved, ResolvedRule, Resolver};
 pub use sources::{AccessList, Prefix, Restriction, SourceSets, SourceSpec, expand, is_set_name};
 pub use store::{RuleStore, Saved, StoreError};
@@ -59,6 +61,14 @@ pub enum PolicyError {
     SetInUse { name: String, rules: String },
     #[error("invalid interface name {0:?}")]
     Interface(String),
+    #[error("give either PORTS or --published, not both")]
+    PortsAndPublished,
+    #[error("which ports? give PORTS (e.g. 80/tcp), --published or --host-port")]
+    NoPorts,
+    #[error("--host-port names the target itself: give no target, PORTS or --published")]
+    HostPortAlone,
+    #[error("--host-port takes one port and protocol, e.g. 8080/tcp; got {0:?}")]
+    HostPortSpec(String),
     #[error(
         "unexpected {0:?}: a label item is PORTS [from SOURCE...] [via IFACE], items separated by commas"
     )]
@@ -317,6 +327,38 @@ impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}{}", self.target, self.ports, self.access)
     }
+}
+
+/// What a rule applies to, from the words of `allow` (and of the policy file): a target
+/// with PORTS or `published`, or a host port alone.
+pub fn rule_target(
+    target: Option<&str>,
+    ports: Option<&str>,
+    published: bool,
+    host_port: Option<&str>,
+) -> Result<(Target, Ports), PolicyError> {
+    if let Some(text) = host_port {
+        if target.is_some_and(|t| !t.is_empty()) || ports.is_some() || published {
+            return Err(PolicyError::HostPortAlone);
+        }
+        let spec: PortSpec = text.parse()?;
+        if spec.port_start != spec.port_end || spec.protocol == Protocol::Icmp {
+            return Err(PolicyError::HostPortSpec(text.to_owned()));
+        }
+        let target = Target::HostPort {
+            protocol: spec.protocol,
+            port: spec.port_start,
+        };
+        return Ok((target, Ports::Published));
+    }
+    let target: Target = target.unwrap_or_default().parse()?;
+    let ports = match (ports, published) {
+        (Some(_), true) => return Err(PolicyError::PortsAndPublished),
+        (None, false) => return Err(PolicyError::NoPorts),
+        (Some(spec), false) => Ports::Spec(spec.parse()?),
+        (None, true) => Ports::Published,
+    };
+    Ok((target, ports))
 }
 
 /// The address as stored in map keys.

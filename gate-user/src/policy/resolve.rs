@@ -13,8 +13,8 @@ use tracing::warn;
 
 use super::{ALLOW_LABEL, LabelOrigin, PolicyError, Workload};
 use super::{
-    Access, MAX_SAVED_RULES, PortSpec, Ports, Restriction, RuleSet, SourceSets, Target, expand,
-    map_addr,
+    Access, FileRule, MAX_SAVED_RULES, PortSpec, Ports, Restriction, RuleSet, SourceSets, Target,
+    expand, map_addr,
 };
 
 /// Where a rule comes from.
@@ -27,6 +27,8 @@ pub enum Origin {
     Label,
     /// `--default-policy published`, while the container runs.
     DefaultPolicy,
+    /// The policy file, while it says so.
+    File,
 }
 
 /// A rule as it stands now.
@@ -91,6 +93,8 @@ pub struct Context {
     pub interfaces: BTreeMap<String, u32>,
     /// Unix seconds: rules whose time is up open nothing.
     pub now: u64,
+    /// The policy file's rules.
+    pub file_rules: Vec<FileRule>,
 }
 
 #[derive(Debug, Default)]
@@ -138,23 +142,21 @@ impl Resolver {
     ) -> Resolved {
         let mut resolved = Resolved::default();
         for rule in rules.rules() {
-            let matched: Vec<&Workload> = match &rule.target {
-                Target::Address(_) => Vec::new(),
-                Target::Container(name) => containers.iter().filter(|c| c.is_named(name)).collect(),
-                Target::HostPort { protocol, port } => containers
-                    .iter()
-                    .filter(|c| {
-                        c.published
-                            .iter()
-                            .any(|p| p.protocol == *protocol && p.host_port == *port)
-                    })
-                    .collect(),
-            };
+            let matched = matching(&rule.target, containers);
             let mut one = resolve_one(rule.id, Origin::Cli, &rule.target, rule.ports, &matched);
             one.access = rule.access.clone();
             resolved.rules.push(one);
         }
+        // The file's rules keep their ids while the file keeps them (by what they say).
         let mut wanted = BTreeSet::new();
+        for rule in &context.file_rules {
+            wanted.insert((
+                rule.target.to_string(),
+                Origin::File,
+                rule.ports,
+                rule.access.clone(),
+            ));
+        }
         for container in containers {
             let (derived, label_error) =
                 derived_rules(container, context.default_published, self.labels);
@@ -181,11 +183,23 @@ impl Resolver {
                     }
                 },
             };
+            let (_, source, ports, access) = &key;
+            if *source == Origin::File {
+                let Some(rule) = context.file_rules.iter().find(|r| {
+                    r.target.to_string() == key.0 && r.ports == *ports && r.access == *access
+                }) else {
+                    continue;
+                };
+                let matched = matching(&rule.target, containers);
+                let mut one = resolve_one(id, Origin::File, &rule.target, rule.ports, &matched);
+                one.access = rule.access.clone();
+                resolved.rules.push(one);
+                continue;
+            }
             let Some(container) = containers.iter().find(|c| c.id == key.0) else {
                 continue;
             };
             let target = Target::Container(container.name.clone());
-            let (_, source, ports, access) = &key;
             let mut rule = resolve_one(id, *source, &target, *ports, &[container]);
             if *source == Origin::Label {
                 rule.label_origin = container.allow_label_origin;
@@ -219,6 +233,22 @@ impl Resolver {
     fn free_id(&self) -> Option<u32> {
         let used: BTreeSet<u32> = self.derived_ids.values().copied().collect();
         (MAX_SAVED_RULES..MAX_RULES).find(|id| !used.contains(id))
+    }
+}
+
+/// The running containers a rule's target names.
+fn matching<'a>(target: &Target, containers: &'a [Workload]) -> Vec<&'a Workload> {
+    match target {
+        Target::Address(_) => Vec::new(),
+        Target::Container(name) => containers.iter().filter(|c| c.is_named(name)).collect(),
+        Target::HostPort { protocol, port } => containers
+            .iter()
+            .filter(|c| {
+                c.published
+                    .iter()
+                    .any(|p| p.protocol == *protocol && p.host_port == *port)
+            })
+            .collect(),
     }
 }
 
