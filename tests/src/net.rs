@@ -189,6 +189,45 @@ pub fn tcp_connect(
     Ok(stream)
 }
 
+/// Opens a TCP connection from namespace `ns`, from local address `from`.
+pub fn tcp_connect_from(
+    sandbox: &Sandbox,
+    ns: &str,
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let stream = sandbox.in_netns(ns, || -> io::Result<TcpStream> {
+        let domain = socket2::Domain::for_address(addr);
+        let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+        socket.bind(&SocketAddr::new(from, 0).into())?;
+        socket.connect_timeout(&addr.into(), timeout)?;
+        Ok(socket.into())
+    })?;
+    stream.set_read_timeout(Some(SHOULD_ANSWER))?;
+    stream.set_write_timeout(Some(SHOULD_ANSWER))?;
+    Ok(stream)
+}
+
+/// Whether a connection from `ns`, from `from`, to `addr` is answered and echoes a request
+/// (true), or times out (false); anything else fails the test.
+pub fn tcp_answers_from(sandbox: &Sandbox, ns: &str, from: &str, addr: SocketAddr) -> bool {
+    let source: std::net::IpAddr = from.parse().expect("source address");
+    match tcp_connect_from(sandbox, ns, source, addr, SHOULD_TIME_OUT) {
+        Ok(mut stream) => {
+            let message = format!("hello {addr} from {from}");
+            let reply = exchange(&mut stream, &message)
+                .unwrap_or_else(|e| panic!("TCP request to {addr} from {from}: {e}"));
+            assert_eq!(reply, message, "echo from {addr}");
+            true
+        }
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => false,
+        Err(e) => {
+            panic!("TCP connection to {addr} from {from}: answered or timed out expected, got {e}")
+        }
+    }
+}
+
 /// Sends one line on an open connection and reads the echo.
 pub fn exchange(stream: &mut TcpStream, message: &str) -> io::Result<String> {
     assert!(!message.contains('\n'));

@@ -121,12 +121,10 @@ impl Agent {
                 steps.push(format!("{name} is {address}"));
                 return Ok((*address, port));
             }
-            Target::Address(address) => {
-                if containers.iter().any(|c| c.addresses.contains(&address)) {
-                    return Ok((address, port));
-                }
-                Some(address)
-            }
+            // One of the host's own addresses (it can be bound here) takes published ports;
+            // any other address is a container's, known to an engine or not.
+            Target::Address(address) if is_local(address) => Some(address),
+            Target::Address(address) => return Ok((address, port)),
             Target::HostPort { .. } => bail!("give a container, a container address or the host"),
         };
         // The host: a published host port maps to a container port.
@@ -180,6 +178,11 @@ impl Agent {
         }
         line
     }
+}
+
+/// Whether `address` is one of this host's (network namespace's) addresses.
+fn is_local(address: IpAddr) -> bool {
+    std::net::UdpSocket::bind((address, 0)).is_ok()
 }
 
 /// The counter and the admitting rule, in the kernel's order (see `admits` in gate-ebpf).
