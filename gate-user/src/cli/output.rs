@@ -279,6 +279,16 @@ pub fn format_status(status: &Status) -> String {
         "off (portgate.allow labels are ignored)"
     };
     let _ = writeln!(out, "labels:   {labels}");
+    for error in &status.label_errors {
+        let _ = writeln!(
+            out,
+            "LABEL:    {} opens nothing: {}",
+            error.container, error.error
+        );
+    }
+    if status.blocks > 0 {
+        let _ = writeln!(out, "blocked:  {} entries", status.blocks);
+    }
     let ports = status.published_ports;
     let _ = writeln!(
         out,

@@ -12,7 +12,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{Prefix, Rule, RuleSet, SourceSets};
 
-const FORMAT_VERSION: u32 = 1;
+/// Version 2 added sources, interfaces, expiry, sets and blocks. An older portgate would read
+/// a rule with sources as one without (unknown fields are ignored) and open it to everyone,
+/// so it must refuse the file instead: every save writes version 2.
+const FORMAT_VERSION: u32 = 2;
+/// Versions this portgate reads (1: rules only).
+const READABLE_VERSIONS: [u32; 2] = [1, 2];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -26,7 +31,7 @@ pub enum StoreError {
         source: serde_json::Error,
     },
     #[error(
-        "rules file {path} has format version {found}; this portgate reads version {FORMAT_VERSION}"
+        "rules file {path} has format version {found}; this portgate reads versions 1 and {FORMAT_VERSION}"
     )]
     Version { path: PathBuf, found: u32 },
     #[error("cannot write rules to {path}")]
@@ -85,7 +90,7 @@ impl RuleStore {
                 path: self.path.clone(),
                 source,
             })?;
-        if file.version != FORMAT_VERSION {
+        if !READABLE_VERSIONS.contains(&file.version) {
             return Err(StoreError::Version {
                 path: self.path.clone(),
                 found: file.version,
@@ -193,6 +198,17 @@ mod tests {
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("rules.json"));
         assert_eq!(fs::read(store.path()).expect("read"), b"{not json");
+    }
+
+    #[test]
+    fn a_version_1_file_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RuleStore::new(dir.path());
+        let v1 = br#"{"version": 1, "rules": [{"id": 0, "target": {"address": "10.0.0.2"}, "ports": {"spec": {"protocol": "tcp", "port_start": 80, "port_end": 80}}}]}"#;
+        fs::write(store.path(), v1).expect("write");
+        let saved = store.load().expect("version 1 loads");
+        assert_eq!(saved.rules.rules().len(), 1);
+        assert!(!saved.rules.rules()[0].access.is_restricted());
     }
 
     #[test]
