@@ -1450,3 +1450,121 @@ fn bpftool_entries(gate: &Gate, map: &str) -> usize {
     let dump = bpftool_json(&["map", "dump", "pinned", &pin.display().to_string()]);
     dump.as_array().map_or(0, Vec::len)
 }
+
+#[test]
+fn the_uplink_program_refuses_unadmitted_published_ports_before_conntrack() {
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    use gate_common::{AllowKey, AllowValue, NO_RULE, PROTO_TCP, PROTO_UDP};
+    let host = [10, 98, 0, 1];
+    let elsewhere = [10, 97, 0, 9];
+    gate.datapath
+        .sync_local_addrs(&[ipv4_mapped(host)].into())
+        .expect("local addresses");
+    gate.allow_with("10.99.0.2", "80", from(&["10.98.0.0/16"]));
+    let restricted = gate
+        .datapath
+        .allow_value(&AllowKey::new(ipv4_mapped(CONTAINER4), PROTO_TCP, 80))
+        .expect("allow map")
+        .expect("entry");
+    let entries = [
+        (
+            AllowKey::new([0; 16], PROTO_TCP, 8080),
+            AllowValue::any_source(NO_RULE),
+        ),
+        (
+            AllowKey::new([0; 16], PROTO_UDP, 8080),
+            AllowValue::any_source(NO_RULE),
+        ),
+        (AllowKey::new([0; 16], PROTO_TCP, 8081), restricted),
+        (
+            AllowKey::new(ipv4_mapped(host), PROTO_TCP, 8082),
+            AllowValue::any_source(0),
+        ),
+    ]
+    .into();
+    gate.datapath.sync_host_ports(&entries).expect("host ports");
+    let uplink =
+        |gate: &Gate, frame: &[u8]| gate.run(program_names::FROM_UPLINKS, frame, FORWARDED);
+
+    // A published port no rule admits: refused, counted as a drop made before conntrack.
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40000, 8080, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        uplink(&gate, &udp4(REMOTE4, host, 40000, 8080)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("not_allowed"), 2);
+    assert_eq!(gate.counter("dropped_before_conntrack"), 2);
+    assert_eq!(gate.counter("flow_created"), 0);
+    // What is not a new connection, or not to this host, or not published, passes on.
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40000, 8080, ACK)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40000, 8080, SYN_ACK)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, elsewhere, 40000, 8080, SYN)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40000, 22, SYN)),
+        Verdict::Pass
+    );
+    // The rule's sources and the block list decide as they do on the bridge.
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40001, 8081, SYN)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        uplink(&gate, &tcp4([192, 0, 2, 1], host, 40001, 8081, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("source_not_allowed"), 1);
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40002, 8082, SYN)),
+        Verdict::Pass
+    );
+    gate.block(&["10.98.0.0/24"]);
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40003, 8082, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("blocked"), 1);
+    assert_eq!(gate.counter("dropped_before_conntrack"), 4);
+}
+
+#[test]
+fn the_uplink_program_only_counts_in_audit_mode() {
+    let Some(mut gate) = Gate::load(GateConfig {
+        audit: true,
+        ..GateConfig::default()
+    }) else {
+        return;
+    };
+    use gate_common::{AllowKey, AllowValue, NO_RULE, PROTO_TCP};
+    let host = [10, 98, 0, 1];
+    gate.datapath
+        .sync_local_addrs(&[ipv4_mapped(host)].into())
+        .expect("local addresses");
+    let entries = [(
+        AllowKey::new([0; 16], PROTO_TCP, 8080),
+        AllowValue::any_source(NO_RULE),
+    )]
+    .into();
+    gate.datapath.sync_host_ports(&entries).expect("host ports");
+    let frame = tcp4(REMOTE4, host, 40000, 8080, SYN);
+    assert_eq!(
+        gate.run(program_names::FROM_UPLINKS, &frame, FORWARDED),
+        Verdict::Pass
+    );
+    assert_eq!(gate.counter("not_allowed"), 1);
+    assert_eq!(gate.counter("audit_passed"), 1);
+    assert_eq!(gate.counter("dropped_before_conntrack"), 0);
+}
