@@ -711,8 +711,6 @@ fn audit_mode_passes_unpublished_host_port_connections_and_counts_them() {
     assert_eq!(gate.counter("audit_passed"), 1);
 }
 
-/// `bpftool -j ARGS...`'s JSON; panics unless it succeeds.
-
 /// Removes a test's pin directory, whatever is in it, on drop.
 struct RemoveOnDrop(PathBuf);
 

@@ -395,6 +395,7 @@ pub fn ext_header(next: u8) -> [u8; 8] {
     [next, 0, 1, 4, 0, 0, 0, 0]
 }
 
+/// `bpftool -j ARGS...`'s JSON; panics unless it succeeds.
 pub fn bpftool_json(args: &[&str]) -> serde_json::Value {
     let output = std::process::Command::new("bpftool")
         .arg("-j")
