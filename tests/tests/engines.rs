@@ -88,7 +88,7 @@ fn default_deny_then_allow_by_name_by_label_and_deny() {
         lport,
         &["--label", "portgate.allow=80/tcp"],
     );
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
 
     sc.assert_times_out(
@@ -163,7 +163,7 @@ fn allow_published_opens_exactly_the_published_ports_and_lists_them() {
     docker.wait_serving(80);
     docker.wait_serving(81);
     let _podman = engines.run_httpd(Engine::Podman, &pname, ppod, &[]);
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
 
     sc.assert_times_out(sc.published(p80), "published 80 before allow --published");
@@ -247,7 +247,7 @@ fn rule_follows_the_container_across_restarts() {
         lport,
         &["--label", "portgate.allow=80/tcp"],
     );
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
     agent.allow(&aname, "80/tcp");
     sc.assert_answers(
@@ -335,7 +335,7 @@ fn dockerd_restart_keeps_enforcement_and_the_agent_resyncs() {
         lport,
         &["--label", "portgate.allow=80/tcp"],
     );
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     let status = agent.wait_engines_connected(&["docker", "podman"]);
     let syncs_before = engine_status(&status, "docker").expect("docker engine")["syncs"]
         .as_u64()
@@ -433,7 +433,7 @@ fn download_survives_an_agent_restart() {
     let podman = engines.podman_run(&pname, &["-p", &pub_p, IMAGE, "/bin/sh", "-c", &script_p]);
     docker.wait_serving(80);
     podman.wait_serving(80);
-    let mut agent = EngineAgent::start(&[]);
+    let mut agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
     agent.allow(&dname, "80/tcp");
     agent.allow(&pname, "80/tcp");
@@ -504,7 +504,7 @@ fn deleted_delegation_rule_is_restored() {
         dport,
         &["--label", "portgate.allow=80/tcp"],
     );
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
     sc.assert_answers_within(
         sc.published(lport),
@@ -519,8 +519,13 @@ fn deleted_delegation_rule_is_restored() {
         .unwrap_or_else(|| panic!("status --json has no netfilter array: {status}"));
     let podman0 = netfilter
         .iter()
-        .find(|n| n["bridge"] == "podman0")
-        .unwrap_or_else(|| panic!("no delegation rule for podman0 under FORWARD DROP: {status}"));
+        .find(|n| n["bridge"] == engines.set.podman_bridge())
+        .unwrap_or_else(|| {
+            panic!(
+                "no delegation rule for {} under FORWARD DROP: {status}",
+                engines.set.podman_bridge()
+            )
+        });
     assert_eq!(
         podman0["installed"], true,
         "podman0's delegation rule: {status}"
@@ -590,7 +595,7 @@ fn containers_reach_the_outside_with_no_rule() {
         &sc.client,
         std::net::SocketAddr::from((sc.client_addr, 9000)),
     );
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
     for engine in [Engine::Docker, Engine::Podman] {
         let name = unique(&format!("nc-{}", engine.name()));
@@ -668,7 +673,7 @@ fn docker_proxy_paths_stay_closed_until_allowed() {
         "hairpin without the agent should answer"
     );
 
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
     // Host ports are written once the engine has reported.
     let start = Instant::now();

@@ -52,8 +52,9 @@ mod firewall;
 mod http;
 mod process;
 mod scenario;
+mod sets;
 
-pub use self::{agent::*, daemons::*, firewall::*, http::*, process::*, scenario::*};
+pub use self::{agent::*, daemons::*, firewall::*, http::*, process::*, scenario::*, sets::*};
 
 /// The image every container runs: Debian's static busybox, nothing else.
 pub const IMAGE: &str = "local/busybox:latest";
@@ -63,7 +64,6 @@ pub const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 pub const CONTAINERD_LOG: &str = "/tmp/portgate-tests-containerd.log";
 pub const DOCKERD_LOG: &str = "/tmp/portgate-tests-dockerd.log";
 pub const PODMAN_LOG: &str = "/tmp/portgate-tests-podman.log";
-pub const CONTAINERS_CONF: &str = "/etc/containers/containers.conf";
 /// Podman's limits that this machine can grant (see shared/testbed.md), given on every run.
 pub const PODMAN_ULIMITS: &[&str] = &[
     "--ulimit",
