@@ -161,6 +161,7 @@ fn status(bridge: &str, backend: &str, chain: &str) -> DelegationStatus {
         backend: backend.to_owned(),
         chain: chain.to_owned(),
         installed: true,
+        replies: false,
     }
 }
 
@@ -176,6 +177,7 @@ fn accept_policy_needs_nothing_and_creates_nothing() {
             backend: "none".to_owned(),
             chain: "not needed".to_owned(),
             installed: false,
+            replies: false,
         }]
     );
     assert_eq!(delegation.status(), statuses);
