@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use portgate_tests::engines::{
-    Download, Engine, EngineAgent, Engines, FOLLOW_TIMEOUT, IMAGE, PongServer, Scenario, body_of,
+    Download, Engine, EngineAgent, EngineSet, Engines, OperatorRule, FOLLOW_TIMEOUT, IMAGE, PongServer, Scenario, body_of,
     container_rules, engine_status, free_port, host_ports, httpd_script, iptables_delete,
     iptables_rules, unique,
 };
@@ -33,6 +33,11 @@ macro_rules! setup {
 /// The comment of the delegation rule for `bridge` (docs-contract.md).
 fn delegation_comment(bridge: &str) -> String {
     format!("portgate: delegate {bridge} to the eBPF gate")
+}
+
+/// The comment of the replies rule for `bridge`.
+fn replies_comment(bridge: &str) -> String {
+    format!("portgate: delegate {bridge} replies to the eBPF gate")
 }
 
 /// Every rule in the root namespace's filter table that portgate installed.
@@ -530,6 +535,23 @@ fn deleted_delegation_rule_is_restored() {
         podman0["installed"], true,
         "podman0's delegation rule: {status}"
     );
+    // A replies rule exactly where the engine accepts its bridge's traffic only in nftables
+    // tables of its own (Podman 5's netavark), and nowhere else.
+    let with_replies: Vec<&str> = netfilter
+        .iter()
+        .filter(|n| n["replies"] == true && n["installed"] == true)
+        .filter_map(|n| n["bridge"].as_str())
+        .collect();
+    let expected: Vec<&str> = if engines.set == EngineSet::Sid {
+        vec![engines.set.podman_bridge()]
+    } else {
+        Vec::new()
+    };
+    assert_eq!(
+        with_replies, expected,
+        "bridges with a replies rule on engine set {}: {status}",
+        engines.set.name()
+    );
     for entry in netfilter {
         let bridge = entry["bridge"].as_str().expect("bridge");
         let chain = entry["chain"].as_str().expect("chain");
@@ -538,11 +560,17 @@ fn deleted_delegation_rule_is_restored() {
             "iptables-legacy" => "iptables-legacy",
             _ => "iptables",
         };
-        let comment = delegation_comment(bridge);
+        // A replies rule (bridges of nftables-only engines) lets the bridge's replies out.
+        let replies = entry["replies"] == true;
+        let (comment, interface) = if replies {
+            (replies_comment(bridge), format!("-i {bridge}"))
+        } else {
+            (delegation_comment(bridge), format!("-o {bridge}"))
+        };
         let find = || {
             iptables_rules(bin, chain)
                 .into_iter()
-                .find(|l| l.contains(&comment) && l.contains(&format!("-o {bridge}")))
+                .find(|l| l.contains(&format!("\"{comment}\"")) && l.contains(&interface))
         };
         let rule = find().unwrap_or_else(|| {
             panic!(
@@ -587,6 +615,11 @@ fn deleted_delegation_rule_is_restored() {
     );
 }
 
+/// Containers reach the outside with no rule of portgate's. On the sid set, Podman 5's
+/// netavark accepts its containers' traffic only in its own nftables table, so the host's
+/// iptables FORWARD policy DROP drops it, agent or not (netavark#977): the test shows that,
+/// then adds the operator's rule that netavark's iptables driver used to add itself and
+/// checks that the gate lets the traffic through.
 #[test]
 fn containers_reach_the_outside_with_no_rule() {
     let (_serial, engines) = setup!();
@@ -596,8 +629,8 @@ fn containers_reach_the_outside_with_no_rule() {
         std::net::SocketAddr::from((sc.client_addr, 9000)),
     );
     let agent = EngineAgent::start(engines, &[]);
-    agent.wait_engines_connected(&["docker", "podman"]);
-    for engine in [Engine::Docker, Engine::Podman] {
+    let status = agent.wait_engines_connected(&["docker", "podman"]);
+    let reach = |engine: Engine| {
         let name = unique(&format!("nc-{}", engine.name()));
         let script = format!(
             "echo hello-from-{} | /bin/busybox nc -w 5 {} 9000",
@@ -610,9 +643,37 @@ fn containers_reach_the_outside_with_no_rule() {
             &[IMAGE, "/bin/sh", "-c", &script],
             Duration::from_secs(60),
         );
-        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        (stdout, output)
+    };
+    let mut _operator_rule = None;
+    if engines.set == EngineSet::Sid {
+        let (stdout, _) = reach(Engine::Podman);
+        assert_ne!(
+            stdout, "pong hello-from-podman",
+            "Podman 5 (netavark's nftables driver) under iptables FORWARD DROP: its outbound \
+             traffic should be dropped by the host's chain, not accepted (status: {})",
+            status["engines"]
+        );
+        _operator_rule = Some(OperatorRule::insert(
+            "iptables",
+            "FORWARD",
+            &[
+                "-i",
+                engines.set.podman_bridge(),
+                "-m",
+                "comment",
+                "--comment",
+                "pge operator: netavark#977",
+                "-j",
+                "ACCEPT",
+            ],
+        ));
+    }
+    for engine in [Engine::Docker, Engine::Podman] {
+        let (stdout, output) = reach(engine);
         assert_eq!(
-            stdout.trim(),
+            stdout,
             format!("pong hello-from-{}", engine.name()),
             "a {} container's connection to the outside ({}:9000) should get its reply \
              ({}; stderr: {})",

@@ -22,7 +22,21 @@ struct Stage {
     command: Option<Command>,
 }
 
-pub fn run(extra_args: &[String]) -> Result<()> {
+/// The engine sets the engine tests run against, in this order: Debian 12's first (with
+/// every other end-to-end test), then the CNI set (the same Docker, so only Podman's service
+/// restarts), then sid (tests/src/engines/sets.rs).
+pub const ENGINE_SETS: [&str; 3] = ["debian12", "cni", "sid"];
+
+pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
+    for set in engine_sets {
+        if !ENGINE_SETS.contains(&set.as_str()) {
+            bail!(
+                "--engine-set {set}: no such engine set (one of {})",
+                ENGINE_SETS.join(", ")
+            );
+        }
+    }
+    let wanted = |set: &str| engine_sets.is_empty() || engine_sets.iter().any(|s| s == set);
     if !proc::is_root() {
         println!(
             "note: not running as root: the tests that load eBPF programs (gate-user's program \
@@ -61,20 +75,33 @@ pub fn run(extra_args: &[String]) -> Result<()> {
             command: Some(cargo(&["test", "-p", "gate-common", "-p", "gate-user"])),
         },
         Stage {
-            name: "end-to-end tests (portgate-tests)",
+            name: "end-to-end tests (portgate-tests), engine set debian12",
             blocks_later: false,
             command: Some({
-                let mut cmd = cargo(&["test", "-p", "portgate-tests", "--", "--test-threads=2"]);
-                cmd.args(extra_args);
-                // The tests run `$PORTGATE_BIN`, else <workspace>/target/debug/portgate; name the
-                // binary the debug build stage produced, wherever the target directory is.
-                if std::env::var_os("PORTGATE_BIN").is_none()
-                    && let Ok(target) = proc::target_dir()
-                {
-                    cmd.env("PORTGATE_BIN", target.join("debug/portgate"));
-                }
+                // Without debian12 among the sets, every test binary but the engines one.
+                let mut cmd = if wanted("debian12") {
+                    cargo(&["test", "-p", "portgate-tests"])
+                } else {
+                    cargo(&[
+                        "test", "-p", "portgate-tests", "--test", "e2e", "--test", "observe",
+                        "--test", "paths", "--test", "metrics",
+                    ])
+                };
+                cmd.args(["--", "--test-threads=2"]).args(extra_args);
+                cmd.env("PORTGATE_ENGINE_SET", "debian12");
+                with_portgate_bin(&mut cmd);
                 cmd
             }),
+        },
+        Stage {
+            name: "engine tests, engine set cni (Podman 4.3 on CNI)",
+            blocks_later: false,
+            command: wanted("cni").then(|| engine_tests("cni", extra_args)),
+        },
+        Stage {
+            name: "engine tests, engine set sid (Docker 28, Podman 5)",
+            blocks_later: false,
+            command: wanted("sid").then(|| engine_tests("sid", extra_args)),
         },
         Stage {
             // Keeps the benchmark harness working; its figures go to target/bench, not docs/.
@@ -89,6 +116,10 @@ pub fn run(extra_args: &[String]) -> Result<()> {
     for stage in &mut stages {
         if blocked {
             outcomes.push(Outcome::Skipped("an earlier stage failed"));
+            continue;
+        }
+        if stage.command.is_none() && stage.name != "setup" {
+            outcomes.push(Outcome::Skipped("not among the --engine-set sets"));
             continue;
         }
         println!("\n==================== {} ====================", stage.name);
@@ -130,6 +161,26 @@ pub fn run(extra_args: &[String]) -> Result<()> {
         bail!("{failed} stage(s) failed");
     }
     Ok(())
+}
+
+/// The engine tests alone (one test process: the sets' tests share docker0 and podman0's
+/// subnet, and run one at a time anyway) against engine set `set`.
+fn engine_tests(set: &str, extra_args: &[String]) -> Command {
+    let mut cmd = cargo(&["test", "-p", "portgate-tests", "--test", "engines", "--"]);
+    cmd.args(extra_args);
+    cmd.env("PORTGATE_ENGINE_SET", set);
+    with_portgate_bin(&mut cmd);
+    cmd
+}
+
+/// The tests run `$PORTGATE_BIN`, else <workspace>/target/debug/portgate; name the binary the
+/// debug build stage produced, wherever the target directory is.
+fn with_portgate_bin(cmd: &mut Command) {
+    if std::env::var_os("PORTGATE_BIN").is_none()
+        && let Ok(target) = proc::target_dir()
+    {
+        cmd.env("PORTGATE_BIN", target.join("debug/portgate"));
+    }
 }
 
 fn cargo(args: &[&str]) -> Command {

@@ -56,3 +56,31 @@ pub fn iptables_delete(bin: &str, rule_line: &str) {
     args[0] = "-D".into();
     run_ok(Command::new(bin).args(&args));
 }
+
+/// A rule of the operator's, inserted at the top of `chain` and deleted on drop.
+pub struct OperatorRule {
+    bin: String,
+    chain: String,
+    spec: Vec<String>,
+}
+
+impl OperatorRule {
+    pub fn insert(bin: &str, chain: &str, spec: &[&str]) -> Self {
+        let spec: Vec<String> = spec.iter().map(|s| (*s).to_owned()).collect();
+        run_ok(Command::new(bin).args(["-I", chain]).args(&spec));
+        OperatorRule {
+            bin: bin.to_owned(),
+            chain: chain.to_owned(),
+            spec,
+        }
+    }
+}
+
+impl Drop for OperatorRule {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.bin)
+            .args(["-D", &self.chain])
+            .args(&self.spec)
+            .output();
+    }
+}
