@@ -11,7 +11,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use portgate_tests::engines::{
-    Download, Engine, EngineAgent, EngineSet, Engines, OperatorRule, FOLLOW_TIMEOUT, IMAGE, PongServer, Scenario, body_of,
+    DockerNetwork, Download, Engine, EngineAgent, EngineSet, Engines, OperatorNftTable,
+    OperatorRule, iptables_rules_in, FOLLOW_TIMEOUT, IMAGE, PongServer, Scenario, body_of,
     container_rules, engine_status, free_port, host_ports, httpd_script, iptables_delete,
     iptables_rules, unique,
 };
@@ -655,20 +656,21 @@ fn containers_reach_the_outside_with_no_rule() {
              traffic should be dropped by the host's chain, not accepted (status: {})",
             status["engines"]
         );
-        _operator_rule = Some(OperatorRule::insert(
-            "iptables",
-            "FORWARD",
-            &[
-                "-i",
-                engines.set.podman_bridge(),
-                "-m",
-                "comment",
-                "--comment",
-                "pge operator: netavark#977",
-                "-j",
-                "ACCEPT",
-            ],
-        ));
+        // What netavark's iptables driver adds itself: the bridge's traffic out, and what
+        // comes back for it.
+        let bridge = engines.set.podman_bridge();
+        let comment = ["-m", "comment", "--comment", "pge operator: netavark#977"];
+        let out = [&["-i", bridge][..], &comment, &["-j", "ACCEPT"]].concat();
+        let back = [
+            &["-o", bridge, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"][..],
+            &comment,
+            &["-j", "ACCEPT"],
+        ]
+        .concat();
+        _operator_rule = Some([
+            OperatorRule::insert("iptables", "FORWARD", &out),
+            OperatorRule::insert("iptables", "FORWARD", &back),
+        ]);
     }
     for engine in [Engine::Docker, Engine::Podman] {
         let (stdout, output) = reach(engine);
@@ -688,6 +690,206 @@ fn containers_reach_the_outside_with_no_rule() {
         2,
         "the outside server should have seen both containers"
     );
+}
+
+/// A host firewall written for nftables: a forward chain of the operator's own with policy
+/// drop (netavark#977's situation), on top of the scenario's iptables FORWARD DROP. An accept
+/// in another base chain (Docker's iptables rules, netavark's own table) does not skip it, so
+/// without the agent every engine's published ports time out. The agent puts its rule in
+/// that chain too, and `allow` opens exactly the allowed ports.
+#[test]
+fn nftables_forward_policy_drop_is_delegated_too() {
+    let (_serial, engines) = setup!();
+    let sc = Scenario::new();
+    let (dport, pport) = (free_port(), free_port());
+    let (dname, pname) = (unique("nft-d"), unique("nft-p"));
+    let _docker = engines.run_httpd(Engine::Docker, &dname, dport, &[]);
+    let _podman = engines.run_httpd(Engine::Podman, &pname, pport, &[]);
+    let table =
+        OperatorNftTable::forward_drop(&unique("fw"), &["ct state established,related accept"]);
+    sc.assert_times_out(
+        sc.published(dport),
+        "Docker's published port under an nftables forward chain with policy drop, no agent",
+    );
+    sc.assert_times_out(
+        sc.published(pport),
+        "Podman's published port under an nftables forward chain with policy drop, no agent",
+    );
+
+    let agent = EngineAgent::start(engines, &[]);
+    let status = agent.wait_engines_connected(&["docker", "podman"]);
+    let chain = table.status_chain();
+    let deadline = Instant::now() + FOLLOW_TIMEOUT;
+    loop {
+        let status = agent.status_json();
+        let delegated: BTreeSet<String> = status["netfilter"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["chain"] == chain.as_str() && n["installed"] == true)
+            .filter(|n| n["replies"] != true)
+            .filter_map(|n| n["bridge"].as_str().map(str::to_owned))
+            .collect();
+        let wanted = BTreeSet::from([
+            "docker0".to_owned(),
+            engines.set.podman_bridge().to_owned(),
+        ]);
+        if wanted.is_subset(&delegated) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status should show the delegation rules of {wanted:?} in {chain}: {}",
+            status["netfilter"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("engines: {}", status["engines"]);
+    sc.assert_times_out(sc.published(dport), "Docker's published port, no rule");
+    sc.assert_times_out(sc.published(pport), "Podman's published port, no rule");
+    agent.allow(&dname, "80/tcp");
+    agent.allow(&pname, "80/tcp");
+    sc.assert_answers(
+        sc.published(dport),
+        &body_of(&dname),
+        "Docker's published port after allow, under the nftables drop policy",
+    );
+    sc.assert_answers(
+        sc.published(pport),
+        &body_of(&pname),
+        "Podman's published port after allow, under the nftables drop policy",
+    );
+    drop(agent);
+    drop(table);
+}
+
+/// Docker 28's networks without NAT protection: `gateway_mode_ipv4=routed` (no NAT; Docker
+/// accepts routed traffic to published container ports) and `nat-unprotected` (every port of
+/// the container is reachable by direct routing). The gate enforces on their bridges like on
+/// any other: nothing answers until allowed, and only what is allowed. And on Docker 28's
+/// default (`nat`) network, direct routing to a container is dropped in raw PREROUTING, before
+/// the gate, even for an allowed port, while the published port answers. Docker 20.10 has none
+/// of these modes: on the other sets the test says so and returns.
+#[test]
+fn docker28_routed_and_unprotected_networks_are_gated() {
+    let (_serial, engines) = setup!();
+    if engines.set != EngineSet::Sid {
+        eprintln!(
+            "note: engine set {}: its Docker has no gateway_mode_ipv4 (Docker 27 and later); \
+             nothing to test here",
+            engines.set.name()
+        );
+        return;
+    }
+    let sc = Scenario::new();
+    // The client's default route is the host: it routes to container addresses directly.
+    // The default network: Docker 28 drops direct routing in raw PREROUTING.
+    let (dport, dname) = (free_port(), unique("nat-d"));
+    let nat = engines.run_httpd(Engine::Docker, &dname, dport, &[]);
+    let nat_address: std::net::Ipv4Addr = nat.address().parse().expect("docker0 address");
+    let raw = iptables_rules_in("iptables", "raw", "PREROUTING");
+    assert!(
+        raw.iter()
+            .any(|r| r.contains(&format!("-d {nat_address}/32")) && r.contains("-j DROP")),
+        "Docker 28 should drop direct routing to {nat_address} in raw PREROUTING: {raw:?}"
+    );
+
+    let mut networks = Vec::new();
+    let mut containers = Vec::new();
+    let mut targets = Vec::new();
+    for mode in ["routed", "nat-unprotected"] {
+        let network = DockerNetwork::create(
+            engines,
+            &unique(mode),
+            &[
+                "-o",
+                &format!("com.docker.network.bridge.gateway_mode_ipv4={mode}"),
+            ],
+        );
+        let name = unique(&format!("web-{mode}"));
+        let script = httpd_script(&name, &[81, 80], 0);
+        let publish = format!("{}:80", free_port());
+        let container = engines.docker_run(
+            &name,
+            &[
+                "--network",
+                &network.name,
+                "-p",
+                &publish,
+                IMAGE,
+                "/bin/sh",
+                "-c",
+                &script,
+            ],
+        );
+        let address = container.wait_serving_on(&network.name, 80);
+        container.wait_serving_on(&network.name, 81);
+        eprintln!("{mode}: {name} at {address} on {} ({})", network.name, network.subnet());
+        // Without the agent: the published container port answers by direct routing; the
+        // unpublished one only where Docker does not protect it.
+        sc.assert_answers(
+            std::net::SocketAddr::from((address, 80)),
+            &body_of(&name),
+            &format!("{mode}: published port 80, routed directly, no agent"),
+        );
+        let unpublished = std::net::SocketAddr::from((address, 81));
+        if mode == "routed" {
+            sc.assert_times_out(unpublished, "routed: unpublished port 81, no agent");
+        } else {
+            sc.assert_answers(
+                unpublished,
+                &body_of(&name),
+                "nat-unprotected: unpublished port 81, no agent",
+            );
+        }
+        targets.push((mode, name, address));
+        containers.push(container);
+        networks.push(network);
+    }
+
+    let agent = EngineAgent::start(engines, &[]);
+    agent.wait_engines_connected(&["docker", "podman"]);
+    for (mode, _, address) in &targets {
+        for port in [80, 81] {
+            sc.assert_times_out(
+                std::net::SocketAddr::from((*address, port)),
+                &format!("{mode}: port {port} with the agent, no rule"),
+            );
+        }
+    }
+    for (mode, name, address) in &targets {
+        agent.allow(name, "80/tcp");
+        sc.assert_answers(
+            std::net::SocketAddr::from((*address, 80)),
+            &body_of(name),
+            &format!("{mode}: port 80 after `portgate allow NAME 80/tcp`"),
+        );
+        sc.assert_times_out(
+            std::net::SocketAddr::from((*address, 81)),
+            &format!("{mode}: port 81, not allowed"),
+        );
+    }
+    let (_, name, address) = &targets[1];
+    agent.allow(name, "81/tcp");
+    sc.assert_answers(
+        std::net::SocketAddr::from((*address, 81)),
+        &body_of(name),
+        "nat-unprotected: port 81 after `portgate allow NAME 81/tcp`",
+    );
+
+    agent.allow(&dname, "80/tcp");
+    sc.assert_answers(
+        sc.published(dport),
+        &body_of(&dname),
+        "default network: published port after allow",
+    );
+    sc.assert_times_out(
+        std::net::SocketAddr::from((nat_address, 80)),
+        "default network: direct routing to an allowed port (raw PREROUTING drops it first)",
+    );
+    drop(agent);
+    drop(containers);
+    drop(networks);
 }
 
 /// Docker's userland proxy relays a published port from the host's own stack, which the

@@ -734,3 +734,79 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// A Docker network, removed (`network rm`) on drop; its containers must be gone by then.
+pub struct DockerNetwork {
+    engines: &'static Engines,
+    pub name: String,
+}
+
+impl DockerNetwork {
+    /// `docker network create ARGS... NAME`.
+    pub fn create(engines: &'static Engines, name: &str, args: &[&str]) -> Self {
+        let network = DockerNetwork {
+            engines,
+            name: name.to_owned(),
+        };
+        let mut full = vec!["network", "create"];
+        full.extend_from_slice(args);
+        full.push(name);
+        engines.cli_ok(Engine::Docker, &full);
+        network
+    }
+
+    /// The network's IPv4 subnet (the first of its IPAM configs).
+    pub fn subnet(&self) -> String {
+        self.engines.cli_ok(
+            Engine::Docker,
+            &[
+                "network",
+                "inspect",
+                "--format",
+                "{{range .IPAM.Config}}{{.Subnet}} {{end}}",
+                &self.name,
+            ],
+        )
+        .split_whitespace()
+        .find(|s| s.contains('.'))
+        .unwrap_or_else(|| panic!("network {} has no IPv4 subnet", self.name))
+        .to_owned()
+    }
+}
+
+impl Drop for DockerNetwork {
+    fn drop(&mut self) {
+        let _ = run_timeout(
+            self.engines
+                .cli(Engine::Docker)
+                .args(["network", "rm", &self.name]),
+            Duration::from_secs(60),
+        );
+    }
+}
+
+impl ContainerGuard {
+    /// The container's address on `network` once it serves TCP `port` there (from the root
+    /// namespace). Panics after [`FOLLOW_TIMEOUT`].
+    pub fn wait_serving_on(&self, network: &str, port: u16) -> Ipv4Addr {
+        let deadline = Instant::now() + FOLLOW_TIMEOUT;
+        loop {
+            let format = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
+            let address = self.cli_ok(&["inspect", "--format", &format, &self.name]);
+            if let Ok(ip) = address.parse::<Ipv4Addr>()
+                && TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(1))
+                    .is_ok()
+            {
+                return ip;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "container {} does not serve port {port} on {network} ({address:?}); logs:\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
