@@ -11,10 +11,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use portgate_tests::engines::{
-    DockerNetwork, Download, Engine, EngineAgent, EngineSet, Engines, OperatorNftTable,
-    OperatorRule, iptables_rules_in, FOLLOW_TIMEOUT, IMAGE, PongServer, Scenario, body_of,
-    container_rules, engine_status, free_port, host_ports, httpd_script, iptables_delete,
-    iptables_rules, unique,
+    DockerNetwork, Download, Engine, EngineAgent, EngineSet, Engines, FOLLOW_TIMEOUT, IMAGE,
+    OperatorNftTable, OperatorRule, PongServer, Scenario, body_of, container_rules, engine_status,
+    free_port, host_ports, httpd_script, iptables_delete, iptables_rules, iptables_rules_in,
+    unique,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -549,7 +549,8 @@ fn deleted_delegation_rule_is_restored() {
         Vec::new()
     };
     assert_eq!(
-        with_replies, expected,
+        with_replies,
+        expected,
         "bridges with a replies rule on engine set {}: {status}",
         engines.set.name()
     );
@@ -662,7 +663,14 @@ fn containers_reach_the_outside_with_no_rule() {
         let comment = ["-m", "comment", "--comment", "pge operator: netavark#977"];
         let out = [&["-i", bridge][..], &comment, &["-j", "ACCEPT"]].concat();
         let back = [
-            &["-o", bridge, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"][..],
+            &[
+                "-o",
+                bridge,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+            ][..],
             &comment,
             &["-j", "ACCEPT"],
         ]
@@ -730,10 +738,7 @@ fn nftables_forward_policy_drop_is_delegated_too() {
             .filter(|n| n["replies"] != true)
             .filter_map(|n| n["bridge"].as_str().map(str::to_owned))
             .collect();
-        let wanted = BTreeSet::from([
-            "docker0".to_owned(),
-            engines.set.podman_bridge().to_owned(),
-        ]);
+        let wanted = BTreeSet::from(["docker0".to_owned(), engines.set.podman_bridge().to_owned()]);
         if wanted.is_subset(&delegated) {
             break;
         }
@@ -824,7 +829,11 @@ fn docker28_routed_and_unprotected_networks_are_gated() {
         );
         let address = container.wait_serving_on(&network.name, 80);
         container.wait_serving_on(&network.name, 81);
-        eprintln!("{mode}: {name} at {address} on {} ({})", network.name, network.subnet());
+        eprintln!(
+            "{mode}: {name} at {address} on {} ({})",
+            network.name,
+            network.subnet()
+        );
         // Without the agent: the published container port answers by direct routing; the
         // unpublished one only where Docker does not protect it.
         sc.assert_answers(

@@ -113,8 +113,8 @@ fn mirror() -> String {
 
 /// Whether anything is mounted at or under `path` (a root the tests are using).
 fn has_mounts(path: &Path) -> Result<bool> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
     Ok(mounts
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
@@ -131,7 +131,12 @@ fn remove_tree(path: &Path) -> Result<()> {
             path.display()
         );
     }
-    proc::run(Command::new("rm").arg("-rf").arg("--one-file-system").arg(path))
+    proc::run(
+        Command::new("rm")
+            .arg("-rf")
+            .arg("--one-file-system")
+            .arg(path),
+    )
 }
 
 /// Builds the root at `root` (which is missing or incomplete), printing debootstrap's
@@ -177,10 +182,13 @@ pub fn build(root: &Path) -> Result<()> {
         partial.display()
     );
     let mut cmd = Command::new("debootstrap");
-    cmd.args(["--variant=minbase", &format!("--include={}", PACKAGES.join(","))])
-        .args(["sid"])
-        .arg(&partial)
-        .arg(&mirror);
+    cmd.args([
+        "--variant=minbase",
+        &format!("--include={}", PACKAGES.join(",")),
+    ])
+    .args(["sid"])
+    .arg(&partial)
+    .arg(&mirror);
     println!("$ {}", proc::display(&cmd));
     // debootstrap prints one line per step (I: Retrieving..., I: Unpacking...): its progress.
     let child = cmd
@@ -216,13 +224,8 @@ pub fn build(root: &Path) -> Result<()> {
         })?;
         remove_tree(&stale)?;
     }
-    std::fs::rename(&partial, root).with_context(|| {
-        format!(
-            "cannot rename {} to {}",
-            partial.display(),
-            root.display()
-        )
-    })?;
+    std::fs::rename(&partial, root)
+        .with_context(|| format!("cannot rename {} to {}", partial.display(), root.display()))?;
     println!("built {}: {versions}", root.display());
     Ok(())
 }

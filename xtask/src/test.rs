@@ -83,8 +83,17 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
                     cargo(&["test", "-p", "portgate-tests"])
                 } else {
                     cargo(&[
-                        "test", "-p", "portgate-tests", "--test", "e2e", "--test", "observe",
-                        "--test", "paths", "--test", "metrics",
+                        "test",
+                        "-p",
+                        "portgate-tests",
+                        "--test",
+                        "e2e",
+                        "--test",
+                        "observe",
+                        "--test",
+                        "paths",
+                        "--test",
+                        "metrics",
                     ])
                 };
                 cmd.args(["--", "--test-threads=2"]).args(extra_args);

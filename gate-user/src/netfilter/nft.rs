@@ -6,9 +6,9 @@ use tracing::debug;
 
 use super::{
     Location, NetfilterError, OwnRule, Position, RuleId, Slot, Survey, Target, bridge_of_comment,
-    comment_for, split_key,
+    comment_for,
     exec::{Invocation, find_binary},
-    layout,
+    layout, split_key,
 };
 
 pub(super) const BACKEND: &str = "nftables";

@@ -7,9 +7,9 @@ use tracing::{debug, warn};
 
 use super::{
     Location, NetfilterError, OwnRule, Position, RuleId, Slot, Survey, Target, bridge_of_comment,
-    comment_for, split_key,
+    comment_for,
     exec::{Invocation, find_binary},
-    layout,
+    layout, split_key,
 };
 
 /// One iptables binary and how to tell, without side effects, that it has no tables at all.

@@ -453,14 +453,12 @@ fn bridge_of(engine: Engine, cni: bool, network: &Network) -> Option<String> {
         // Podman's compatible API calls its default network "bridge"; the bridges of other
         // networks are only in netavark's network files, or CNI's configuration lists. CNI's
         // default network may exist only in Podman's memory, with bridge cni-podman0.
-        (Engine::Podman, Some("podman" | "bridge"), _) => Some(
-            if cni {
-                podman::cni_bridge(podman::CNI_CONFIG_DIR, "podman")
-                    .unwrap_or_else(|| "cni-podman0".to_owned())
-            } else {
-                "podman0".to_owned()
-            },
-        ),
+        (Engine::Podman, Some("podman" | "bridge"), _) => Some(if cni {
+            podman::cni_bridge(podman::CNI_CONFIG_DIR, "podman")
+                .unwrap_or_else(|| "cni-podman0".to_owned())
+        } else {
+            "podman0".to_owned()
+        }),
         (Engine::Podman, Some(name), _) if cni => podman::cni_bridge(podman::CNI_CONFIG_DIR, name),
         (Engine::Podman, Some(name), _) => podman_network_interface(name),
         _ => None,
@@ -799,7 +797,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            bridge_of(Engine::Docker, false, &network("bridge", "abc", Some("docker0"))).as_deref(),
+            bridge_of(
+                Engine::Docker,
+                false,
+                &network("bridge", "abc", Some("docker0"))
+            )
+            .as_deref(),
             Some("docker0")
         );
         assert_eq!(

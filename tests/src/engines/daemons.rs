@@ -122,7 +122,9 @@ impl Engines {
                     .map(PathBuf::from)
                     .find(|p| p.is_file())
                     .or_else(|| find_program("docker"))
-                    .ok_or_else(|| skip("`docker` CLI not found (apt-get install docker.io)".into()))?;
+                    .ok_or_else(|| {
+                        skip("`docker` CLI not found (apt-get install docker.io)".into())
+                    })?;
                 Engines {
                     set,
                     root: None,
@@ -161,7 +163,10 @@ impl Engines {
             }
             None => Command::new(path),
         };
-        command.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        command.env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
         // Podman 5 warns on every call on this machine's hybrid cgroups.
         command.env("PODMAN_IGNORE_CGROUPSV1_WARNING", "1");
         if let Some(conf) = &self.containers_conf {
@@ -236,10 +241,14 @@ impl Engines {
         }
         drop(started);
 
-        self.docker_version =
-            output_text(self.program(&self.docker).arg("version"), Duration::from_secs(20))?;
-        self.podman_version =
-            output_text(self.program(&self.podman).arg("version"), Duration::from_secs(20))?;
+        self.docker_version = output_text(
+            self.program(&self.docker).arg("version"),
+            Duration::from_secs(20),
+        )?;
+        self.podman_version = output_text(
+            self.program(&self.podman).arg("version"),
+            Duration::from_secs(20),
+        )?;
         self.reap_stale_containers();
         reap_stale();
         self.ensure_image()?;
@@ -499,7 +508,10 @@ impl Engines {
             return Ok(());
         }
         let Some(pid) = self.dockerd_pid() else {
-            return Err(format!("no dockerd pid ({})", self.dockerd_pidfile().display()));
+            return Err(format!(
+                "no dockerd pid ({})",
+                self.dockerd_pidfile().display()
+            ));
         };
         let output = std::fs::read_link(format!("/proc/{pid}/fd/1")).unwrap_or_default();
         if output == self.set.logs().dockerd {
@@ -757,20 +769,21 @@ impl DockerNetwork {
 
     /// The network's IPv4 subnet (the first of its IPAM configs).
     pub fn subnet(&self) -> String {
-        self.engines.cli_ok(
-            Engine::Docker,
-            &[
-                "network",
-                "inspect",
-                "--format",
-                "{{range .IPAM.Config}}{{.Subnet}} {{end}}",
-                &self.name,
-            ],
-        )
-        .split_whitespace()
-        .find(|s| s.contains('.'))
-        .unwrap_or_else(|| panic!("network {} has no IPv4 subnet", self.name))
-        .to_owned()
+        self.engines
+            .cli_ok(
+                Engine::Docker,
+                &[
+                    "network",
+                    "inspect",
+                    "--format",
+                    "{{range .IPAM.Config}}{{.Subnet}} {{end}}",
+                    &self.name,
+                ],
+            )
+            .split_whitespace()
+            .find(|s| s.contains('.'))
+            .unwrap_or_else(|| panic!("network {} has no IPv4 subnet", self.name))
+            .to_owned()
     }
 }
 
@@ -791,7 +804,8 @@ impl ContainerGuard {
     pub fn wait_serving_on(&self, network: &str, port: u16) -> Ipv4Addr {
         let deadline = Instant::now() + FOLLOW_TIMEOUT;
         loop {
-            let format = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
+            let format =
+                format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
             let address = self.cli_ok(&["inspect", "--format", &format, &self.name]);
             if let Ok(ip) = address.parse::<Ipv4Addr>()
                 && TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(1))

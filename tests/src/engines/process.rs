@@ -161,4 +161,3 @@ pub(super) fn output_text(command: &mut Command, timeout: Duration) -> Result<St
         String::from_utf8_lossy(&output.stderr)
     ))
 }
-

@@ -58,9 +58,7 @@ impl EngineSet {
             .into_iter()
             .find(|set| set.name() == value)
             .ok_or_else(|| {
-                format!(
-                    "PORTGATE_ENGINE_SET={value:?} is not an engine set (debian12, cni, sid)"
-                )
+                format!("PORTGATE_ENGINE_SET={value:?} is not an engine set (debian12, cni, sid)")
             })
     }
 
@@ -299,8 +297,12 @@ pub(super) fn check_sid_root(root: &Path) -> std::result::Result<(), String> {
             root.display()
         ));
     }
-    for program in ["usr/sbin/dockerd", "usr/bin/containerd", "usr/bin/podman", "usr/bin/docker"]
-    {
+    for program in [
+        "usr/sbin/dockerd",
+        "usr/bin/containerd",
+        "usr/bin/podman",
+        "usr/bin/docker",
+    ] {
         if !root.join(program).is_file() {
             return Err(format!(
                 "the Debian sid root {} has no /{program} (rebuild it: remove it and run \
