@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use portgate_tests::engines::{
     DockerNetwork, Download, Engine, EngineAgent, EngineSet, Engines, FOLLOW_TIMEOUT, IMAGE,
-    OperatorNftTable, OperatorRule, PongServer, Scenario, body_of, container_rules, engine_status,
-    free_port, host_ports, httpd_script, iptables_delete, iptables_rules, iptables_rules_in,
-    unique,
+    OperatorNftTable, OperatorRule, PodmanNetwork, PongServer, Scenario, body_of, container_rules,
+    engine_status, free_port, host_ports, httpd_script, iptables_delete, iptables_rules,
+    iptables_rules_in, unique,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -899,6 +899,100 @@ fn docker28_routed_and_unprotected_networks_are_gated() {
     drop(agent);
     drop(containers);
     drop(networks);
+}
+
+/// What `status` says about each engine (version, Podman's network backend, the firewall it
+/// writes to) is what the set runs; and a network made with `podman network create` (netavark
+/// or CNI, its bridge named by Podman's own API) is found by `--bridge auto` and gated:
+/// nothing answers until allowed.
+#[test]
+fn status_names_the_engines_and_podman_networks_are_gated() {
+    let (_serial, engines) = setup!();
+    let sc = Scenario::new();
+    let network = PodmanNetwork::create(engines, &unique("net"));
+    let bridge = network.bridge();
+    let (port, name) = (free_port(), unique("net-p"));
+    let script = httpd_script(&name, &[80], 0);
+    let publish = format!("{port}:80");
+    let _web = engines.podman_run(
+        &name,
+        &[
+            "--network",
+            &network.name,
+            "-p",
+            &publish,
+            IMAGE,
+            "/bin/sh",
+            "-c",
+            &script,
+        ],
+    );
+    let agent = EngineAgent::start(engines, &[]);
+    let status = agent.wait_engines_connected(&["docker", "podman"]);
+    let docker = engine_status(&status, "docker").expect("docker engine");
+    let podman = engine_status(&status, "podman").expect("podman engine");
+    let (docker_major, podman_major, backend, podman_firewall) = match engines.set {
+        EngineSet::Debian12 => ("20.", "4.", "netavark", "iptables"),
+        EngineSet::Cni => ("20.", "4.", "cni", "iptables"),
+        EngineSet::Sid => ("28.", "5.", "netavark", "nftables"),
+    };
+    assert!(
+        docker["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with(docker_major)),
+        "docker's version on set {}: {docker}",
+        engines.set.name()
+    );
+    assert_eq!(
+        docker["firewall"], "iptables",
+        "docker's firewall: {docker}"
+    );
+    assert!(
+        podman["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with(podman_major)),
+        "podman's version on set {}: {podman}",
+        engines.set.name()
+    );
+    assert_eq!(podman["network_backend"], backend, "podman: {podman}");
+    assert_eq!(podman["firewall"], podman_firewall, "podman: {podman}");
+    let text = agent.cli_ok(&["status"]);
+    assert!(
+        text.lines().any(|l| l.starts_with("engine:")
+            && l.contains("podman")
+            && l.contains(&format!("(firewall {podman_firewall})"))),
+        "`status` should name podman's firewall: {text}"
+    );
+
+    let deadline = Instant::now() + FOLLOW_TIMEOUT;
+    while !agent.status_json()["bridges"].as_array().is_some_and(|b| {
+        b.iter()
+            .any(|b| b["name"] == bridge.as_str() && b["attached"] == true)
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "--bridge auto should gate {bridge} (podman network {}): {}",
+            network.name,
+            agent.status_json()["bridges"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sc.assert_times_out(
+        sc.published(port),
+        &format!(
+            "Podman container on network {} ({bridge}), no rule",
+            network.name
+        ),
+    );
+    agent.allow(&name, "80/tcp");
+    sc.assert_answers(
+        sc.published(port),
+        &body_of(&name),
+        &format!(
+            "Podman container on network {} ({bridge}) after allow",
+            network.name
+        ),
+    );
 }
 
 /// Docker's userland proxy relays a published port from the host's own stack, which the

@@ -261,9 +261,22 @@ async fn take_snapshot(
     socket: &std::path::Path,
 ) -> Result<Snapshot, bollard::errors::Error> {
     let info = engine_info(engine, docker, socket).await;
+    let podman_bridges = match engine {
+        Engine::Docker => HashMap::new(),
+        Engine::Podman => podman::network_interfaces(socket)
+            .await
+            .unwrap_or_else(|err| {
+                warn!(%engine, "cannot list Podman's networks; bridges from files only: {:#}",
+                    anyhow::Error::from(err));
+                HashMap::new()
+            }),
+    };
     let networks = NetworkIndex::new(
         engine,
-        info.network_backend.as_deref() == Some(BACKEND_CNI),
+        &PodmanBridges {
+            cni: info.network_backend.as_deref() == Some(BACKEND_CNI),
+            by_network: podman_bridges,
+        },
         &docker.list_networks(None::<ListNetworksOptions>).await?,
     );
     let summaries = docker
@@ -391,10 +404,10 @@ struct NetworkIndex {
 }
 
 impl NetworkIndex {
-    fn new(engine: Engine, cni: bool, networks: &[Network]) -> Self {
+    fn new(engine: Engine, podman: &PodmanBridges, networks: &[Network]) -> Self {
         let mut index = Self::default();
         for network in networks {
-            let facts = (network.driver.clone(), bridge_of(engine, cni, network));
+            let facts = (network.driver.clone(), bridge_of(engine, podman, network));
             if let Some(id) = &network.id {
                 index.by_id.insert(id.clone(), facts.clone());
             }
@@ -434,9 +447,17 @@ impl NetworkIndex {
     }
 }
 
-/// The Linux bridge behind a bridge network, as each engine names it (`cni`: Podman runs the
-/// CNI backend).
-fn bridge_of(engine: Engine, cni: bool, network: &Network) -> Option<String> {
+/// What Podman said about its networks' bridges.
+#[derive(Debug, Default)]
+struct PodmanBridges {
+    /// Podman runs the CNI backend.
+    cni: bool,
+    /// `network_interface` by network name, from Podman's own API.
+    by_network: HashMap<String, String>,
+}
+
+/// The Linux bridge behind a bridge network, as each engine names it.
+fn bridge_of(engine: Engine, podman: &PodmanBridges, network: &Network) -> Option<String> {
     if network.driver.as_deref() != Some("bridge") {
         return None;
     }
@@ -447,6 +468,16 @@ fn bridge_of(engine: Engine, cni: bool, network: &Network) -> Option<String> {
     {
         return Some(name.clone());
     }
+    if engine == Engine::Podman
+        && let Some(bridge) = network
+            .name
+            .as_deref()
+            .map(|name| if name == "bridge" { "podman" } else { name })
+            .and_then(|name| podman.by_network.get(name))
+    {
+        return Some(bridge.clone());
+    }
+    let cni = podman.cni;
     match (engine, network.name.as_deref(), network.id.as_deref()) {
         (Engine::Docker, Some("bridge"), _) => Some("docker0".to_owned()),
         (Engine::Docker, _, Some(id)) => Some(format!("br-{}", id.get(..12).unwrap_or(id))),
@@ -683,7 +714,7 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        NetworkIndex::new(Engine::Docker, false, &networks)
+        NetworkIndex::new(Engine::Docker, &PodmanBridges::default(), &networks)
     }
 
     #[test]
@@ -748,7 +779,7 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let index = NetworkIndex::new(Engine::Docker, false, &networks);
+        let index = NetworkIndex::new(Engine::Docker, &PodmanBridges::default(), &networks);
         index.describe(&mut web.networks);
         let bridges: Vec<Option<&str>> = web.networks.iter().map(|n| n.bridge.as_deref()).collect();
         assert_eq!(bridges, [Some("br-0123456789ab"), Some("docker0")]);
@@ -799,7 +830,7 @@ mod tests {
         assert_eq!(
             bridge_of(
                 Engine::Docker,
-                false,
+                &PodmanBridges::default(),
                 &network("bridge", "abc", Some("docker0"))
             )
             .as_deref(),
@@ -808,20 +839,53 @@ mod tests {
         assert_eq!(
             bridge_of(
                 Engine::Docker,
-                false,
+                &PodmanBridges::default(),
                 &network("backend", "0123456789abcdef", None)
             )
             .as_deref(),
             Some("br-0123456789ab")
         );
         assert_eq!(
-            bridge_of(Engine::Podman, false, &network("bridge", "x", None)).as_deref(),
+            bridge_of(
+                Engine::Podman,
+                &PodmanBridges::default(),
+                &network("bridge", "x", None)
+            )
+            .as_deref(),
             Some("podman0")
         );
         let host = Network {
             driver: Some("host".to_owned()),
             ..network("host", "h", None)
         };
-        assert_eq!(bridge_of(Engine::Docker, false, &host), None);
+        assert_eq!(
+            bridge_of(Engine::Docker, &PodmanBridges::default(), &host),
+            None
+        );
+        // Podman's own API names the bridges; CNI's default network without it is
+        // cni-podman0.
+        let podman = PodmanBridges {
+            cni: false,
+            by_network: HashMap::from([
+                ("podman".to_owned(), "podman0".to_owned()),
+                ("backend".to_owned(), "podman3".to_owned()),
+            ]),
+        };
+        assert_eq!(
+            bridge_of(Engine::Podman, &podman, &network("backend", "y", None)).as_deref(),
+            Some("podman3")
+        );
+        assert_eq!(
+            bridge_of(Engine::Podman, &podman, &network("bridge", "x", None)).as_deref(),
+            Some("podman0")
+        );
+        let cni = PodmanBridges {
+            cni: true,
+            by_network: HashMap::new(),
+        };
+        assert_eq!(
+            bridge_of(Engine::Podman, &cni, &network("podman", "x", None)).as_deref(),
+            Some("cni-podman0")
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! What only Podman's own API and files say: its network backend (netavark or CNI), where
 //! netavark keeps its firewall, and the bridges of CNI networks.
 
-use std::{path::Path, process::Command};
+use std::{collections::HashMap, path::Path, process::Command};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -12,34 +12,70 @@ use super::FIREWALL_IPTABLES;
 
 /// Where Podman's CNI backend reads its network configuration lists.
 pub(super) const CNI_CONFIG_DIR: &str = "/etc/cni/net.d";
-/// The largest answer read from `/libpod/info` (it is a few KiB).
+/// The largest answer read from Podman's API (a few KiB; more with many networks).
 const INFO_LIMIT: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
-pub(super) enum PodmanInfoError {
-    #[error("asking {socket} for /libpod/info")]
+pub(super) enum PodmanApiError {
+    #[error("asking {socket} for {path}")]
     Io {
         socket: String,
+        path: &'static str,
         #[source]
         source: std::io::Error,
     },
-    #[error("/libpod/info answered {status:?}")]
-    Status { status: String },
-    #[error("parsing /libpod/info")]
-    Json(#[source] serde_json::Error),
+    #[error("{path} answered {status:?}")]
+    Status { path: &'static str, status: String },
+    #[error("parsing the answer to {path}")]
+    Json {
+        path: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// `host.networkBackend` of Podman's `/libpod/info` ("netavark" or "cni"). bollard speaks only
-/// the Docker-compatible API, which does not say; one HTTP/1.0 request (the server closes the
-/// connection after its answer, so reading to the end reads exactly it).
-pub(super) async fn network_backend(socket: &Path) -> Result<Option<String>, PodmanInfoError> {
-    let io = |source| PodmanInfoError::Io {
+/// the Docker-compatible API, which does not say.
+pub(super) async fn network_backend(socket: &Path) -> Result<Option<String>, PodmanApiError> {
+    let info = libpod_get(socket, "/v4.0.0/libpod/info").await?;
+    Ok(info["host"]["networkBackend"].as_str().map(str::to_owned))
+}
+
+/// The Linux bridge of each of Podman's networks, by name (`network_interface` of
+/// `/libpod/networks/json`, for netavark and CNI alike): the Docker-compatible list does not
+/// have it, and netavark's files may be where the agent does not look (another root).
+pub(super) async fn network_interfaces(
+    socket: &Path,
+) -> Result<HashMap<String, String>, PodmanApiError> {
+    let networks = libpod_get(socket, "/v4.0.0/libpod/networks/json").await?;
+    Ok(networks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["driver"] == "bridge")
+        .filter_map(|n| {
+            Some((
+                n["name"].as_str()?.to_owned(),
+                n["network_interface"].as_str()?.to_owned(),
+            ))
+        })
+        .collect())
+}
+
+/// One GET of Podman's own API, as one HTTP/1.0 request: the server closes the connection
+/// after its answer, so reading to the end reads exactly it.
+async fn libpod_get(
+    socket: &Path,
+    path: &'static str,
+) -> Result<serde_json::Value, PodmanApiError> {
+    let io = |source| PodmanApiError::Io {
         socket: socket.display().to_string(),
+        path,
         source,
     };
     let mut stream = UnixStream::connect(socket).await.map_err(io)?;
     stream
-        .write_all(b"GET /v4.0.0/libpod/info HTTP/1.0\r\nHost: podman\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: podman\r\n\r\n").as_bytes())
         .await
         .map_err(io)?;
     let mut answer = Vec::new();
@@ -52,12 +88,12 @@ pub(super) async fn network_backend(socket: &Path) -> Result<Option<String>, Pod
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.lines().next().unwrap_or_default();
     if status.split_whitespace().nth(1) != Some("200") {
-        return Err(PodmanInfoError::Status {
+        return Err(PodmanApiError::Status {
+            path,
             status: status.to_owned(),
         });
     }
-    let info: serde_json::Value = serde_json::from_str(body).map_err(PodmanInfoError::Json)?;
-    Ok(info["host"]["networkBackend"].as_str().map(str::to_owned))
+    serde_json::from_str(body).map_err(|source| PodmanApiError::Json { path, source })
 }
 
 /// netavark's firewall driver, as the host's netfilter shows it: `nftables` when its own

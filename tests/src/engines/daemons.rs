@@ -824,3 +824,45 @@ impl ContainerGuard {
         }
     }
 }
+
+/// A Podman network, removed (`network rm -f`) on drop.
+pub struct PodmanNetwork {
+    engines: &'static Engines,
+    pub name: String,
+}
+
+impl PodmanNetwork {
+    pub fn create(engines: &'static Engines, name: &str) -> Self {
+        let network = PodmanNetwork {
+            engines,
+            name: name.to_owned(),
+        };
+        engines.cli_ok(Engine::Podman, &["network", "create", name]);
+        network
+    }
+
+    /// The Linux bridge Podman gave it (`network_interface`).
+    pub fn bridge(&self) -> String {
+        self.engines.cli_ok(
+            Engine::Podman,
+            &[
+                "network",
+                "inspect",
+                "--format",
+                "{{.NetworkInterface}}",
+                &self.name,
+            ],
+        )
+    }
+}
+
+impl Drop for PodmanNetwork {
+    fn drop(&mut self) {
+        let _ = run_timeout(
+            self.engines
+                .cli(Engine::Podman)
+                .args(["network", "rm", "-f", &self.name]),
+            Duration::from_secs(60),
+        );
+    }
+}
