@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::{proc, setup};
 
@@ -22,10 +22,10 @@ struct Stage {
     command: Option<Command>,
 }
 
-/// The engine sets the engine tests run against, in this order: Debian 12's first (with
-/// every other end-to-end test), then the CNI set (the same Docker, so only Podman's service
-/// restarts), then sid (tests/src/engines/sets.rs).
-pub const ENGINE_SETS: [&str; 3] = ["debian12", "cni", "sid"];
+/// The engine sets the engine tests run against (tests/src/engines/sets.rs), in this order:
+/// sid, then the CNI set, then Debian 12's (with every other end-to-end test; the same Docker
+/// as the CNI set's, so only Podman's service restarts in between).
+pub const ENGINE_SETS: [&str; 3] = ["sid", "cni", "debian12"];
 
 pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
     for set in engine_sets {
@@ -75,32 +75,9 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
             command: Some(cargo(&["test", "-p", "gate-common", "-p", "gate-user"])),
         },
         Stage {
-            name: "end-to-end tests (portgate-tests), engine set debian12",
+            name: "engine tests, engine set sid (Docker 28, Podman 5)",
             blocks_later: false,
-            command: Some({
-                // Without debian12 among the sets, every test binary but the engines one.
-                let mut cmd = if wanted("debian12") {
-                    cargo(&["test", "-p", "portgate-tests"])
-                } else {
-                    cargo(&[
-                        "test",
-                        "-p",
-                        "portgate-tests",
-                        "--test",
-                        "e2e",
-                        "--test",
-                        "observe",
-                        "--test",
-                        "paths",
-                        "--test",
-                        "metrics",
-                    ])
-                };
-                cmd.args(["--", "--test-threads=2"]).args(extra_args);
-                cmd.env("PORTGATE_ENGINE_SET", "debian12");
-                with_portgate_bin(&mut cmd);
-                cmd
-            }),
+            command: wanted("sid").then(|| engine_tests("sid", extra_args)),
         },
         Stage {
             name: "engine tests, engine set cni (Podman 4.3 on CNI)",
@@ -108,9 +85,23 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
             command: wanted("cni").then(|| engine_tests("cni", extra_args)),
         },
         Stage {
-            name: "engine tests, engine set sid (Docker 28, Podman 5)",
+            name: "end-to-end tests (portgate-tests), engine set debian12",
             blocks_later: false,
-            command: wanted("sid").then(|| engine_tests("sid", extra_args)),
+            command: Some({
+                let mut cmd = cargo(&["test", "-p", "portgate-tests"]);
+                // Without debian12 among the sets, every test binary but the engines one.
+                if !wanted("debian12") {
+                    for name in test_binaries_but_engines()? {
+                        cmd.args(["--test", &name]);
+                    }
+                }
+                cmd.args(["--", "--test-threads=2"]).args(extra_args);
+                // Last, so that the host is left with Debian 12's own engines running (this
+                // set's start stops the daemons the other sets' stages started).
+                cmd.env("PORTGATE_ENGINE_SET", "debian12");
+                with_portgate_bin(&mut cmd);
+                cmd
+            }),
         },
         Stage {
             // Keeps the benchmark harness working; its figures go to target/bench, not docs/.
@@ -180,6 +171,21 @@ fn engine_tests(set: &str, extra_args: &[String]) -> Command {
     cmd.env("PORTGATE_ENGINE_SET", set);
     with_portgate_bin(&mut cmd);
     cmd
+}
+
+/// The names of the end-to-end test binaries (tests/tests/*.rs) other than `engines`.
+fn test_binaries_but_engines() -> Result<Vec<String>> {
+    let dir = proc::workspace_root().join("tests/tests");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.strip_suffix(".rs")?.to_owned();
+            (name != "engines").then_some(name)
+        })
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 /// The tests run `$PORTGATE_BIN`, else <workspace>/target/debug/portgate; name the binary the
