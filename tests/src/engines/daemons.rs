@@ -240,6 +240,7 @@ impl Engines {
             })?;
         }
         drop(started);
+        self.check_podman_backend()?;
 
         self.docker_version = output_text(
             self.program(&self.docker).arg("version"),
@@ -252,6 +253,39 @@ impl Engines {
         self.reap_stale_containers();
         reap_stale();
         self.ensure_image()?;
+        Ok(())
+    }
+
+    /// Fails when the Podman service (perhaps one the harness did not start, which it reuses)
+    /// runs another network backend than the set's: its containers would be on the wrong
+    /// bridge.
+    fn check_podman_backend(&self) -> Result<()> {
+        let wanted = if self.set == EngineSet::Cni {
+            "cni"
+        } else {
+            "netavark"
+        };
+        let output = run_timeout(
+            self.program(&self.podman).args([
+                "--url",
+                &format!("unix://{PODMAN_SOCKET}"),
+                "info",
+                "--format",
+                "{{.Host.NetworkBackend}}",
+            ]),
+            Duration::from_secs(30),
+        )?;
+        let backend = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        if backend != wanted {
+            bail!(
+                "the Podman service on {} runs network backend {backend:?} ({}), engine set {} \
+                 needs {wanted}: stop that service (it was not started for this set) and run \
+                 again",
+                self.podman_socket.display(),
+                String::from_utf8_lossy(&output.stderr).trim(),
+                self.set.name()
+            );
+        }
         Ok(())
     }
 
