@@ -956,6 +956,40 @@ fn status_names_the_engines_and_podman_networks_are_gated() {
     );
     assert_eq!(podman["network_backend"], backend, "podman: {podman}");
     assert_eq!(podman["firewall"], podman_firewall, "podman: {podman}");
+    if engines.set == EngineSet::Sid {
+        // Docker 28 files its rules under DOCKER-FORWARD, and still jumps to DOCKER-USER
+        // first: the delegation rule for docker0 goes there, before its RETURN.
+        let forward = iptables_rules("iptables", "FORWARD");
+        assert!(
+            forward.iter().any(|r| r == "-A FORWARD -j DOCKER-FORWARD"),
+            "Docker 28's FORWARD: {forward:?}"
+        );
+        let deadline = Instant::now() + FOLLOW_TIMEOUT;
+        let docker0 = loop {
+            let status = agent.status_json();
+            let found = status["netfilter"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["bridge"] == "docker0" && n["replies"] != true)
+                .cloned();
+            if let Some(found) = found {
+                break found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no delegation rule for docker0: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(docker0["chain"], "DOCKER-USER", "docker0's rule: {docker0}");
+        let user = iptables_rules("iptables", "DOCKER-USER");
+        assert_eq!(
+            user.last().map(String::as_str),
+            Some("-A DOCKER-USER -j RETURN"),
+            "the delegation rule goes before DOCKER-USER's RETURN: {user:?}"
+        );
+    }
     let text = agent.cli_ok(&["status"]);
     assert!(
         text.lines().any(|l| l.starts_with("engine:")
