@@ -167,7 +167,8 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
 /// subnet, and run one at a time anyway) against engine set `set`.
 fn engine_tests(set: &str, extra_args: &[String]) -> Command {
     let mut cmd = cargo(&["test", "-p", "portgate-tests", "--test", "engines", "--"]);
-    cmd.args(extra_args);
+    // The engine tests take a lock of their own and run one at a time anyway.
+    cmd.arg("--test-threads=2").args(extra_args);
     cmd.env("PORTGATE_ENGINE_SET", set);
     with_portgate_bin(&mut cmd);
     cmd
