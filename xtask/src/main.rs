@@ -5,6 +5,7 @@
 mod demo;
 mod lint;
 mod setup;
+mod sid_root;
 mod test;
 
 use std::process::ExitCode;
@@ -43,7 +44,11 @@ enum Task {
     /// Run setup, lint, build, and every test: unit, program and end-to-end (the CI command;
     /// root).
     Test {
-        /// Passed to the final `cargo test -p portgate-tests -- --test-threads=2 ...`
+        /// Run the engine tests against these engine sets only (debian12, cni, sid;
+        /// repeatable); default: every set, one after the other.
+        #[arg(long = "engine-set", value_name = "SET")]
+        engine_sets: Vec<String>,
+        /// Passed to every `cargo test -p portgate-tests ... -- --test-threads=2 ...`
         /// (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -77,7 +82,7 @@ fn main() -> ExitCode {
         }),
         Task::Build { release } => build(release),
         Task::Lint => lint::run(),
-        Task::Test { args } => test::run(&args),
+        Task::Test { engine_sets, args } => test::run(&args, &engine_sets),
         Task::Demo => demo::run(),
         Task::Fuzz { frames, seed } => fuzz(frames, seed),
         Task::Bench(args) => portgate_bench::run(args),
