@@ -104,6 +104,19 @@ fn bad_control_requests_get_errors_and_change_nothing() {
     );
 }
 
+/// Starts the agent and waits for it to exit on its own (it must not start serving).
+fn assert_refuses_to_start(agent: &mut Agent, what: &str) {
+    agent.spawn();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the agent should refuse to start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_broken_rules_file_stops_the_agent_with_a_clear_error_and_stays_as_it_was() {
     require_root!();
@@ -127,15 +140,7 @@ fn a_broken_rules_file_stops_the_agent_with_a_clear_error_and_stays_as_it_was() 
         std::fs::create_dir_all(&agent.state_dir).expect("state dir");
         let file = agent.state_dir.join("rules.json");
         std::fs::write(&file, content).expect("write the broken file");
-        agent.spawn();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while agent.is_running() {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: the agent should refuse to start"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        assert_refuses_to_start(&mut agent, what);
         let log = agent.log_text();
         assert!(
             log.contains(expected) && log.contains("rules.json"),
@@ -150,15 +155,7 @@ fn a_broken_rules_file_stops_the_agent_with_a_clear_error_and_stays_as_it_was() 
     // Unreadable: a directory where the file should be.
     let mut agent = Agent::new(&sb, &[]);
     std::fs::create_dir_all(agent.state_dir.join("rules.json")).expect("dir");
-    agent.spawn();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while agent.is_running() {
-        assert!(
-            Instant::now() < deadline,
-            "unreadable: the agent should refuse to start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert_refuses_to_start(&mut agent, "unreadable");
     assert!(
         agent.log_text().contains("cannot read rules"),
         "{}",
