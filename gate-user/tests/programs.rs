@@ -1173,6 +1173,7 @@ fn a_flood_of_new_connections_evicts_no_established_one() {
             Verdict::Pass
         );
     }
+    assert_eq!(gate.datapath.tracked_flows().expect("count"), 50, "counted in batches");
     let flood = 4 * capacities.flows;
     for i in 0..flood {
         let source = [10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8];
