@@ -377,6 +377,9 @@ fn toward_container(
     };
     // SAFETY: ktime has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    // An entry of the replied table that this packet does not continue (expired, closed,
+    // a reused port pair) must go when a new flow opens: lookups find that table first.
+    let mut stale_replied = false;
     if let Some((flow, unreplied)) = tracked_flow(&key) {
         // SAFETY: the map value stays valid for this program run; concurrent updates of
         // a flow's fields race benignly (last writer wins, as in Cilium's conntrack).
@@ -390,6 +393,7 @@ fn toward_container(
             }
             return Verdict::Pass(PASS_TRACKED);
         }
+        stale_replied = !unreplied;
     }
     if !packet.opens_connection() {
         return Verdict::Drop(if packet.proto == PROTO_TCP {
@@ -412,7 +416,15 @@ fn toward_container(
         Ok(rule_id) => rule_id,
         Err(reason) => return Verdict::Drop(reason),
     };
-    open_flow(ctx, &key, ORIGIN_REMOTE, rule_id, packet, now);
+    open_flow(
+        ctx,
+        &key,
+        stale_replied,
+        ORIGIN_REMOTE,
+        rule_id,
+        packet,
+        now,
+    );
     add_rule_stats(rule_id, ctx.len());
     Verdict::Pass(PASS_NEW_ALLOWED)
 }
@@ -473,6 +485,7 @@ fn try_from_containers(ctx: &TcContext) {
     let key = container_sent(&packet);
     // SAFETY: ktime has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    let mut stale_replied = false;
     if let Some((flow, unreplied)) = tracked_flow(&key) {
         // SAFETY: as in `toward_container`.
         let flow = unsafe { &mut *flow };
@@ -483,6 +496,7 @@ fn try_from_containers(ctx: &TcContext) {
             }
             return;
         }
+        stale_replied = !unreplied;
     }
     if !packet.opens_connection() {
         return;
@@ -500,7 +514,15 @@ fn try_from_containers(ctx: &TcContext) {
         count(FOREIGN_SOURCE);
         return;
     }
-    open_flow(ctx, &key, ORIGIN_CONTAINER, NO_RULE, &packet, now);
+    open_flow(
+        ctx,
+        &key,
+        stale_replied,
+        ORIGIN_CONTAINER,
+        NO_RULE,
+        &packet,
+        now,
+    );
 }
 
 /// The flow key of a packet the container sent.
@@ -552,6 +574,7 @@ fn follow(flow: &mut FlowState, packet: &Transport, from_container: bool, now: u
 fn open_flow(
     ctx: &TcContext,
     key: &FlowKey,
+    stale_replied: bool,
     origin: u8,
     rule_id: u32,
     packet: &Transport,
@@ -569,8 +592,9 @@ fn open_flow(
         flags: 0,
         _pad: 0,
     };
-    // A closed or expired flow of the same key in the replied table would be found first.
-    let _ = FLOWS.remove(key);
+    if stale_replied {
+        let _ = FLOWS.remove(key);
+    }
     match NEW_FLOWS.insert(key, state, 0) {
         Ok(()) => count(FLOW_CREATED),
         Err(err) => {

@@ -1173,7 +1173,11 @@ fn a_flood_of_new_connections_evicts_no_established_one() {
             Verdict::Pass
         );
     }
-    assert_eq!(gate.datapath.tracked_flows().expect("count"), 50, "counted in batches");
+    assert_eq!(
+        gate.datapath.tracked_flows().expect("count"),
+        50,
+        "counted in batches"
+    );
     let flood = 4 * capacities.flows;
     for i in 0..flood {
         let source = [10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8];
@@ -1197,5 +1201,37 @@ fn a_flood_of_new_connections_evicts_no_established_one() {
     assert_eq!(
         gate.toward(&tcp4(destination, CONTAINER4, 443, 50000, SYN_ACK)),
         Verdict::Pass
+    );
+}
+
+/// A closed connection's port pair reused for a new one: the new connection gets its own
+/// state (the closed one, in the replied table, must not shadow it).
+#[test]
+fn a_reused_port_pair_is_a_new_connection() {
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    gate.allow("10.99.0.2", "80");
+    let handshake = |gate: &Gate| {
+        assert_eq!(
+            gate.toward(&tcp4(REMOTE4, CONTAINER4, 41500, 80, SYN)),
+            Verdict::Pass
+        );
+        gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 41500, SYN_ACK));
+        assert_eq!(
+            gate.toward(&tcp4(REMOTE4, CONTAINER4, 41500, 80, ACK)),
+            Verdict::Pass
+        );
+    };
+    handshake(&gate);
+    gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 41500, RST));
+    handshake(&gate);
+    assert_eq!(gate.counter("flow_created"), 2);
+    // The new connection is the tracked one: a reset ends it, and then a bare ACK is refused.
+    gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 41500, RST));
+    gate.expire_flows();
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 41500, 80, ACK)),
+        Verdict::Drop
     );
 }
