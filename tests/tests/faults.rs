@@ -218,9 +218,54 @@ fn restarts() -> usize {
         .unwrap_or(100)
 }
 
-/// Restarts, SIGTERM and SIGKILL mixed, while an established connection talks, new
-/// connections to the allowed port keep coming (each must be answered: the gate enforces
-/// without the agent), and the blocked port is tried (it must never answer).
+/// A download that lasts until `stop`: the container's side sends a known byte pattern in
+/// paced chunks, the client checks every byte. (bytes sent, bytes received intact).
+fn paced_download(sb: &Sandbox, stop: &AtomicBool) -> (u64, u64) {
+    let listener = sb
+        .in_netns(&sb.container, || {
+            std::net::TcpListener::bind("10.99.0.2:8080")
+        })
+        .expect("listen for the download");
+    std::thread::scope(|scope| {
+        let sender = scope.spawn(|| {
+            let (mut stream, _) = listener.accept().expect("accept the download");
+            let mut sent = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let piece: Vec<u8> = (sent..sent + 64 * 1024).map(|i| (i % 251) as u8).collect();
+                stream.write_all(&piece).expect("send the download");
+                sent += piece.len() as u64;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            sent
+        });
+        let mut stream =
+            tcp_connect(sb, &sb.client, sa("10.99.0.2:8080"), SHOULD_ANSWER).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let (mut received, mut buf) = (0u64, vec![0u8; 64 * 1024]);
+        loop {
+            let n = stream.read(&mut buf).expect("read the download");
+            if n == 0 {
+                break;
+            }
+            for byte in &buf[..n] {
+                assert_eq!(
+                    u64::from(*byte),
+                    received % 251,
+                    "byte {received} of the download"
+                );
+                received += 1;
+            }
+        }
+        (sender.join().expect("sender"), received)
+    })
+}
+
+/// Restarts, SIGTERM and SIGKILL mixed, while an established connection talks and a paced
+/// download runs (both must lose nothing), new connections to the allowed port keep coming
+/// (each must be answered: the gate enforces without the agent), and the blocked port is
+/// tried (it must never answer).
 #[test]
 fn many_restarts_under_traffic_lose_nothing_and_open_nothing() {
     require_root!();
@@ -229,8 +274,10 @@ fn many_restarts_under_traffic_lose_nothing_and_open_nothing() {
     let _blocked = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:22"));
     let mut agent = Agent::start(&sb);
     agent.allow("10.99.0.2", "80/tcp");
+    agent.allow("10.99.0.2", "8080/tcp");
     let mut established =
         tcp_connect(&sb, &sb.client, sa("10.99.0.2:80"), SHOULD_ANSWER).expect("connect");
+    let download_stop = AtomicBool::new(false);
 
     let stop = Arc::new(AtomicBool::new(false));
     let (answered, refused, blocked_answered) = (
@@ -238,7 +285,8 @@ fn many_restarts_under_traffic_lose_nothing_and_open_nothing() {
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
     );
-    std::thread::scope(|scope| {
+    let download = std::thread::scope(|scope| {
+        let download = scope.spawn(|| paced_download(&sb, &download_stop));
         scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
                 let ok = tcp_connect(&sb, &sb.client, sa("10.99.0.2:80"), Duration::from_secs(3))
@@ -273,13 +321,21 @@ fn many_restarts_under_traffic_lose_nothing_and_open_nothing() {
             agent.wait_ready();
         }
         stop.store(true, Ordering::SeqCst);
+        download_stop.store(true, Ordering::SeqCst);
+        download.join().expect("download")
     });
+    let (sent, received) = download;
+    assert_eq!(
+        received, sent,
+        "the download lost bytes across the restarts"
+    );
+    assert!(sent > 0);
     let (answered, refused) = (
         answered.load(Ordering::SeqCst),
         refused.load(Ordering::SeqCst),
     );
     eprintln!(
-        "{} restarts: {answered} new connections answered, {refused} not",
+        "{} restarts: {answered} new connections answered, {refused} not; download {sent} bytes, all received",
         restarts()
     );
     assert_eq!(
