@@ -15,7 +15,8 @@ use super::args::DEFAULT_POLICY_FILE;
 
 pub fn run(socket: &Path, file: Option<&Path>) -> anyhow::Result<()> {
     let path = file.unwrap_or(Path::new(DEFAULT_POLICY_FILE));
-    // The agent's sets, for the rules that name sets defined by `portgate set`.
+    // The sets defined by `portgate set` (not the file's own: the file may drop them), for
+    // the rules that name them.
     let list = match client::call(socket, &Request::List) {
         Ok(Reply::List(list)) => Some(list),
         _ => None,
@@ -23,8 +24,10 @@ pub fn run(socket: &Path, file: Option<&Path>) -> anyhow::Result<()> {
     let known: SourceSets = list
         .as_ref()
         .map(|l| {
+            let from_file = l.policy_file.as_ref().map(|f| &f.sets);
             l.sets
                 .iter()
+                .filter(|(name, _)| !from_file.is_some_and(|sets| sets.contains_key(*name)))
                 .map(|(name, prefixes)| {
                     let prefixes = prefixes.iter().filter_map(|p| p.parse().ok()).collect();
                     (name.clone(), prefixes)
