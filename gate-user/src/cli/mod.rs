@@ -3,6 +3,8 @@
 //! here.
 
 mod args;
+mod doctor;
+mod generate;
 mod output;
 
 use std::path::PathBuf;
@@ -64,6 +66,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             other => unexpected(other),
         },
         Command::Uninstall { bpffs } => uninstall(&cli.socket, &bpffs),
+        Command::Doctor(args) => doctor::run(&cli.socket, &args),
+        Command::Generate(args) => generate::run(&args),
     }
 }
 
@@ -79,19 +83,19 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
     let bridges = args.bridges.into_iter().filter(|b| b != "auto").collect();
     let docker = (Engine::Docker, args.docker_socket);
     let podman = (Engine::Podman, args.podman_socket);
-    let engines = match args.runtime {
-        RuntimeChoice::Docker => vec![docker],
-        RuntimeChoice::Podman => vec![podman],
-        RuntimeChoice::None => vec![],
-        RuntimeChoice::Auto => [docker, podman]
-            .into_iter()
-            .filter(|(_, s)| s.exists())
-            .collect(),
+    // auto: the engines whose socket exists now, and the others once theirs appears (at
+    // boot the agent starts before them).
+    let (engines, engines_later) = match args.runtime {
+        RuntimeChoice::Docker => (vec![docker], vec![]),
+        RuntimeChoice::Podman => (vec![podman], vec![]),
+        RuntimeChoice::None => (vec![], vec![]),
+        RuntimeChoice::Auto => [docker, podman].into_iter().partition(|(_, s)| s.exists()),
     };
     let options = AgentOptions {
         bridges,
         auto_bridges,
         engines,
+        engines_later,
         default_published: args.default_policy == DefaultPolicy::Published,
         labels: args.labels == Switch::On,
         netfilter: !args.no_netfilter,
