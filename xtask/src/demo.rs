@@ -22,7 +22,9 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::{proc, setup};
+use portgate_cmd as proc;
+
+use crate::setup;
 
 const BRIDGE: &str = "pgbr0";
 const CLIENT_ADDR: &str = "10.98.0.2";

@@ -16,7 +16,9 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 
-use crate::{proc, setup};
+use portgate_cmd as proc;
+
+use crate::setup;
 
 pub fn run() -> Result<()> {
     // clippy runs gate-user's build script, which builds the eBPF object.

@@ -2,16 +2,15 @@
 //!
 //! Everything here shells out to the tools a developer would type by hand (apt-get, cargo,
 //! rustup, ip, socat), printing each command before it runs.
-mod bench;
 mod demo;
 mod lint;
-mod proc;
 mod setup;
 mod test;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use portgate_cmd as proc;
 
 #[derive(Parser)]
 #[command(
@@ -55,7 +54,7 @@ enum Task {
     /// Measure portgate against no filter, iptables (Docker's DOCKER chain) and an nftables set
     /// in network namespaces: data path, control plane, the program's cost per packet; writes
     /// docs/benchmarks.md and docs/benchmarks.svg (root; about 13 min, --quick under 3).
-    Bench(bench::BenchArgs),
+    Bench(portgate_bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,7 +69,7 @@ fn main() -> ExitCode {
         Task::Lint => lint::run(),
         Task::Test { args } => test::run(&args),
         Task::Demo => demo::run(),
-        Task::Bench(args) => bench::run(args),
+        Task::Bench(args) => portgate_bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

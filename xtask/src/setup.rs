@@ -11,7 +11,7 @@ use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::proc;
+use portgate_cmd as proc;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

@@ -7,7 +7,9 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::{proc, setup};
+use portgate_cmd as proc;
+
+use crate::setup;
 
 enum Outcome {
     Passed(Duration),
@@ -56,9 +58,17 @@ pub fn run(extra_args: &[String]) -> Result<()> {
             command: Some(cargo(&["build"])),
         },
         Stage {
-            name: "unit and program tests (gate-common, gate-user)",
+            name: "unit and program tests (gate-common, gate-user, bench)",
             blocks_later: false,
-            command: Some(cargo(&["test", "-p", "gate-common", "-p", "gate-user"])),
+            command: Some(cargo(&[
+                "test",
+                "-p",
+                "gate-common",
+                "-p",
+                "gate-user",
+                "-p",
+                "portgate-bench",
+            ])),
         },
         Stage {
             name: "end-to-end tests (portgate-tests)",

@@ -1,4 +1,4 @@
-//! Running commands: printing them, streaming or capturing their output, timeouts, signals.
+//! Running the commands a developer would type, for xtask and the bench: printing them, streaming or capturing their output, timeouts, signals.
 use std::{
     ffi::OsStr,
     io::Read,
@@ -13,8 +13,8 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
-    let xtask_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    xtask_dir.parent().unwrap_or(xtask_dir).to_path_buf()
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    crate_dir.parent().unwrap_or(crate_dir).to_path_buf()
 }
 
 /// The cargo that runs this xtask (`$CARGO`), else `cargo` from PATH, in the workspace root.

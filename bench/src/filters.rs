@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::topo::{BRIDGE, SERVER_ADDR, Topology, run_quiet, run_timed};
-use crate::proc;
+use portgate_cmd as proc;
 
 pub const HTTP_PORT: u16 = 80;
 pub const IPERF_PORT: u16 = 5201;

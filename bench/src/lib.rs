@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick]`: portgate against what users would pick instead, on the same
+//! The bench behind `cargo xtask bench [--quick]`: portgate against what users would pick instead, on the same
 //! machine in the same run: no filter (the ceiling), iptables (Docker's DOCKER chain, one
 //! ACCEPT per published port, with the conntrack ESTABLISHED shortcut), an nftables set, and
 //! portgate, for N allowed ports.
@@ -33,7 +33,7 @@ use self::{
     report::{Meta, Metric, Results, Sample},
     topo::Topology,
 };
-use crate::proc;
+use portgate_cmd as proc;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {

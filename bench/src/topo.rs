@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::proc;
+use portgate_cmd as proc;
 
 pub const BRIDGE: &str = "pgbr0";
 /// A second bridge, never up: the program-cost agent attaches there.

@@ -30,7 +30,7 @@ use super::{
         run_quiet,
     },
 };
-use crate::proc;
+use portgate_cmd as proc;
 
 const HTTP_WORKERS: usize = 4;
 const HTTP_RESPONSE: &[u8] =
