@@ -2,6 +2,7 @@
 //!
 //! Everything here shells out to the tools a developer would type by hand (apt-get, cargo,
 //! rustup, ip, socat), printing each command before it runs.
+mod deb;
 mod demo;
 mod lint;
 mod setup;
@@ -48,6 +49,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package (cargo-deb): binary, systemd unit and the engines' drop-ins,
+    /// completions, man pages; prints its path.
+    Deb,
     /// Build portgate and show the gate dropping, allowing and answering in a sandbox of
     /// network namespaces (root).
     Demo,
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
         Task::Build { release } => build(release),
         Task::Lint => lint::run(),
         Task::Test { args } => test::run(&args),
+        Task::Deb => deb::run(),
         Task::Demo => demo::run(),
         Task::Bench(args) => portgate_bench::run(args),
     };

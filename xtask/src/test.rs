@@ -71,6 +71,12 @@ pub fn run(extra_args: &[String]) -> Result<()> {
             ])),
         },
         Stage {
+            // The package the end-to-end package test installs and removes (PORTGATE_DEB).
+            name: "cargo xtask deb",
+            blocks_later: false,
+            command: Some(cargo(&["xtask", "deb"])),
+        },
+        Stage {
             name: "end-to-end tests (portgate-tests)",
             blocks_later: false,
             command: Some({
@@ -82,6 +88,11 @@ pub fn run(extra_args: &[String]) -> Result<()> {
                     && let Ok(target) = proc::target_dir()
                 {
                     cmd.env("PORTGATE_BIN", target.join("debug/portgate"));
+                }
+                if std::env::var_os("PORTGATE_DEB").is_none()
+                    && let Ok(target) = proc::target_dir()
+                {
+                    cmd.env("PORTGATE_DEB", target.join(crate::deb::PATH));
                 }
                 cmd
             }),
