@@ -1,0 +1,179 @@
+//! The boot order, simulated with the real engines (the machines here have no systemd PID 1):
+//! containers with `--restart always` and published ports exist; the engines shut down and
+//! their bridges are gone (a reboot); the agent starts first (`--bridge auto`, as the unit
+//! runs it), then containerd and dockerd, and Podman's service and podman-restart's
+//! `podman start --all --filter restart-policy=always`, bring the containers back while a
+//! client probes each published port every 20 ms. Not one connection may be answered
+//! before `portgate allow`; afterwards they are.
+//!
+//! It stops and starts the machine's engines: its own test binary, so no other engine test
+//! runs meanwhile.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use portgate_tests::engines::{
+    Engine, EngineAgent, Engines, FOLLOW_TIMEOUT, Scenario, body_of, boot, free_port, unique,
+};
+use portgate_tests::{sandbox::in_netns, skip};
+
+const PROBE_EVERY: Duration = Duration::from_millis(20);
+
+/// A client probing one published port every [`PROBE_EVERY`], recording when a connection
+/// was answered (established).
+struct Probe {
+    addr: SocketAddr,
+    attempts: Arc<Mutex<u64>>,
+    answers: Arc<Mutex<Vec<Instant>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Probe {
+    fn start(client_ns: &str, addr: SocketAddr) -> Self {
+        let (attempts, answers, stop) = (
+            Arc::new(Mutex::new(0)),
+            Arc::new(Mutex::new(Vec::new())),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let thread = {
+            let (attempts, answers, stop, ns) = (
+                attempts.clone(),
+                answers.clone(),
+                stop.clone(),
+                client_ns.to_owned(),
+            );
+            std::thread::spawn(move || {
+                in_netns(&ns, || {
+                    while !stop.load(Ordering::SeqCst) {
+                        let tick = Instant::now();
+                        *attempts.lock().unwrap() += 1;
+                        if TcpStream::connect_timeout(&addr, PROBE_EVERY).is_ok() {
+                            answers.lock().unwrap().push(Instant::now());
+                        }
+                        if let Some(rest) = PROBE_EVERY.checked_sub(tick.elapsed()) {
+                            std::thread::sleep(rest);
+                        }
+                    }
+                })
+            })
+        };
+        Probe {
+            addr,
+            attempts,
+            answers,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn attempts(&self) -> u64 {
+        *self.attempts.lock().unwrap()
+    }
+
+    fn answers(&self) -> Vec<Instant> {
+        self.answers.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn containers_restarted_at_boot_never_answer_before_allow() {
+    let Some(engines) = Engines::get() else {
+        return;
+    };
+    if let Err(why) = engines.may_restart_dockerd() {
+        skip(format_args!(
+            "the boot simulation stops this machine's engines: {why}"
+        ));
+        return;
+    }
+    let sc = Scenario::new();
+    let (dport, pport) = (free_port(), free_port());
+    let (dname, pname) = (unique("boot-d"), unique("boot-p"));
+    let _docker = engines.run_httpd(
+        Engine::Docker,
+        &dname,
+        dport,
+        &["--restart", "always", "--stop-timeout", "1"],
+    );
+    let _podman = engines.run_httpd(Engine::Podman, &pname, pport, &["--restart", "always"]);
+
+    // Shutdown: Podman's container stops with the machine, the daemons get SIGTERM (dockerd
+    // stops its containers), and after the reboot no engine bridge exists.
+    engines.cli_ok(Engine::Podman, &["stop", "-t", "1", &pname]);
+    boot::shut_down_engines().unwrap();
+    let removed = boot::remove_engine_bridges();
+    eprintln!("boot: engines stopped, bridges removed: {removed:?}");
+
+    // Boot: the agent first, as the unit runs it; the probes from then on.
+    let booted = Instant::now();
+    let agent = EngineAgent::start(&[]);
+    let probes = [
+        Probe::start(&sc.client, sc.published(dport)),
+        Probe::start(&sc.client, sc.published(pport)),
+    ];
+    boot::start_docker(engines).unwrap();
+    boot::start_podman(engines).unwrap();
+    let docker_up = _docker.wait_serving(80);
+    let podman_up = _podman.wait_serving(80);
+    eprintln!(
+        "boot: containers serving after {:?} (docker {docker_up}, podman {podman_up})",
+        booted.elapsed()
+    );
+    agent.wait_engines_connected(&["docker", "podman"]);
+    // Keep probing a while with everything up.
+    std::thread::sleep(Duration::from_secs(3));
+    let allowed_at = Instant::now();
+    for probe in &probes {
+        let answered = probe.answers();
+        assert!(
+            answered.is_empty(),
+            "{} answered {} of {} probes before `portgate allow`, the first {:?} after the agent started\nagent log:\n{}",
+            probe.addr,
+            answered.len(),
+            probe.attempts(),
+            answered[0] - booted,
+            agent.log_text()
+        );
+    }
+    let before: Vec<u64> = probes.iter().map(Probe::attempts).collect();
+
+    // Allowed, both answer (the probes, and a full GET).
+    agent.allow(&dname, "80/tcp");
+    agent.allow(&pname, "80/tcp");
+    sc.assert_answers_within(
+        sc.published(dport),
+        &body_of(&dname),
+        FOLLOW_TIMEOUT,
+        "Docker's container after allow",
+    );
+    sc.assert_answers_within(
+        sc.published(pport),
+        &body_of(&pname),
+        FOLLOW_TIMEOUT,
+        "Podman's container after allow",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for probe in &probes {
+        assert!(
+            probe.answers().iter().any(|t| *t >= allowed_at),
+            "{} never answered a probe after allow",
+            probe.addr
+        );
+    }
+    eprintln!(
+        "boot: {before:?} probes every {PROBE_EVERY:?} before allow, none answered; answers after allow"
+    );
+}
