@@ -50,9 +50,12 @@ impl Probe {
                 in_netns(&ns, || {
                     while !stop.load(Ordering::SeqCst) {
                         let tick = Instant::now();
-                        *attempts.lock().unwrap() += 1;
+                        *attempts.lock().unwrap_or_else(|e| e.into_inner()) += 1;
                         if TcpStream::connect_timeout(&addr, PROBE_EVERY).is_ok() {
-                            answers.lock().unwrap().push(Instant::now());
+                            answers
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(Instant::now());
                         }
                         if let Some(rest) = PROBE_EVERY.checked_sub(tick.elapsed()) {
                             std::thread::sleep(rest);
@@ -71,11 +74,14 @@ impl Probe {
     }
 
     fn attempts(&self) -> u64 {
-        *self.attempts.lock().unwrap()
+        *self.attempts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn answers(&self) -> Vec<Instant> {
-        self.answers.lock().unwrap().clone()
+        self.answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

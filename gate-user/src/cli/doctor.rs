@@ -261,9 +261,7 @@ fn examine(socket: &Path, bpffs: &Path) -> Report {
                                 .map(|e| format!(" ({e})"))
                                 .unwrap_or_default()
                         ),
-                        Some(format!(
-                            "start the engine or its API socket (for Podman: `systemctl start podman.socket`); the agent reconnects by itself"
-                        )),
+                        Some("start the engine or its API socket (for Podman: `systemctl start podman.socket`); the agent reconnects by itself".to_owned()),
                     );
                 }
             }
