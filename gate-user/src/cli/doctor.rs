@@ -81,7 +81,7 @@ pub fn run(socket: &Path, args: &DoctorArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", format_report(&report));
+        print!("{}", super::colour::paint(&format_report(&report)));
     }
     if !report.protected {
         std::io::stdout().flush()?;

@@ -3,6 +3,7 @@
 //! here.
 
 mod args;
+mod colour;
 mod doctor;
 mod generate;
 mod output;
@@ -32,7 +33,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List { json } => match client::call(&cli.socket, &Request::List)? {
             Reply::List(list) if json => print_json(&list),
             Reply::List(list) => {
-                print!("{}", format_rules(&list.rules));
+                print!("{}", colour::paint(&format_rules(&list.rules)));
                 Ok(())
             }
             other => unexpected(other),
@@ -40,7 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => match client::call(&cli.socket, &Request::Status)? {
             Reply::Status(status) if json => print_json(&status),
             Reply::Status(status) => {
-                print!("{}", format_status(&status));
+                print!("{}", colour::paint(&format_status(&status)));
                 Ok(())
             }
             other => unexpected(other),
