@@ -34,7 +34,7 @@ pub fn run(extra_args: &[String]) -> Result<()> {
         );
     }
 
-    let mut stages = vec![
+    let mut stages = [
         Stage {
             name: "setup",
             blocks_later: true,
@@ -107,12 +107,17 @@ pub fn run(extra_args: &[String]) -> Result<()> {
 
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut blocked = false;
-    for stage in &mut stages {
+    let total = stages.len();
+    for (index, stage) in stages.iter_mut().enumerate() {
         if blocked {
             outcomes.push(Outcome::Skipped("an earlier stage failed"));
             continue;
         }
-        println!("\n==================== {} ====================", stage.name);
+        println!(
+            "\n==================== [{}/{total}] {} ====================",
+            index + 1,
+            stage.name
+        );
         let started = Instant::now();
         let result = match stage.command.as_mut() {
             None => setup::run(setup::Mode::Install),

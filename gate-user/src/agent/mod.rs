@@ -31,6 +31,7 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+pub use self::service::is_engine_bridge_name;
 use self::views::{counter_name, protocol_name};
 use crate::{
     api::{

@@ -201,7 +201,9 @@ pub(super) fn engine_named_bridges() -> Vec<String> {
         .collect()
 }
 
-fn is_engine_bridge_name(name: &str) -> bool {
+/// Whether `name` is how an engine names its networks' bridges (`br-<12 hex>`, `podman<N>`,
+/// `cni-podman<N>`; docker0 and podman0 are named explicitly elsewhere).
+pub fn is_engine_bridge_name(name: &str) -> bool {
     let numbered = |prefix: &str| {
         name.strip_prefix(prefix)
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))

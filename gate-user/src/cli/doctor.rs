@@ -599,14 +599,7 @@ fn host_bridges() -> Vec<HostBridge> {
 
 /// Named as the engines name their bridges (docker0, br-<id>, podman<N>, cni-podman<N>).
 fn is_engine_bridge(name: &str) -> bool {
-    let numbered = |prefix: &str| {
-        name.strip_prefix(prefix)
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    };
-    let docker_network = name
-        .strip_prefix("br-")
-        .is_some_and(|id| id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()));
-    docker_network || numbered("docker") || numbered("podman") || numbered("cni-podman")
+    name == "docker0" || gate_user::agent::is_engine_bridge_name(name)
 }
 
 /// How many processes run the program `name` (by /proc/PID/comm).
