@@ -125,7 +125,8 @@ fn containers_restarted_at_boot_never_answer_before_allow() {
 
     // Boot: the agent first, as the unit runs it; the probes from then on.
     let booted = Instant::now();
-    let agent = EngineAgent::start(&[]);
+    // No metrics: another agent on this machine may serve the default address.
+    let agent = EngineAgent::start(&["--metrics-addr", "off"]);
     let probes = [
         Probe::start(&sc.client, sc.published(dport)),
         Probe::start(&sc.client, sc.published(pport)),

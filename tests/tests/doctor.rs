@@ -115,7 +115,8 @@ fn doctor_reports_host_network_and_macvlan_containers_unprotected() {
     );
     let web_port = free_port();
     let _web = engines.run_httpd(Engine::Docker, &web_name, web_port, &[]);
-    let mut agent = EngineAgent::start(&[]);
+    // No metrics: another agent on this machine may serve the default address.
+    let mut agent = EngineAgent::start(&["--metrics-addr", "off"]);
     agent.wait_engines_connected(&["docker"]);
 
     let out = doctor(&agent, true);

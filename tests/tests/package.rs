@@ -131,6 +131,7 @@ fn deb_installs_gates_once_ready_and_removes_cleanly() {
     let started = Instant::now();
     ok(Command::new("dpkg").arg("-i").arg(&deb));
     assert!(is_installed(), "dpkg -i did not leave portgate installed");
+    eprintln!("package test: installed after {:?}", started.elapsed());
     let which = ok(Command::new("sh").args(["-c", "command -v portgate"]));
     assert_eq!(which.trim(), "/usr/bin/portgate", "portgate on PATH");
     let version = ok(Command::new("portgate").arg("--version"));
@@ -191,6 +192,7 @@ fn deb_installs_gates_once_ready_and_removes_cleanly() {
         verified && !text.contains("cycle") && !text.contains("portgate"),
         "systemd-analyze verify of a boot with portgate and the engines:\n{text}"
     );
+    eprintln!("package test: unit verified after {:?}", started.elapsed());
 
     // The installed agent, as the unit runs it, on a sandbox's host with FORWARD policy DROP.
     let sandbox = Sandbox::new();
@@ -255,6 +257,7 @@ fn deb_installs_gates_once_ready_and_removes_cleanly() {
     );
     let agent = &mut agent.0;
     let seen = wait_notification(&notify, "READY=1", Duration::from_secs(30));
+    eprintln!("package test: READY=1 after {:?}", started.elapsed());
     let agent_log = || std::fs::read_to_string(boot.path().join("agent.log")).unwrap_or_default();
     // READY means gated: at that moment the bridge is attached and new connections drop.
     let status: Value = serde_json::from_str(&ok(sandbox
@@ -297,6 +300,7 @@ fn deb_installs_gates_once_ready_and_removes_cleanly() {
         "no pins under {PINS} while the agent runs"
     );
 
+    eprintln!("package test: SIGHUP handled after {:?}", started.elapsed());
     // Remove: prerm stops the agent and removes the gate, in the host where it runs.
     let removed = ok(sandbox
         .command_in(&sandbox.host, "dpkg")
@@ -312,7 +316,12 @@ fn deb_installs_gates_once_ready_and_removes_cleanly() {
         exited.is_some(),
         "dpkg -r left the agent running:\n{removed}"
     );
+    assert!(
+        !removed.contains("did not stop") && !removed.contains("failed"),
+        "dpkg -r:\n{removed}"
+    );
     assert!(!is_installed(), "dpkg -r left portgate installed");
+    eprintln!("package test: removed after {:?}", started.elapsed());
     assert!(
         !Path::new("/usr/bin/portgate").exists(),
         "dpkg -r left /usr/bin/portgate"

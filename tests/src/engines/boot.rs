@@ -10,7 +10,9 @@ static BOOTED: Mutex<Vec<Child>> = Mutex::new(Vec::new());
 /// The engines' bridges that a reboot removes.
 pub const ENGINE_BRIDGES: &[&str] = &["docker0", "podman0", "cni-podman0"];
 
-/// Pids of running processes named `comm` whose command line contains `arg` (if given).
+/// Pids of running processes named `comm` whose command line contains `arg` (if given), and
+/// whose root is the machine's (an engine in a chroot, e.g. a newer Docker, is not this
+/// host's and is left alone).
 fn pids_of(comm: &str, arg: Option<&str>) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -20,6 +22,8 @@ fn pids_of(comm: &str, arg: Option<&str>) -> Vec<u32> {
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
                 && !is_zombie(*pid)
+                && std::fs::read_link(format!("/proc/{pid}/root"))
+                    .is_ok_and(|root| root == Path::new("/"))
                 && arg.is_none_or(|arg| {
                     std::fs::read(format!("/proc/{pid}/cmdline"))
                         .is_ok_and(|c| String::from_utf8_lossy(&c).contains(arg))
