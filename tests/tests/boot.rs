@@ -1,7 +1,8 @@
 //! The boot order, simulated with the real engines (the machines here have no systemd PID 1):
-//! containers with `--restart always` and published ports exist; the engines shut down and
-//! their bridges are gone (a reboot); the agent starts first (`--bridge auto`, as the unit
-//! runs it), then containerd and dockerd, and Podman's service and podman-restart's
+//! containers with `--restart always` and published ports exist (Docker's on docker0 and on a
+//! user-defined network, Podman's); the engines shut down and their bridges are gone (a
+//! reboot); the agent starts first (`--bridge auto`, as the unit runs it), then containerd
+//! and dockerd, and Podman's service and podman-restart's
 //! `podman start --all --filter restart-policy=always`, bring the containers back while a
 //! client probes each published port every 20 ms. Not one connection may be answered
 //! before `portgate allow`; afterwards they are.
@@ -16,7 +17,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use portgate_tests::engines::{
-    Engine, EngineAgent, Engines, FOLLOW_TIMEOUT, Scenario, body_of, boot, free_port, unique,
+    Engine, EngineAgent, Engines, FOLLOW_TIMEOUT, IMAGE, Scenario, body_of, boot, free_port,
+    httpd_script, unique,
 };
 use portgate_tests::{sandbox::in_netns, skip};
 
@@ -94,6 +96,69 @@ impl Drop for Probe {
     }
 }
 
+/// A user-defined Docker network (its bridge is `br-<12 hex digits of its ID>`), removed on
+/// drop.
+struct Network {
+    engines: &'static Engines,
+    name: String,
+}
+
+impl Network {
+    fn create(engines: &'static Engines, name: &str) -> Self {
+        engines.cli_ok(Engine::Docker, &["network", "create", name]);
+        Network {
+            engines,
+            name: name.to_owned(),
+        }
+    }
+
+    fn bridge(&self) -> String {
+        let id = self.engines.cli_ok(
+            Engine::Docker,
+            &["network", "inspect", "--format", "{{.Id}}", &self.name],
+        );
+        format!("br-{}", &id[..12])
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = self
+            .engines
+            .cli(Engine::Docker)
+            .args(["network", "rm", &self.name])
+            .output();
+    }
+}
+
+/// Waits until the Docker container `name` serves port 80 on its (only) network address, from
+/// the root namespace; returns the address.
+fn wait_serving_on_network(engines: &Engines, name: &str) -> String {
+    let deadline = Instant::now() + FOLLOW_TIMEOUT;
+    loop {
+        let address = engines.cli_ok(
+            Engine::Docker,
+            &[
+                "inspect",
+                "--format",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                name,
+            ],
+        );
+        if let Ok(ip) = address.parse::<std::net::Ipv4Addr>()
+            && TcpStream::connect_timeout(&SocketAddr::from((ip, 80)), Duration::from_secs(1))
+                .is_ok()
+        {
+            return address;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} does not serve port 80 on {address:?} after {FOLLOW_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn containers_restarted_at_boot_never_answer_before_allow() {
     let Some(engines) = Engines::get() else {
@@ -106,8 +171,10 @@ fn containers_restarted_at_boot_never_answer_before_allow() {
         return;
     }
     let sc = Scenario::new();
-    let (dport, pport) = (free_port(), free_port());
-    let (dname, pname) = (unique("boot-d"), unique("boot-p"));
+    let (dport, pport, nport) = (free_port(), free_port(), free_port());
+    let (dname, pname, nname) = (unique("boot-d"), unique("boot-p"), unique("boot-n"));
+    // Declared before its container, so that it is removed after it.
+    let network = Network::create(engines, &unique("boot-net"));
     let _docker = engines.run_httpd(
         Engine::Docker,
         &dname,
@@ -115,12 +182,38 @@ fn containers_restarted_at_boot_never_answer_before_allow() {
         &["--restart", "always", "--stop-timeout", "1"],
     );
     let _podman = engines.run_httpd(Engine::Podman, &pname, pport, &["--restart", "always"]);
+    let script = httpd_script(&nname, &[80], 0);
+    let _on_network = engines.docker_run(
+        &nname,
+        &[
+            "--network",
+            &network.name,
+            "--restart",
+            "always",
+            "--stop-timeout",
+            "1",
+            "-p",
+            &format!("{nport}:80"),
+            IMAGE,
+            "/bin/sh",
+            "-c",
+            &script,
+        ],
+    );
+    wait_serving_on_network(engines, &nname);
+    let network_bridge = network.bridge();
 
     // Shutdown: Podman's container stops with the machine, the daemons get SIGTERM (dockerd
     // stops its containers), and after the reboot no engine bridge exists.
     engines.cli_ok(Engine::Podman, &["stop", "-t", "1", &pname]);
     boot::shut_down_engines().unwrap();
-    let removed = boot::remove_engine_bridges();
+    let mut removed = boot::remove_engine_bridges();
+    portgate_tests::run_ok(std::process::Command::new("ip").args([
+        "link",
+        "delete",
+        &network_bridge,
+    ]));
+    removed.push(network_bridge.clone());
     eprintln!("boot: engines stopped, bridges removed: {removed:?}");
 
     // Boot: the agent first, as the unit runs it; the probes from then on.
@@ -130,13 +223,15 @@ fn containers_restarted_at_boot_never_answer_before_allow() {
     let probes = [
         Probe::start(&sc.client, sc.published(dport)),
         Probe::start(&sc.client, sc.published(pport)),
+        Probe::start(&sc.client, sc.published(nport)),
     ];
     boot::start_docker(engines).unwrap();
     boot::start_podman(engines).unwrap();
     let docker_up = _docker.wait_serving(80);
     let podman_up = _podman.wait_serving(80);
+    let network_up = wait_serving_on_network(engines, &nname);
     eprintln!(
-        "boot: containers serving after {:?} (docker {docker_up}, podman {podman_up})",
+        "boot: containers serving after {:?} (docker {docker_up}, podman {podman_up}, {network_bridge} {network_up})",
         booted.elapsed()
     );
     agent.wait_engines_connected(&["docker", "podman"]);
@@ -160,6 +255,7 @@ fn containers_restarted_at_boot_never_answer_before_allow() {
     // Allowed, both answer (the probes, and a full GET).
     agent.allow(&dname, "80/tcp");
     agent.allow(&pname, "80/tcp");
+    agent.allow(&nname, "80/tcp");
     sc.assert_answers_within(
         sc.published(dport),
         &body_of(&dname),
@@ -171,6 +267,12 @@ fn containers_restarted_at_boot_never_answer_before_allow() {
         &body_of(&pname),
         FOLLOW_TIMEOUT,
         "Podman's container after allow",
+    );
+    sc.assert_answers_within(
+        sc.published(nport),
+        &body_of(&nname),
+        FOLLOW_TIMEOUT,
+        "the container on a user-defined Docker network after allow",
     );
     std::thread::sleep(Duration::from_millis(500));
     for probe in &probes {
