@@ -183,7 +183,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     heading("program cost per packet (BPF_PROG_TEST_RUN)");
     {
         let topo = Topology::create(&format!("pgb-{pid}-prog"))?;
-        results.prog = progrun::measure_all(
+        (results.prog, results.sources) = progrun::measure_all(
             &topo,
             &setup,
             &format!("pgb-{pid}-prog"),
@@ -206,6 +206,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join("; ")
             );
+        }
+        for (case, ns) in &results.sources.cases {
+            println!("new connection, {case}: {ns:.0} ns");
         }
     }
 

@@ -23,7 +23,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use gate_common::{
-    AllowKey, AllowValue, FLOW_REPLIED, FlowKey, FlowState, ORIGIN_REMOTE, PROTO_TCP, PROTO_UDP,
+    AllowKey, AllowValue, BLOCK_FIXED_BITS, BlockKey, Config, FLOW_REPLIED, FlowKey, FlowState,
+    NO_RULE, ORIGIN_REMOTE, PROTO_TCP, PROTO_UDP, SOURCE_FIXED_BITS, SourceKey, SourceValue,
     ipv4_mapped, map_names, program_names, tcp,
 };
 use portgate_bpf_sys::sys_bpf;
@@ -57,6 +58,16 @@ pub struct ProgCost {
     pub floor_ns: f64,
     /// (flows in the table, new-connection ns, tracked ns)
     pub fills: Vec<(usize, f64, f64)>,
+    pub samples: usize,
+}
+
+/// A new connection's cost when its rule names sources, or a block list is in force: the
+/// same SYNs as the new-connection path, medians in nanoseconds, against the plain rule
+/// measured in the same interleaved rounds.
+#[derive(Clone, Debug, Default)]
+pub struct SourceCost {
+    /// (what, median ns).
+    pub cases: Vec<(String, f64)>,
     pub samples: usize,
 }
 
@@ -321,7 +332,7 @@ impl Gate {
         let (lo, hi) = (self.allow_n.min(n) - used, self.allow_n.max(n) - used);
         let keys: Vec<AllowKey> = all[lo..hi].iter().map(allow_key).collect();
         if n > self.allow_n {
-            let values = vec![AllowValue { rule_id: 0 }; keys.len()];
+            let values = vec![AllowValue::any_source(0); keys.len()];
             update_all(&self.allow, &keys, &values)?;
         } else if n < self.allow_n {
             delete_all(&self.allow, &keys)?;
@@ -399,6 +410,78 @@ impl Gate {
     }
 }
 
+/// A key of an LPM trie as the kernel takes it: the prefix length, then the data.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LpmKey<K> {
+    prefix_len: u32,
+    data: K,
+}
+
+/// The cases of [`SourceCost`]: (label, the allow value of the measured port, the block
+/// generation in force).
+const SOURCE_CASES: [(&str, u32, u32); 4] = [
+    ("plain rule (one hash lookup)", 0, 0),
+    ("rule with a set of 1 prefix", 1, 0),
+    ("rule with a set of 10 000 prefixes", 2, 0),
+    ("plain rule, 100 000-entry block list", 0, 1),
+];
+
+/// Writes the access lists and the block list [`SOURCE_CASES`] switch between: list 1 holds
+/// the prefix that admits the samples (10.192.0.0/10), list 2 the same and 9 999 decoy
+/// addresses on the same path through the trie (10.128.0.0/10); generation 1 of the block
+/// list holds 100 000 addresses the samples never use (10.64.0.0/15).
+fn write_source_lists(sources: &OwnedFd, blocked: &OwnedFd) -> Result<()> {
+    let entry = |access: u32, addr: [u8; 4], bits: u32, rule_id: u32| {
+        let key = LpmKey {
+            prefix_len: SOURCE_FIXED_BITS + 96 + bits,
+            data: SourceKey {
+                access,
+                ifindex: 0,
+                addr: ipv4_mapped(addr),
+            },
+        };
+        (key, SourceValue { rule_id })
+    };
+    let marker = |access: u32| {
+        let key = LpmKey {
+            prefix_len: SOURCE_FIXED_BITS,
+            data: SourceKey {
+                access,
+                ifindex: 0,
+                addr: [0; 16],
+            },
+        };
+        (key, SourceValue { rule_id: NO_RULE })
+    };
+    let mut entries = vec![
+        entry(1, [10, 192, 0, 0], 10, 0),
+        marker(1),
+        entry(2, [10, 192, 0, 0], 10, 0),
+        marker(2),
+    ];
+    entries.extend((0..9_999usize).map(|i| {
+        entry(
+            2,
+            [10, 128 + (i >> 16) as u8, (i >> 8) as u8, i as u8],
+            32,
+            0,
+        )
+    }));
+    let (keys, values): (Vec<_>, Vec<_>) = entries.into_iter().unzip();
+    update_all(sources, &keys, &values).context("writing the access lists")?;
+    let blocks: Vec<LpmKey<BlockKey>> = (0..100_000usize)
+        .map(|i| LpmKey {
+            prefix_len: BLOCK_FIXED_BITS + 128,
+            data: BlockKey {
+                generation: 1,
+                addr: ipv4_mapped([10, 64 + (i >> 16) as u8, (i >> 8) as u8, i as u8]),
+            },
+        })
+        .collect();
+    update_all(blocked, &blocks, &vec![1u8; blocks.len()]).context("writing the block list")
+}
+
 /// Measures the program at every N of `ns` (ascending): first with the tracking map filled
 /// to N flows, then with the same map at a million flows, in `rounds` interleaved rounds over
 /// N, so that only the allow map differs between the figures of one column. `quiet` runs
@@ -411,7 +494,7 @@ pub fn measure_all(
     rounds: usize,
     samples: usize,
     quiet: &mut dyn FnMut() -> Result<()>,
-) -> Result<Vec<ProgCost>> {
+) -> Result<(Vec<ProgCost>, SourceCost)> {
     let first = *ns.first().context("no N")?;
     let dir = setup.work_dir.join(cell);
     let state = dir.join("state");
@@ -488,6 +571,45 @@ pub fn measure_all(
         }
     }
     let in_table = gate.flows_in_table()?;
+
+    // Sources and the block list, at the largest N and a million flows.
+    let maps = root.join("maps");
+    let sources_map = obj_get(&maps.join(map_names::SOURCES))?;
+    let blocked_map = obj_get(&maps.join(map_names::BLOCKED))?;
+    let config_map = obj_get(&maps.join(map_names::CONFIG))?;
+    write_source_lists(&sources_map, &blocked_map)?;
+    let measured = allow_key(&Entry {
+        addr: SERVER_IP,
+        proto: Proto::Tcp,
+        port: HTTP_PORT,
+    });
+    let mut by_case: Vec<Vec<u32>> = vec![Vec::new(); SOURCE_CASES.len()];
+    for round in 0..rounds.max(1) {
+        let mut order: Vec<usize> = (0..SOURCE_CASES.len()).collect();
+        order.rotate_left(round % SOURCE_CASES.len());
+        for i in order {
+            quiet()?;
+            let (_, access, generation) = SOURCE_CASES[i];
+            let value = AllowValue { rule_id: 0, access };
+            update_all(&gate.allow, &[measured], &[value])?;
+            let config = Config {
+                flags: 0,
+                block_generation: generation,
+            };
+            update_all(&config_map, &[0u32], &[config])?;
+            gate.new_connections(per_round, &mut by_case[i])?;
+        }
+    }
+    update_all(&gate.allow, &[measured], &[AllowValue::any_source(0)])?;
+    let sources = SourceCost {
+        cases: SOURCE_CASES
+            .iter()
+            .zip(by_case)
+            .map(|((label, _, _), runs)| ((*label).to_owned(), median(runs)))
+            .collect(),
+        samples: per_round * rounds.max(1),
+    };
+
     for (i, result) in results.iter_mut().enumerate() {
         result.fills.push((
             in_table,
@@ -499,7 +621,7 @@ pub fn measure_all(
     drop(gate);
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(results)
+    Ok((results, sources))
 }
 
 #[cfg(test)]

@@ -63,6 +63,14 @@ counters! {
     /// A connection a container tried to open from an address that is not its own on its
     /// bridge port (forged, or not yet bound by the agent): passed, but not tracked.
     FOREIGN_SOURCE = 19, "foreign_source", Event;
+    /// New connection from a source on the block list (whatever allows it).
+    DROP_BLOCKED = 20, "blocked", Drop;
+    /// New connection to an allowed destination whose rules name other sources.
+    DROP_SOURCE_NOT_ALLOWED = 21, "source_not_allowed", Drop;
+    /// New connection to an allowed destination whose rules name other interfaces.
+    DROP_INTERFACE_NOT_ALLOWED = 22, "interface_not_allowed", Drop;
+    /// Of the drops above, those `from_uplinks` made, before conntrack saw the packet.
+    DROPPED_BEFORE_CONNTRACK = 23, "dropped_before_conntrack", Event;
 }
 
 #[cfg(test)]

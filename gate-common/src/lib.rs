@@ -9,7 +9,7 @@ pub mod tcp;
 
 /// Directory of the pins under the agent's bpffs directory; bumped whenever a map's layout or
 /// the set of links changes, so an old agent's pins are never misread.
-pub const LAYOUT_VERSION: &str = "v2";
+pub const LAYOUT_VERSION: &str = "v3";
 
 /// Names of the maps in the eBPF object; also the file names of their pins.
 pub mod map_names {
@@ -24,9 +24,12 @@ pub mod map_names {
     pub const HOST_PORTS: &str = "HOST_PORTS";
     pub const PORT_ADDRS: &str = "PORT_ADDRS";
     pub const BLACK_HOLE: &str = "BLACK_HOLE";
+    pub const SOURCES: &str = "SOURCES";
+    pub const BLOCKED: &str = "BLOCKED";
+    pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
     /// Maps pinned so that they outlive the agent (the ring buffer and its budget are not:
     /// a new agent reads events from its own programs).
-    pub const PINNED: [&str; 8] = [
+    pub const PINNED: [&str; 11] = [
         ALLOW,
         FLOWS,
         RULE_STATS,
@@ -35,6 +38,9 @@ pub mod map_names {
         BRIDGE_DROPS,
         HOST_PORTS,
         PORT_ADDRS,
+        SOURCES,
+        BLOCKED,
+        LOCAL_ADDRS,
     ];
 }
 
@@ -48,6 +54,9 @@ pub mod program_names {
     /// Socket lookup in the host's network namespace: new connections to published host
     /// ports that reach a local socket (Docker's userland proxy) instead of being DNATed.
     pub const HOST_PORTS: &str = "host_ports";
+    /// Ingress of the interfaces traffic arrives on (`--uplink`): refuses new connections
+    /// to published host ports that the policy does not admit, before conntrack sees them.
+    pub const FROM_UPLINKS: &str = "from_uplinks";
 }
 
 /// Capacity of the allow map: one entry per (address, protocol, port).
@@ -62,6 +71,14 @@ pub const NO_RULE: u32 = u32::MAX;
 pub const HOST_PORTS_CAPACITY: u32 = 16_384;
 /// Capacity of the port-address bindings: one entry per (bridge port, container address).
 pub const PORT_ADDRS_CAPACITY: u32 = 16_384;
+/// Capacity of the access lists (an LPM trie): source prefixes and interfaces of the rules
+/// that name them, over every list, including a replaced list's old entries while it changes.
+pub const SOURCES_CAPACITY: u32 = 262_144;
+/// Capacity of the block list (an LPM trie), twice the longest list: a replacement is
+/// written beside the list in force, then switched to.
+pub const BLOCKED_CAPACITY: u32 = 262_144;
+/// Capacity of the host's own addresses (the destinations published host ports answer on).
+pub const LOCAL_ADDRS_CAPACITY: u32 = 4_096;
 /// Capacity of the per-bridge drop counters: (bridge, reason) pairs.
 pub const BRIDGE_DROPS_CAPACITY: u32 = 4_096;
 /// Size of the drop-event ring buffer.
@@ -109,13 +126,69 @@ impl AllowKey {
     }
 }
 
-/// Value of the allow map.
+/// [`AllowValue::access`] of a destination some rule opens to every source on every
+/// interface: no access list to consult.
+pub const ANY_SOURCE: u32 = 0;
+
+/// Value of the allow map (and of the host-port map).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct AllowValue {
-    /// Index into the per-rule counters.
+    /// Index into the per-rule counters: the rule that admits, when `access` is
+    /// [`ANY_SOURCE`] (else the access list says which rule admits).
+    pub rule_id: u32,
+    /// [`ANY_SOURCE`], or the access list in [`SourceKey`]s that decides who may connect.
+    pub access: u32,
+}
+
+impl AllowValue {
+    /// Admits every source on every interface, by `rule_id`.
+    pub const fn any_source(rule_id: u32) -> Self {
+        Self {
+            rule_id,
+            access: ANY_SOURCE,
+        }
+    }
+}
+
+/// The data of a key of the access lists, an LPM trie (matched bit by bit from the first
+/// byte). The list and the interface the connection came in on (0: any interface) are
+/// always matched in full ([`SOURCE_FIXED_BITS`]); then a prefix of the source address.
+/// A key of exactly [`SOURCE_FIXED_BITS`] holds either a rule that admits any source on that
+/// interface, or a marker ([`NO_RULE`]): the list names the interface, not this source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceKey {
+    pub access: u32,
+    pub ifindex: u32,
+    pub addr: Addr,
+}
+
+/// Bits of a [`SourceKey`] before the address: the list and the interface.
+pub const SOURCE_FIXED_BITS: u32 = 64;
+/// Bits of a whole [`SourceKey`].
+pub const SOURCE_KEY_BITS: u32 = SOURCE_FIXED_BITS + 128;
+
+/// Value of the access lists: the rule that admits, or [`NO_RULE`] (a marker, see
+/// [`SourceKey`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceValue {
     pub rule_id: u32,
 }
+
+/// The data of a key of the block list, an LPM trie: the list's generation
+/// ([`Config::block_generation`]), then a prefix of the source address. A replaced list is
+/// written under a new generation and switched to in one write of the config.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockKey {
+    pub generation: u32,
+    pub addr: Addr,
+}
+
+/// Bits of a [`BlockKey`] before the address.
+pub const BLOCK_FIXED_BITS: u32 = 32;
 
 /// Key of the port-address bindings: `addr` is an address of the container behind the bridge
 /// port `ifindex` (its veth), as configured on the container's side. A container opens
@@ -222,6 +295,9 @@ pub const CONFIG_GATE_HOST: u32 = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub flags: u32,
+    /// The block list in force: its entries' [`BlockKey::generation`]; 0 when there is none
+    /// (new connections then skip the lookup).
+    pub block_generation: u32,
 }
 
 /// Key of the per-bridge drop counters.
@@ -290,6 +366,12 @@ mod pod {
     unsafe impl aya::Pod for super::EventBudget {}
     // SAFETY: see above; `PortAddrKey` is such a type.
     unsafe impl aya::Pod for super::PortAddrKey {}
+    // SAFETY: see above; `SourceKey` is such a type.
+    unsafe impl aya::Pod for super::SourceKey {}
+    // SAFETY: see above; `SourceValue` is such a type.
+    unsafe impl aya::Pod for super::SourceValue {}
+    // SAFETY: see above; `BlockKey` is such a type.
+    unsafe impl aya::Pod for super::BlockKey {}
 }
 
 #[cfg(test)]
@@ -300,11 +382,14 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<AllowKey>(), 16 + 2 + 1 + 1);
-        assert_eq!(size_of::<AllowValue>(), 4);
+        assert_eq!(size_of::<AllowValue>(), 8);
+        assert_eq!(size_of::<SourceKey>(), 4 + 4 + 16);
+        assert_eq!(size_of::<SourceValue>(), 4);
+        assert_eq!(size_of::<BlockKey>(), 4 + 16);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<FlowState>(), 8 + 4 + 4);
         assert_eq!(size_of::<RuleStats>(), 16);
-        assert_eq!(size_of::<Config>(), 4);
+        assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<BridgeDropKey>(), 8);
         assert_eq!(
             size_of::<DropEvent>(),

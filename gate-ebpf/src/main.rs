@@ -12,6 +12,11 @@
 //!   userland proxy (IPv6 on IPv4-only networks, hairpin), which relays them from the host's
 //!   own stack, where `toward_containers` would take them for host traffic.
 //!
+//! - `from_uplinks` (ingress of the interfaces traffic arrives on, `--uplink`) refuses new
+//!   connections to published host ports that the policy does not admit, before netfilter
+//!   and conntrack see them, so a flood leaves no conntrack entries behind. What it cannot
+//!   decide without state passes on: `toward_containers` stays the authority.
+//!
 //! Everything that can be decided in user space (rules, ranges, names) is; the kernel side
 //! only looks things up.
 #![no_std]
@@ -21,16 +26,21 @@ use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, sk_action::SK_DROP, sk_action::SK_PASS},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map, sk_lookup},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockMap},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockMap,
+        lpm_trie::Key,
+    },
     programs::{SkLookupContext, TcContext},
 };
 use aya_log_ebpf::warn;
 use gate_common::{
-    ALLOW_CAPACITY, Addr, AllowKey, AllowValue, BRIDGE_DROPS_CAPACITY, BridgeDropKey, CONFIG_AUDIT,
-    CONFIG_GATE_HOST, Config, DROP_EVENTS_BYTES, DROP_EVENTS_PER_SECOND, DropEvent, EventBudget,
-    FLOW_CAPACITY, FLOW_REPLIED, FlowKey, FlowState, HOST_PORTS_CAPACITY, MAX_RULES, NO_RULE,
+    ALLOW_CAPACITY, ANY_SOURCE, Addr, AllowKey, AllowValue, BLOCK_FIXED_BITS, BLOCKED_CAPACITY,
+    BRIDGE_DROPS_CAPACITY, BlockKey, BridgeDropKey, CONFIG_AUDIT, CONFIG_GATE_HOST, Config,
+    DROP_EVENTS_BYTES, DROP_EVENTS_PER_SECOND, DropEvent, EventBudget, FLOW_CAPACITY, FLOW_REPLIED,
+    FlowKey, FlowState, HOST_PORTS_CAPACITY, LOCAL_ADDRS_CAPACITY, MAX_RULES, NO_RULE,
     ORIGIN_CONTAINER, ORIGIN_REMOTE, PORT_ADDRS_CAPACITY, PROTO_TCP, PROTO_UDP, PortAddrKey,
-    RuleStats, counters::*, ipv4_mapped, tcp,
+    RuleStats, SOURCE_KEY_BITS, SOURCES_CAPACITY, SourceKey, SourceValue, counters::*, ipv4_mapped,
+    tcp,
 };
 use gate_ebpf::{Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Transport, parse};
 
@@ -70,6 +80,18 @@ static PORT_ADDRS: HashMap<PortAddrKey, u8> = HashMap::with_max_entries(PORT_ADD
 #[map]
 static BLACK_HOLE: SockMap = SockMap::with_max_entries(2, 0);
 
+/// The access lists of rules that name sources or interfaces (see [`SourceKey`]).
+#[map]
+static SOURCES: LpmTrie<SourceKey, SourceValue> = LpmTrie::with_max_entries(SOURCES_CAPACITY, 0);
+
+/// Sources never admitted, whatever allows them: prefixes under the generation in force.
+#[map]
+static BLOCKED: LpmTrie<BlockKey, u8> = LpmTrie::with_max_entries(BLOCKED_CAPACITY, 0);
+
+/// The host's own addresses: where a published host port is a destination.
+#[map]
+static LOCAL_ADDRS: HashMap<Addr, u8> = HashMap::with_max_entries(LOCAL_ADDRS_CAPACITY, 0);
+
 #[map]
 static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(DROP_EVENTS_BYTES, 0);
 
@@ -90,12 +112,21 @@ enum Verdict {
     Drop(u32),
 }
 
+/// The config; a missing entry reads as all-zero: enforce, no block list.
+#[inline(always)]
+fn config() -> Config {
+    CONFIG.get(0).copied().unwrap_or(Config {
+        flags: 0,
+        block_generation: 0,
+    })
+}
+
 #[classifier]
 pub fn toward_containers(ctx: TcContext) -> i32 {
-    // A missing config entry reads as all-zero: enforce.
-    let flags = CONFIG.get(0).map_or(0, |c| c.flags);
+    let config = config();
+    let flags = config.flags;
     let mut packet = Transport::new();
-    match try_toward_containers(&ctx, flags, &mut packet) {
+    match try_toward_containers(&ctx, &config, &mut packet) {
         Verdict::Pass(counter) => {
             count(counter);
             PASS
@@ -130,7 +161,8 @@ const LOOPBACK_IFINDEX: u32 = 1;
 
 #[sk_lookup]
 pub fn host_ports(ctx: SkLookupContext) -> u32 {
-    let flags = CONFIG.get(0).map_or(0, |c| c.flags);
+    let config = config();
+    let flags = config.flags;
     // SAFETY: the context pointer is valid for the whole program run.
     let lookup = unsafe { &*ctx.lookup };
     // From the host itself (through lo): as for any host traffic, not gated here; with
@@ -156,16 +188,24 @@ pub fn host_ports(ctx: SkLookupContext) -> u32 {
         HOST_PORTS
             .get(AllowKey::new(local, proto, port))
             .or_else(|| HOST_PORTS.get(AllowKey::new([0; 16], proto, port)))
-            .map(|v| v.rule_id)
+            .copied()
     };
-    let Some(rule_id) = published else {
+    let Some(published) = published else {
         return SK_PASS; // not a published port
     };
-    if rule_id != NO_RULE {
-        count(PASS_HOST_PORT);
-        add_rule_stats(rule_id, 0);
-        return SK_PASS;
-    }
+    let verdict = if published.rule_id == NO_RULE {
+        Err(DROP_NOT_ALLOWED)
+    } else {
+        admits(&config, &published, &remote, lookup.ingress_ifindex)
+    };
+    let reason = match verdict {
+        Ok(rule_id) => {
+            count(PASS_HOST_PORT);
+            add_rule_stats(rule_id, 0);
+            return SK_PASS;
+        }
+        Err(reason) => reason,
+    };
     let packet = Transport {
         src: remote,
         dst: local,
@@ -175,7 +215,7 @@ pub fn host_ports(ctx: SkLookupContext) -> u32 {
         tcp_flags: 0,
         icmp: Icmp::None,
     };
-    if !dropped(lookup.ingress_ifindex, &packet, DROP_NOT_ALLOWED, flags) {
+    if !dropped(lookup.ingress_ifindex, &packet, reason, flags) {
         return SK_PASS;
     }
     let black_hole = if proto == PROTO_TCP { 0 } else { 1 };
@@ -207,17 +247,61 @@ fn ipv6(words: &[u32; 4]) -> Addr {
 }
 
 #[classifier]
+pub fn from_uplinks(ctx: TcContext) -> i32 {
+    let config = config();
+    let mut packet = Transport::new();
+    let mut notes = 0;
+    // What does not parse is for the stack and the bridge gate to judge.
+    if parse(&ctx, &mut packet, &mut notes) != Parsed::Packet {
+        return PASS;
+    }
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(reason) = refused_before_conntrack(&config, &packet, ifindex) else {
+        return PASS;
+    };
+    if dropped(ifindex, &packet, reason, config.flags) {
+        count(DROPPED_BEFORE_CONNTRACK);
+        DROP
+    } else {
+        PASS
+    }
+}
+
+/// The drop reason of a new connection to a published host port of this host that the
+/// policy refuses: the same decision the bridge gate and `host_ports` would make later.
+/// None for everything else (replies, tracked traffic, the host's own services).
+#[inline(always)]
+fn refused_before_conntrack(config: &Config, packet: &Transport, ifindex: u32) -> Option<u32> {
+    if packet.proto != PROTO_TCP && packet.proto != PROTO_UDP || !packet.opens_connection() {
+        return None;
+    }
+    // SAFETY: plain map lookups; values are copied out at once.
+    unsafe {
+        LOCAL_ADDRS.get(packet.dst)?;
+        let published = HOST_PORTS
+            .get(AllowKey::new(packet.dst, packet.proto, packet.dst_port))
+            .or_else(|| HOST_PORTS.get(AllowKey::new([0; 16], packet.proto, packet.dst_port)))
+            .copied()?;
+        if published.rule_id == NO_RULE {
+            return Some(DROP_NOT_ALLOWED);
+        }
+        admits(config, &published, &packet.src, ifindex).err()
+    }
+}
+
+#[classifier]
 pub fn from_containers(ctx: TcContext) -> i32 {
     try_from_containers(&ctx);
     count(PASS_FROM_CONTAINER);
     PASS
 }
 
-fn try_toward_containers(ctx: &TcContext, flags: u32, packet: &mut Transport) -> Verdict {
+fn try_toward_containers(ctx: &TcContext, config: &Config, packet: &mut Transport) -> Verdict {
     // Sent by the host itself (no receiving interface): not forwarded from outside.
     // SAFETY: the context pointer is valid for the whole program run.
     let ingress_ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    if ingress_ifindex == 0 && flags & CONFIG_GATE_HOST == 0 {
+    if ingress_ifindex == 0 && config.flags & CONFIG_GATE_HOST == 0 {
         return Verdict::Pass(PASS_HOST);
     }
     let mut notes = 0;
@@ -225,7 +309,7 @@ fn try_toward_containers(ctx: &TcContext, flags: u32, packet: &mut Transport) ->
     note(notes);
     match parsed {
         Parsed::NotIp => Verdict::Pass(PASS_NOT_IP),
-        Parsed::Packet => toward_container(ctx, packet),
+        Parsed::Packet => toward_container(ctx, config, ingress_ifindex, packet),
         // The embedded packet is one the container sent: it matches a live flow as sent.
         Parsed::IcmpErrorToSender if is_tracked(&container_sent(packet), packet.proto) => {
             Verdict::Pass(PASS_RELATED)
@@ -248,7 +332,12 @@ fn is_tracked(key: &FlowKey, proto: u8) -> bool {
 }
 
 #[inline(never)]
-fn toward_container(ctx: &TcContext, packet: &Transport) -> Verdict {
+fn toward_container(
+    ctx: &TcContext,
+    config: &Config,
+    ingress_ifindex: u32,
+    packet: &Transport,
+) -> Verdict {
     if packet.icmp == Icmp::Neighbor {
         return Verdict::Pass(PASS_NEIGHBOR);
     }
@@ -290,10 +379,59 @@ fn toward_container(ctx: &TcContext, packet: &Transport) -> Verdict {
     let Some(allow) = (unsafe { ALLOW.get(AllowKey::new(packet.dst, packet.proto, port)) }) else {
         return Verdict::Drop(DROP_NOT_ALLOWED);
     };
-    let rule_id = allow.rule_id;
+    let rule_id = match admits(config, allow, &packet.src, ingress_ifindex) {
+        Ok(rule_id) => rule_id,
+        Err(reason) => return Verdict::Drop(reason),
+    };
     open_flow(ctx, &key, ORIGIN_REMOTE, rule_id, packet, now);
     add_rule_stats(rule_id, ctx.len());
     Verdict::Pass(PASS_NEW_ALLOWED)
+}
+
+/// Whether a new connection from `src`, arrived on `ifindex`, may reach an allowed
+/// destination: not from a blocked source, and admitted by the destination's access list if
+/// it has one. The admitting rule, or the drop reason.
+#[inline(always)]
+fn admits(config: &Config, allow: &AllowValue, src: &Addr, ifindex: u32) -> Result<u32, u32> {
+    if config.block_generation != 0 {
+        let key = Key::new(
+            BLOCK_FIXED_BITS + 128,
+            BlockKey {
+                generation: config.block_generation,
+                addr: *src,
+            },
+        );
+        if BLOCKED.get(&key).is_some() {
+            return Err(DROP_BLOCKED);
+        }
+    }
+    if allow.access == ANY_SOURCE {
+        return Ok(allow.rule_id);
+    }
+    let mut key = Key::new(
+        SOURCE_KEY_BITS,
+        SourceKey {
+            access: allow.access,
+            ifindex,
+            addr: *src,
+        },
+    );
+    // On this interface, then on any: the first entry with a rule admits; a marker says the
+    // list names the interface but not this source.
+    let on_interface = SOURCES.get(&key).map(|v| v.rule_id);
+    if let Some(rule_id) = on_interface.filter(|id| *id != NO_RULE) {
+        return Ok(rule_id);
+    }
+    key.data.ifindex = 0;
+    let on_any = SOURCES.get(&key).map(|v| v.rule_id);
+    if let Some(rule_id) = on_any.filter(|id| *id != NO_RULE) {
+        return Ok(rule_id);
+    }
+    if on_interface.is_some() || on_any.is_some() {
+        Err(DROP_SOURCE_NOT_ALLOWED)
+    } else {
+        Err(DROP_INTERFACE_NOT_ALLOWED)
+    }
 }
 
 fn try_from_containers(ctx: &TcContext) {

@@ -356,11 +356,13 @@ mod tests {
                 .allow(
                     target.parse::<Target>().expect("target"),
                     Ports::Spec("80".parse().expect("spec")),
+                    crate::policy::Access::default(),
                 )
                 .expect("allow");
         }
         let workloads: Vec<_> = containers.iter().map(Container::workload).collect();
-        let resolved = Resolver::default().resolve(&rules, &workloads, false);
+        let resolved =
+            Resolver::default().resolve(&rules, &workloads, &crate::policy::Context::default());
         let gated: Vec<(String, Option<bool>)> = resolved
             .rules
             .iter()

@@ -126,6 +126,24 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// The test's own policy file (empty unless the test writes it), so that the host's
+    /// /etc/portgate/policy.toml never leaks into a test; none when the test names one.
+    fn policy_args(&self) -> Vec<std::ffi::OsString> {
+        if self.extra_args.iter().any(|a| a == "--policy") {
+            return Vec::new();
+        }
+        let path = self.policy_path();
+        if !path.exists() {
+            std::fs::write(&path, "").expect("write the empty policy file");
+        }
+        vec!["--policy".into(), path.into()]
+    }
+
+    /// Where this agent's policy file is (see [`Agent::policy_args`]).
+    pub fn policy_path(&self) -> PathBuf {
+        self.dir.path().join("policy.toml")
+    }
+
     /// Starts the agent process (without waiting for it to be ready).
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "agent already running");
@@ -145,6 +163,7 @@ impl<'a> Agent<'a> {
             .arg(&self.state_dir)
             .arg("--socket")
             .arg(&self.socket)
+            .args(self.policy_args())
             .args(&self.extra_args)
             .stdout(log)
             .stderr(log_err);

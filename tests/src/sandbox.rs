@@ -4,11 +4,17 @@
 //!  client ns                host ns (ip_forward=1)                     container ns
 //!  eth0 10.98.0.2/24  ───  vcli 10.98.0.1/24                           eth0 10.99.0.2/24
 //!       fd98::2/64              fd98::1/64                                  fd99::2/64
-//!                          pgbr0 10.99.0.1/24, fd99::1/64 ── vctr ───  (veth)
-//!                                                          └── vnbr ───  neighbour ns
+//!  lo   10.96.0.3/32       pgbr0 10.99.0.1/24, fd99::1/64 ── vctr ───  (veth)
+//!       fd96::3/128                                    └── vnbr ───  neighbour ns
 //!                                                                      eth0 10.99.0.3/24
-//!                                                                           fd99::3/64
+//!  remote ns                                                                fd99::3/64
+//!  eth0 10.97.0.2/24  ───  vwg 10.97.0.1/24
+//!       fd97::2/64              fd97::1/64
 //! ```
+//!
+//! The client has a second address of each family on its loopback, routed through it by
+//! the host: another source on the same way in, never picked unless bound. The remote
+//! namespace comes in on another interface (`vwg`, standing for a tunnel such as wg0).
 //!
 //! The neighbour is a second container on the same bridge: the one that tries to act in the
 //! container's name.
@@ -42,6 +48,15 @@ pub const CONTAINER_V4: &str = "10.99.0.2";
 pub const CONTAINER_V6: &str = "fd99::2";
 pub const NEIGHBOUR_V4: &str = "10.99.0.3";
 pub const NEIGHBOUR_V6: &str = "fd99::3";
+/// The client's second addresses.
+pub const CLIENT2_V4: &str = "10.96.0.3";
+pub const CLIENT2_V6: &str = "fd96::3";
+/// The host's side of the second way in, and the remote namespace behind it.
+pub const TUNNEL: &str = "vwg";
+pub const TUNNEL_HOST_V4: &str = "10.97.0.1";
+pub const TUNNEL_HOST_V6: &str = "fd97::1";
+pub const REMOTE_V4: &str = "10.97.0.2";
+pub const REMOTE_V6: &str = "fd97::2";
 
 /// A host, a client and a container namespace, deleted on drop (also when a test panics).
 pub struct Sandbox {
@@ -55,6 +70,8 @@ pub struct Sandbox {
     pub container: String,
     /// Name of a second container's namespace on the same bridge.
     pub neighbour: String,
+    /// Name of a namespace that reaches the host through [`TUNNEL`], another interface.
+    pub remote: String,
 }
 
 impl Sandbox {
@@ -68,6 +85,7 @@ impl Sandbox {
             client: format!("{id}-c"),
             container: format!("{id}-k"),
             neighbour: format!("{id}-n"),
+            remote: format!("{id}-r"),
             id,
         };
         // From here on, a panic drops `sandbox`, which deletes whatever was created.
@@ -76,16 +94,17 @@ impl Sandbox {
     }
 
     fn setup(&self) {
-        let (h, c, k, n) = (
+        let (h, c, k, n, r) = (
             self.host.as_str(),
             self.client.as_str(),
             self.container.as_str(),
             self.neighbour.as_str(),
+            self.remote.as_str(),
         );
-        for ns in [h, c, k, n] {
+        for ns in [h, c, k, n, r] {
             run_ok(Command::new("ip").args(["netns", "add", ns]));
         }
-        for ns in [h, c, k, n] {
+        for ns in [h, c, k, n, r] {
             ip(ns, &["link", "set", "lo", "up"]);
             // Addresses are usable at once: no duplicate address detection, not even for the
             // link-local ones that neighbour discovery uses.
@@ -120,6 +139,33 @@ impl Sandbox {
             "eth0",
             &format!("{CLIENT_V4}/24"),
             &format!("{CLIENT_V6}/64"),
+        );
+
+        addr(
+            c,
+            "lo",
+            &format!("{CLIENT2_V4}/32"),
+            &format!("{CLIENT2_V6}/128"),
+        );
+
+        // Remote <-> host, the second way in.
+        ip(
+            h,
+            &[
+                "link", "add", TUNNEL, "type", "veth", "peer", "name", "eth0", "netns", r,
+            ],
+        );
+        addr(
+            h,
+            TUNNEL,
+            &format!("{TUNNEL_HOST_V4}/24"),
+            &format!("{TUNNEL_HOST_V6}/64"),
+        );
+        addr(
+            r,
+            "eth0",
+            &format!("{REMOTE_V4}/24"),
+            &format!("{REMOTE_V6}/64"),
         );
 
         // Host bridge <-> container.
@@ -159,6 +205,8 @@ impl Sandbox {
 
         for (ns, dev) in [
             (h, "vcli"),
+            (h, TUNNEL),
+            (r, "eth0"),
             (h, "vctr"),
             (h, "vnbr"),
             (h, BRIDGE),
@@ -170,6 +218,10 @@ impl Sandbox {
         }
         ip(c, &["route", "add", "default", "via", HOST_V4]);
         ip(c, &["-6", "route", "add", "default", "via", HOST_V6]);
+        ip(h, &["route", "add", CLIENT2_V4, "via", CLIENT_V4]);
+        ip(h, &["-6", "route", "add", CLIENT2_V6, "via", CLIENT_V6]);
+        ip(r, &["route", "add", "default", "via", TUNNEL_HOST_V4]);
+        ip(r, &["-6", "route", "add", "default", "via", TUNNEL_HOST_V6]);
         ip(k, &["route", "add", "default", "via", BRIDGE_V4]);
         ip(k, &["-6", "route", "add", "default", "via", BRIDGE_V6]);
         ip(n, &["route", "add", "default", "via", BRIDGE_V4]);
@@ -212,7 +264,13 @@ impl Default for Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         // Best effort: a namespace that was never created just fails to delete.
-        for ns in [&self.neighbour, &self.container, &self.client, &self.host] {
+        for ns in [
+            &self.remote,
+            &self.neighbour,
+            &self.container,
+            &self.client,
+            &self.host,
+        ] {
             if Self::netns_path(ns).exists() {
                 let _ = Command::new("ip").args(["netns", "delete", ns]).output();
             }

@@ -725,3 +725,73 @@ fn docker0_address() -> std::net::Ipv4Addr {
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("docker0 has no IPv4 address: {text:?}"))
 }
+
+/// `--host-port` names the container port a host port maps to, on both engines, and labels
+/// carry sources: one that names the client's address answers it, one that names another
+/// prefix does not (counted `source_not_allowed`).
+#[test]
+fn host_port_rules_and_labels_with_sources_on_both_engines() {
+    let (_serial, engines) = setup!();
+    let sc = Scenario::new();
+    let (dport, pport) = (free_port(), free_port());
+    let (dname, pname) = (unique("hp-d"), unique("hp-p"));
+    let _docker = engines.run_httpd(Engine::Docker, &dname, dport, &[]);
+    let _podman = engines.run_httpd(Engine::Podman, &pname, pport, &[]);
+    let client_label = format!("portgate.allow=80/tcp from {}/32", sc.client_addr);
+    let other_label = "portgate.allow=80/tcp from 192.0.2.0/24".to_owned();
+    let mut labelled = Vec::new();
+    for (engine, tag, label) in [
+        (Engine::Docker, "lf-d", &client_label),
+        (Engine::Podman, "lf-p", &client_label),
+        (Engine::Docker, "lo-d", &other_label),
+        (Engine::Podman, "lo-p", &other_label),
+    ] {
+        let (port, name) = (free_port(), unique(tag));
+        let container = engines.run_httpd(engine, &name, port, &["--label", label]);
+        labelled.push((engine, port, name, label == &client_label, container));
+    }
+    let agent = EngineAgent::start(&[]);
+    agent.wait_engines_connected(&["docker", "podman"]);
+
+    for (port, name) in [(dport, &dname), (pport, &pname)] {
+        sc.assert_times_out(sc.published(port), "a published port under default deny");
+        agent.cli_ok(&["allow", "--host-port", &format!("{port}/tcp")]);
+        sc.assert_answers(
+            sc.published(port),
+            &body_of(name),
+            "after `portgate allow --host-port PORT/tcp`",
+        );
+        let list = agent.list_json();
+        assert!(
+            container_rules(&list, name)
+                .iter()
+                .any(|r| r["target"] == format!("host-port {port}/tcp") && r["active"] == true),
+            "the host-port rule is listed as active for {name}: {list}"
+        );
+    }
+    agent.cli_ok(&["deny", "--host-port", &format!("{dport}/tcp")]);
+    sc.assert_times_out(sc.published(dport), "after `portgate deny --host-port`");
+
+    for (engine, port, name, admits_client, _) in &labelled {
+        if *admits_client {
+            sc.assert_answers_within(
+                sc.published(*port),
+                &body_of(name),
+                FOLLOW_TIMEOUT,
+                &format!("{engine:?} container whose label names the client"),
+            );
+        } else {
+            sc.assert_times_out(
+                sc.published(*port),
+                &format!("{engine:?} container whose label names another prefix"),
+            );
+        }
+    }
+    let status = agent.status_json();
+    assert!(
+        status["counters"]["drop"]["source_not_allowed"]
+            .as_u64()
+            .is_some_and(|n| n >= 2),
+        "the refused connections count as source_not_allowed: {status}"
+    );
+}

@@ -8,9 +8,11 @@
 //! control socket), `views` (list, status, watch, metrics).
 
 mod bridges;
+mod explain;
 mod reconcile;
 mod requests;
 mod service;
+mod uplinks;
 mod views;
 
 use std::{
@@ -42,7 +44,7 @@ use crate::{
     lock::{self, Lock},
     metrics,
     netfilter::NetfilterKeeper,
-    policy::{Resolved, Resolver, RuleSet, RuleStore, addr_from_map},
+    policy::{FilePolicy, Resolved, Resolver, RuleStore, Saved, addr_from_map},
     runtime::{self, Engine, RuntimeEvent, Snapshot},
 };
 
@@ -62,6 +64,10 @@ pub struct AgentOptions {
     pub bridges: Vec<String>,
     /// Also gate docker0, podman0 and the engines' bridge networks as they appear.
     pub auto_bridges: bool,
+    /// Interfaces traffic arrives on, for the early drop (`--uplink`).
+    pub uplinks: Vec<String>,
+    /// Also every interface that is not loopback, a bridge, a veth or a bridge port.
+    pub auto_uplinks: bool,
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
     pub socket: PathBuf,
@@ -80,6 +86,11 @@ pub struct AgentOptions {
     /// Where to serve Prometheus metrics; none: not at all.
     pub metrics_addr: Option<SocketAddr>,
     pub capacities: Capacities,
+    /// The policy file, read at start, on SIGHUP and on `reload`.
+    pub policy_file: PathBuf,
+    /// Whether the policy file must exist (it was named explicitly); else a missing file is
+    /// an empty policy.
+    pub policy_required: bool,
 }
 
 #[derive(Debug)]
@@ -97,8 +108,13 @@ struct EngineState {
 pub struct Agent {
     options: AgentOptions,
     datapath: Datapath,
-    rules: RuleSet,
+    /// Rules, sets and blocks as saved.
+    saved: Saved,
+    /// What the policy file says.
+    file: FilePolicy,
     store: RuleStore,
+    /// The `--via` interfaces as the last reconcile found them (name → ifindex).
+    via_interfaces: BTreeMap<String, u32>,
     resolver: Resolver,
     resolved: Resolved,
     /// What the last sync of the allow map left out for want of room.
@@ -142,8 +158,14 @@ impl Agent {
                 bail!("bridge {bridge}: no such interface");
             }
         }
+        for uplink in &options.uplinks {
+            if sys::ifindex(uplink).is_none() {
+                bail!("uplink {uplink}: no such interface");
+            }
+        }
         let store = RuleStore::new(&options.state_dir);
-        let rules = store.load()?;
+        let saved = store.load()?;
+        let file = read_policy_file(&options, &saved)?;
         let datapath = Datapath::load_with(&options.bpffs, options.gate, options.capacities)
             .with_context(|| format!("loading the gate under {}", options.bpffs.display()))?;
         let engines = options
@@ -167,8 +189,10 @@ impl Agent {
         let mut agent = Self {
             options,
             datapath,
-            rules,
+            saved,
+            file,
             store,
+            via_interfaces: BTreeMap::new(),
             resolver,
             resolved: Resolved::default(),
             allow_sync: AllowSync::default(),
@@ -193,10 +217,11 @@ impl Agent {
             .attach_host_ports()
             .context("gating published host ports that reach local sockets")?;
         agent.sync_ports()?;
+        agent.sync_uplinks(true)?;
         datapath::retire_other_layouts(&agent.options.bpffs)
             .context("detaching an older gate's programs")?;
         info!(
-            rules = agent.rules.rules().len(),
+            rules = agent.saved.rules.rules().len(),
             bridges = ?agent.datapath.bridges().iter().map(|b| &b.name).collect::<Vec<_>>(),
             engines = ?agent.engines.keys().collect::<Vec<_>>(),
             audit = agent.options.gate.audit,
@@ -262,7 +287,15 @@ impl Agent {
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
-                _ = sighup.recv() => self.on_hangup(),
+                _ = sighup.recv() => {
+                    // systemd (ExecReload) sees the reload through to its end.
+                    service::notify("RELOADING=1");
+                    match self.reload() {
+                        Ok(message) => info!("SIGHUP: {message}"),
+                        Err(err) => error!("SIGHUP: {err:#}"),
+                    }
+                    service::notify("READY=1");
+                }
                 Some(()) = links.recv() => self.on_links_changed(),
                 Some((request, mut stream)) = requests.recv() => match request {
                     Request::Watch => {
@@ -387,13 +420,45 @@ impl Agent {
     }
 
     fn on_tick(&mut self) {
+        if let Err(err) = self.expire_rules() {
+            warn!("{err:#}");
+        }
+        if self.via_interfaces != self.interfaces() {
+            info!("an interface named by --via appeared, went or changed; re-resolving");
+            if let Err(err) = self.reconcile() {
+                warn!("{err:#}");
+            }
+        }
         for path in self.datapath.repin() {
             warn!(pin = %path.display(), "a link pin was removed; pinned it again (the gate stayed attached)");
         }
         if let Err(err) = self.attach_bridges(false).and_then(|()| self.sync_ports()) {
             warn!("{err:#}");
         }
+        if let Err(err) = self.sync_uplinks(false) {
+            warn!("{err:#}");
+        }
     }
+}
+
+/// The policy file as the options name it, checked against the saved sets: an empty policy
+/// when it is optional and absent.
+pub(super) fn read_policy_file(
+    options: &AgentOptions,
+    saved: &Saved,
+) -> anyhow::Result<FilePolicy> {
+    let path = &options.policy_file;
+    if !options.policy_required && !path.exists() {
+        return Ok(FilePolicy::default());
+    }
+    let file = FilePolicy::load(path, &saved.sets)?;
+    if let Some(name) = file.sets.keys().find(|name| saved.sets.contains_key(*name)) {
+        anyhow::bail!(
+            "{}: set {name} is also defined by `portgate set`; delete one of the two",
+            path.display()
+        );
+    }
+    Ok(file)
 }
 
 /// The wall-clock time of a `bpf_ktime_get_ns` (CLOCK_MONOTONIC) timestamp.

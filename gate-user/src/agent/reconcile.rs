@@ -10,11 +10,33 @@ use tracing::{info, warn};
 use super::Agent;
 use crate::{
     datapath::AllowSync,
-    policy::{MAX_SAVED_RULES, Target, Workload, map_addr},
+    policy::{Context, MAX_SAVED_RULES, Target, Workload, map_addr},
     runtime::Container,
 };
 
 impl Agent {
+    /// The interfaces the rules' `--via` name, that exist now, with their ifindex.
+    pub(super) fn interfaces(&self) -> BTreeMap<String, u32> {
+        let saved = self.saved.rules.rules().iter().map(|r| &r.access);
+        let file = self.file.rules.iter().map(|r| &r.access);
+        saved
+            .chain(file)
+            .filter_map(|access| access.via.as_ref())
+            .filter_map(|name| Some((name.clone(), crate::datapath::sys::ifindex(name)?)))
+            .collect()
+    }
+
+    /// Removes the saved rules whose time is up, and closes what they opened.
+    pub(super) fn expire_rules(&mut self) -> anyhow::Result<()> {
+        let mut next = self.saved.clone();
+        let gone = next.rules.expire(unix_now());
+        if gone.is_empty() {
+            return Ok(());
+        }
+        info!(rules = ?gone, "rules expired");
+        self.commit(next).context("removing expired rules")
+    }
+
     pub(super) fn containers(&self) -> Vec<Container> {
         self.engines
             .values()
@@ -30,15 +52,25 @@ impl Agent {
     /// address rule, a denied rule) is exact at once.
     pub(super) fn reconcile(&mut self) -> anyhow::Result<()> {
         let workloads: Vec<Workload> = self.containers().iter().map(Container::workload).collect();
-        let resolved =
-            self.resolver
-                .resolve(&self.rules, &workloads, self.options.default_published);
+        let mut sets = self.saved.sets.clone();
+        sets.extend(self.file.sets.clone());
+        let context = Context {
+            default_published: self.options.default_published,
+            sets,
+            interfaces: self.interfaces(),
+            now: unix_now(),
+            file_rules: self.file.rules.clone(),
+        };
+        let resolved = self
+            .resolver
+            .resolve(&self.saved.rules, &workloads, &context);
         let all_known = self.engines.values().all(|s| s.snapshot.is_some());
         let container_rules: BTreeSet<u32> = self
+            .saved
             .rules
             .rules()
             .iter()
-            .filter(|r| matches!(r.target, Target::Container(_)))
+            .filter(|r| matches!(r.target, Target::Container(_) | Target::HostPort { .. }))
             .map(|r| r.id)
             .collect();
         let waits_for_engines = |value: &gate_common::AllowValue| {
@@ -46,15 +78,32 @@ impl Agent {
                 && (value.rule_id >= MAX_SAVED_RULES || container_rules.contains(&value.rule_id))
         };
         self.datapath.reset_rule_stats(&resolved.new_ids)?;
-        let sync = self
+        // The block list first: a block takes effect before anything it covers opens.
+        let blocks = self
+            .saved
+            .blocks
+            .union(&self.file.blocks)
+            .copied()
+            .collect();
+        self.datapath
+            .sync_blocks(&blocks)
+            .context("writing the block list")?;
+        // New access lists, then the entries that point at them, then the old lists go.
+        let allow = self
             .datapath
-            .sync_allow(&resolved.entries, waits_for_engines)?;
+            .write_access_lists(&resolved.entries)
+            .context("writing the access lists")?;
+        let sync = self.datapath.sync_allow(&allow, waits_for_engines)?;
         // Until every engine has reported, the host ports stay as the last agent left them.
         if all_known {
             self.datapath
-                .sync_host_ports(&host_ports(&self.containers(), &resolved.entries))
+                .sync_host_ports(&host_ports(&self.containers(), &allow))
                 .context("writing the published host ports")?;
         }
+        self.datapath
+            .remove_unused_access_lists()
+            .context("removing unused access lists")?;
+        self.via_interfaces = context.interfaces;
         if sync != self.allow_sync {
             match not_fitted_warning(&sync, self.datapath.capacities().allow) {
                 Some(warning) => warn!("{warning}"),
@@ -86,7 +135,7 @@ pub(super) fn host_ports(
                 map_addr(published.host_ip)
             };
             let proto = published.protocol.number(published.host_ip);
-            let rule_id = container
+            let value = container
                 .addresses
                 .iter()
                 .find_map(|addr| {
@@ -95,13 +144,13 @@ pub(super) fn host_ports(
                         published.protocol.number(*addr),
                         published.container_port,
                     );
-                    allow.get(&key).map(|v| v.rule_id)
+                    allow.get(&key).copied()
                 })
-                .unwrap_or(NO_RULE);
+                .unwrap_or(AllowValue::any_source(NO_RULE));
             let key = AllowKey::new(host_addr, proto, published.host_port);
-            let entry = entries.entry(key).or_insert(AllowValue { rule_id });
-            if rule_id == NO_RULE {
-                entry.rule_id = NO_RULE;
+            let entry = entries.entry(key).or_insert(value);
+            if value.rule_id == NO_RULE {
+                *entry = value;
             }
         }
     }
@@ -125,4 +174,11 @@ pub(super) fn not_fitted_warning(sync: &AllowSync, capacity: u32) -> Option<Stri
         "the allow map is full ({capacity} entries, --max-allow): {entries} allow {noun} of {of} {} did not fit and {verb} not enforced; deny what is no longer needed or raise --max-allow",
         rules.join(", ")
     ))
+}
+
+/// Seconds since the Unix epoch.
+pub(super) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

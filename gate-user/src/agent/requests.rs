@@ -1,16 +1,47 @@
-//! Answers to the control socket's requests: allow, deny, mode, list, status.
+//! Answers to the control socket's requests: allow, deny, set, block, explain, mode, list,
+//! status.
 
 use std::collections::BTreeSet;
 
 use anyhow::bail;
 use tracing::{error, info};
 
-use super::{Agent, reconcile::not_fitted_warning};
+use super::{
+    Agent,
+    reconcile::{not_fitted_warning, unix_now},
+};
 use crate::{
     api::{Changed, Reply, Request, Response},
     datapath::GateConfig,
-    policy::{Ports, Target},
+    policy::{
+        Access, PolicyError, Prefix, Saved, SourceSpec, Target, check_interface, is_set_name,
+        rule_target,
+    },
 };
+
+/// The access of an allow request: its sources parsed, its interface checked, its
+/// duration turned into an end time.
+fn access(
+    from: Vec<String>,
+    via: Option<String>,
+    for_seconds: Option<u64>,
+) -> anyhow::Result<Access> {
+    let from = from
+        .iter()
+        .map(|s| s.parse::<SourceSpec>())
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(name) = &via {
+        check_interface(name)?;
+    }
+    if for_seconds == Some(0) {
+        bail!("--for needs a duration above zero, e.g. 2h or 30m");
+    }
+    Ok(Access {
+        from,
+        via,
+        expires: for_seconds.map(|secs| unix_now().saturating_add(secs)),
+    })
+}
 
 impl Agent {
     pub(super) fn handle(&mut self, request: Request) -> Response {
@@ -19,15 +50,55 @@ impl Agent {
                 target,
                 ports,
                 published,
-            } => self.change(&target, ports.as_deref(), published, true),
+                host_port,
+                from,
+                via,
+                for_seconds,
+            } => access(from, via, for_seconds).and_then(|access| {
+                self.change(RuleChange {
+                    target,
+                    ports,
+                    published,
+                    host_port,
+                    access,
+                    allow: true,
+                })
+            }),
             Request::Deny {
                 target,
                 ports,
                 published,
-            } => self.change(&target, ports.as_deref(), published, false),
+                host_port,
+            } => self.change(RuleChange {
+                target,
+                ports,
+                published,
+                host_port,
+                access: Access::default(),
+                allow: false,
+            }),
+            Request::Set {
+                name,
+                prefixes,
+                delete,
+            } => self.set(&name, &prefixes, delete),
+            Request::Block {
+                prefixes,
+                remove,
+                replace,
+            } => self.block(&prefixes, remove, replace),
+            Request::Explain {
+                source,
+                target,
+                port,
+                via,
+            } => self
+                .explain(&source, &target, &port, via.as_deref())
+                .map(Reply::Explained),
             Request::List => self.list().map(Reply::List),
             Request::Status => self.status().map(|s| Reply::Status(Box::new(s))),
             Request::Mode { audit } => self.set_mode(audit),
+            Request::Reload => self.reload().map(|message| self.changed(message)),
             // Served by `serve`, which hands the connection to a streaming task.
             Request::Watch => Err(anyhow::anyhow!("watch is a streaming request")),
         };
@@ -35,6 +106,35 @@ impl Agent {
             Ok(reply) => Response::Ok(reply),
             Err(err) => Response::Error(format!("{err:#}")),
         }
+    }
+
+    /// Reads the policy file again and applies it; a file that does not parse changes
+    /// nothing.
+    pub(super) fn reload(&mut self) -> anyhow::Result<String> {
+        let file = super::read_policy_file(&self.options, &self.saved)?;
+        let message = format!(
+            "policy file {}: {} rules, {} sets, {} blocks",
+            self.options.policy_file.display(),
+            file.rules.len(),
+            file.sets.len(),
+            file.blocks.len()
+        );
+        let previous = std::mem::replace(&mut self.file, file);
+        if let Err(err) = self.reconcile() {
+            self.file = previous;
+            self.reconcile()?;
+            return Err(err.context("applying the policy file"));
+        }
+        info!("{message}");
+        Ok(message)
+    }
+
+    /// Refuses to change through the control socket what the policy file owns.
+    fn owned_by_file(&self, what: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{what} comes from the policy file {}: edit it, then `portgate reload`",
+            self.options.policy_file.display()
+        )
     }
 
     /// Switches between enforce and audit; the flow table is untouched, so tracked
@@ -60,55 +160,97 @@ impl Agent {
         }))
     }
 
-    /// Applies an allow or deny: saved first, then written to the map. If the map write
-    /// fails, the previous rules are restored in both places.
-    pub(super) fn change(
-        &mut self,
-        target: &str,
-        ports: Option<&str>,
-        published: bool,
-        allow: bool,
-    ) -> anyhow::Result<Reply> {
-        let target: Target = target.parse()?;
-        let ports = match (ports, published) {
-            (Some(_), true) => bail!("give either ports or --published, not both"),
-            (None, false) => bail!("which ports? give PORTS (e.g. 80/tcp) or --published"),
-            (Some(spec), false) => Ports::Spec(spec.parse()?),
-            (None, true) => Ports::Published,
-        };
-        let mut next = self.rules.clone();
-        let mut message = if allow {
-            let id = next.allow(target.clone(), ports)?;
-            format!("allowed {target} {ports} (rule {id})")
-        } else {
-            next.deny(&target, ports)?;
-            format!("denied {target} {ports}; established connections continue")
-        };
-        let old_ids: BTreeSet<u32> = self.rules.rules().iter().map(|r| r.id).collect();
+    /// Saves `next` and makes the maps follow it. If that fails, the previous state is
+    /// restored in both places.
+    pub(super) fn commit(&mut self, next: Saved) -> anyhow::Result<()> {
+        let old_ids: BTreeSet<u32> = self.saved.rules.rules().iter().map(|r| r.id).collect();
         let new_ids: BTreeSet<u32> = next
+            .rules
             .rules()
             .iter()
             .map(|r| r.id)
             .filter(|id| !old_ids.contains(id))
             .collect();
         self.store.save(&next)?;
-        let previous = std::mem::replace(&mut self.rules, next);
+        let previous = std::mem::replace(&mut self.saved, next);
         if let Err(err) = self
             .datapath
             .reset_rule_stats(&new_ids)
             .map_err(anyhow::Error::from)
             .and_then(|()| self.reconcile())
         {
-            error!("applying rules failed, restoring the previous ones: {err:#}");
-            self.rules = previous;
-            self.store.save(&self.rules)?;
+            error!("applying the change failed, restoring the previous state: {err:#}");
+            self.saved = previous;
+            self.store.save(&self.saved)?;
             self.reconcile()?;
             return Err(err);
         }
+        Ok(())
+    }
+
+    /// Applies an allow or deny: saved first, then written to the map.
+    pub(super) fn change(&mut self, change: RuleChange) -> anyhow::Result<Reply> {
+        let RuleChange {
+            target,
+            ports,
+            published,
+            host_port,
+            access,
+            allow,
+        } = change;
+        let (target, ports) = rule_target(
+            Some(target.as_str()),
+            ports.as_deref(),
+            published,
+            host_port.as_deref(),
+        )?;
+        for spec in &access.from {
+            if let SourceSpec::Set(name) = spec
+                && !self.saved.sets.contains_key(name)
+                && !self.file.sets.contains_key(name)
+            {
+                return Err(PolicyError::NoSuchSet(name.clone()).into());
+            }
+        }
+        let mut next = self.saved.clone();
+        let mut message = if allow {
+            let id = next.rules.allow(target.clone(), ports, access.clone())?;
+            let until = access
+                .expires
+                .map(|at| {
+                    format!(
+                        " until {}",
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(at)
+                        )
+                    )
+                })
+                .unwrap_or_default();
+            format!("allowed {target} {ports}{access}{until} (rule {id})")
+        } else {
+            let in_file = self
+                .file
+                .rules
+                .iter()
+                .any(|r| r.target == target && r.ports == ports);
+            match next.rules.deny(&target, ports) {
+                Err(PolicyError::NotAllowed(_)) if in_file => {
+                    return Err(self.owned_by_file(&format!("the rule for {target} {ports}")));
+                }
+                result => result?,
+            };
+            format!("denied {target} {ports}; established connections continue")
+        };
+        self.commit(next)?;
         info!("{message}");
         let rules = self.views(|r| r.target == target);
-        if allow && matches!(target, Target::Container(_)) && !rules.iter().any(|r| r.active) {
+        if allow && !matches!(target, Target::Address(_)) && !rules.iter().any(|r| r.active) {
             message.push_str("; no such container is running: the rule waits for it (inactive)");
+        }
+        for rule in &rules {
+            if let Some(problem) = &rule.problem {
+                message.push_str(&format!("; rule {}: {problem}", rule.id));
+            }
         }
         let warnings = not_fitted_warning(&self.allow_sync, self.datapath.capacities().allow)
             .into_iter()
@@ -119,4 +261,96 @@ impl Agent {
             warnings,
         }))
     }
+
+    /// Creates, replaces or deletes a named set; every rule that names it follows at once.
+    fn set(&mut self, name: &str, prefixes: &[String], delete: bool) -> anyhow::Result<Reply> {
+        if !is_set_name(name) {
+            bail!("invalid set name {name:?}: a letter, then letters, digits, '_', '.' or '-'");
+        }
+        if self.file.sets.contains_key(name) {
+            return Err(self.owned_by_file(&format!("set {name}")));
+        }
+        let mut next = self.saved.clone();
+        let message = if delete {
+            let users = next.rules.using_set(name);
+            if !users.is_empty() {
+                let rules: Vec<String> = users.iter().map(ToString::to_string).collect();
+                return Err(PolicyError::SetInUse {
+                    name: name.to_owned(),
+                    rules: rules.join(", "),
+                }
+                .into());
+            }
+            if next.sets.remove(name).is_none() {
+                return Err(PolicyError::NoSuchSet(name.to_owned()).into());
+            }
+            format!("deleted set {name}")
+        } else {
+            let parsed = parse_prefixes(prefixes)?;
+            let count = parsed.len();
+            next.sets.insert(name.to_owned(), parsed);
+            let users = next.rules.using_set(name).len();
+            format!(
+                "set {name}: {count} prefixes, used by {users} rules; established connections continue"
+            )
+        };
+        self.commit(next)?;
+        info!("{message}");
+        Ok(self.changed(message))
+    }
+
+    /// Adds to, removes from, or replaces the block list.
+    fn block(&mut self, prefixes: &[String], remove: bool, replace: bool) -> anyhow::Result<Reply> {
+        let parsed = parse_prefixes(prefixes)?;
+        let mut next = self.saved.clone();
+        let message = if replace {
+            next.blocks = parsed;
+            format!("block list replaced: {} entries", next.blocks.len())
+        } else if remove {
+            let missing: Vec<String> = parsed
+                .iter()
+                .filter(|p| !next.blocks.contains(p))
+                .map(ToString::to_string)
+                .collect();
+            if let Some(owned) = parsed.iter().find(|p| self.file.blocks.contains(p)) {
+                return Err(self.owned_by_file(&format!("the block of {owned}")));
+            }
+            if !missing.is_empty() {
+                bail!("not on the block list: {}", missing.join(", "));
+            }
+            next.blocks.retain(|p| !parsed.contains(p));
+            format!("unblocked {}", prefixes.join(" "))
+        } else {
+            next.blocks.extend(parsed);
+            format!(
+                "blocked {}: new connections from there are dropped whatever allows them",
+                prefixes.join(" ")
+            )
+        };
+        self.commit(next)?;
+        info!("{message}");
+        Ok(self.changed(message))
+    }
+
+    fn changed(&self, message: String) -> Reply {
+        Reply::Changed(Changed {
+            message,
+            rules: Vec::new(),
+            warnings: Vec::new(),
+        })
+    }
+}
+
+/// An allow or deny as asked.
+pub(super) struct RuleChange {
+    pub target: String,
+    pub ports: Option<String>,
+    pub published: bool,
+    pub host_port: Option<String>,
+    pub access: Access,
+    pub allow: bool,
+}
+
+fn parse_prefixes(prefixes: &[String]) -> Result<BTreeSet<Prefix>, PolicyError> {
+    prefixes.iter().map(|p| p.parse()).collect()
 }

@@ -1,4 +1,4 @@
-//! Running as a service: readiness for systemd (`Type=notify`), SIGHUP (`ExecReload`), link
+//! Running as a service: readiness for systemd (`Type=notify`, also around SIGHUP's reload), link
 //! events from the kernel (a new bridge is gated at once, not on the next tick), and engines
 //! whose API socket appears after the agent started (at boot the agent starts first).
 
@@ -12,7 +12,6 @@ use std::{
     path::PathBuf,
 };
 
-use anyhow::Context as _;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tracing::{info, warn};
 
@@ -45,23 +44,6 @@ pub(super) fn notify(state: &str) {
 }
 
 impl Agent {
-    /// SIGHUP: reads the saved rules again and applies them (the service's `ExecReload`).
-    /// A rules file that cannot be read leaves the rules in force as they were.
-    pub(super) fn on_hangup(&mut self) {
-        info!("SIGHUP: reloading the saved rules");
-        notify("RELOADING=1");
-        match self.store.load().context("reading the saved rules") {
-            Ok(rules) => {
-                self.rules = rules;
-                if let Err(err) = self.reconcile() {
-                    warn!("applying the reloaded rules: {err:#}");
-                }
-            }
-            Err(err) => warn!("{err:#}; the rules in force are unchanged"),
-        }
-        notify("READY=1");
-    }
-
     /// A link came or went: gate a new bridge (and its ports) right away, so that a bridge
     /// an engine creates at boot is gated before its first container answers.
     pub(super) fn on_links_changed(&mut self) {

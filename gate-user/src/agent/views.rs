@@ -7,11 +7,11 @@ use gate_common::counters;
 use super::Agent;
 use crate::{
     api::{
-        BridgeDrops, BridgeStatus, EngineStatus, Fill, Flows, NetfilterStatus, RuleList, RuleView,
-        Status,
+        BridgeDrops, BridgeStatus, EngineStatus, Fill, Flows, LabelError, NetfilterStatus,
+        PolicyFileView, RuleList, RuleView, Status,
     },
     exposure, metrics,
-    policy::{Ports, ResolvedRule},
+    policy::{Ports, Prefix, ResolvedRule, SourceSets},
 };
 
 impl Agent {
@@ -46,9 +46,38 @@ impl Agent {
     }
 
     pub(super) fn list(&self) -> anyhow::Result<RuleList> {
+        let texts = |set: &BTreeSet<Prefix>| set.iter().map(ToString::to_string).collect();
+        let sets = |sets: &SourceSets| {
+            sets.iter()
+                .map(|(name, prefixes)| (name.clone(), texts(prefixes)))
+                .collect()
+        };
+        let file = &self.file;
+        let policy_file = (!file.path.as_os_str().is_empty()).then(|| PolicyFileView {
+            path: file.path.display().to_string(),
+            sets: sets(&file.sets),
+            blocks: texts(&file.blocks),
+        });
+        let mut all_sets = self.saved.sets.clone();
+        all_sets.extend(file.sets.clone());
         Ok(RuleList {
             rules: self.views(|_| true),
+            sets: sets(&all_sets),
+            blocks: texts(&self.saved.blocks.union(&file.blocks).copied().collect()),
+            label_errors: self.label_errors(),
+            policy_file,
         })
+    }
+
+    fn label_errors(&self) -> Vec<LabelError> {
+        self.resolved
+            .label_errors
+            .iter()
+            .map(|(container, error)| LabelError {
+                container: container.clone(),
+                error: error.clone(),
+            })
+            .collect()
     }
 
     pub(super) fn status(&self) -> anyhow::Result<Status> {
@@ -145,6 +174,18 @@ impl Agent {
                 })
                 .unwrap_or_default(),
             counters: by_kind,
+            label_errors: self.label_errors(),
+            blocks: self.saved.blocks.union(&self.file.blocks).count(),
+            uplinks: self
+                .datapath
+                .uplinks()
+                .iter()
+                .map(|(ifindex, name)| BridgeStatus {
+                    name: name.clone(),
+                    ifindex: *ifindex,
+                    attached: true,
+                })
+                .collect(),
         })
     }
 }
@@ -175,6 +216,17 @@ fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64, gated: Option<bool>)
         bytes,
         label_origin: rule.label_origin,
         gated,
+        from: rule.access.from.iter().map(ToString::to_string).collect(),
+        via: rule.access.via.clone(),
+        expires: rule.access.expires.map(|at| {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(at);
+            humantime::format_rfc3339_seconds(at).to_string()
+        }),
+        expires_in_seconds: rule
+            .access
+            .expires
+            .map(|at| at.saturating_sub(super::reconcile::unix_now())),
+        problem: rule.problem.clone(),
     }
 }
 

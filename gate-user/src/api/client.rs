@@ -70,7 +70,7 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
         .map_err(io_err)?;
     let mut answer = Vec::new();
     stream
-        .take(MAX_REQUEST_BYTES * 256)
+        .take(MAX_REQUEST_BYTES * 16)
         .read_to_end(&mut answer)
         .map_err(io_err)?;
     match serde_json::from_slice(&answer).map_err(ClientError::Decode)? {

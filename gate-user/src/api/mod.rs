@@ -8,26 +8,64 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{LabelOrigin, Source};
+use crate::policy::{LabelOrigin, Origin};
 
 pub const DEFAULT_SOCKET: &str = "/run/portgate/portgate.sock";
-/// Requests are tiny; anything larger is refused.
-pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+/// The largest request: a block list of some 300 000 entries; anything larger is refused.
+pub const MAX_REQUEST_BYTES: u64 = 8 * 1024 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// `target`: an address or a container name or ID; `ports` or `published`.
+    /// `target`: an address or a container name or ID (none with `host_port`); `ports`,
+    /// `published`, or `host_port` (e.g. "8080/tcp"). `from`: prefixes or set names;
+    /// `via`: an interface; `for_seconds`: the rule ends by itself after that long.
     Allow {
         target: String,
         ports: Option<String>,
         published: bool,
+        #[serde(default)]
+        host_port: Option<String>,
+        #[serde(default)]
+        from: Vec<String>,
+        #[serde(default)]
+        via: Option<String>,
+        #[serde(default)]
+        for_seconds: Option<u64>,
     },
     Deny {
         target: String,
         ports: Option<String>,
         published: bool,
+        #[serde(default)]
+        host_port: Option<String>,
     },
+    /// Creates or replaces the named set (`delete`: removes it; refused while rules use it).
+    Set {
+        name: String,
+        prefixes: Vec<String>,
+        #[serde(default)]
+        delete: bool,
+    },
+    /// Adds `prefixes` to the block list (`remove`: takes them off; `replace`: the list
+    /// becomes exactly `prefixes`, switched to at once).
+    Block {
+        prefixes: Vec<String>,
+        #[serde(default)]
+        remove: bool,
+        #[serde(default)]
+        replace: bool,
+    },
+    /// The verdict a new connection would get, from the maps the kernel reads.
+    Explain {
+        source: String,
+        target: String,
+        port: String,
+        #[serde(default)]
+        via: Option<String>,
+    },
+    /// Read the policy file again and apply it (as SIGHUP does).
+    Reload,
     List,
     Status,
     /// Switch between enforce and audit at run time; tracked connections are kept.
@@ -51,6 +89,25 @@ pub enum Reply {
     Changed(Changed),
     List(RuleList),
     Status(Box<Status>),
+    Explained(Explanation),
+}
+
+/// What `explain` found.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Explanation {
+    /// "admitted" or "dropped".
+    pub verdict: String,
+    /// The counter the kernel would count: "new_allowed", "not_allowed", "blocked",
+    /// "source_not_allowed", "interface_not_allowed".
+    pub reason: String,
+    /// The rule that admits, when one does.
+    pub rule: Option<u32>,
+    /// The container address and port the connection reaches (after a published mapping).
+    pub destination: String,
+    pub destination_port: u16,
+    pub protocol: String,
+    /// Each step, in words: the mapping, the block entry, the rule, the set.
+    pub steps: Vec<String>,
 }
 
 /// What `allow` or `deny` did.
@@ -66,6 +123,32 @@ pub struct Changed {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RuleList {
     pub rules: Vec<RuleView>,
+    /// Named source sets: name → prefixes.
+    #[serde(default)]
+    pub sets: BTreeMap<String, Vec<String>>,
+    /// The block list.
+    #[serde(default)]
+    pub blocks: Vec<String>,
+    /// Containers whose `portgate.allow` label does not parse (it opens nothing).
+    #[serde(default)]
+    pub label_errors: Vec<LabelError>,
+    /// What of the sets and blocks comes from the policy file (its rules are listed with
+    /// source "file").
+    #[serde(default)]
+    pub policy_file: Option<PolicyFileView>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PolicyFileView {
+    pub path: String,
+    pub sets: BTreeMap<String, Vec<String>>,
+    pub blocks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabelError {
+    pub container: String,
+    pub error: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -77,7 +160,7 @@ pub struct RuleView {
     pub container: Option<String>,
     /// Opens whatever the container publishes.
     pub published: bool,
-    pub source: Source,
+    pub source: Origin,
     /// Opens at least one port on at least one address now.
     pub active: bool,
     /// The first address (or the target, while inactive).
@@ -103,6 +186,20 @@ pub struct RuleView {
     /// no container owns them.
     #[serde(default)]
     pub gated: Option<bool>,
+    /// Who may connect: prefixes and set names; empty: anyone.
+    #[serde(default)]
+    pub from: Vec<String>,
+    /// The interface connections must come in on.
+    #[serde(default)]
+    pub via: Option<String>,
+    /// When the rule ends by itself (RFC 3339), and the seconds left.
+    #[serde(default)]
+    pub expires: Option<String>,
+    #[serde(default)]
+    pub expires_in_seconds: Option<u64>,
+    /// Why the rule admits less than it says (an interface missing, empty sets, expired).
+    #[serde(default)]
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -135,6 +232,15 @@ pub struct Status {
     /// whoever reaches them.
     #[serde(default)]
     pub ungated: Vec<UngatedContainer>,
+    /// Containers whose `portgate.allow` label does not parse (it opens nothing).
+    #[serde(default)]
+    pub label_errors: Vec<LabelError>,
+    /// Entries of the block list.
+    #[serde(default)]
+    pub blocks: usize,
+    /// Interfaces with the early drop (`--uplink`).
+    #[serde(default)]
+    pub uplinks: Vec<BridgeStatus>,
 }
 
 fn labels_default() -> bool {

@@ -32,13 +32,51 @@ pub struct Cli {
 pub enum Command {
     /// Run the host agent in the foreground (root). Stops on SIGINT/SIGTERM; the gate stays.
     Agent(AgentArgs),
-    /// Allow new connections to TARGET (an address or a container) on PORTS.
+    /// Allow new connections to TARGET (an address or a container) on PORTS, from anyone or
+    /// from the sources and interface given.
     #[command(
-        after_help = "Examples:\n  portgate allow 172.17.0.2 80\n  portgate allow fd00::2 53/udp\n  portgate allow web 8000-8010/tcp     (container by name; follows it across restarts)\n  portgate allow --published web      (exactly the ports `web` publishes)\n  portgate allow 172.17.0.2 icmp\n\nContainers can also allow themselves: --label portgate.allow=80/tcp,53/udp"
+        after_help = "Examples:\n  portgate allow 172.17.0.2 80\n  portgate allow fd00::2 53/udp\n  portgate allow web 8000-8010/tcp     (container by name; follows it across restarts)\n  portgate allow --published web      (exactly the ports `web` publishes)\n  portgate allow --host-port 8080/tcp (the container port host port 8080 maps to)\n  portgate allow 172.17.0.2 icmp\n  portgate allow db 5432/tcp --from 10.0.0.0/8 --from 2001:db8::/32\n  portgate allow web 443 --from office (a set: portgate set office 192.0.2.0/24 ...)\n  portgate allow web 8080 --via wg0    (only connections that came in on wg0)\n  portgate allow web 22 --from 192.0.2.7 --for 2h   (ends by itself)\n\nSeveral --from are a union; with --via, both must hold. Rules add up: a port is open to\nthe union of what its rules admit. The block list (portgate block) overrides every rule.\n\nContainers can also allow themselves: --label 'portgate.allow=80/tcp, 5432/tcp from 10.0.0.0/8'"
     )]
-    Allow(RuleArgs),
-    /// Stop allowing new connections to TARGET on PORTS (established ones continue).
+    Allow(AllowArgs),
+    /// Stop allowing new connections to TARGET on PORTS (established ones continue). Removes
+    /// every rule on them, whatever its sources.
     Deny(RuleArgs),
+    /// Create or replace a named set of sources, for `allow --from NAME`; every rule that
+    /// names it follows at once (established connections continue).
+    #[command(
+        after_help = "Examples:\n  portgate set office 192.0.2.0/24 198.51.100.7 2001:db8:1::/48\n  portgate set office -f office.txt     (one address or prefix per line, # comments)\n  portgate set office --delete"
+    )]
+    Set(SetArgs),
+    /// Never admit new connections from these sources, whatever allows them (the rules stay).
+    #[command(
+        after_help = "Examples:\n  portgate block 203.0.113.0/24 198.51.100.7\n  portgate block --replace -f blocklist.txt   (the whole list, switched at once)\n  portgate unblock 198.51.100.7\n\nMeant to be fed by other tools (fail2ban, CrowdSec, a cron job). Drops count as `blocked`.\nConnections established before a block continue; new ones are dropped."
+    )]
+    Block(BlockArgs),
+    /// Take sources off the block list.
+    Unblock {
+        /// Addresses or prefixes, as blocked.
+        #[arg(required = true)]
+        prefixes: Vec<String>,
+    },
+    /// Say what verdict a new connection would get, and why, from the maps the kernel reads
+    /// (no traffic is sent).
+    #[command(
+        after_help = "TARGET is a container (name or address), or `host` (or a host address) with PORT a\npublished host port.\n\nExamples:\n  portgate explain 192.0.2.7 web 443\n  portgate explain 2001:db8::5 host 8080/tcp --via eth1"
+    )]
+    Explain {
+        /// The connecting address.
+        source: String,
+        /// A container name or address, or `host`.
+        target: String,
+        /// PORT, PORT/tcp, PORT/udp, or `icmp`.
+        port: String,
+        /// The interface the connection would come in on.
+        #[arg(long, value_name = "IFACE")]
+        via: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the allow rules with their packet and byte counters.
     List {
         /// Print JSON.
@@ -56,6 +94,15 @@ pub enum Command {
         /// Print one JSON object per line.
         #[arg(long)]
         json: bool,
+    },
+    /// Read the policy file again and apply it (as SIGHUP does); a file that does not parse
+    /// changes nothing.
+    Reload,
+    /// Check a policy file without applying it, and say what applying it would change.
+    #[command(after_help = POLICY_HELP)]
+    Check {
+        /// The file (default: /etc/portgate/policy.toml).
+        file: Option<PathBuf>,
     },
     /// Switch the running gate between enforce and audit; tracked connections are kept.
     Mode {
@@ -82,13 +129,66 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RuleArgs {
     /// Container address (IPv4 or IPv6), or a container name or ID.
-    pub target: String,
+    #[arg(required_unless_present = "host_port")]
+    pub target: Option<String>,
     /// PORT, PORT/tcp, PORT/udp, FIRST-LAST/PROTO, or `icmp` (echo). TCP when no protocol.
-    #[arg(required_unless_present = "published", conflicts_with = "published")]
+    #[arg(required_unless_present_any = ["published", "host_port"], conflicts_with = "published")]
     pub ports: Option<String>,
     /// The ports the container publishes (host port -> container port), whatever they are.
     #[arg(long)]
     pub published: bool,
+    /// The container port this host port maps to (PORT/PROTO), whichever container
+    /// publishes it now; instead of TARGET and PORTS.
+    #[arg(long, value_name = "PORT/PROTO", conflicts_with_all = ["published"])]
+    pub host_port: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AllowArgs {
+    #[command(flatten)]
+    pub rule: RuleArgs,
+    /// Only from this source: an address, a prefix (10.0.0.0/8, 2001:db8::/32) or a set
+    /// name (repeat for more: a union).
+    #[arg(long = "from", value_name = "SOURCE")]
+    pub from: Vec<String>,
+    /// Only connections that came in on this interface (wg0, tailscale0, eth1).
+    #[arg(long, value_name = "IFACE")]
+    pub via: Option<String>,
+    /// The rule ends by itself after this long (30m, 2h, 1d); survives agent restarts.
+    #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
+    pub for_duration: Option<std::time::Duration>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|err| format!("{err} (e.g. 30m, 2h, 1d)"))
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// The set's name: a letter, then letters, digits, `_`, `.` or `-`.
+    pub name: String,
+    /// Its addresses and prefixes (the set becomes exactly these).
+    #[arg(required_unless_present_any = ["delete", "file"], conflicts_with = "delete")]
+    pub prefixes: Vec<String>,
+    /// Read the prefixes from FILE (one per line, # comments; `-`: standard input).
+    #[arg(short = 'f', long, value_name = "FILE", conflicts_with = "delete")]
+    pub file: Option<PathBuf>,
+    /// Delete the set (refused while rules name it).
+    #[arg(long)]
+    pub delete: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BlockArgs {
+    /// Addresses and prefixes to block.
+    #[arg(required_unless_present = "file")]
+    pub prefixes: Vec<String>,
+    /// Read them from FILE (one per line, # comments; `-`: standard input).
+    #[arg(short = 'f', long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// The block list becomes exactly these, switched to at once (no packet sees half).
+    #[arg(long)]
+    pub replace: bool,
 }
 
 #[derive(Debug, Args)]
@@ -97,6 +197,12 @@ pub struct AgentArgs {
     /// the bridges of the engines' networks, including ones created later.
     #[arg(long = "bridge", value_name = "IFACE", required = true)]
     pub bridges: Vec<String>,
+    /// Drop new connections to published host ports that the rules do not admit already on
+    /// the ingress of IFACE, before netfilter and conntrack (repeat for more); `auto`: every
+    /// interface that is up and not loopback, a bridge, a veth or a bridge port. The bridge
+    /// gate still decides everything else.
+    #[arg(long = "uplink", value_name = "IFACE")]
+    pub uplinks: Vec<String>,
     /// Container engines to follow; auto watches the sockets that exist.
     #[arg(long, value_enum, default_value_t = RuntimeChoice::Auto)]
     pub runtime: RuntimeChoice,
@@ -143,7 +249,32 @@ pub struct AgentArgs {
     /// Gate connections from the host's own stack too (by default they pass).
     #[arg(long)]
     pub gate_host_traffic: bool,
+    /// The policy file: sets, blocks and rules, read at start, on SIGHUP and on `portgate
+    /// reload` (see `portgate check --help`). The default is optional; a file named here
+    /// must exist.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
 }
+
+/// Where the policy file is looked for when `--policy` is not given.
+pub const DEFAULT_POLICY_FILE: &str = "/etc/portgate/policy.toml";
+
+const POLICY_HELP: &str =
+    "The policy file holds sets, blocks and rules in the words of the command line:
+
+  block = [\"203.0.113.0/24\"]
+
+  [sets]
+  office = [\"192.0.2.0/24\", \"198.51.100.7\"]
+
+  [[allow]]
+  target = \"web\"            # a container name or ID, or an address
+  ports = \"443/tcp\"         # or: published = true, or: host_port = \"8080/tcp\" (no target)
+  from = [\"office\", \"10.0.0.0/8\"]
+  via = \"wg0\"
+
+Its rules are listed with source `file` and cannot be removed with `deny`; its sets and
+blocks cannot be changed with `set`, `block` or `unblock`: edit the file, then reload.";
 
 /// `--metrics-addr`: an address, or off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

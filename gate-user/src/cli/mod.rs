@@ -3,12 +3,13 @@
 //! here.
 
 mod args;
+mod check;
 mod colour;
 mod doctor;
 mod generate;
 mod output;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use tracing_subscriber::EnvFilter;
@@ -21,19 +22,60 @@ use gate_user::{
     api::{Reply, Request, client},
     datapath::{self, Capacities, GateConfig},
     netfilter,
-    policy::{PortSpec, Target},
+    policy::{PortSpec, Prefix, SourceSpec, Target, check_interface},
     runtime::Engine,
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => run_agent(args, cli.socket),
-        Command::Allow(args) => change(&cli.socket, args, true),
-        Command::Deny(args) => change(&cli.socket, args, false),
+        Command::Allow(args) => allow(&cli.socket, args),
+        Command::Deny(args) => deny(&cli.socket, args),
+        Command::Set(args) => set(&cli.socket, args),
+        Command::Block(args) => {
+            let prefixes = prefixes_from(args.prefixes, args.file.as_deref())?;
+            let request = Request::Block {
+                prefixes,
+                remove: false,
+                replace: args.replace,
+            };
+            print_changed(client::call(&cli.socket, &request)?)
+        }
+        Command::Unblock { prefixes } => {
+            let prefixes = prefixes_from(prefixes, None)?;
+            let request = Request::Block {
+                prefixes,
+                remove: true,
+                replace: false,
+            };
+            print_changed(client::call(&cli.socket, &request)?)
+        }
+        Command::Explain {
+            source,
+            target,
+            port,
+            via,
+            json,
+        } => {
+            let request = Request::Explain {
+                source,
+                target,
+                port,
+                via,
+            };
+            match client::call(&cli.socket, &request)? {
+                Reply::Explained(explained) if json => print_json(&explained),
+                Reply::Explained(explained) => {
+                    print!("{}", format_explanation(&explained));
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
         Command::List { json } => match client::call(&cli.socket, &Request::List)? {
             Reply::List(list) if json => print_json(&list),
             Reply::List(list) => {
-                print!("{}", colour::paint(&format_rules(&list.rules)));
+                print!("{}", colour::paint(&format_list(&list)));
                 Ok(())
             }
             other => unexpected(other),
@@ -54,19 +96,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }),
-        Command::Mode { mode } => match client::call(
+        Command::Mode { mode } => print_changed(client::call(
             &cli.socket,
             &Request::Mode {
                 audit: mode == Mode::Audit,
             },
-        )? {
-            Reply::Changed(changed) => {
-                println!("{}", changed.message);
-                Ok(())
-            }
-            other => unexpected(other),
-        },
+        )?),
         Command::Uninstall { bpffs } => uninstall(&cli.socket, &bpffs),
+        Command::Reload => print_changed(client::call(&cli.socket, &Request::Reload)?),
+        Command::Check { file } => check::run(&cli.socket, file.as_deref()),
         Command::Doctor(args) => doctor::run(&cli.socket, &args),
         Command::Generate(args) => generate::run(&args),
     }
@@ -82,6 +120,8 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         .init();
     let auto_bridges = args.bridges.iter().any(|b| b == "auto");
     let bridges = args.bridges.into_iter().filter(|b| b != "auto").collect();
+    let auto_uplinks = args.uplinks.iter().any(|u| u == "auto");
+    let uplinks = args.uplinks.into_iter().filter(|u| u != "auto").collect();
     let docker = (Engine::Docker, args.docker_socket);
     let podman = (Engine::Podman, args.podman_socket);
     // auto: the engines whose socket exists now, and the others once theirs appears (at
@@ -95,6 +135,8 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
     let options = AgentOptions {
         bridges,
         auto_bridges,
+        uplinks,
+        auto_uplinks,
         engines,
         engines_later,
         default_published: args.default_policy == DefaultPolicy::Published,
@@ -105,6 +147,10 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
             flows: args.max_flows,
             allow: args.max_allow,
         },
+        policy_required: args.policy.is_some(),
+        policy_file: args
+            .policy
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY_FILE)),
         state_dir: args.state_dir,
         bpffs: args.bpffs,
         socket,
@@ -123,31 +169,103 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
     })
 }
 
-fn change(socket: &std::path::Path, args: RuleArgs, allow: bool) -> anyhow::Result<()> {
-    // Check locally first, so bad input fails fast even without an agent.
-    args.target.parse::<Target>()?;
-    if let Some(ports) = &args.ports {
-        ports.parse::<PortSpec>()?;
+/// Checks what can be checked without the agent, so bad input fails fast.
+fn check_rule_args(args: &RuleArgs) -> anyhow::Result<()> {
+    if let Some(target) = &args.target {
+        target.parse::<Target>()?;
+    }
+    for spec in [&args.ports, &args.host_port].into_iter().flatten() {
+        spec.parse::<PortSpec>()?;
+    }
+    Ok(())
+}
+
+fn allow(socket: &Path, args: AllowArgs) -> anyhow::Result<()> {
+    check_rule_args(&args.rule)?;
+    for source in &args.from {
+        source.parse::<SourceSpec>()?;
+    }
+    if let Some(via) = &args.via {
+        check_interface(via)?;
     }
     let RuleArgs {
         target,
         ports,
         published,
-    } = args;
-    let request = if allow {
-        Request::Allow {
-            target,
-            ports,
-            published,
-        }
-    } else {
-        Request::Deny {
-            target,
-            ports,
-            published,
-        }
+        host_port,
+    } = args.rule;
+    let request = Request::Allow {
+        target: target.unwrap_or_default(),
+        ports,
+        published,
+        host_port,
+        from: args.from,
+        via: args.via,
+        for_seconds: args.for_duration.map(|d| d.as_secs().max(1)),
     };
-    match client::call(socket, &request)? {
+    print_changed(client::call(socket, &request)?)
+}
+
+fn deny(socket: &Path, args: RuleArgs) -> anyhow::Result<()> {
+    check_rule_args(&args)?;
+    let RuleArgs {
+        target,
+        ports,
+        published,
+        host_port,
+    } = args;
+    let request = Request::Deny {
+        target: target.unwrap_or_default(),
+        ports,
+        published,
+        host_port,
+    };
+    print_changed(client::call(socket, &request)?)
+}
+
+fn set(socket: &Path, args: SetArgs) -> anyhow::Result<()> {
+    let prefixes = if args.delete {
+        Vec::new()
+    } else {
+        prefixes_from(args.prefixes, args.file.as_deref())?
+    };
+    let request = Request::Set {
+        name: args.name,
+        prefixes,
+        delete: args.delete,
+    };
+    print_changed(client::call(socket, &request)?)
+}
+
+/// The prefixes given, and those of `file` (one per line; `#` starts a comment), each
+/// checked here: an error names the line, and nothing is sent.
+fn prefixes_from(mut prefixes: Vec<String>, file: Option<&Path>) -> anyhow::Result<Vec<String>> {
+    for prefix in &prefixes {
+        prefix.parse::<Prefix>()?;
+    }
+    let Some(file) = file else {
+        return Ok(prefixes);
+    };
+    let text = if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    for (number, line) in text.lines().enumerate() {
+        let entry = line.split('#').next().unwrap_or_default().trim();
+        if entry.is_empty() {
+            continue;
+        }
+        entry
+            .parse::<Prefix>()
+            .with_context(|| format!("{}:{}", file.display(), number + 1))?;
+        prefixes.push(entry.to_owned());
+    }
+    Ok(prefixes)
+}
+
+fn print_changed(reply: Reply) -> anyhow::Result<()> {
+    match reply {
         Reply::Changed(changed) => {
             println!("{}", changed.message);
             for warning in &changed.warnings {
@@ -159,7 +277,7 @@ fn change(socket: &std::path::Path, args: RuleArgs, allow: bool) -> anyhow::Resu
     }
 }
 
-fn uninstall(socket: &std::path::Path, bpffs: &std::path::Path) -> anyhow::Result<()> {
+fn uninstall(socket: &Path, bpffs: &Path) -> anyhow::Result<()> {
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
         anyhow::bail!(
             "an agent is serving {}; stop it first, or it would run without a gate",

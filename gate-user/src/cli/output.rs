@@ -3,10 +3,64 @@
 use std::fmt::Write as _;
 
 use gate_user::{
-    api::{RuleView, Status, UngatedContainer, WatchEvent},
+    api::{Explanation, RuleList, RuleView, Status, UngatedContainer, WatchEvent},
     netfilter,
-    policy::{LabelOrigin, Source},
+    policy::{LabelOrigin, Origin},
 };
+
+/// The rules, then the sets, the block list and the labels that do not parse.
+pub fn format_list(list: &RuleList) -> String {
+    let mut out = format_rules(&list.rules);
+    for (name, prefixes) in &list.sets {
+        let _ = writeln!(
+            out,
+            "set {name}: {}",
+            if prefixes.is_empty() {
+                "(empty)".to_owned()
+            } else {
+                prefixes.join(" ")
+            }
+        );
+    }
+    if !list.blocks.is_empty() {
+        let shown: Vec<&str> = list.blocks.iter().take(20).map(String::as_str).collect();
+        let more = list.blocks.len().saturating_sub(shown.len());
+        let more = if more > 0 {
+            format!(" (+{more} more)")
+        } else {
+            String::new()
+        };
+        let _ = writeln!(out, "blocked: {}{more}", shown.join(" "));
+    }
+    for error in &list.label_errors {
+        let _ = writeln!(
+            out,
+            "label of {} opens nothing: {}",
+            error.container, error.error
+        );
+    }
+    out
+}
+
+/// The verdict, then each step that led to it.
+pub fn format_explanation(explained: &Explanation) -> String {
+    let mut out = format!(
+        "{}: {} ({}) to {} {}/{}\n",
+        explained.verdict,
+        match explained.rule {
+            Some(id) => format!("rule {id}"),
+            None => "no rule".to_owned(),
+        },
+        explained.reason,
+        explained.destination,
+        explained.destination_port,
+        explained.protocol
+    );
+    for step in &explained.steps {
+        let _ = writeln!(out, "  {step}");
+    }
+    out
+}
 
 pub fn format_rules(rules: &[RuleView]) -> String {
     if rules.is_empty() {
@@ -34,12 +88,13 @@ pub fn format_rules(rules: &[RuleView]) -> String {
         let host: Vec<String> = rule.host_ports.iter().map(ToString::to_string).collect();
         let state = match (rule.active, rule.source) {
             (false, _) => "inactive".to_owned(),
-            (true, Source::Cli) => "active".to_owned(),
-            (true, Source::Label) if rule.label_origin == Some(LabelOrigin::Image) => {
+            (true, Origin::Cli) => "active".to_owned(),
+            (true, Origin::Label) if rule.label_origin == Some(LabelOrigin::Image) => {
                 "active (image label)".to_owned()
             }
-            (true, Source::Label) => "active (label)".to_owned(),
-            (true, Source::DefaultPolicy) => "active (policy)".to_owned(),
+            (true, Origin::Label) => "active (label)".to_owned(),
+            (true, Origin::DefaultPolicy) => "active (policy)".to_owned(),
+            (true, Origin::File) => "active (file)".to_owned(),
         };
         let gated = match rule.gated {
             Some(true) => "yes",
@@ -67,6 +122,23 @@ pub fn format_rules(rules: &[RuleView]) -> String {
             rule.packets,
             rule.bytes
         );
+        let mut reach = Vec::new();
+        if !rule.from.is_empty() {
+            reach.push(format!("from {}", rule.from.join(" ")));
+        }
+        if let Some(via) = &rule.via {
+            reach.push(format!("via {via}"));
+        }
+        if let (Some(at), Some(left)) = (&rule.expires, rule.expires_in_seconds) {
+            let left = humantime::format_duration(std::time::Duration::from_secs(left));
+            reach.push(format!("expires in {left} ({at})"));
+        }
+        if let Some(problem) = &rule.problem {
+            reach.push(format!("NOTE: {problem}"));
+        }
+        if !reach.is_empty() {
+            let _ = writeln!(out, "{:<5} {}", "", reach.join("; "));
+        }
     }
     out
 }
@@ -207,6 +279,24 @@ pub fn format_status(status: &Status) -> String {
         "off (portgate.allow labels are ignored)"
     };
     let _ = writeln!(out, "labels:   {labels}");
+    for error in &status.label_errors {
+        let _ = writeln!(
+            out,
+            "LABEL:    {} opens nothing: {}",
+            error.container, error.error
+        );
+    }
+    if !status.uplinks.is_empty() {
+        let names: Vec<&str> = status.uplinks.iter().map(|u| u.name.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "uplinks:  {} (new connections refused before conntrack)",
+            names.join(", ")
+        );
+    }
+    if status.blocks > 0 {
+        let _ = writeln!(out, "blocked:  {} entries", status.blocks);
+    }
     let ports = status.published_ports;
     let _ = writeln!(
         out,

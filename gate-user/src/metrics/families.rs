@@ -12,7 +12,7 @@ use prometheus_client::{
 
 use crate::{
     api::{RuleView, Status},
-    policy::Source,
+    policy::Origin,
 };
 
 /// Everything one scrape reports, owned so that a registry can hold it.
@@ -79,11 +79,12 @@ fn flag(on: bool) -> u64 {
     u64::from(on)
 }
 
-fn source_name(source: Source) -> &'static str {
+fn source_name(source: Origin) -> &'static str {
     match source {
-        Source::Cli => "cli",
-        Source::Label => "label",
-        Source::DefaultPolicy => "default-policy",
+        Origin::Cli => "cli",
+        Origin::Label => "label",
+        Origin::DefaultPolicy => "default-policy",
+        Origin::File => "file",
     }
 }
 
@@ -148,7 +149,12 @@ impl Snapshot {
             *attached.entry(bridge.name.as_str()).or_default() |= bridge.attached;
         }
         let mut rule_counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-        for source in [Source::Cli, Source::Label, Source::DefaultPolicy] {
+        for source in [
+            Origin::Cli,
+            Origin::Label,
+            Origin::DefaultPolicy,
+            Origin::File,
+        ] {
             for state in ["active", "inactive"] {
                 rule_counts.insert((source_name(source), state), 0);
             }
@@ -168,6 +174,8 @@ impl Snapshot {
                 ("address", rule.address.clone()),
                 ("port", port_label(rule)),
                 ("protocol", rule.protocol.clone()),
+                ("from", rule.from.join(",")),
+                ("via", rule.via.clone().unwrap_or_default()),
             ]
         };
         let engine = |name: &str| vec![("engine", name.to_owned())];
@@ -175,7 +183,7 @@ impl Snapshot {
         let families = vec![
             Family::counter(
                 "rule_packets",
-                "Packets of the connections each rule admitted, both directions, on all gated bridges together (the datapath counts per rule, not per bridge). port is empty for ICMP echo and --published rules; address is the first address the rule resolves to, or its target while inactive.",
+                "Packets of the connections each rule admitted, both directions, on all gated bridges together (the datapath counts per rule, not per bridge). port is empty for ICMP echo and --published rules; address is the first address the rule resolves to, or its target while inactive; from (prefixes and set names, comma-separated) and via are empty for rules that admit anyone.",
             )
             .samples(rules.iter().map(|r| (rule_labels(r), r.packets))),
             Family::counter(
@@ -234,7 +242,7 @@ impl Snapshot {
             .sample(vec![], status.ungated.len() as u64),
             Family::gauge(
                 "rules",
-                "Rules by source (cli, label, default-policy) and state: active rules open at least one port on at least one address; inactive ones wait for their container.",
+                "Rules by source (cli, label, default-policy, file) and state: active rules open at least one port on at least one address; inactive ones wait for their container.",
             )
             .samples(
                 rule_counts

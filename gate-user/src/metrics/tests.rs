@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     api::{BridgeDrops, BridgeStatus, DropEventStats, EngineStatus, Fill, Flows, NetfilterStatus},
-    policy::Source,
+    policy::Origin,
 };
 
 fn status() -> Status {
@@ -109,10 +109,13 @@ fn status() -> Status {
             published: vec![],
             exposed: vec!["53/udp".into()],
         }],
+        label_errors: vec![],
+        blocks: 0,
+        uplinks: vec![],
     }
 }
 
-fn rule(id: u32, source: Source, active: bool, protocol: &str, ports: (u16, u16)) -> RuleView {
+fn rule(id: u32, source: Origin, active: bool, protocol: &str, ports: (u16, u16)) -> RuleView {
     RuleView {
         id,
         target: if active {
@@ -135,14 +138,19 @@ fn rule(id: u32, source: Source, active: bool, protocol: &str, ports: (u16, u16)
         bytes: 1000 * u64::from(id) + 60,
         label_origin: None,
         gated: Some(true),
+        from: vec![],
+        via: None,
+        expires: None,
+        expires_in_seconds: None,
+        problem: None,
     }
 }
 
 fn rules() -> Vec<RuleView> {
     vec![
-        rule(0, Source::Cli, true, "tcp", (80, 80)),
-        rule(1, Source::Cli, false, "udp", (8000, 8010)),
-        rule(8192, Source::Label, true, "icmp", (0, 0)),
+        rule(0, Origin::Cli, true, "tcp", (80, 80)),
+        rule(1, Origin::Cli, false, "udp", (8000, 8010)),
+        rule(8192, Origin::Label, true, "icmp", (0, 0)),
     ]
 }
 

@@ -1,6 +1,8 @@
 //! The desired state: allow rules, their validation, and what they mean for the allow map.
 
+mod file;
 mod resolve;
+mod sources;
 mod store;
 mod workload;
 
@@ -11,8 +13,10 @@ use gate_common::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use resolve::{Resolved, ResolvedRule, Resolver, Source};
-pub use store::{RuleStore, StoreError};
+pub use file::{FileError, FilePolicy, FileRule};
+pub use resolve::{Admission, Context, Origin, Resolved, ResolvedRule, Resolver};
+pub use sources::{AccessList, Prefix, Restriction, SourceSets, SourceSpec, expand, is_set_name};
+pub use store::{RuleStore, Saved, StoreError};
 pub use workload::{ALLOW_LABEL, LabelOrigin, Published, Workload};
 
 /// Rule ids below this are saved rules; the rest are for rules the agent derives from
@@ -45,6 +49,30 @@ pub enum PolicyError {
     TooManyRules,
     #[error("the rules would need {needed} allow-map entries; the map holds {ALLOW_CAPACITY}")]
     TooManyEntries { needed: usize },
+    #[error(
+        "invalid source {0:?}: expected an address or prefix such as 10.0.0.0/8, 2001:db8::/32 or 192.0.2.7, or a set name"
+    )]
+    Prefix(String),
+    #[error("{given} has host bits set: did you mean {meant}?")]
+    HostBits { given: String, meant: String },
+    #[error("no set named {0:?}: create it with `portgate set {0} PREFIX...`")]
+    NoSuchSet(String),
+    #[error("set {name:?} is used by rule {rules}: deny those first")]
+    SetInUse { name: String, rules: String },
+    #[error("invalid interface name {0:?}")]
+    Interface(String),
+    #[error("give either PORTS or --published, not both")]
+    PortsAndPublished,
+    #[error("which ports? give PORTS (e.g. 80/tcp), --published or --host-port")]
+    NoPorts,
+    #[error("--host-port names the target itself: give no target, PORTS or --published")]
+    HostPortAlone,
+    #[error("--host-port takes one port and protocol, e.g. 8080/tcp; got {0:?}")]
+    HostPortSpec(String),
+    #[error(
+        "unexpected {0:?}: a label item is PORTS [from SOURCE...] [via IFACE], items separated by commas"
+    )]
+    Label(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -162,13 +190,19 @@ pub fn parse_address(s: &str) -> Result<IpAddr, PolicyError> {
     s.parse().map_err(|_| PolicyError::Address(s.to_owned()))
 }
 
-/// What a rule applies to: a fixed address, or a container that the engines resolve.
+/// What a rule applies to: a fixed address, a container that the engines resolve, or
+/// whichever container publishes a host port.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Target {
     Address(IpAddr),
     /// A container name or ID (or ID prefix), as the user gave it.
     Container(String),
+    /// `--host-port 8080/tcp`: the container port that host port maps to.
+    HostPort {
+        protocol: Protocol,
+        port: u16,
+    },
 }
 
 impl FromStr for Target {
@@ -200,6 +234,7 @@ impl fmt::Display for Target {
         match self {
             Self::Address(address) => address.fmt(f),
             Self::Container(name) => f.write_str(name),
+            Self::HostPort { protocol, port } => write!(f, "host-port {port}/{protocol}"),
         }
     }
 }
@@ -221,19 +256,109 @@ impl fmt::Display for Ports {
     }
 }
 
-/// One allow rule: new connections to `target` on `ports` may pass.
+/// Who may use a rule, and for how long: any source on any interface, for good, unless
+/// said otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Access {
+    /// Sources that may connect (a union); empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<SourceSpec>,
+    /// The interface connections must come in on (`--via wg0`); none: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// Unix time (seconds) at which the rule ends by itself (`--for 2h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+}
+
+impl Access {
+    /// Whether the rule admits only some sources or interfaces.
+    pub fn is_restricted(&self) -> bool {
+        !self.from.is_empty() || self.via.is_some()
+    }
+
+    /// Whether `other` admits the same connections (the expiry aside).
+    fn same_reach(&self, other: &Access) -> bool {
+        self.from == other.from && self.via == other.via
+    }
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.from.is_empty() {
+            let from: Vec<String> = self.from.iter().map(ToString::to_string).collect();
+            write!(f, " from {}", from.join(" "))?;
+        }
+        if let Some(via) = &self.via {
+            write!(f, " via {via}")?;
+        }
+        Ok(())
+    }
+}
+
+/// An interface name as the kernel takes it: 1 to 15 bytes, no `/`, whitespace or `:`.
+pub fn check_interface(name: &str) -> Result<(), PolicyError> {
+    let valid = !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace());
+    if valid {
+        Ok(())
+    } else {
+        Err(PolicyError::Interface(name.to_owned()))
+    }
+}
+
+/// One allow rule: new connections to `target` on `ports` may pass, from whom `access` says.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rule {
     /// Stable while the rule exists; indexes the per-rule counters.
     pub id: u32,
     pub target: Target,
     pub ports: Ports,
+    #[serde(flatten)]
+    pub access: Access,
 }
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.target, self.ports)
+        write!(f, "{} {}{}", self.target, self.ports, self.access)
     }
+}
+
+/// What a rule applies to, from the words of `allow` (and of the policy file): a target
+/// with PORTS or `published`, or a host port alone.
+pub fn rule_target(
+    target: Option<&str>,
+    ports: Option<&str>,
+    published: bool,
+    host_port: Option<&str>,
+) -> Result<(Target, Ports), PolicyError> {
+    if let Some(text) = host_port {
+        if target.is_some_and(|t| !t.is_empty()) || ports.is_some() || published {
+            return Err(PolicyError::HostPortAlone);
+        }
+        let spec: PortSpec = text.parse()?;
+        if spec.port_start != spec.port_end || spec.protocol == Protocol::Icmp {
+            return Err(PolicyError::HostPortSpec(text.to_owned()));
+        }
+        let target = Target::HostPort {
+            protocol: spec.protocol,
+            port: spec.port_start,
+        };
+        return Ok((target, Ports::Published));
+    }
+    let target: Target = target.unwrap_or_default().parse()?;
+    let ports = match (ports, published) {
+        (Some(_), true) => return Err(PolicyError::PortsAndPublished),
+        (None, false) => return Err(PolicyError::NoPorts),
+        (Some(spec), false) => Ports::Spec(spec.parse()?),
+        (None, true) => Ports::Published,
+    };
+    Ok((target, ports))
 }
 
 /// The address as stored in map keys.
@@ -266,24 +391,43 @@ impl RuleSet {
         &self.rules
     }
 
-    /// Adds a rule; returns its id. Refused when one rule already covers all of it.
-    pub fn allow(&mut self, target: Target, ports: Ports) -> Result<u32, PolicyError> {
+    /// Adds a rule; returns its id. Refused when one rule with the same sources and
+    /// interface already covers all of it; if only its expiry differs, the expiry is updated
+    /// (a temporary rule renewed, or made permanent).
+    pub fn allow(
+        &mut self,
+        target: Target,
+        ports: Ports,
+        access: Access,
+    ) -> Result<u32, PolicyError> {
         if matches!((&target, ports), (Target::Address(_), Ports::Published)) {
             return Err(PolicyError::PublishedNeedsContainer);
         }
-        let covered = self.rules.iter().any(|r| {
+        let covering = self.rules.iter_mut().find(|r| {
             r.target == target
+                && r.access.same_reach(&access)
                 && match (r.ports, ports) {
                     (Ports::Spec(have), Ports::Spec(want)) => have.contains(&want),
                     (have, want) => have == want,
                 }
         });
-        if covered {
-            return Err(PolicyError::AlreadyAllowed(format!("{target} {ports}")));
+        if let Some(rule) = covering {
+            if rule.access.expires == access.expires {
+                return Err(PolicyError::AlreadyAllowed(format!(
+                    "{target} {ports}{access}"
+                )));
+            }
+            rule.access.expires = access.expires;
+            return Ok(rule.id);
         }
         let id = self.free_id().ok_or(PolicyError::TooManyRules)?;
         let mut next = self.clone();
-        next.rules.push(Rule { id, target, ports });
+        next.rules.push(Rule {
+            id,
+            target,
+            ports,
+            access,
+        });
         next.rules.sort_by_key(|r| r.id);
         next.check_capacity()?;
         *self = next;
@@ -336,7 +480,7 @@ impl RuleSet {
                         ports: Ports::Spec(below),
                         ..rule.clone()
                     });
-                    pending_split.push((rule.target.clone(), above));
+                    pending_split.push((rule.target.clone(), above, rule.access.clone()));
                 }
             }
         }
@@ -344,17 +488,41 @@ impl RuleSet {
             return Err(PolicyError::NotAllowed(format!("{target} {ports}")));
         }
         let mut result = RuleSet::new(next);
-        for (target, spec) in pending_split {
+        for (target, spec, access) in pending_split {
             let id = result.free_id().ok_or(PolicyError::TooManyRules)?;
             result.rules.push(Rule {
                 id,
                 target,
                 ports: Ports::Spec(spec),
+                access,
             });
             result.rules.sort_by_key(|r| r.id);
         }
         *self = result;
         Ok(removed)
+    }
+
+    /// Removes the rules whose time is up at `now` (Unix seconds); returns their ids.
+    pub fn expire(&mut self, now: u64) -> Vec<u32> {
+        let (gone, kept): (Vec<Rule>, Vec<Rule>) = std::mem::take(&mut self.rules)
+            .into_iter()
+            .partition(|r| r.access.expires.is_some_and(|at| at <= now));
+        self.rules = kept;
+        gone.into_iter().map(|r| r.id).collect()
+    }
+
+    /// The ids of the rules whose sources name the set `name`.
+    pub fn using_set(&self, name: &str) -> Vec<u32> {
+        self.rules
+            .iter()
+            .filter(|r| {
+                r.access
+                    .from
+                    .iter()
+                    .any(|s| matches!(s, SourceSpec::Set(set) if set == name))
+            })
+            .map(|r| r.id)
+            .collect()
     }
 
     fn free_id(&self) -> Option<u32> {
@@ -395,6 +563,46 @@ mod tests {
 
     fn target(s: &str) -> Target {
         s.parse().expect("valid target")
+    }
+
+    impl RuleSet {
+        fn allow_any(&mut self, target: Target, ports: Ports) -> Result<u32, PolicyError> {
+            self.allow(target, ports, Access::default())
+        }
+    }
+
+    #[test]
+    fn rules_with_other_sources_are_other_rules_and_expire() {
+        let mut rules = RuleSet::default();
+        let from = |s: &str| Access {
+            from: vec![s.parse().expect("source")],
+            ..Access::default()
+        };
+        assert_eq!(
+            rules.allow(target("web"), spec("80"), from("10.0.0.0/8")),
+            Ok(0)
+        );
+        assert_eq!(
+            rules.allow(target("web"), spec("80"), from("office")),
+            Ok(1)
+        );
+        assert!(matches!(
+            rules.allow(target("web"), spec("80"), from("10.0.0.0/8")),
+            Err(PolicyError::AlreadyAllowed(_))
+        ));
+        assert_eq!(rules.using_set("office"), [1]);
+        let temporary = Access {
+            expires: Some(100),
+            ..from("10.0.0.0/8")
+        };
+        assert_eq!(
+            rules.allow(target("web"), spec("80"), temporary),
+            Ok(0),
+            "renewed"
+        );
+        assert_eq!(rules.expire(99), Vec::<u32>::new());
+        assert_eq!(rules.expire(100), [0]);
+        assert_eq!(rules.rules().len(), 1);
     }
 
     #[test]
@@ -476,23 +684,23 @@ mod tests {
     #[test]
     fn allow_assigns_ids_and_refuses_duplicates() {
         let mut rules = RuleSet::default();
-        assert_eq!(rules.allow(target("10.0.0.2"), spec("80")), Ok(0));
-        assert_eq!(rules.allow(target("10.0.0.2"), spec("443")), Ok(1));
+        assert_eq!(rules.allow_any(target("10.0.0.2"), spec("80")), Ok(0));
+        assert_eq!(rules.allow_any(target("10.0.0.2"), spec("443")), Ok(1));
         assert!(matches!(
-            rules.allow(target("10.0.0.2"), spec("80/tcp")),
+            rules.allow_any(target("10.0.0.2"), spec("80/tcp")),
             Err(PolicyError::AlreadyAllowed(_))
         ));
         // Same port, other protocol or target: a different rule.
-        assert_eq!(rules.allow(target("10.0.0.2"), spec("80/udp")), Ok(2));
-        assert_eq!(rules.allow(target("fd00::2"), spec("80")), Ok(3));
-        assert_eq!(rules.allow(target("web"), spec("80")), Ok(4));
-        assert_eq!(rules.allow(target("web"), Ports::Published), Ok(5));
+        assert_eq!(rules.allow_any(target("10.0.0.2"), spec("80/udp")), Ok(2));
+        assert_eq!(rules.allow_any(target("fd00::2"), spec("80")), Ok(3));
+        assert_eq!(rules.allow_any(target("web"), spec("80")), Ok(4));
+        assert_eq!(rules.allow_any(target("web"), Ports::Published), Ok(5));
         assert!(matches!(
-            rules.allow(target("web"), Ports::Published),
+            rules.allow_any(target("web"), Ports::Published),
             Err(PolicyError::AlreadyAllowed(_))
         ));
         assert_eq!(
-            rules.allow(target("10.0.0.2"), Ports::Published),
+            rules.allow_any(target("10.0.0.2"), Ports::Published),
             Err(PolicyError::PublishedNeedsContainer)
         );
     }
@@ -501,7 +709,7 @@ mod tests {
     fn deny_splits_ranges_and_frees_ids() {
         let mut rules = RuleSet::default();
         rules
-            .allow(target("10.0.0.2"), spec("8000-8002"))
+            .allow_any(target("10.0.0.2"), spec("8000-8002"))
             .expect("allow");
         assert_eq!(rules.deny(&target("10.0.0.2"), spec("8001")), Ok(vec![]));
         let specs: Vec<String> = rules.rules().iter().map(|r| r.ports.to_string()).collect();
@@ -515,8 +723,10 @@ mod tests {
             rules.deny(&target("10.0.0.2"), spec("80")),
             Err(PolicyError::NotAllowed(_))
         ));
-        assert_eq!(rules.allow(target("10.0.0.2"), spec("80")), Ok(0));
-        rules.allow(target("web"), Ports::Published).expect("allow");
+        assert_eq!(rules.allow_any(target("10.0.0.2"), spec("80")), Ok(0));
+        rules
+            .allow_any(target("web"), Ports::Published)
+            .expect("allow");
         assert!(matches!(
             rules.deny(&target("web"), spec("80")),
             Err(PolicyError::NotAllowed(_))
@@ -529,12 +739,12 @@ mod tests {
         let mut rules = RuleSet::default();
         for last in 2..=5 {
             rules
-                .allow(target(&format!("10.0.0.{last}")), spec("1-65535"))
+                .allow_any(target(&format!("10.0.0.{last}")), spec("1-65535"))
                 .expect("allow");
         }
         let before = rules.clone();
         assert!(matches!(
-            rules.allow(target("10.0.0.6"), spec("1-100")),
+            rules.allow_any(target("10.0.0.6"), spec("1-100")),
             Err(PolicyError::TooManyEntries { .. })
         ));
         assert_eq!(rules, before);

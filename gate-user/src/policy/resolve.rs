@@ -7,30 +7,35 @@ use std::{
     net::IpAddr,
 };
 
-use gate_common::{AllowKey, AllowValue, MAX_RULES};
+use gate_common::{AllowKey, MAX_RULES};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use super::{ALLOW_LABEL, LabelOrigin, Workload};
-use super::{MAX_SAVED_RULES, PortSpec, Ports, RuleSet, Target, map_addr};
+use super::{ALLOW_LABEL, LabelOrigin, PolicyError, Workload};
+use super::{
+    Access, FileRule, MAX_SAVED_RULES, PortSpec, Ports, Restriction, RuleSet, SourceSets, Target,
+    expand, map_addr,
+};
 
 /// Where a rule comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Source {
+pub enum Origin {
     /// `portgate allow`, saved.
     Cli,
     /// A container's `portgate.allow` label, while it runs.
     Label,
     /// `--default-policy published`, while the container runs.
     DefaultPolicy,
+    /// The policy file, while it says so.
+    File,
 }
 
 /// A rule as it stands now.
 #[derive(Clone, Debug)]
 pub struct ResolvedRule {
     pub id: u32,
-    pub source: Source,
+    pub source: Origin,
     pub target: Target,
     pub ports: Ports,
     /// Names of the running containers the target matched.
@@ -42,20 +47,64 @@ pub struct ResolvedRule {
     pub host_ports: Vec<u16>,
     /// For a label rule: whether the label is the image's or was set on the container.
     pub label_origin: Option<LabelOrigin>,
+    pub access: Access,
+    /// Why the rule admits less than it says, e.g. its `--via` interface does not exist.
+    pub problem: Option<String>,
 }
 
 impl ResolvedRule {
     /// A rule is active when it opens at least one port on at least one address.
     pub fn is_active(&self) -> bool {
-        !self.addresses.is_empty() && !self.specs.is_empty()
+        !self.addresses.is_empty() && !self.specs.is_empty() && self.problem.is_none()
     }
+}
+
+/// Who may open connections to one destination (address, protocol, port).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Anyone, by this rule (the lowest id among the rules that admit anyone).
+    Any(u32),
+    /// Only what these rules' sources and interfaces admit (possibly nobody: every rule
+    /// names an interface that does not exist).
+    Restricted(Vec<Restriction>),
+}
+
+impl Admission {
+    /// The rule counted for the destination as a whole: the admitting one, or the lowest id.
+    pub fn rule_id(&self) -> u32 {
+        match self {
+            Self::Any(id) => *id,
+            Self::Restricted(list) => list
+                .iter()
+                .map(|r| r.rule_id)
+                .min()
+                .unwrap_or(gate_common::NO_RULE),
+        }
+    }
+}
+
+/// What rules are resolved against besides the containers.
+#[derive(Debug, Default)]
+pub struct Context {
+    /// `--default-policy published`.
+    pub default_published: bool,
+    pub sets: SourceSets,
+    /// Interface names to ifindexes, for `--via`.
+    pub interfaces: BTreeMap<String, u32>,
+    /// Unix seconds: rules whose time is up open nothing.
+    pub now: u64,
+    /// The policy file's rules.
+    pub file_rules: Vec<FileRule>,
 }
 
 #[derive(Debug, Default)]
 pub struct Resolved {
     pub rules: Vec<ResolvedRule>,
-    /// The allow map's desired content. Where rules overlap, the lowest id admits.
-    pub entries: BTreeMap<AllowKey, AllowValue>,
+    /// Who may connect to each destination: the allow map's content before the access lists
+    /// get their ids.
+    pub entries: BTreeMap<AllowKey, Admission>,
+    /// Containers whose `portgate.allow` label does not parse (it opens nothing), and why.
+    pub label_errors: Vec<(String, String)>,
     /// Ids given to derived rules in this round: their counters must start from zero.
     pub new_ids: BTreeSet<u32>,
 }
@@ -64,7 +113,7 @@ pub struct Resolved {
 /// accumulate across re-syncs.
 #[derive(Debug)]
 pub struct Resolver {
-    derived_ids: BTreeMap<(String, Source, Ports), u32>,
+    derived_ids: BTreeMap<(String, Origin, Ports, Access), u32>,
     /// Whether containers' `portgate.allow` labels open ports (`agent --labels on|off`).
     labels: bool,
 }
@@ -89,31 +138,37 @@ impl Resolver {
         &mut self,
         rules: &RuleSet,
         containers: &[Workload],
-        default_published: bool,
+        context: &Context,
     ) -> Resolved {
         let mut resolved = Resolved::default();
         for rule in rules.rules() {
-            let matched: Vec<&Workload> = match &rule.target {
-                Target::Address(_) => Vec::new(),
-                Target::Container(name) => containers.iter().filter(|c| c.is_named(name)).collect(),
-            };
-            resolved.rules.push(resolve_one(
-                rule.id,
-                Source::Cli,
-                &rule.target,
+            let matched = matching(&rule.target, containers);
+            let mut one = resolve_one(rule.id, Origin::Cli, &rule.target, rule.ports, &matched);
+            one.access = rule.access.clone();
+            resolved.rules.push(one);
+        }
+        // The file's rules keep their ids while the file keeps them (by what they say).
+        let mut wanted = BTreeSet::new();
+        for rule in &context.file_rules {
+            wanted.insert((
+                rule.target.to_string(),
+                Origin::File,
                 rule.ports,
-                &matched,
+                rule.access.clone(),
             ));
         }
-        let mut wanted = BTreeSet::new();
         for container in containers {
-            for (source, ports) in derived_rules(container, default_published, self.labels) {
-                wanted.insert((container.id.clone(), source, ports));
+            let (derived, label_error) =
+                derived_rules(container, context.default_published, self.labels);
+            for (source, ports, access) in derived {
+                wanted.insert((container.id.clone(), source, ports, access));
+            }
+            if let Some(error) = label_error {
+                resolved.label_errors.push((container.name.clone(), error));
             }
         }
         self.derived_ids.retain(|key, _| wanted.contains(key));
-        for (container_id, source, ports) in wanted {
-            let key = (container_id, source, ports);
+        for key in wanted {
             let id = match self.derived_ids.get(&key) {
                 Some(id) => *id,
                 None => match self.free_id() {
@@ -128,27 +183,46 @@ impl Resolver {
                     }
                 },
             };
+            let (_, source, ports, access) = &key;
+            if *source == Origin::File {
+                let Some(rule) = context.file_rules.iter().find(|r| {
+                    r.target.to_string() == key.0 && r.ports == *ports && r.access == *access
+                }) else {
+                    continue;
+                };
+                let matched = matching(&rule.target, containers);
+                let mut one = resolve_one(id, Origin::File, &rule.target, rule.ports, &matched);
+                one.access = rule.access.clone();
+                resolved.rules.push(one);
+                continue;
+            }
             let Some(container) = containers.iter().find(|c| c.id == key.0) else {
                 continue;
             };
             let target = Target::Container(container.name.clone());
-            let mut rule = resolve_one(id, source, &target, ports, &[container]);
-            if source == Source::Label {
+            let mut rule = resolve_one(id, *source, &target, *ports, &[container]);
+            if *source == Origin::Label {
                 rule.label_origin = container.allow_label_origin;
             }
+            rule.access = access.clone();
             resolved.rules.push(rule);
         }
         resolved.rules.sort_by_key(|r| r.id);
-        for rule in &resolved.rules {
+        for rule in &mut resolved.rules {
+            let restriction = match restriction(rule, context) {
+                Ok(restriction) => restriction,
+                Err(problem) => {
+                    rule.problem = Some(problem);
+                    continue;
+                }
+            };
             for address in &rule.addresses {
                 let addr = map_addr(*address);
                 for spec in &rule.specs {
                     let proto = spec.protocol.number(*address);
                     for port in spec.ports() {
-                        resolved
-                            .entries
-                            .entry(AllowKey::new(addr, proto, port))
-                            .or_insert(AllowValue { rule_id: rule.id });
+                        let key = AllowKey::new(addr, proto, port);
+                        admit(&mut resolved.entries, key, rule.id, restriction.as_ref());
                     }
                 }
             }
@@ -162,47 +236,147 @@ impl Resolver {
     }
 }
 
-/// The rules a container brings by itself.
+/// The running containers a rule's target names.
+fn matching<'a>(target: &Target, containers: &'a [Workload]) -> Vec<&'a Workload> {
+    match target {
+        Target::Address(_) => Vec::new(),
+        Target::Container(name) => containers.iter().filter(|c| c.is_named(name)).collect(),
+        Target::HostPort { protocol, port } => containers
+            .iter()
+            .filter(|c| {
+                c.published
+                    .iter()
+                    .any(|p| p.protocol == *protocol && p.host_port == *port)
+            })
+            .collect(),
+    }
+}
+
+/// What a rule's access says for the kernel: None when it admits anyone; an error (the
+/// rule then opens nothing) when its time is up or a `--via` interface is missing, so it
+/// is never taken for one that admits anyone.
+fn restriction(rule: &mut ResolvedRule, context: &Context) -> Result<Option<Restriction>, String> {
+    let access = &rule.access;
+    if access.expires.is_some_and(|at| at <= context.now) {
+        return Err("expired".to_owned());
+    }
+    if !access.is_restricted() {
+        return Ok(None);
+    }
+    let ifindex = match &access.via {
+        None => None,
+        Some(name) => match context.interfaces.get(name) {
+            Some(ifindex) => Some(*ifindex),
+            None => return Err(format!("interface {name} does not exist: admits nobody")),
+        },
+    };
+    let prefixes = expand(&access.from, &context.sets);
+    if !access.from.is_empty() && prefixes.is_empty() {
+        return Err("its sources are empty sets: admits nobody".to_owned());
+    }
+    Ok(Some(Restriction {
+        rule_id: rule.id,
+        ifindex,
+        prefixes,
+    }))
+}
+
+/// Adds one rule's admission of one destination: a rule that admits anyone wins over
+/// restricted ones (the lowest such id counts); restricted ones add up.
+fn admit(
+    entries: &mut BTreeMap<AllowKey, Admission>,
+    key: AllowKey,
+    rule_id: u32,
+    restriction: Option<&Restriction>,
+) {
+    let entry = entries
+        .entry(key)
+        .or_insert_with(|| Admission::Restricted(Vec::new()));
+    match (entry, restriction) {
+        (Admission::Any(_), _) => {}
+        (entry @ Admission::Restricted(_), None) => *entry = Admission::Any(rule_id),
+        (Admission::Restricted(list), Some(restriction)) => list.push(restriction.clone()),
+    }
+}
+
+/// The rules a container brings by itself, and the error of a label that does not parse
+/// (which then opens nothing).
 fn derived_rules(
     container: &Workload,
     default_published: bool,
     labels: bool,
-) -> Vec<(Source, Ports)> {
+) -> (Vec<(Origin, Ports, Access)>, Option<String>) {
     let mut derived = Vec::new();
+    let mut label_error = None;
     if let Some(label) = container.allow_label.as_ref().filter(|_| labels) {
-        for item in label.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            match item.parse::<PortSpec>() {
-                Ok(spec) => derived.push((Source::Label, Ports::Spec(spec))),
-                Err(err) => warn!(
-                    container = container.name,
-                    "ignoring label {ALLOW_LABEL}={label}: {err}"
-                ),
-            }
+        match parse_label(label) {
+            Ok(items) => derived.extend(
+                items
+                    .into_iter()
+                    .map(|(spec, access)| (Origin::Label, Ports::Spec(spec), access)),
+            ),
+            Err(err) => label_error = Some(format!("label {ALLOW_LABEL}={label}: {err}")),
         }
     }
     if default_published && !container.published.is_empty() {
-        derived.push((Source::DefaultPolicy, Ports::Published));
+        derived.push((Origin::DefaultPolicy, Ports::Published, Access::default()));
     }
-    derived
+    (derived, label_error)
+}
+
+/// The `portgate.allow` label: items separated by commas, each
+/// `PORTS [from SOURCE...] [via IFACE]`, e.g. `5432/tcp from 10.0.0.0/8 office, 80/tcp`.
+pub fn parse_label(label: &str) -> Result<Vec<(PortSpec, Access)>, PolicyError> {
+    let mut items = Vec::new();
+    for item in label.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let mut words = item.split_whitespace();
+        let spec: PortSpec = words.next().unwrap_or_default().parse()?;
+        let mut access = Access::default();
+        let mut in_from = false;
+        while let Some(word) = words.next() {
+            match word {
+                "from" => in_from = true,
+                "via" => {
+                    let name = words
+                        .next()
+                        .ok_or_else(|| PolicyError::Interface(String::new()))?;
+                    super::check_interface(name)?;
+                    access.via = Some(name.to_owned());
+                    in_from = false;
+                }
+                _ if in_from => access.from.push(word.parse()?),
+                _ => return Err(PolicyError::Label(word.to_owned())),
+            }
+        }
+        items.push((spec, access));
+    }
+    Ok(items)
 }
 
 fn resolve_one(
     id: u32,
-    source: Source,
+    source: Origin,
     target: &Target,
     ports: Ports,
     containers: &[&Workload],
 ) -> ResolvedRule {
     let mut addresses: Vec<IpAddr> = match target {
         Target::Address(address) => vec![*address],
-        Target::Container(_) => containers
+        Target::Container(_) | Target::HostPort { .. } => containers
             .iter()
             .flat_map(|c| c.addresses.iter().copied())
             .collect(),
     };
     addresses.sort();
     addresses.dedup();
-    let published = containers.iter().flat_map(|c| c.published.iter());
+    // A host-port rule takes only the mapping of its host port.
+    let published = containers
+        .iter()
+        .flat_map(|c| c.published.iter())
+        .filter(|p| match target {
+            Target::HostPort { protocol, port } => p.protocol == *protocol && p.host_port == *port,
+            _ => true,
+        });
     let mut specs: Vec<PortSpec> = match ports {
         Ports::Spec(spec) => vec![spec],
         // A port published on a loopback address only is for the host itself, which reaches
@@ -242,12 +416,21 @@ fn resolve_one(
         specs,
         host_ports,
         label_origin: None,
+        access: Access::default(),
+        problem: None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn context(default_published: bool) -> Context {
+        Context {
+            default_published,
+            ..Context::default()
+        }
+    }
     use crate::policy::{Protocol, Published, parse_address};
     use gate_common::{PROTO_ICMP, PROTO_TCP, ipv4_mapped};
 
@@ -284,7 +467,7 @@ mod tests {
                 Ports::Spec(ports.parse().expect("spec"))
             };
             rules
-                .allow(target.parse().expect("target"), ports)
+                .allow(target.parse().expect("target"), ports, Access::default())
                 .expect("allow");
         }
         rules
@@ -295,17 +478,17 @@ mod tests {
         let resolved = Resolver::default().resolve(
             &rules(&[("10.0.0.2", "80-81"), ("10.0.0.2", "icmp")]),
             &[],
-            false,
+            &context(false),
         );
         assert_eq!(resolved.entries.len(), 3);
         let v4 = ipv4_mapped([10, 0, 0, 2]);
         assert_eq!(
             resolved.entries[&AllowKey::new(v4, PROTO_TCP, 81)],
-            AllowValue { rule_id: 0 }
+            Admission::Any(0)
         );
         assert_eq!(
             resolved.entries[&AllowKey::new(v4, PROTO_ICMP, 0)],
-            AllowValue { rule_id: 1 }
+            Admission::Any(1)
         );
         assert!(resolved.rules.iter().all(ResolvedRule::is_active));
     }
@@ -314,7 +497,7 @@ mod tests {
     fn container_rules_follow_the_container() {
         let set = rules(&[("web", "80")]);
         let mut resolver = Resolver::default();
-        let before = resolver.resolve(&set, &[], false);
+        let before = resolver.resolve(&set, &[], &context(false));
         assert!(
             !before.rules[0].is_active(),
             "kept, inactive, while the container is not running"
@@ -322,7 +505,7 @@ mod tests {
         assert!(before.entries.is_empty());
 
         let web = container("web", "172.17.0.2", &[(8080, 80)], None);
-        let running = resolver.resolve(&set, &[web], false);
+        let running = resolver.resolve(&set, &[web], &context(false));
         assert!(running.rules[0].is_active());
         assert_eq!(running.rules[0].host_ports, [8080]);
         assert!(running.entries.contains_key(&AllowKey::new(
@@ -335,7 +518,7 @@ mod tests {
         let moved = resolver.resolve(
             &set,
             &[container("web", "172.17.0.3", &[(8080, 80)], None)],
-            false,
+            &context(false),
         );
         let keys: Vec<_> = moved.entries.keys().collect();
         assert_eq!(
@@ -348,7 +531,7 @@ mod tests {
     fn published_rules_open_exactly_the_published_ports() {
         let set = rules(&[("web", "published")]);
         let web = container("web", "172.17.0.2", &[(8080, 80), (8443, 443)], None);
-        let resolved = Resolver::default().resolve(&set, &[web], false);
+        let resolved = Resolver::default().resolve(&set, &[web], &context(false));
         let ports: Vec<u16> = resolved.entries.keys().map(|k| k.port).collect();
         assert_eq!(ports, [80, 443]);
         assert_eq!(resolved.rules[0].host_ports, [8080, 8443]);
@@ -356,27 +539,121 @@ mod tests {
 
     #[test]
     fn labels_and_default_policy_add_rules_with_stable_ids() {
-        let db = container("db", "10.88.0.5", &[], Some("5432/tcp, 53/udp, bogus"));
+        let db = container("db", "10.88.0.5", &[], Some("5432/tcp, 53/udp"));
         let web = container("web", "10.88.0.6", &[(8081, 80)], None);
         let mut resolver = Resolver::default();
-        let first = resolver.resolve(&RuleSet::default(), &[db.clone(), web.clone()], true);
-        let sources: Vec<Source> = first.rules.iter().map(|r| r.source).collect();
+        let first = resolver.resolve(
+            &RuleSet::default(),
+            &[db.clone(), web.clone()],
+            &context(true),
+        );
+        assert!(first.label_errors.is_empty());
+        let sources: Vec<Origin> = first.rules.iter().map(|r| r.source).collect();
         assert_eq!(
             sources,
-            [Source::Label, Source::Label, Source::DefaultPolicy]
+            [Origin::Label, Origin::Label, Origin::DefaultPolicy]
         );
         assert!(first.rules.iter().all(|r| r.id >= MAX_SAVED_RULES));
         assert_eq!(first.new_ids.len(), 3);
         assert_eq!(first.entries.len(), 3);
 
-        let again = resolver.resolve(&RuleSet::default(), &[db.clone(), web], true);
+        let again = resolver.resolve(&RuleSet::default(), &[db.clone(), web], &context(true));
         let ids = |r: &Resolved| r.rules.iter().map(|r| r.id).collect::<Vec<_>>();
         assert_eq!(ids(&again), ids(&first));
         assert!(again.new_ids.is_empty());
 
         // The web container stops: its derived rule goes.
-        let after = resolver.resolve(&RuleSet::default(), &[db], true);
+        let after = resolver.resolve(&RuleSet::default(), &[db], &context(true));
         assert_eq!(after.rules.len(), 2);
+    }
+
+    #[test]
+    fn labels_carry_sources_and_a_label_that_does_not_parse_opens_nothing() {
+        let items = parse_label("5432/tcp from 10.0.0.0/8 office via wg0, 80/tcp").expect("label");
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].1.from.len(), 2);
+        assert_eq!(items[0].1.via.as_deref(), Some("wg0"));
+        assert!(!items[1].1.is_restricted());
+        for bad in [
+            "5432/tcp, bogus",
+            "80 from 10.0.0.1/8",
+            "80 to 10.0.0.0/8",
+            "80 via",
+        ] {
+            assert!(parse_label(bad).is_err(), "{bad}");
+        }
+
+        let db = container("db", "10.88.0.5", &[], Some("5432/tcp, bogus"));
+        let resolved = Resolver::default().resolve(&RuleSet::default(), &[db], &context(false));
+        assert!(resolved.rules.is_empty(), "no rule from a broken label");
+        assert!(resolved.entries.is_empty());
+        assert_eq!(resolved.label_errors.len(), 1);
+        assert!(
+            resolved.label_errors[0].1.contains("bogus"),
+            "{:?}",
+            resolved.label_errors
+        );
+    }
+
+    #[test]
+    fn restricted_rules_add_up_and_an_open_rule_wins() {
+        let mut set = RuleSet::default();
+        let spec = || Ports::Spec("80".parse().expect("spec"));
+        let from = |s: &str| Access {
+            from: vec![s.parse().expect("source")],
+            ..Access::default()
+        };
+        set.allow("10.0.0.2".parse().expect("t"), spec(), from("192.0.2.0/24"))
+            .expect("allow");
+        set.allow("10.0.0.2".parse().expect("t"), spec(), from("office"))
+            .expect("allow");
+        let via = Access {
+            via: Some("wg9".into()),
+            ..Access::default()
+        };
+        set.allow("10.0.0.2".parse().expect("t"), spec(), via)
+            .expect("allow");
+        let mut ctx = context(false);
+        ctx.sets
+            .insert("office".into(), ["198.51.100.7".parse().expect("p")].into());
+        let resolved = Resolver::default().resolve(&set, &[], &ctx);
+        let key = AllowKey::new(ipv4_mapped([10, 0, 0, 2]), PROTO_TCP, 80);
+        let Admission::Restricted(list) = &resolved.entries[&key] else {
+            panic!("restricted: {:?}", resolved.entries[&key]);
+        };
+        assert_eq!(
+            list.len(),
+            2,
+            "the rule on a missing interface admits nothing"
+        );
+        assert!(
+            resolved.rules[2]
+                .problem
+                .as_deref()
+                .is_some_and(|p| p.contains("wg9"))
+        );
+        assert!(!resolved.rules[2].is_active());
+
+        set.allow("10.0.0.2".parse().expect("t"), spec(), Access::default())
+            .expect("allow");
+        let resolved = Resolver::default().resolve(&set, &[], &ctx);
+        assert_eq!(resolved.entries[&key], Admission::Any(3));
+
+        let expired = Access {
+            expires: Some(10),
+            ..Access::default()
+        };
+        let mut later = RuleSet::default();
+        later
+            .allow("10.0.0.3".parse().expect("t"), spec(), expired)
+            .expect("allow");
+        ctx.now = 10;
+        assert!(
+            Resolver::default()
+                .resolve(&later, &[], &ctx)
+                .entries
+                .is_empty()
+        );
     }
 
     /// `web` publishing `bindings`: (host address, host port, container port), all TCP.
@@ -403,7 +680,7 @@ mod tests {
         let by_published = Resolver::default().resolve(
             &rules(&[("web", "published")]),
             std::slice::from_ref(&local),
-            false,
+            &context(false),
         );
         assert!(
             !by_published.entries.contains_key(&port(80)),
@@ -412,8 +689,11 @@ mod tests {
         );
         assert!(!by_published.rules[0].is_active());
 
-        let by_policy =
-            Resolver::default().resolve(&RuleSet::default(), std::slice::from_ref(&local), true);
+        let by_policy = Resolver::default().resolve(
+            &RuleSet::default(),
+            std::slice::from_ref(&local),
+            &context(true),
+        );
         assert!(
             by_policy.entries.is_empty(),
             "the default policy must not admit a loopback-only port: {:?}",
@@ -424,12 +704,9 @@ mod tests {
         let explicit = Resolver::default().resolve(
             &rules(&[("web", "80")]),
             std::slice::from_ref(&local),
-            false,
+            &context(false),
         );
-        assert_eq!(
-            explicit.entries.get(&port(80)),
-            Some(&AllowValue { rule_id: 0 })
-        );
+        assert_eq!(explicit.entries.get(&port(80)), Some(&Admission::Any(0)));
         assert_eq!(explicit.rules[0].host_ports, [8080]);
 
         // Published on loopback and on every address: reachable from outside, so admitted.
@@ -438,8 +715,11 @@ mod tests {
             (rules(&[("web", "published")]), false),
             (RuleSet::default(), true),
         ] {
-            let resolved =
-                Resolver::default().resolve(&set, std::slice::from_ref(&both), default_published);
+            let resolved = Resolver::default().resolve(
+                &set,
+                std::slice::from_ref(&both),
+                &context(default_published),
+            );
             let ports: Vec<u16> = resolved.entries.keys().map(|k| k.port).collect();
             assert_eq!(ports, [80], "default_published {default_published}");
         }
@@ -450,36 +730,38 @@ mod tests {
         let mut from_image = container("app", "10.88.0.7", &[], Some("22/tcp"));
         from_image.allow_label_origin = Some(LabelOrigin::Image);
         let set = rules(&[("app", "80")]);
-        let on = Resolver::default().resolve(&set, std::slice::from_ref(&from_image), false);
+        let on =
+            Resolver::default().resolve(&set, std::slice::from_ref(&from_image), &context(false));
         let label_rules: Vec<&ResolvedRule> = on
             .rules
             .iter()
-            .filter(|r| r.source == Source::Label)
+            .filter(|r| r.source == Origin::Label)
             .collect();
         assert_eq!(label_rules.len(), 1);
         assert_eq!(label_rules[0].label_origin, Some(LabelOrigin::Image));
         assert_eq!(on.rules[0].label_origin, None, "a saved rule has no label");
         assert_eq!(on.entries.len(), 2);
 
-        let off = Resolver::new(false).resolve(&set, &[from_image], false);
+        let off = Resolver::new(false).resolve(&set, &[from_image], &context(false));
         assert!(
-            off.rules.iter().all(|r| r.source != Source::Label),
+            off.rules.iter().all(|r| r.source != Origin::Label),
             "--labels off: no label rules"
         );
         let ports: Vec<u16> = off.entries.keys().map(|k| k.port).collect();
         assert_eq!(ports, [80], "saved rules still apply");
         // The default policy does not depend on labels.
         let web = container("web", "10.88.0.6", &[(8081, 80)], Some("443"));
-        let policy = Resolver::new(false).resolve(&RuleSet::default(), &[web], true);
-        let sources: Vec<Source> = policy.rules.iter().map(|r| r.source).collect();
-        assert_eq!(sources, [Source::DefaultPolicy]);
+        let policy = Resolver::new(false).resolve(&RuleSet::default(), &[web], &context(true));
+        let sources: Vec<Origin> = policy.rules.iter().map(|r| r.source).collect();
+        assert_eq!(sources, [Origin::DefaultPolicy]);
     }
 
     #[test]
     fn saved_rules_win_where_they_overlap_derived_ones() {
         let web = container("web", "172.17.0.2", &[(8080, 80)], Some("80"));
-        let resolved = Resolver::default().resolve(&rules(&[("web", "80")]), &[web], false);
+        let resolved =
+            Resolver::default().resolve(&rules(&[("web", "80")]), &[web], &context(false));
         let key = AllowKey::new(ipv4_mapped([172, 17, 0, 2]), PROTO_TCP, 80);
-        assert_eq!(resolved.entries[&key], AllowValue { rule_id: 0 });
+        assert_eq!(resolved.entries[&key], Admission::Any(0));
     }
 }

@@ -2,6 +2,7 @@
 //! A file that cannot be read is an error for the operator, never silently replaced.
 
 use std::{
+    collections::BTreeSet,
     fs,
     io::{self, Write as _},
     path::{Path, PathBuf},
@@ -9,9 +10,14 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{Rule, RuleSet};
+use super::{Prefix, Rule, RuleSet, SourceSets};
 
-const FORMAT_VERSION: u32 = 1;
+/// Version 2 added sources, interfaces, expiry, sets and blocks. An older portgate would read
+/// a rule with sources as one without (unknown fields are ignored) and open it to everyone,
+/// so it must refuse the file instead: every save writes version 2.
+const FORMAT_VERSION: u32 = 2;
+/// Versions this portgate reads (1: rules only).
+const READABLE_VERSIONS: [u32; 2] = [1, 2];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -25,7 +31,7 @@ pub enum StoreError {
         source: serde_json::Error,
     },
     #[error(
-        "rules file {path} has format version {found}; this portgate reads version {FORMAT_VERSION}"
+        "rules file {path} has format version {found}; this portgate reads versions 1 and {FORMAT_VERSION}"
     )]
     Version { path: PathBuf, found: u32 },
     #[error("cannot write rules to {path}")]
@@ -36,6 +42,19 @@ pub enum StoreError {
 struct RulesFile {
     version: u32,
     rules: Vec<Rule>,
+    #[serde(default)]
+    sets: SourceSets,
+    #[serde(default)]
+    blocks: BTreeSet<Prefix>,
+}
+
+/// What `portgate allow`, `set` and `block` saved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Saved {
+    pub rules: RuleSet,
+    pub sets: SourceSets,
+    /// Sources never admitted.
+    pub blocks: BTreeSet<Prefix>,
 }
 
 /// The rules file in a state directory.
@@ -54,11 +73,11 @@ impl RuleStore {
         &self.path
     }
 
-    /// The saved rules; none if the file does not exist yet.
-    pub fn load(&self) -> Result<RuleSet, StoreError> {
+    /// The saved rules, sets and blocks; none if the file does not exist yet.
+    pub fn load(&self) -> Result<Saved, StoreError> {
         let text = match fs::read_to_string(&self.path) {
             Ok(text) => text,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(RuleSet::default()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Saved::default()),
             Err(source) => {
                 return Err(StoreError::Read {
                     path: self.path.clone(),
@@ -71,16 +90,20 @@ impl RuleStore {
                 path: self.path.clone(),
                 source,
             })?;
-        if file.version != FORMAT_VERSION {
+        if !READABLE_VERSIONS.contains(&file.version) {
             return Err(StoreError::Version {
                 path: self.path.clone(),
                 found: file.version,
             });
         }
-        Ok(RuleSet::new(file.rules))
+        Ok(Saved {
+            rules: RuleSet::new(file.rules),
+            sets: file.sets,
+            blocks: file.blocks,
+        })
     }
 
-    pub fn save(&self, rules: &RuleSet) -> Result<(), StoreError> {
+    pub fn save(&self, saved: &Saved) -> Result<(), StoreError> {
         let write_err = |source| StoreError::Write {
             path: self.path.clone(),
             source,
@@ -89,7 +112,9 @@ impl RuleStore {
         fs::create_dir_all(dir).map_err(write_err)?;
         let file = RulesFile {
             version: FORMAT_VERSION,
-            rules: rules.rules().to_vec(),
+            rules: saved.rules.rules().to_vec(),
+            sets: saved.sets.clone(),
+            blocks: saved.blocks.clone(),
         };
         let mut text = serde_json::to_vec_pretty(&file).map_err(|e| write_err(e.into()))?;
         text.push(b'\n');
@@ -108,29 +133,60 @@ impl RuleStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Ports, Target};
+    use crate::policy::{Access, Ports, Target};
 
     #[test]
     fn rules_round_trip_through_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = RuleStore::new(&dir.path().join("state"));
-        assert!(
-            store
-                .load()
-                .expect("missing file is empty")
-                .rules()
-                .is_empty()
+        assert_eq!(
+            store.load().expect("missing file is empty"),
+            Saved::default()
         );
-        let mut rules = RuleSet::default();
+        let mut saved = Saved::default();
         let spec = Ports::Spec("8000-8010/udp".parse().expect("spec"));
+        let rules = &mut saved.rules;
         rules
-            .allow("fd00::2".parse::<Target>().expect("target"), spec)
+            .allow(
+                "fd00::2".parse::<Target>().expect("target"),
+                spec,
+                Access::default(),
+            )
+            .expect("allow");
+        let restricted = Access {
+            from: vec![
+                "office".parse().expect("set"),
+                "10.0.0.0/8".parse().expect("prefix"),
+            ],
+            via: Some("wg0".into()),
+            expires: Some(1_900_000_000),
+        };
+        rules
+            .allow(
+                "web".parse::<Target>().expect("target"),
+                Ports::Published,
+                restricted,
+            )
             .expect("allow");
         rules
-            .allow("web".parse::<Target>().expect("target"), Ports::Published)
+            .allow(
+                Target::HostPort {
+                    protocol: crate::policy::Protocol::Tcp,
+                    port: 8080,
+                },
+                Ports::Published,
+                Access::default(),
+            )
             .expect("allow");
-        store.save(&rules).expect("save");
-        assert_eq!(store.load().expect("load"), rules);
+        saved.sets.insert(
+            "office".into(),
+            ["192.0.2.0/24".parse().expect("prefix")].into(),
+        );
+        saved
+            .blocks
+            .insert("203.0.113.0/24".parse().expect("prefix"));
+        store.save(&saved).expect("save");
+        assert_eq!(store.load().expect("load"), saved);
     }
 
     #[test]
@@ -142,6 +198,17 @@ mod tests {
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("rules.json"));
         assert_eq!(fs::read(store.path()).expect("read"), b"{not json");
+    }
+
+    #[test]
+    fn a_version_1_file_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RuleStore::new(dir.path());
+        let v1 = br#"{"version": 1, "rules": [{"id": 0, "target": {"address": "10.0.0.2"}, "ports": {"spec": {"protocol": "tcp", "port_start": 80, "port_end": 80}}}]}"#;
+        fs::write(store.path(), v1).expect("write");
+        let saved = store.load().expect("version 1 loads");
+        assert_eq!(saved.rules.rules().len(), 1);
+        assert!(!saved.rules.rules()[0].access.is_restricted());
     }
 
     #[test]
