@@ -220,3 +220,55 @@ pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
     };
     sys_bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
+
+pub const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// The number of entries in a hash map (also LRU), read in batches of a few thousand
+/// (BPF_MAP_LOOKUP_BATCH), not one system call per entry. `value_size` is the value's size
+/// as the kernel copies it (for per-CPU maps: rounded to 8, times the CPUs).
+pub fn count_entries(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io::Result<usize> {
+    const CHUNK: usize = 4_096;
+    let mut keys = vec![0u8; CHUNK * key_size];
+    let mut values = vec![0u8; CHUNK * value_size];
+    // The batch token of hash maps is a bucket index; 8 bytes hold it.
+    let (mut token_in, mut token_out) = (0u64, 0u64);
+    let mut total = 0;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &token_in as *const u64 as u64
+            },
+            out_batch: &mut token_out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let result = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        total += attr.count as usize;
+        match result {
+            Ok(_) => {}
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
+            Err(err) => return Err(err),
+        }
+        token_in = token_out;
+        first = false;
+    }
+}

@@ -15,6 +15,7 @@ pub const LAYOUT_VERSION: &str = "v3";
 pub mod map_names {
     pub const ALLOW: &str = "ALLOW";
     pub const FLOWS: &str = "FLOWS";
+    pub const NEW_FLOWS: &str = "NEW_FLOWS";
     pub const RULE_STATS: &str = "RULE_STATS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const CONFIG: &str = "CONFIG";
@@ -29,9 +30,10 @@ pub mod map_names {
     pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
     /// Maps pinned so that they outlive the agent (the ring buffer and its budget are not:
     /// a new agent reads events from its own programs).
-    pub const PINNED: [&str; 11] = [
+    pub const PINNED: [&str; 12] = [
         ALLOW,
         FLOWS,
+        NEW_FLOWS,
         RULE_STATS,
         COUNTERS,
         CONFIG,
@@ -61,8 +63,13 @@ pub mod program_names {
 
 /// Capacity of the allow map: one entry per (address, protocol, port).
 pub const ALLOW_CAPACITY: u32 = 262_144;
-/// Capacity of the connection-tracking map (LRU: the least recently used flow goes first).
+/// Capacity of the connection-tracking map of replied flows (LRU: the least recently used
+/// flow goes first).
 pub const FLOW_CAPACITY: u32 = 262_144;
+/// The unreplied flows' map holds this share of [`FLOW_CAPACITY`] (at least
+/// [`MIN_NEW_FLOWS`]): a flood of new connections churns it, never the replied flows.
+pub const NEW_FLOW_SHARE: u32 = 4;
+pub const MIN_NEW_FLOWS: u32 = 1_024;
 /// Number of rule slots for per-rule counters; rule ids are `0..MAX_RULES`.
 pub const MAX_RULES: u32 = 16_384;
 /// Rule id of flows that no allow rule admitted (started by a container).

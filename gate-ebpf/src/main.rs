@@ -37,18 +37,26 @@ use gate_common::{
     ALLOW_CAPACITY, ANY_SOURCE, Addr, AllowKey, AllowValue, BLOCK_FIXED_BITS, BLOCKED_CAPACITY,
     BRIDGE_DROPS_CAPACITY, BlockKey, BridgeDropKey, CONFIG_AUDIT, CONFIG_GATE_HOST, Config,
     DROP_EVENTS_BYTES, DROP_EVENTS_PER_SECOND, DropEvent, EventBudget, FLOW_CAPACITY, FLOW_REPLIED,
-    FlowKey, FlowState, HOST_PORTS_CAPACITY, LOCAL_ADDRS_CAPACITY, MAX_RULES, NO_RULE,
-    ORIGIN_CONTAINER, ORIGIN_REMOTE, PORT_ADDRS_CAPACITY, PROTO_TCP, PROTO_UDP, PortAddrKey,
-    RuleStats, SOURCE_KEY_BITS, SOURCES_CAPACITY, SourceKey, SourceValue, counters::*, ipv4_mapped,
-    tcp,
+    FlowKey, FlowState, HOST_PORTS_CAPACITY, LOCAL_ADDRS_CAPACITY, MAX_RULES, NEW_FLOW_SHARE,
+    NO_RULE, ORIGIN_CONTAINER, ORIGIN_REMOTE, PORT_ADDRS_CAPACITY, PROTO_TCP, PROTO_UDP,
+    PortAddrKey, RuleStats, SOURCE_KEY_BITS, SOURCES_CAPACITY, SourceKey, SourceValue, counters::*,
+    ipv4_mapped, tcp,
 };
 use gate_ebpf::{Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Transport, parse};
 
 #[map]
 static ALLOW: HashMap<AllowKey, AllowValue> = HashMap::with_max_entries(ALLOW_CAPACITY, 0);
 
+/// Tracked flows that both sides have spoken in.
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(FLOW_CAPACITY, 0);
+
+/// Tracked flows that have not been answered yet, moved to [`FLOWS`] by their first reply:
+/// a flood of new connections (to an allowed port, or from a container) evicts only its
+/// own kind, never an established connection.
+#[map]
+static NEW_FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(FLOW_CAPACITY / NEW_FLOW_SHARE, 0);
 
 #[map]
 static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
@@ -327,8 +335,26 @@ fn try_toward_containers(ctx: &TcContext, config: &Config, packet: &mut Transpor
 fn is_tracked(key: &FlowKey, proto: u8) -> bool {
     // SAFETY: ktime has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: the value is read at once.
-    unsafe { FLOWS.get(key) }.is_some_and(|flow| flow.is_live(proto, now))
+    let live = |flow: &FlowState| flow.is_live(proto, now);
+    // SAFETY: the values are read at once.
+    unsafe { FLOWS.get(key).is_some_and(live) || NEW_FLOWS.get(key).is_some_and(live) }
+}
+
+/// The tracked flow of `key`, and whether it is an unreplied one ([`NEW_FLOWS`]).
+#[inline(always)]
+fn tracked_flow(key: &FlowKey) -> Option<(*mut FlowState, bool)> {
+    match FLOWS.get_ptr_mut(key) {
+        Some(flow) => Some((flow, false)),
+        None => NEW_FLOWS.get_ptr_mut(key).map(|flow| (flow, true)),
+    }
+}
+
+/// Moves a flow that was just answered from [`NEW_FLOWS`] to [`FLOWS`].
+#[inline(always)]
+fn promote(key: &FlowKey, flow: &FlowState) {
+    if FLOWS.insert(key, flow, 0).is_ok() {
+        let _ = NEW_FLOWS.remove(key);
+    }
 }
 
 #[inline(never)]
@@ -351,7 +377,7 @@ fn toward_container(
     };
     // SAFETY: ktime has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(flow) = FLOWS.get_ptr_mut(key) {
+    if let Some((flow, unreplied)) = tracked_flow(&key) {
         // SAFETY: the map value stays valid for this program run; concurrent updates of
         // a flow's fields race benignly (last writer wins, as in Cilium's conntrack).
         let flow = unsafe { &mut *flow };
@@ -359,6 +385,9 @@ fn toward_container(
         let echo_request_in = packet.icmp == Icmp::EchoRequest && flow.origin == ORIGIN_CONTAINER;
         if continues(flow, packet, now) && !echo_request_in {
             follow(flow, packet, false, now, ctx.len());
+            if unreplied && flow.flags & FLOW_REPLIED != 0 {
+                promote(&key, flow);
+            }
             return Verdict::Pass(PASS_TRACKED);
         }
     }
@@ -444,11 +473,14 @@ fn try_from_containers(ctx: &TcContext) {
     let key = container_sent(&packet);
     // SAFETY: ktime has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(flow) = FLOWS.get_ptr_mut(key) {
+    if let Some((flow, unreplied)) = tracked_flow(&key) {
         // SAFETY: as in `toward_container`.
         let flow = unsafe { &mut *flow };
         if continues(flow, &packet, now) {
             follow(flow, &packet, true, now, ctx.len());
+            if unreplied && flow.flags & FLOW_REPLIED != 0 {
+                promote(&key, flow);
+            }
             return;
         }
     }
@@ -537,7 +569,9 @@ fn open_flow(
         flags: 0,
         _pad: 0,
     };
-    match FLOWS.insert(key, state, 0) {
+    // A closed or expired flow of the same key in the replied table would be found first.
+    let _ = FLOWS.remove(key);
+    match NEW_FLOWS.insert(key, state, 0) {
         Ok(()) => count(FLOW_CREATED),
         Err(err) => {
             count(FLOW_INSERT_FAILED);

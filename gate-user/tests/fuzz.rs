@@ -175,6 +175,19 @@ fn tally(gate: &Gate) -> (u64, u64, u64, u64) {
     (passes, drops, created, admitted)
 }
 
+/// One test run of `frame`; a failing call fails the test with the frame saved.
+fn run_or_fail(
+    fd: std::os::fd::BorrowedFd<'_>,
+    frame: &[u8],
+    seed: u64,
+    index: usize,
+) -> sys::TestRun {
+    match sys::test_run(fd, frame, FORWARDED, 1) {
+        Ok(run) => run,
+        Err(err) => fail(frame, seed, index, &format!("BPF_PROG_TEST_RUN: {err}")),
+    }
+}
+
 /// Saves the frame that broke an invariant and fails with how to reproduce it.
 fn fail(frame: &[u8], seed: u64, index: usize, what: &str) -> ! {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fuzz");
@@ -292,10 +305,7 @@ fn mutated_and_random_frames_keep_the_gates_invariants() {
             .datapath
             .program_fd(program_names::FROM_CONTAINERS)
             .expect("program fd");
-        let run = match sys::test_run(fd, &frame, FORWARDED, 1) {
-            Ok(run) => run,
-            Err(err) => fail(&frame, seed, index, &format!("BPF_PROG_TEST_RUN: {err}")),
-        };
+        let run = run_or_fail(fd, &frame, seed, index);
         if run.retval != -1 {
             fail(
                 &frame,
@@ -313,10 +323,7 @@ fn mutated_and_random_frames_keep_the_gates_invariants() {
             .datapath
             .program_fd(program_names::FROM_UPLINKS)
             .expect("program fd");
-        let run = match sys::test_run(fd, &frame, FORWARDED, 1) {
-            Ok(run) => run,
-            Err(err) => fail(&frame, seed, index, &format!("BPF_PROG_TEST_RUN: {err}")),
-        };
+        let run = run_or_fail(fd, &frame, seed, index);
         if run.retval != -1 && run.retval != 2 {
             fail(
                 &frame,

@@ -161,6 +161,7 @@ fn status(bridge: &str, backend: &str, chain: &str) -> DelegationStatus {
         backend: backend.to_owned(),
         chain: chain.to_owned(),
         installed: true,
+        replies: false,
     }
 }
 
@@ -176,6 +177,7 @@ fn accept_policy_needs_nothing_and_creates_nothing() {
             backend: "none".to_owned(),
             chain: "not needed".to_owned(),
             installed: false,
+            replies: false,
         }]
     );
     assert_eq!(delegation.status(), statuses);
@@ -1007,4 +1009,99 @@ fn remove_for_takes_only_the_named_bridges_rules() {
         ns.rules("iptables-nft", "FORWARD"),
         [ours("FORWARD", "pgother0")]
     );
+}
+
+/// A bridge of an nftables-only engine (netavark's nftables driver) gets its replies rule
+/// next to its rule toward the bridge, in iptables and in native nftables alike; another
+/// bridge gets none; `remove_all` takes both.
+#[test]
+fn replies_rule_only_for_the_bridges_that_need_it() {
+    let Some(ns) = Netns::new() else { return };
+    const OTHER: &str = "pgbr1";
+    ns.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
+    ns.exec_stdin(
+        &["nft", "-f", "-"],
+        r#"table inet pgfw {
+    chain forward {
+        type filter hook forward priority 0; policy drop;
+    }
+}
+"#,
+    );
+    let mut delegation = Delegation::new();
+    let replies = netfilter::replies_key(BR);
+    let statuses = ns.ensure(&mut delegation, &[BR, &replies, OTHER]);
+    let replies_status = |backend: &str, chain: &str| DelegationStatus {
+        replies: true,
+        ..status(BR, backend, chain)
+    };
+    assert_eq!(
+        statuses,
+        [
+            status(BR, "iptables-nft", "FORWARD"),
+            replies_status("iptables-nft", "FORWARD"),
+            status(OTHER, "iptables-nft", "FORWARD"),
+            status(BR, "nftables", "inet pgfw forward"),
+            replies_status("nftables", "inet pgfw forward"),
+            status(OTHER, "nftables", "inet pgfw forward"),
+        ]
+    );
+    let replies_rule = format!(
+        "-A FORWARD -i {BR} -m conntrack --ctstate DNAT -m comment --comment \"portgate: delegate {BR} replies to the eBPF gate\" -j ACCEPT"
+    );
+    assert_eq!(
+        ns.rules("iptables-nft", "FORWARD"),
+        [
+            ours("FORWARD", BR),
+            replies_rule.clone(),
+            ours("FORWARD", OTHER)
+        ]
+    );
+    assert_eq!(
+        nft_rules(&ns, "inet", "pgfw", "forward"),
+        [
+            ours_nft(BR),
+            format!(
+                "iifname \"{BR}\" ct status dnat accept comment \"portgate: delegate {BR} replies to the eBPF gate\""
+            ),
+            ours_nft(OTHER)
+        ]
+    );
+    assert_eq!(ns.check_and_restore(&mut delegation), 0, "in place");
+
+    // A firewall reload drops the replies rule: it comes back.
+    ns.exec(&[
+        "iptables-nft",
+        "-D",
+        "FORWARD",
+        "-i",
+        BR,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "DNAT",
+        "-m",
+        "comment",
+        "--comment",
+        &format!("portgate: delegate {BR} replies to the eBPF gate"),
+        "-j",
+        "ACCEPT",
+    ]);
+    assert_eq!(ns.check_and_restore(&mut delegation), 1);
+    assert!(ns.rules("iptables-nft", "FORWARD").contains(&replies_rule));
+
+    // The engine no longer needs it: it goes, the rule toward the bridge stays.
+    ns.ensure(&mut delegation, &[BR, OTHER]);
+    assert_eq!(
+        ns.rules("iptables-nft", "FORWARD"),
+        [ours("FORWARD", BR), ours("FORWARD", OTHER)]
+    );
+    assert_eq!(
+        nft_rules(&ns, "inet", "pgfw", "forward"),
+        [ours_nft(BR), ours_nft(OTHER)]
+    );
+    ns.ensure(&mut delegation, &[BR, &replies]);
+    assert_eq!(ns.remove_all(), 4);
+    assert!(ns.rules("iptables-nft", "FORWARD").is_empty());
+    assert!(nft_rules(&ns, "inet", "pgfw", "forward").is_empty());
 }

@@ -1147,3 +1147,59 @@ fn the_uplink_program_only_counts_in_audit_mode() {
     assert_eq!(gate.counter("audit_passed"), 1);
     assert_eq!(gate.counter("dropped_before_conntrack"), 0);
 }
+
+/// Four times the table's capacity of new connections, from outside to an allowed port and
+/// from the container to many destinations: the 50 idle established connections all survive
+/// (a new connection lives in the unreplied table until its first reply).
+#[test]
+fn a_flood_of_new_connections_evicts_no_established_one() {
+    let capacities = Capacities {
+        flows: 4_096,
+        ..Capacities::default()
+    };
+    let Some(mut gate) = Gate::load_with(GateConfig::default(), capacities) else {
+        return;
+    };
+    gate.allow("10.99.0.2", "80/tcp");
+    let remote = |i: u32| [10, 98, (i >> 8) as u8, i as u8];
+    for i in 0..50 {
+        assert_eq!(
+            gate.toward(&tcp4(remote(i), CONTAINER4, 40000, 80, SYN)),
+            Verdict::Pass
+        );
+        gate.sent_by_container(&tcp4(CONTAINER4, remote(i), 80, 40000, SYN_ACK));
+        assert_eq!(
+            gate.toward(&tcp4(remote(i), CONTAINER4, 40000, 80, ACK)),
+            Verdict::Pass
+        );
+    }
+    assert_eq!(
+        gate.datapath.tracked_flows().expect("count"),
+        50,
+        "counted in batches"
+    );
+    let flood = 4 * capacities.flows;
+    for i in 0..flood {
+        let source = [10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8];
+        assert_eq!(
+            gate.toward(&tcp4(source, CONTAINER4, 40000, 80, SYN)),
+            Verdict::Pass
+        );
+        let destination = [10, 100 + (i >> 16) as u8, (i >> 8) as u8, i as u8];
+        gate.sent_by_container(&tcp4(CONTAINER4, destination, 50000, 443, SYN));
+    }
+    let survivors = (0..50)
+        .filter(|i| gate.toward(&tcp4(remote(*i), CONTAINER4, 40000, 80, ACK)) == Verdict::Pass)
+        .count();
+    assert_eq!(
+        survivors, 50,
+        "established connections evicted by the flood"
+    );
+    // The latest new connections are still tracked: their replies pass.
+    let last = flood - 1;
+    let destination = [10, 100 + (last >> 16) as u8, (last >> 8) as u8, last as u8];
+    assert_eq!(
+        gate.toward(&tcp4(destination, CONTAINER4, 443, 50000, SYN_ACK)),
+        Verdict::Pass
+    );
+}

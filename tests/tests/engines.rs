@@ -11,9 +11,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use portgate_tests::engines::{
-    Download, Engine, EngineAgent, Engines, FOLLOW_TIMEOUT, IMAGE, PongServer, Scenario, body_of,
-    container_rules, engine_status, free_port, host_ports, httpd_script, iptables_delete,
-    iptables_rules, unique,
+    DockerNetwork, Download, Engine, EngineAgent, EngineSet, Engines, FOLLOW_TIMEOUT, IMAGE,
+    OperatorNftTable, OperatorRule, PodmanNetwork, PongServer, Scenario, body_of, container_rules,
+    engine_status, free_port, host_ports, httpd_script, iptables_delete, iptables_rules,
+    iptables_rules_in, unique,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -33,6 +34,11 @@ macro_rules! setup {
 /// The comment of the delegation rule for `bridge` (docs-contract.md).
 fn delegation_comment(bridge: &str) -> String {
     format!("portgate: delegate {bridge} to the eBPF gate")
+}
+
+/// The comment of the replies rule for `bridge`.
+fn replies_comment(bridge: &str) -> String {
+    format!("portgate: delegate {bridge} replies to the eBPF gate")
 }
 
 /// Every rule in the root namespace's filter table that portgate installed.
@@ -88,7 +94,7 @@ fn default_deny_then_allow_by_name_by_label_and_deny() {
         lport,
         &["--label", "portgate.allow=80/tcp"],
     );
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
 
     sc.assert_times_out(
@@ -163,7 +169,7 @@ fn allow_published_opens_exactly_the_published_ports_and_lists_them() {
     docker.wait_serving(80);
     docker.wait_serving(81);
     let _podman = engines.run_httpd(Engine::Podman, &pname, ppod, &[]);
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
 
     sc.assert_times_out(sc.published(p80), "published 80 before allow --published");
@@ -247,7 +253,7 @@ fn rule_follows_the_container_across_restarts() {
         lport,
         &["--label", "portgate.allow=80/tcp"],
     );
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
     agent.allow(&aname, "80/tcp");
     sc.assert_answers(
@@ -335,7 +341,7 @@ fn dockerd_restart_keeps_enforcement_and_the_agent_resyncs() {
         lport,
         &["--label", "portgate.allow=80/tcp"],
     );
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     let status = agent.wait_engines_connected(&["docker", "podman"]);
     let syncs_before = engine_status(&status, "docker").expect("docker engine")["syncs"]
         .as_u64()
@@ -433,7 +439,7 @@ fn download_survives_an_agent_restart() {
     let podman = engines.podman_run(&pname, &["-p", &pub_p, IMAGE, "/bin/sh", "-c", &script_p]);
     docker.wait_serving(80);
     podman.wait_serving(80);
-    let mut agent = EngineAgent::start(&[]);
+    let mut agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
     agent.allow(&dname, "80/tcp");
     agent.allow(&pname, "80/tcp");
@@ -504,7 +510,7 @@ fn deleted_delegation_rule_is_restored() {
         dport,
         &["--label", "portgate.allow=80/tcp"],
     );
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
     sc.assert_answers_within(
         sc.published(lport),
@@ -519,11 +525,34 @@ fn deleted_delegation_rule_is_restored() {
         .unwrap_or_else(|| panic!("status --json has no netfilter array: {status}"));
     let podman0 = netfilter
         .iter()
-        .find(|n| n["bridge"] == "podman0")
-        .unwrap_or_else(|| panic!("no delegation rule for podman0 under FORWARD DROP: {status}"));
+        .find(|n| n["bridge"] == engines.set.podman_bridge())
+        .unwrap_or_else(|| {
+            panic!(
+                "no delegation rule for {} under FORWARD DROP: {status}",
+                engines.set.podman_bridge()
+            )
+        });
     assert_eq!(
         podman0["installed"], true,
         "podman0's delegation rule: {status}"
+    );
+    // A replies rule exactly where the engine accepts its bridge's traffic only in nftables
+    // tables of its own (Podman 5's netavark), and nowhere else.
+    let with_replies: Vec<&str> = netfilter
+        .iter()
+        .filter(|n| n["replies"] == true && n["installed"] == true)
+        .filter_map(|n| n["bridge"].as_str())
+        .collect();
+    let expected: Vec<&str> = if engines.set == EngineSet::Sid {
+        vec![engines.set.podman_bridge()]
+    } else {
+        Vec::new()
+    };
+    assert_eq!(
+        with_replies,
+        expected,
+        "bridges with a replies rule on engine set {}: {status}",
+        engines.set.name()
     );
     for entry in netfilter {
         let bridge = entry["bridge"].as_str().expect("bridge");
@@ -533,11 +562,17 @@ fn deleted_delegation_rule_is_restored() {
             "iptables-legacy" => "iptables-legacy",
             _ => "iptables",
         };
-        let comment = delegation_comment(bridge);
+        // A replies rule (bridges of nftables-only engines) lets the bridge's replies out.
+        let replies = entry["replies"] == true;
+        let (comment, interface) = if replies {
+            (replies_comment(bridge), format!("-i {bridge}"))
+        } else {
+            (delegation_comment(bridge), format!("-o {bridge}"))
+        };
         let find = || {
             iptables_rules(bin, chain)
                 .into_iter()
-                .find(|l| l.contains(&comment) && l.contains(&format!("-o {bridge}")))
+                .find(|l| l.contains(&format!("\"{comment}\"")) && l.contains(&interface))
         };
         let rule = find().unwrap_or_else(|| {
             panic!(
@@ -582,6 +617,11 @@ fn deleted_delegation_rule_is_restored() {
     );
 }
 
+/// Containers reach the outside with no rule of portgate's. On the sid set, Podman 5's
+/// netavark accepts its containers' traffic only in its own nftables table, so the host's
+/// iptables FORWARD policy DROP drops it, agent or not (netavark#977): the test shows that,
+/// then adds the operator's rule that netavark's iptables driver used to add itself and
+/// checks that the gate lets the traffic through.
 #[test]
 fn containers_reach_the_outside_with_no_rule() {
     let (_serial, engines) = setup!();
@@ -590,9 +630,9 @@ fn containers_reach_the_outside_with_no_rule() {
         &sc.client,
         std::net::SocketAddr::from((sc.client_addr, 9000)),
     );
-    let agent = EngineAgent::start(&[]);
-    agent.wait_engines_connected(&["docker", "podman"]);
-    for engine in [Engine::Docker, Engine::Podman] {
+    let agent = EngineAgent::start(engines, &[]);
+    let status = agent.wait_engines_connected(&["docker", "podman"]);
+    let reach = |engine: Engine| {
         let name = unique(&format!("nc-{}", engine.name()));
         let script = format!(
             "echo hello-from-{} | /bin/busybox nc -w 5 {} 9000",
@@ -605,9 +645,45 @@ fn containers_reach_the_outside_with_no_rule() {
             &[IMAGE, "/bin/sh", "-c", &script],
             Duration::from_secs(60),
         );
-        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        (stdout, output)
+    };
+    let mut _operator_rule = None;
+    if engines.set == EngineSet::Sid {
+        let (stdout, _) = reach(Engine::Podman);
+        assert_ne!(
+            stdout, "pong hello-from-podman",
+            "Podman 5 (netavark's nftables driver) under iptables FORWARD DROP: its outbound \
+             traffic should be dropped by the host's chain, not accepted (status: {})",
+            status["engines"]
+        );
+        // What netavark's iptables driver adds itself: the bridge's traffic out, and what
+        // comes back for it.
+        let bridge = engines.set.podman_bridge();
+        let comment = ["-m", "comment", "--comment", "pge operator: netavark#977"];
+        let out = [&["-i", bridge][..], &comment, &["-j", "ACCEPT"]].concat();
+        let back = [
+            &[
+                "-o",
+                bridge,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+            ][..],
+            &comment,
+            &["-j", "ACCEPT"],
+        ]
+        .concat();
+        _operator_rule = Some([
+            OperatorRule::insert("iptables", "FORWARD", &out),
+            OperatorRule::insert("iptables", "FORWARD", &back),
+        ]);
+    }
+    for engine in [Engine::Docker, Engine::Podman] {
+        let (stdout, output) = reach(engine);
         assert_eq!(
-            stdout.trim(),
+            stdout,
             format!("pong hello-from-{}", engine.name()),
             "a {} container's connection to the outside ({}:9000) should get its reply \
              ({}; stderr: {})",
@@ -621,6 +697,335 @@ fn containers_reach_the_outside_with_no_rule() {
         server.accepted(),
         2,
         "the outside server should have seen both containers"
+    );
+}
+
+/// A host firewall written for nftables: a forward chain of the operator's own with policy
+/// drop (netavark#977's situation), on top of the scenario's iptables FORWARD DROP. An accept
+/// in another base chain (Docker's iptables rules, netavark's own table) does not skip it, so
+/// without the agent every engine's published ports time out. The agent puts its rule in
+/// that chain too, and `allow` opens exactly the allowed ports.
+#[test]
+fn nftables_forward_policy_drop_is_delegated_too() {
+    let (_serial, engines) = setup!();
+    let sc = Scenario::new();
+    let (dport, pport) = (free_port(), free_port());
+    let (dname, pname) = (unique("nft-d"), unique("nft-p"));
+    let _docker = engines.run_httpd(Engine::Docker, &dname, dport, &[]);
+    let _podman = engines.run_httpd(Engine::Podman, &pname, pport, &[]);
+    let table =
+        OperatorNftTable::forward_drop(&unique("fw"), &["ct state established,related accept"]);
+    sc.assert_times_out(
+        sc.published(dport),
+        "Docker's published port under an nftables forward chain with policy drop, no agent",
+    );
+    sc.assert_times_out(
+        sc.published(pport),
+        "Podman's published port under an nftables forward chain with policy drop, no agent",
+    );
+
+    let agent = EngineAgent::start(engines, &[]);
+    let status = agent.wait_engines_connected(&["docker", "podman"]);
+    let chain = table.status_chain();
+    let deadline = Instant::now() + FOLLOW_TIMEOUT;
+    loop {
+        let status = agent.status_json();
+        let delegated: BTreeSet<String> = status["netfilter"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["chain"] == chain.as_str() && n["installed"] == true)
+            .filter(|n| n["replies"] != true)
+            .filter_map(|n| n["bridge"].as_str().map(str::to_owned))
+            .collect();
+        let wanted = BTreeSet::from(["docker0".to_owned(), engines.set.podman_bridge().to_owned()]);
+        if wanted.is_subset(&delegated) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status should show the delegation rules of {wanted:?} in {chain}: {}",
+            status["netfilter"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("engines: {}", status["engines"]);
+    sc.assert_times_out(sc.published(dport), "Docker's published port, no rule");
+    sc.assert_times_out(sc.published(pport), "Podman's published port, no rule");
+    agent.allow(&dname, "80/tcp");
+    agent.allow(&pname, "80/tcp");
+    sc.assert_answers(
+        sc.published(dport),
+        &body_of(&dname),
+        "Docker's published port after allow, under the nftables drop policy",
+    );
+    sc.assert_answers(
+        sc.published(pport),
+        &body_of(&pname),
+        "Podman's published port after allow, under the nftables drop policy",
+    );
+    drop(agent);
+    drop(table);
+}
+
+/// Docker 28's networks without NAT protection: `gateway_mode_ipv4=routed` (no NAT; Docker
+/// accepts routed traffic to published container ports) and `nat-unprotected` (every port of
+/// the container is reachable by direct routing). The gate enforces on their bridges like on
+/// any other: nothing answers until allowed, and only what is allowed. And on Docker 28's
+/// default (`nat`) network, direct routing to a container is dropped in raw PREROUTING, before
+/// the gate, even for an allowed port, while the published port answers. Docker 20.10 has none
+/// of these modes: on the other sets the test says so and returns.
+#[test]
+fn docker28_routed_and_unprotected_networks_are_gated() {
+    let (_serial, engines) = setup!();
+    if engines.set != EngineSet::Sid {
+        eprintln!(
+            "note: engine set {}: its Docker has no gateway_mode_ipv4 (Docker 27 and later); \
+             nothing to test here",
+            engines.set.name()
+        );
+        return;
+    }
+    let sc = Scenario::new();
+    // The client's default route is the host: it routes to container addresses directly.
+    // The default network: Docker 28 drops direct routing in raw PREROUTING.
+    let (dport, dname) = (free_port(), unique("nat-d"));
+    let nat = engines.run_httpd(Engine::Docker, &dname, dport, &[]);
+    let nat_address: std::net::Ipv4Addr = nat.address().parse().expect("docker0 address");
+    let raw = iptables_rules_in("iptables", "raw", "PREROUTING");
+    assert!(
+        raw.iter()
+            .any(|r| r.contains(&format!("-d {nat_address}/32")) && r.contains("-j DROP")),
+        "Docker 28 should drop direct routing to {nat_address} in raw PREROUTING: {raw:?}"
+    );
+
+    let mut networks = Vec::new();
+    let mut containers = Vec::new();
+    let mut targets = Vec::new();
+    for mode in ["routed", "nat-unprotected"] {
+        let network = DockerNetwork::create(
+            engines,
+            &unique(mode),
+            &[
+                "-o",
+                &format!("com.docker.network.bridge.gateway_mode_ipv4={mode}"),
+            ],
+        );
+        let name = unique(&format!("web-{mode}"));
+        let script = httpd_script(&name, &[81, 80], 0);
+        let publish = format!("{}:80", free_port());
+        let container = engines.docker_run(
+            &name,
+            &[
+                "--network",
+                &network.name,
+                "-p",
+                &publish,
+                IMAGE,
+                "/bin/sh",
+                "-c",
+                &script,
+            ],
+        );
+        let address = container.wait_serving_on(&network.name, 80);
+        container.wait_serving_on(&network.name, 81);
+        eprintln!(
+            "{mode}: {name} at {address} on {} ({})",
+            network.name,
+            network.subnet()
+        );
+        // Without the agent: the published container port answers by direct routing; the
+        // unpublished one only where Docker does not protect it.
+        sc.assert_answers(
+            std::net::SocketAddr::from((address, 80)),
+            &body_of(&name),
+            &format!("{mode}: published port 80, routed directly, no agent"),
+        );
+        let unpublished = std::net::SocketAddr::from((address, 81));
+        if mode == "routed" {
+            sc.assert_times_out(unpublished, "routed: unpublished port 81, no agent");
+        } else {
+            sc.assert_answers(
+                unpublished,
+                &body_of(&name),
+                "nat-unprotected: unpublished port 81, no agent",
+            );
+        }
+        targets.push((mode, name, address));
+        containers.push(container);
+        networks.push(network);
+    }
+
+    let agent = EngineAgent::start(engines, &[]);
+    agent.wait_engines_connected(&["docker", "podman"]);
+    for (mode, _, address) in &targets {
+        for port in [80, 81] {
+            sc.assert_times_out(
+                std::net::SocketAddr::from((*address, port)),
+                &format!("{mode}: port {port} with the agent, no rule"),
+            );
+        }
+    }
+    for (mode, name, address) in &targets {
+        agent.allow(name, "80/tcp");
+        sc.assert_answers(
+            std::net::SocketAddr::from((*address, 80)),
+            &body_of(name),
+            &format!("{mode}: port 80 after `portgate allow NAME 80/tcp`"),
+        );
+        sc.assert_times_out(
+            std::net::SocketAddr::from((*address, 81)),
+            &format!("{mode}: port 81, not allowed"),
+        );
+    }
+    let (_, name, address) = &targets[1];
+    agent.allow(name, "81/tcp");
+    sc.assert_answers(
+        std::net::SocketAddr::from((*address, 81)),
+        &body_of(name),
+        "nat-unprotected: port 81 after `portgate allow NAME 81/tcp`",
+    );
+
+    agent.allow(&dname, "80/tcp");
+    sc.assert_answers(
+        sc.published(dport),
+        &body_of(&dname),
+        "default network: published port after allow",
+    );
+    sc.assert_times_out(
+        std::net::SocketAddr::from((nat_address, 80)),
+        "default network: direct routing to an allowed port (raw PREROUTING drops it first)",
+    );
+    drop(agent);
+    drop(containers);
+    drop(networks);
+}
+
+/// What `status` says about each engine (version, Podman's network backend, the firewall it
+/// writes to) is what the set runs; and a network made with `podman network create` (netavark
+/// or CNI, its bridge named by Podman's own API) is found by `--bridge auto` and gated:
+/// nothing answers until allowed.
+#[test]
+fn status_names_the_engines_and_podman_networks_are_gated() {
+    let (_serial, engines) = setup!();
+    let sc = Scenario::new();
+    let network = PodmanNetwork::create(engines, &unique("net"));
+    let bridge = network.bridge();
+    let (port, name) = (free_port(), unique("net-p"));
+    let script = httpd_script(&name, &[80], 0);
+    let publish = format!("{port}:80");
+    let _web = engines.podman_run(
+        &name,
+        &[
+            "--network",
+            &network.name,
+            "-p",
+            &publish,
+            IMAGE,
+            "/bin/sh",
+            "-c",
+            &script,
+        ],
+    );
+    let agent = EngineAgent::start(engines, &[]);
+    let status = agent.wait_engines_connected(&["docker", "podman"]);
+    let docker = engine_status(&status, "docker").expect("docker engine");
+    let podman = engine_status(&status, "podman").expect("podman engine");
+    let (docker_major, podman_major, backend, podman_firewall) = match engines.set {
+        EngineSet::Debian12 => ("20.", "4.", "netavark", "iptables"),
+        EngineSet::Cni => ("20.", "4.", "cni", "iptables"),
+        EngineSet::Sid => ("28.", "5.", "netavark", "nftables"),
+    };
+    assert!(
+        docker["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with(docker_major)),
+        "docker's version on set {}: {docker}",
+        engines.set.name()
+    );
+    assert_eq!(
+        docker["firewall"], "iptables",
+        "docker's firewall: {docker}"
+    );
+    assert!(
+        podman["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with(podman_major)),
+        "podman's version on set {}: {podman}",
+        engines.set.name()
+    );
+    assert_eq!(podman["network_backend"], backend, "podman: {podman}");
+    assert_eq!(podman["firewall"], podman_firewall, "podman: {podman}");
+    if engines.set == EngineSet::Sid {
+        // Docker 28 files its rules under DOCKER-FORWARD, and still jumps to DOCKER-USER
+        // first: the delegation rule for docker0 goes there, before its RETURN.
+        let forward = iptables_rules("iptables", "FORWARD");
+        assert!(
+            forward.iter().any(|r| r == "-A FORWARD -j DOCKER-FORWARD"),
+            "Docker 28's FORWARD: {forward:?}"
+        );
+        let deadline = Instant::now() + FOLLOW_TIMEOUT;
+        let docker0 = loop {
+            let status = agent.status_json();
+            let found = status["netfilter"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["bridge"] == "docker0" && n["replies"] != true)
+                .cloned();
+            if let Some(found) = found {
+                break found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no delegation rule for docker0: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(docker0["chain"], "DOCKER-USER", "docker0's rule: {docker0}");
+        let user = iptables_rules("iptables", "DOCKER-USER");
+        assert_eq!(
+            user.last().map(String::as_str),
+            Some("-A DOCKER-USER -j RETURN"),
+            "the delegation rule goes before DOCKER-USER's RETURN: {user:?}"
+        );
+    }
+    let text = agent.cli_ok(&["status"]);
+    assert!(
+        text.lines().any(|l| l.starts_with("engine:")
+            && l.contains("podman")
+            && l.contains(&format!("(firewall {podman_firewall})"))),
+        "`status` should name podman's firewall: {text}"
+    );
+
+    let deadline = Instant::now() + FOLLOW_TIMEOUT;
+    while !agent.status_json()["bridges"].as_array().is_some_and(|b| {
+        b.iter()
+            .any(|b| b["name"] == bridge.as_str() && b["attached"] == true)
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "--bridge auto should gate {bridge} (podman network {}): {}",
+            network.name,
+            agent.status_json()["bridges"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sc.assert_times_out(
+        sc.published(port),
+        &format!(
+            "Podman container on network {} ({bridge}), no rule",
+            network.name
+        ),
+    );
+    agent.allow(&name, "80/tcp");
+    sc.assert_answers(
+        sc.published(port),
+        &body_of(&name),
+        &format!(
+            "Podman container on network {} ({bridge}) after allow",
+            network.name
+        ),
     );
 }
 
@@ -668,7 +1073,7 @@ fn docker_proxy_paths_stay_closed_until_allowed() {
         "hairpin without the agent should answer"
     );
 
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
     // Host ports are written once the engine has reported.
     let start = Instant::now();
@@ -750,7 +1155,7 @@ fn host_port_rules_and_labels_with_sources_on_both_engines() {
         let container = engines.run_httpd(engine, &name, port, &["--label", label]);
         labelled.push((engine, port, name, label == &client_label, container));
     }
-    let agent = EngineAgent::start(&[]);
+    let agent = EngineAgent::start(engines, &[]);
     agent.wait_engines_connected(&["docker", "podman"]);
 
     for (port, name) in [(dport, &dname), (pport, &pname)] {

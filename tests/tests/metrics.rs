@@ -230,7 +230,7 @@ impl Prometheus<'_> {
 
 /// What the rule `allow 10.99.0.2 80` is exported as.
 /// (In the order the exposition writes them.)
-const RULE: &str = r#"rule="0",source="cli",target="10.99.0.2",container="",address="10.99.0.2",port="80",protocol="tcp""#;
+const RULE: &str = r#"rule="0",source="cli",target="10.99.0.2",container="",address="10.99.0.2",port="80",protocol="tcp",from="",via="""#;
 
 #[test]
 fn prometheus_scrapes_the_agent() {

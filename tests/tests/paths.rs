@@ -10,7 +10,7 @@ use portgate_tests::net::{
     NO_REPLY, SHOULD_ANSWER, assert_tcp_answers, assert_tcp_times_out, sa, send_forged_udp,
     udp_request_from,
 };
-use portgate_tests::sandbox::{CLIENT_V4, CONTAINER_V4};
+use portgate_tests::sandbox::{BRIDGE, CLIENT_V4, CONTAINER_V4};
 use portgate_tests::{Agent, Sandbox, TcpEchoServer, UdpEchoServer, require_root};
 
 macro_rules! require_root {
@@ -106,6 +106,47 @@ fn removing_the_link_pins_never_opens_the_gate() {
     }
     let mut agent = agent;
     agent.kill();
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:22"));
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+}
+
+/// The bridge deleted and made again (an engine or network restart does this): the agent
+/// attaches to the new one by itself, says so, and the gate is as it was.
+#[test]
+fn a_recreated_bridge_is_gated_again_by_itself() {
+    require_root!();
+    let sb = Sandbox::new();
+    let _web = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:80"));
+    let _ssh = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:22"));
+    let agent = Agent::start(&sb);
+    agent.allow("10.99.0.2", "80/tcp");
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+
+    let ip = |args: &[&str]| {
+        portgate_tests::run_ok(
+            std::process::Command::new("ip")
+                .args(["-n", &sb.host])
+                .args(args),
+        )
+    };
+    ip(&["link", "del", BRIDGE]);
+    ip(&["link", "add", BRIDGE, "type", "bridge"]);
+    for port in ["vctr", "vnbr"] {
+        ip(&["link", "set", port, "master", BRIDGE]);
+    }
+    ip(&["addr", "add", "10.99.0.1/24", "dev", BRIDGE]);
+    ip(&["-6", "addr", "add", "fd99::1/64", "dev", BRIDGE, "nodad"]);
+    ip(&["link", "set", BRIDGE, "up"]);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while agent.log_text().matches("gate attached").nth(1).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not attach to the new bridge: {}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:22"));
     assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
 }

@@ -6,6 +6,7 @@ mod deb;
 mod demo;
 mod lint;
 mod setup;
+mod sid_root;
 mod test;
 
 use std::process::ExitCode;
@@ -44,7 +45,11 @@ enum Task {
     /// Run setup, lint, build, and every test: unit, program and end-to-end (the CI command;
     /// root).
     Test {
-        /// Passed to the final `cargo test -p portgate-tests -- --test-threads=2 ...`
+        /// Run the engine tests against these engine sets only (debian12, cni, sid;
+        /// repeatable); default: every set, one after the other.
+        #[arg(long = "engine-set", value_name = "SET")]
+        engine_sets: Vec<String>,
+        /// Passed to every `cargo test -p portgate-tests ... -- --test-threads=2 ...`
         /// (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -81,7 +86,7 @@ fn main() -> ExitCode {
         }),
         Task::Build { release } => build(release),
         Task::Lint => lint::run(),
-        Task::Test { args } => test::run(&args),
+        Task::Test { engine_sets, args } => test::run(&args, &engine_sets),
         Task::Deb => deb::run(),
         Task::Demo => demo::run(),
         Task::Fuzz { frames, seed } => fuzz(frames, seed),

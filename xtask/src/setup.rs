@@ -6,12 +6,16 @@
 //! 2. bpf-linker 0.13.0, built against Debian's LLVM 22;
 //! 3. `rustup toolchain link debian /usr`, so gate-user's build.rs can select Debian's compiler;
 //! 4. (report only) which toolchain gate-user's build.rs will use for the eBPF object;
-//! 5. bpffs mounted at /sys/fs/bpf.
+//! 5. bpffs mounted at /sys/fs/bpf;
+//! 6. the Debian sid root the engine tests' `sid` set runs Docker 28 and Podman 5 from
+//!    (debootstrap, cached at /var/cache/portgate/sid-root; see sid_root.rs).
 use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 
 use portgate_cmd as proc;
+
+use crate::sid_root;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -59,6 +63,10 @@ const TOOL_PACKAGES: &[&str] = &[
     "netavark",
     "aardvark-dns",
     "busybox-static",
+    // The `cni` engine set: Podman 4.3 on its CNI backend (bridge cni-podman0).
+    "containernetworking-plugins",
+    // Builds the Debian sid root of the `sid` engine set (Docker 28, Podman 5).
+    "debootstrap",
     // A real Prometheus server and promtool, for the metrics tests.
     "prometheus",
     // systemd-analyze, which verifies the package's unit (no systemd PID 1 needed), and
@@ -211,6 +219,31 @@ pub fn run(mode: Mode) -> Result<()> {
     } else {
         println!("missing: bpffs is not mounted at {BPFFS} (mount -t bpf bpf {BPFFS})");
         missing.push(format!("bpffs at {BPFFS}"));
+    }
+
+    // 6. The Debian sid root (needs debootstrap, from step 1).
+    let root = sid_root::path();
+    match sid_root::incomplete(&root) {
+        None => {
+            println!(
+                "ok: Debian sid root {} already built ({})",
+                root.display(),
+                sid_root::versions(&root)
+            );
+            present += 1;
+        }
+        Some(why) if install => {
+            println!("installing: the Debian sid root {} ({why})", root.display());
+            sid_root::build(&root)?;
+            changed.push(format!("Debian sid root {}", root.display()));
+        }
+        Some(why) => {
+            println!(
+                "missing: the Debian sid root {} is {why} (`cargo xtask setup` builds it)",
+                root.display()
+            );
+            missing.push(format!("Debian sid root {}", root.display()));
+        }
     }
 
     if !missing.is_empty() {

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use portgate_cmd as proc;
 
@@ -24,7 +24,21 @@ struct Stage {
     command: Option<Command>,
 }
 
-pub fn run(extra_args: &[String]) -> Result<()> {
+/// The engine sets the engine tests run against (tests/src/engines/sets.rs), in this order:
+/// sid, then the CNI set, then Debian 12's (with every other end-to-end test; the same Docker
+/// as the CNI set's, so only Podman's service restarts in between).
+pub const ENGINE_SETS: [&str; 3] = ["sid", "cni", "debian12"];
+
+pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
+    for set in engine_sets {
+        if !ENGINE_SETS.contains(&set.as_str()) {
+            bail!(
+                "--engine-set {set}: no such engine set (one of {})",
+                ENGINE_SETS.join(", ")
+            );
+        }
+    }
+    let wanted = |set: &str| engine_sets.is_empty() || engine_sets.iter().any(|s| s == set);
     if !proc::is_root() {
         println!(
             "note: not running as root: the tests that load eBPF programs (gate-user's program \
@@ -34,7 +48,7 @@ pub fn run(extra_args: &[String]) -> Result<()> {
         );
     }
 
-    let mut stages = [
+    let mut stages = vec![
         Stage {
             name: "setup",
             blocks_later: true,
@@ -71,24 +85,37 @@ pub fn run(extra_args: &[String]) -> Result<()> {
             ])),
         },
         Stage {
+            name: "engine tests, engine set sid (Docker 28, Podman 5)",
+            blocks_later: false,
+            command: wanted("sid").then(|| engine_tests("sid", extra_args)),
+        },
+        Stage {
+            name: "engine tests, engine set cni (Podman 4.3 on CNI)",
+            blocks_later: false,
+            command: wanted("cni").then(|| engine_tests("cni", extra_args)),
+        },
+        Stage {
             // The package the end-to-end package test installs and removes (PORTGATE_DEB).
             name: "cargo xtask deb",
             blocks_later: false,
             command: Some(cargo(&["xtask", "deb"])),
         },
         Stage {
-            name: "end-to-end tests (portgate-tests)",
+            name: "end-to-end tests (portgate-tests), engine set debian12",
             blocks_later: false,
             command: Some({
-                let mut cmd = cargo(&["test", "-p", "portgate-tests", "--", "--test-threads=2"]);
-                cmd.args(extra_args);
-                // The tests run `$PORTGATE_BIN`, else <workspace>/target/debug/portgate; name the
-                // binary the debug build stage produced, wherever the target directory is.
-                if std::env::var_os("PORTGATE_BIN").is_none()
-                    && let Ok(target) = proc::target_dir()
-                {
-                    cmd.env("PORTGATE_BIN", target.join("debug/portgate"));
+                let mut cmd = cargo(&["test", "-p", "portgate-tests"]);
+                // Without debian12 among the sets, every test binary but the engines one.
+                if !wanted("debian12") {
+                    for name in test_binaries_but_engines()? {
+                        cmd.args(["--test", &name]);
+                    }
                 }
+                cmd.args(["--", "--test-threads=2"]).args(extra_args);
+                // Last, so that the host is left with Debian 12's own engines running (this
+                // set's start stops the daemons the other sets' stages started).
+                cmd.env("PORTGATE_ENGINE_SET", "debian12");
+                with_portgate_bin(&mut cmd);
                 if std::env::var_os("PORTGATE_DEB").is_none()
                     && let Ok(target) = proc::target_dir()
                 {
@@ -111,6 +138,10 @@ pub fn run(extra_args: &[String]) -> Result<()> {
     for (index, stage) in stages.iter_mut().enumerate() {
         if blocked {
             outcomes.push(Outcome::Skipped("an earlier stage failed"));
+            continue;
+        }
+        if stage.command.is_none() && stage.name != "setup" {
+            outcomes.push(Outcome::Skipped("not among the --engine-set sets"));
             continue;
         }
         println!(
@@ -156,6 +187,42 @@ pub fn run(extra_args: &[String]) -> Result<()> {
         bail!("{failed} stage(s) failed");
     }
     Ok(())
+}
+
+/// The engine tests alone (one test process: the sets' tests share docker0 and podman0's
+/// subnet, and run one at a time anyway) against engine set `set`.
+fn engine_tests(set: &str, extra_args: &[String]) -> Command {
+    let mut cmd = cargo(&["test", "-p", "portgate-tests", "--test", "engines", "--"]);
+    // The engine tests take a lock of their own and run one at a time anyway.
+    cmd.arg("--test-threads=2").args(extra_args);
+    cmd.env("PORTGATE_ENGINE_SET", set);
+    with_portgate_bin(&mut cmd);
+    cmd
+}
+
+/// The names of the end-to-end test binaries (tests/tests/*.rs) other than `engines`.
+fn test_binaries_but_engines() -> Result<Vec<String>> {
+    let dir = proc::workspace_root().join("tests/tests");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.strip_suffix(".rs")?.to_owned();
+            (name != "engines").then_some(name)
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The tests run `$PORTGATE_BIN`, else <workspace>/target/debug/portgate; name the binary the
+/// debug build stage produced, wherever the target directory is.
+fn with_portgate_bin(cmd: &mut Command) {
+    if std::env::var_os("PORTGATE_BIN").is_none()
+        && let Ok(target) = proc::target_dir()
+    {
+        cmd.env("PORTGATE_BIN", target.join("debug/portgate"));
+    }
 }
 
 fn cargo(args: &[&str]) -> Command {

@@ -8,7 +8,7 @@ use gate_common::PortAddrKey;
 use tracing::{info, warn};
 
 use super::{Agent, DEFAULT_BRIDGES};
-use crate::{datapath::sys, policy::map_addr, ports};
+use crate::{datapath::sys, netfilter, policy::map_addr, ports};
 
 impl Agent {
     /// The bridges to gate now: the explicit ones, and with `--bridge auto` the default and
@@ -51,18 +51,36 @@ impl Agent {
                 Err(err) => return Err(err.into()),
             }
         }
-        if changed || strict {
-            let bridges: Vec<String> = self
-                .datapath
-                .bridges()
-                .iter()
-                .map(|b| b.name.clone())
-                .collect();
+        let keys = self.delegation_keys();
+        if changed || strict || keys != self.delegated {
             if let Some(delegation) = &self.delegation {
-                delegation.ensure(bridges);
+                delegation.ensure(keys.clone());
             }
+            self.delegated = keys;
         }
         Ok(())
+    }
+
+    /// The delegation rules the gated bridges need: each bridge's rule toward it, and the
+    /// replies rule of the bridges whose engine accepts their traffic only in nftables tables
+    /// of its own (netavark's nftables driver): nothing else would let the replies of the
+    /// connections the gate admits through a FORWARD chain that drops.
+    fn delegation_keys(&self) -> Vec<String> {
+        let nftables_only: BTreeSet<&str> = self
+            .engines
+            .values()
+            .filter_map(|s| s.snapshot.as_ref())
+            .filter(|s| s.info.nftables_only())
+            .flat_map(|s| s.bridges.iter().map(String::as_str))
+            .collect();
+        let mut keys = Vec::new();
+        for bridge in self.datapath.bridges() {
+            keys.push(bridge.name.clone());
+            if nftables_only.contains(bridge.name.as_str()) {
+                keys.push(netfilter::replies_key(&bridge.name));
+            }
+        }
+        keys
     }
 
     /// Binds each port of the gated bridges to the addresses of the container behind it, and

@@ -121,6 +121,8 @@ pub struct Agent {
     allow_sync: AllowSync,
     engines: BTreeMap<Engine, EngineState>,
     delegation: Option<NetfilterKeeper>,
+    /// The delegation rule keys last handed to the keeper (bridges, and replies keys).
+    delegated: Vec<String>,
     drop_events: DropEventStats,
     /// Fan-out of drop events to `portgate watch` clients.
     watchers: broadcast::Sender<WatchEvent>,
@@ -198,6 +200,7 @@ impl Agent {
             allow_sync: AllowSync::default(),
             engines,
             delegation,
+            delegated: Vec::new(),
             drop_events: DropEventStats::default(),
             watchers: broadcast::channel(256).0,
             ports_stale: true,

@@ -138,6 +138,12 @@ impl Agent {
                     syncs: s.syncs,
                     events: s.events,
                     last_error: s.last_error.clone(),
+                    version: s.snapshot.as_ref().and_then(|s| s.info.version.clone()),
+                    network_backend: s
+                        .snapshot
+                        .as_ref()
+                        .and_then(|s| s.info.network_backend.clone()),
+                    firewall: s.snapshot.as_ref().and_then(|s| s.info.firewall.clone()),
                 })
                 .collect(),
             bridge_drops: self
@@ -169,6 +175,7 @@ impl Agent {
                             backend: n.backend,
                             chain: n.chain,
                             installed: n.installed,
+                            replies: n.replies,
                         })
                         .collect()
                 })

@@ -346,6 +346,15 @@ pub struct EngineStatus {
     /// Snapshots taken because of engine events.
     pub events: u64,
     pub last_error: Option<String>,
+    /// The engine's version, as it reports it ("28.5.2", "5.8.6"); null until it was read.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Podman's network backend, "netavark" or "cni" (null for Docker).
+    #[serde(default)]
+    pub network_backend: Option<String>,
+    /// Where the engine writes its firewall rules: "iptables" or "nftables" (null: unknown).
+    #[serde(default)]
+    pub firewall: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -354,4 +363,8 @@ pub struct NetfilterStatus {
     pub backend: String,
     pub chain: String,
     pub installed: bool,
+    /// The bridge's replies rule (its engine accepts the bridge's traffic only in nftables
+    /// tables of its own), not its rule toward the bridge. Absent from older agents.
+    #[serde(default)]
+    pub replies: bool,
 }

@@ -255,9 +255,16 @@ pub fn format_status(status: &Status) -> String {
             .as_deref()
             .map(|e| format!(" ({e})"))
             .unwrap_or_default();
+        let version = engine.version.as_deref().unwrap_or("version unknown");
+        let backend = engine
+            .network_backend
+            .as_deref()
+            .map(|b| format!(" on {b}"))
+            .unwrap_or_default();
+        let firewall = engine.firewall.as_deref().unwrap_or("unknown");
         let _ = writeln!(
             out,
-            "engine:   {} {state}{error}, {} containers, {} syncs, {} events, {}",
+            "engine:   {} {version}{backend} (firewall {firewall}) {state}{error}, {} containers, {} syncs, {} events, {}",
             engine.engine, engine.containers, engine.syncs, engine.events, engine.socket
         );
     }
@@ -267,9 +274,10 @@ pub fn format_status(status: &Status) -> String {
             (false, netfilter::BACKEND_NONE) => "not needed",
             (false, _) => "MISSING (could not be installed; see the agent log)",
         };
+        let replies = if rule.replies { " replies" } else { "" };
         let _ = writeln!(
             out,
-            "netfilter: {} via {} {} {state}",
+            "netfilter: {}{replies} via {} {} {state}",
             rule.bridge, rule.backend, rule.chain
         );
     }

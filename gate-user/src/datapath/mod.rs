@@ -2,7 +2,7 @@
 //! attach (or atomically replace) the programs, and read and write the maps.
 //!
 //! Pin layout under the bpffs directory (default /sys/fs/bpf/portgate):
-//!   v3/maps/{ALLOW,FLOWS,RULE_STATS,COUNTERS,CONFIG,BRIDGE_DROPS,HOST_PORTS,PORT_ADDRS,
+//!   v3/maps/{ALLOW,FLOWS,NEW_FLOWS,RULE_STATS,COUNTERS,CONFIG,BRIDGE_DROPS,HOST_PORTS,PORT_ADDRS,
 //!            SOURCES,BLOCKED,LOCAL_ADDRS}
 //!   v3/programs/{toward_containers,from_containers,host_ports,from_uplinks}
 //!   v3/links/<bridge>-egress     toward_containers on each bridge's TC egress
@@ -216,6 +216,13 @@ pub struct Capacities {
     pub flows: u32,
 }
 
+impl Capacities {
+    /// The unreplied flows' table: a share of the replied one.
+    pub fn new_flows(&self) -> u32 {
+        (self.flows / gate_common::NEW_FLOW_SHARE).max(gate_common::MIN_NEW_FLOWS)
+    }
+}
+
 impl Default for Capacities {
     fn default() -> Self {
         Self {
@@ -226,7 +233,7 @@ impl Default for Capacities {
 }
 
 /// What each pinned map must look like: (name, type, key size, value size, capacity).
-fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usize, u32); 11] {
+fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usize, u32); 12] {
     use std::mem::size_of;
     [
         (
@@ -242,6 +249,13 @@ fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usiz
             size_of::<FlowKey>(),
             size_of::<FlowState>(),
             capacities.flows,
+        ),
+        (
+            map_names::NEW_FLOWS,
+            MapType::LruHash,
+            size_of::<FlowKey>(),
+            size_of::<FlowState>(),
+            capacities.new_flows(),
         ),
         (
             map_names::RULE_STATS,
@@ -385,7 +399,8 @@ impl Datapath {
         }
         loader
             .map_max_entries(map_names::ALLOW, capacities.allow)
-            .map_max_entries(map_names::FLOWS, capacities.flows);
+            .map_max_entries(map_names::FLOWS, capacities.flows)
+            .map_max_entries(map_names::NEW_FLOWS, capacities.new_flows());
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [
             program_names::TOWARD_CONTAINERS,
@@ -732,10 +747,24 @@ impl Datapath {
     }
 
     pub fn allow_entries(&self) -> Result<usize> {
-        let name = map_names::ALLOW;
-        let map: HashMap<_, AllowKey, AllowValue> =
-            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        Ok(map.keys().filter(Result::is_ok).count())
+        self.count_entries(
+            map_names::ALLOW,
+            size_of::<AllowKey>(),
+            size_of::<AllowValue>(),
+        )
+    }
+
+    /// Entries of the pinned hash map `name`, counted in batches: a status or a scrape costs
+    /// a few dozen system calls even with the flow table full, not one per entry.
+    fn count_entries(
+        &self,
+        name: &'static str,
+        key_size: usize,
+        value_size: usize,
+    ) -> Result<usize> {
+        let path = self.pins.map(name);
+        let fd = sys::obj_get(&path).map_err(io_err(&path))?;
+        sys::count_entries(fd.as_fd(), key_size, value_size).map_err(io_err(&path))
     }
 
     /// Zeroes the counters of rule slots about to be (re)used.
@@ -797,13 +826,14 @@ impl Datapath {
         RingBuf::try_from(map).map_err(map_err(name))
     }
 
-    /// Entries in the connection-tracking table (including idle ones not yet evicted).
+    /// Entries in the connection-tracking tables, replied and unreplied (including idle ones
+    /// not yet evicted).
     pub fn tracked_flows(&self) -> Result<usize> {
-        let name = map_names::FLOWS;
-        // aya's HashMap also reads LRU hash maps.
-        let map: HashMap<_, FlowKey, FlowState> =
-            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        Ok(map.keys().filter(Result::is_ok).count())
+        let mut count = 0;
+        for name in [map_names::FLOWS, map_names::NEW_FLOWS] {
+            count += self.count_entries(name, size_of::<FlowKey>(), size_of::<FlowState>())?;
+        }
+        Ok(count)
     }
 
     /// The loaded program `name`, e.g. for BPF_PROG_TEST_RUN.

@@ -267,14 +267,17 @@ impl Snapshot {
                 "1 when the netfilter rule that hands a bridge's published ports to the gate is in place, else 0.",
             )
             .samples(status.netfilter.iter().map(|n| {
-                (
-                    vec![
-                        ("bridge", n.bridge.clone()),
-                        ("backend", n.backend.clone()),
-                        ("chain", n.chain.clone()),
-                    ],
-                    flag(n.installed),
-                )
+                let mut labels = vec![
+                    ("bridge", n.bridge.clone()),
+                    ("backend", n.backend.clone()),
+                    ("chain", n.chain.clone()),
+                ];
+                // Only bridges of nftables-only engines have a replies rule; the rule toward
+                // the bridge keeps the labels it always had.
+                if n.replies {
+                    labels.push(("rule", "replies".to_owned()));
+                }
+                (labels, flag(n.installed))
             })),
             Family::counter("drop_events_reported", "Drop events the agent read from the datapath.")
                 .sample(vec![], status.drop_events.reported),

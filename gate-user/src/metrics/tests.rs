@@ -69,12 +69,16 @@ fn status() -> Status {
             syncs: 5,
             events: 3,
             last_error: None,
+            version: Some("28.5.2".into()),
+            network_backend: None,
+            firewall: Some("iptables".into()),
         }],
         netfilter: vec![NetfilterStatus {
             bridge: "docker0".into(),
             backend: "iptables-legacy".into(),
             chain: "DOCKER-USER".into(),
             installed: true,
+            replies: false,
         }],
         counters,
         bridge_drops: vec![

@@ -16,7 +16,7 @@ const FALLBACK_DIRS: [&str; 5] = ["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr
 
 /// The absolute path of an executable `name`, or None when this host does not have it (that
 /// backend is then simply absent, not an error).
-pub(super) fn find_binary(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_binary(name: &str) -> Option<PathBuf> {
     let from_path = std::env::var_os("PATH")
         .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
         .unwrap_or_default();

@@ -101,6 +101,8 @@ mod nft;
 mod xtables;
 
 pub use keeper::NetfilterKeeper;
+// The runtime asks nft whether netavark keeps its rules there.
+pub(crate) use exec::find_binary;
 
 use std::{collections::BTreeSet, io};
 
@@ -115,17 +117,54 @@ pub const COMMENT_SUFFIX: &str = " to the eBPF gate";
 pub const BACKEND_NONE: &str = "none";
 pub const CHAIN_NOT_NEEDED: &str = "not needed";
 
-/// The comment that marks (and identifies) the rule for `bridge`.
-pub fn comment_for(bridge: &str) -> String {
-    format!("{COMMENT_PREFIX}{bridge}{COMMENT_SUFFIX}")
+/// The key suffix of a bridge's replies rule. `/` never occurs in an interface name, so a key
+/// names exactly one rule: `podman0` (toward the bridge) or `podman0/replies`.
+const REPLIES_KEY: &str = "/replies";
+/// What the comment of a replies rule says after the bridge's name.
+const REPLIES_WORD: &str = " replies";
+
+/// The key of the replies rule of `bridge`, for [`Delegation::ensure`]: where the bridge's
+/// engine accepts its traffic only in a table of its own (netavark's nftables driver, a
+/// separate base chain on the forward hook), a FORWARD chain that would drop also drops the
+/// replies of the connections the gate admitted, so they need a rule of their own:
+///
+/// ```text
+/// -i <bridge> -m conntrack --ctstate DNAT -m comment --comment "portgate: delegate <bridge> replies to the eBPF gate" -j ACCEPT
+/// iifname "<bridge>" ct status dnat accept comment "..."
+/// ```
+///
+/// `--ctstate DNAT` holds for every packet of a connection whose destination was rewritten,
+/// that is of a connection to a published port that came in from outside: a container cannot
+/// create one by sending, so the rule lets nothing out that was not let in.
+pub fn replies_key(bridge: &str) -> String {
+    format!("{bridge}{REPLIES_KEY}")
 }
 
-/// The bridge a delegation comment names, if `comment` is exactly one of ours.
-pub fn bridge_of_comment(comment: &str) -> Option<&str> {
-    let bridge = comment
+/// The bridge a rule key names, and whether it is the replies rule.
+pub(crate) fn split_key(key: &str) -> (&str, bool) {
+    match key.strip_suffix(REPLIES_KEY) {
+        Some(bridge) => (bridge, true),
+        None => (key, false),
+    }
+}
+
+/// The comment that marks (and identifies) the rule of `key` (a bridge, or
+/// [`replies_key`] of one).
+pub fn comment_for(key: &str) -> String {
+    let (bridge, replies) = split_key(key);
+    let word = if replies { REPLIES_WORD } else { "" };
+    format!("{COMMENT_PREFIX}{bridge}{word}{COMMENT_SUFFIX}")
+}
+
+/// The rule key a delegation comment names, if `comment` is exactly one of ours.
+pub fn bridge_of_comment(comment: &str) -> Option<String> {
+    let middle = comment
         .strip_prefix(COMMENT_PREFIX)?
         .strip_suffix(COMMENT_SUFFIX)?;
-    check_bridge(bridge).ok().map(|()| bridge)
+    match middle.strip_suffix(REPLIES_WORD) {
+        Some(bridge) if check_bridge(bridge).is_ok() => Some(replies_key(bridge)),
+        _ => check_bridge(middle).ok().map(|()| middle.to_owned()),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +201,8 @@ pub struct DelegationStatus {
     /// "FORWARD" or "DOCKER-USER" for iptables; "<family> <table> <chain>" for nftables.
     pub chain: String,
     pub installed: bool,
+    /// The bridge's replies rule ([`replies_key`]) rather than its rule toward the bridge.
+    pub replies: bool,
 }
 
 /// Remembers which bridges are delegated and what it installed, so that the periodic check
@@ -179,12 +220,12 @@ impl Delegation {
     }
 
     /// Makes sure each bridge has its rule wherever FORWARD would drop; returns per-bridge
-    /// status. `bridges` is the complete list of gated bridges: delegation rules of bridges
-    /// not in it are removed. Every backend is handled even when one fails; the first error
+    /// status. `bridges` is the complete list of gated bridges, with [`replies_key`] of those
+    /// that need a replies rule too: delegation rules not in it are removed. Every backend is handled even when one fails; the first error
     /// is returned (the others are logged) and `status()` still tells what was done.
     pub fn ensure(&mut self, bridges: &[String]) -> Result<Vec<DelegationStatus>, NetfilterError> {
         for bridge in bridges {
-            check_bridge(bridge)?;
+            check_bridge(split_key(bridge).0)?;
         }
         let mut unique = Vec::new();
         for bridge in bridges {
@@ -274,11 +315,13 @@ impl Delegation {
                             false
                         }
                     };
+                    let (name, replies) = split_key(bridge);
                     outcome.statuses.push(DelegationStatus {
-                        bridge: bridge.clone(),
+                        bridge: name.to_owned(),
                         backend: backend.name().to_owned(),
                         chain: chain.clone(),
                         installed,
+                        replies,
                     });
                 }
             }
@@ -294,16 +337,18 @@ impl Delegation {
         }
         if surveyed_all {
             for bridge in &self.bridges {
+                let (name, replies) = split_key(bridge);
                 if !outcome
                     .statuses
                     .iter()
-                    .any(|status| status.bridge == *bridge)
+                    .any(|status| status.bridge == name && status.replies == replies)
                 {
                     outcome.statuses.push(DelegationStatus {
-                        bridge: bridge.clone(),
+                        bridge: name.to_owned(),
                         backend: BACKEND_NONE.to_owned(),
                         chain: CHAIN_NOT_NEEDED.to_owned(),
                         installed: false,
+                        replies,
                     });
                 }
             }
@@ -361,7 +406,7 @@ pub fn remove_all() -> Result<usize, NetfilterError> {
 /// Removes the delegation rules of `bridges` only (what one gate installed), in every
 /// backend; other bridges' rules stay.
 pub fn remove_for(bridges: &BTreeSet<String>) -> Result<usize, NetfilterError> {
-    remove_where(|bridge| bridges.contains(bridge))
+    remove_where(|key| bridges.contains(split_key(key).0))
 }
 
 fn remove_where(wanted: impl Fn(&str) -> bool) -> Result<usize, NetfilterError> {
@@ -663,9 +708,19 @@ mod tests {
             "portgate: delegate podman0 to the eBPF gate"
         );
         assert_eq!(
-            bridge_of_comment(&comment_for("br-0123456789ab")),
+            bridge_of_comment(&comment_for("br-0123456789ab")).as_deref(),
             Some("br-0123456789ab")
         );
+        assert_eq!(
+            comment_for(&replies_key("podman0")),
+            "portgate: delegate podman0 replies to the eBPF gate"
+        );
+        assert_eq!(
+            bridge_of_comment(&comment_for(&replies_key("podman0"))),
+            Some(replies_key("podman0"))
+        );
+        assert_eq!(split_key(&replies_key("podman0")), ("podman0", true));
+        assert_eq!(split_key("podman0"), ("podman0", false));
         assert_eq!(
             bridge_of_comment("portgate: delegate a b to the eBPF gate"),
             None

@@ -8,7 +8,7 @@ use super::{
     Location, NetfilterError, OwnRule, Position, RuleId, Slot, Survey, Target, bridge_of_comment,
     comment_for,
     exec::{Invocation, find_binary},
-    layout,
+    layout, split_key,
 };
 
 pub(super) const BACKEND: &str = "nftables";
@@ -261,15 +261,17 @@ fn text_drops_everything(words: &[&str]) -> bool {
 
 /// The rule as nft JSON: `oifname "<bridge>" ct status dnat accept comment "..."`; with
 /// `before`, the handle of the rule an "insert" puts it in front of.
-fn rule_json(family: &str, table: &str, chain: &str, bridge: &str, before: Option<u64>) -> Value {
+fn rule_json(family: &str, table: &str, chain: &str, key: &str, before: Option<u64>) -> Value {
+    let (bridge, replies) = split_key(key);
+    let interface = if replies { "iifname" } else { "oifname" };
     let mut rule = json!({
         "family": family, "table": table, "chain": chain,
         "expr": [
-            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": bridge}},
+            {"match": {"op": "==", "left": {"meta": {"key": interface}}, "right": bridge}},
             {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
             {"accept": null}
         ],
-        "comment": comment_for(bridge),
+        "comment": comment_for(key),
     });
     if let (Some(handle), Some(fields)) = (before, rule.as_object_mut()) {
         fields.insert("handle".to_owned(), handle.into());
@@ -290,7 +292,7 @@ fn place(chains: &[Chain]) -> (Vec<Target>, Vec<OwnRule>) {
                 let own = bridge.map(|bridge| {
                     own.push(OwnRule {
                         location: chain.location(),
-                        bridge: bridge.to_owned(),
+                        bridge,
                         id: RuleId::Handle(rule.handle),
                     });
                     own.len() - 1
@@ -410,10 +412,11 @@ pub(super) fn insert(
         if let Some(handle) = before {
             args.extend(["position".to_owned(), handle.to_string()]);
         }
+        let (name, replies) = split_key(bridge);
         args.extend(
             [
-                "oifname",
-                &format!("\"{bridge}\""),
+                if replies { "iifname" } else { "oifname" },
+                &format!("\"{name}\""),
                 "ct",
                 "status",
                 "dnat",

@@ -9,7 +9,7 @@ use super::{
     Location, NetfilterError, OwnRule, Position, RuleId, Slot, Survey, Target, bridge_of_comment,
     comment_for,
     exec::{Invocation, find_binary},
-    layout,
+    layout, split_key,
 };
 
 /// One iptables binary and how to tell, without side effects, that it has no tables at all.
@@ -71,9 +71,10 @@ const WAIT_SECONDS: &str = "5";
 
 /// The rule's match and target, after `-I CHAIN N` / `-C CHAIN` / `-D CHAIN`; also exactly
 /// how `-S` prints it back.
-pub(super) fn rule_spec(bridge: &str) -> Vec<String> {
+pub(super) fn rule_spec(key: &str) -> Vec<String> {
+    let (bridge, replies) = split_key(key);
     [
-        "-o",
+        if replies { "-i" } else { "-o" },
         bridge,
         "-m",
         "conntrack",
@@ -82,7 +83,7 @@ pub(super) fn rule_spec(bridge: &str) -> Vec<String> {
         "-m",
         "comment",
         "--comment",
-        &comment_for(bridge),
+        &comment_for(key),
         "-j",
         "ACCEPT",
     ]
@@ -274,7 +275,7 @@ pub(super) fn parse_listing(text: &str) -> Result<Listing, String> {
                 let own = ours.map(|bridge| {
                     listing.own.push(OwnRule {
                         location: Location::Chain(chain.clone()),
-                        bridge: bridge.to_owned(),
+                        bridge,
                         id: RuleId::Spec(rest.to_vec()),
                     });
                     listing.own.len() - 1

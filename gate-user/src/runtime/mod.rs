@@ -26,6 +26,8 @@ use tracing::{info, warn};
 
 use crate::policy::{ALLOW_LABEL, LabelOrigin, PortSpec, Protocol, Published, Workload};
 
+mod podman;
+
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 
@@ -122,7 +124,31 @@ pub struct Snapshot {
     pub containers: Vec<Container>,
     /// Linux bridges of the engine's bridge networks.
     pub bridges: Vec<String>,
+    pub info: EngineInfo,
 }
+
+/// What `status` says about an engine, and what the netfilter delegation needs to know.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineInfo {
+    /// The engine's own version (`docker version`'s server, Podman's), if it said.
+    pub version: Option<String>,
+    /// Podman's network backend: `netavark` or `cni`.
+    pub network_backend: Option<String>,
+    /// Where the engine writes its firewall rules: `iptables` or `nftables` (Docker's
+    /// `FirewallBackend`; for netavark, whether its `table inet netavark` exists), if known.
+    pub firewall: Option<String>,
+}
+
+impl EngineInfo {
+    /// Whether the engine accepts its bridges' traffic only in nftables tables of its own: a
+    /// FORWARD chain elsewhere that drops then drops its replies too (netavark#977).
+    pub fn nftables_only(&self) -> bool {
+        self.firewall.as_deref() == Some(FIREWALL_NFTABLES)
+    }
+}
+
+pub const FIREWALL_IPTABLES: &str = "iptables";
+pub const FIREWALL_NFTABLES: &str = "nftables";
 
 #[derive(Debug)]
 pub enum RuntimeEvent {
@@ -177,8 +203,10 @@ async fn session(
         filters: Some(filters),
         ..Default::default()
     })));
-    let snapshot = take_snapshot(engine, &docker).await?;
-    info!(%engine, socket = %path, containers = snapshot.containers.len(), "engine synced");
+    let snapshot = take_snapshot(engine, &docker, socket).await?;
+    info!(%engine, socket = %path, containers = snapshot.containers.len(),
+        version = ?snapshot.info.version, network_backend = ?snapshot.info.network_backend,
+        firewall = ?snapshot.info.firewall, "engine synced");
     *backoff = Duration::from_millis(500);
     if events
         .send(RuntimeEvent::Synced {
@@ -212,7 +240,7 @@ async fn session(
                 },
             }
         }
-        let snapshot = take_snapshot(engine, &docker).await?;
+        let snapshot = take_snapshot(engine, &docker, socket).await?;
         if events
             .send(RuntimeEvent::Synced {
                 engine,
@@ -230,9 +258,25 @@ async fn session(
 async fn take_snapshot(
     engine: Engine,
     docker: &Docker,
+    socket: &std::path::Path,
 ) -> Result<Snapshot, bollard::errors::Error> {
+    let info = engine_info(engine, docker, socket).await;
+    let podman_bridges = match engine {
+        Engine::Docker => HashMap::new(),
+        Engine::Podman => podman::network_interfaces(socket)
+            .await
+            .unwrap_or_else(|err| {
+                warn!(%engine, "cannot list Podman's networks; bridges from files only: {:#}",
+                    anyhow::Error::from(err));
+                HashMap::new()
+            }),
+    };
     let networks = NetworkIndex::new(
         engine,
+        &PodmanBridges {
+            cni: info.network_backend.as_deref() == Some(BACKEND_CNI),
+            by_network: podman_bridges,
+        },
         &docker.list_networks(None::<ListNetworksOptions>).await?,
     );
     let summaries = docker
@@ -276,7 +320,65 @@ async fn take_snapshot(
     Ok(Snapshot {
         containers,
         bridges: networks.bridges(),
+        info,
     })
+}
+
+const BACKEND_CNI: &str = "cni";
+
+/// The engine's version and firewall. Never fails the snapshot: what cannot be read is None.
+async fn engine_info(engine: Engine, docker: &Docker, socket: &std::path::Path) -> EngineInfo {
+    let version = match docker.version().await {
+        Ok(version) => version.version,
+        Err(err) => {
+            warn!(%engine, "cannot read the engine's version: {err}");
+            None
+        }
+    };
+    match engine {
+        Engine::Docker => {
+            // Docker 28 names its firewall backend; older ones only had iptables.
+            let firewall = match docker.info().await {
+                Ok(info) => Some(
+                    info.firewall_backend
+                        .and_then(|f| f.driver)
+                        .unwrap_or_else(|| FIREWALL_IPTABLES.to_owned()),
+                ),
+                Err(err) => {
+                    warn!(%engine, "cannot read the engine's info: {err}");
+                    None
+                }
+            };
+            EngineInfo {
+                version,
+                network_backend: None,
+                firewall,
+            }
+        }
+        Engine::Podman => {
+            // Only Podman's own API says which network backend it runs.
+            let network_backend = match podman::network_backend(socket).await {
+                Ok(backend) => backend,
+                Err(err) => {
+                    warn!(%engine, "cannot read Podman's network backend: {err:#}");
+                    None
+                }
+            };
+            let firewall = match network_backend.as_deref() {
+                Some(BACKEND_CNI) => Some(FIREWALL_IPTABLES.to_owned()),
+                Some(_) => tokio::task::spawn_blocking(podman::netavark_firewall)
+                    .await
+                    .ok()
+                    .flatten(),
+                None => None,
+            };
+            EngineInfo {
+                version,
+                network_backend,
+                firewall,
+            }
+        }
+    }
 }
 
 /// Where the container's label `key` comes from: the image when the image has it with the
@@ -302,10 +404,10 @@ struct NetworkIndex {
 }
 
 impl NetworkIndex {
-    fn new(engine: Engine, networks: &[Network]) -> Self {
+    fn new(engine: Engine, podman: &PodmanBridges, networks: &[Network]) -> Self {
         let mut index = Self::default();
         for network in networks {
-            let facts = (network.driver.clone(), bridge_of(engine, network));
+            let facts = (network.driver.clone(), bridge_of(engine, podman, network));
             if let Some(id) = &network.id {
                 index.by_id.insert(id.clone(), facts.clone());
             }
@@ -345,8 +447,17 @@ impl NetworkIndex {
     }
 }
 
+/// What Podman said about its networks' bridges.
+#[derive(Debug, Default)]
+struct PodmanBridges {
+    /// Podman runs the CNI backend.
+    cni: bool,
+    /// `network_interface` by network name, from Podman's own API.
+    by_network: HashMap<String, String>,
+}
+
 /// The Linux bridge behind a bridge network, as each engine names it.
-fn bridge_of(engine: Engine, network: &Network) -> Option<String> {
+fn bridge_of(engine: Engine, podman: &PodmanBridges, network: &Network) -> Option<String> {
     if network.driver.as_deref() != Some("bridge") {
         return None;
     }
@@ -357,12 +468,29 @@ fn bridge_of(engine: Engine, network: &Network) -> Option<String> {
     {
         return Some(name.clone());
     }
+    if engine == Engine::Podman
+        && let Some(bridge) = network
+            .name
+            .as_deref()
+            .map(|name| if name == "bridge" { "podman" } else { name })
+            .and_then(|name| podman.by_network.get(name))
+    {
+        return Some(bridge.clone());
+    }
+    let cni = podman.cni;
     match (engine, network.name.as_deref(), network.id.as_deref()) {
         (Engine::Docker, Some("bridge"), _) => Some("docker0".to_owned()),
         (Engine::Docker, _, Some(id)) => Some(format!("br-{}", id.get(..12).unwrap_or(id))),
         // Podman's compatible API calls its default network "bridge"; the bridges of other
-        // networks are only in netavark's network files.
-        (Engine::Podman, Some("podman" | "bridge"), _) => Some("podman0".to_owned()),
+        // networks are only in netavark's network files, or CNI's configuration lists. CNI's
+        // default network may exist only in Podman's memory, with bridge cni-podman0.
+        (Engine::Podman, Some("podman" | "bridge"), _) => Some(if cni {
+            podman::cni_bridge(podman::CNI_CONFIG_DIR, "podman")
+                .unwrap_or_else(|| "cni-podman0".to_owned())
+        } else {
+            "podman0".to_owned()
+        }),
+        (Engine::Podman, Some(name), _) if cni => podman::cni_bridge(podman::CNI_CONFIG_DIR, name),
         (Engine::Podman, Some(name), _) => podman_network_interface(name),
         _ => None,
     }
@@ -586,7 +714,7 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        NetworkIndex::new(Engine::Docker, &networks)
+        NetworkIndex::new(Engine::Docker, &PodmanBridges::default(), &networks)
     }
 
     #[test]
@@ -651,7 +779,7 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let index = NetworkIndex::new(Engine::Docker, &networks);
+        let index = NetworkIndex::new(Engine::Docker, &PodmanBridges::default(), &networks);
         index.describe(&mut web.networks);
         let bridges: Vec<Option<&str>> = web.networks.iter().map(|n| n.bridge.as_deref()).collect();
         assert_eq!(bridges, [Some("br-0123456789ab"), Some("docker0")]);
@@ -700,25 +828,64 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            bridge_of(Engine::Docker, &network("bridge", "abc", Some("docker0"))).as_deref(),
+            bridge_of(
+                Engine::Docker,
+                &PodmanBridges::default(),
+                &network("bridge", "abc", Some("docker0"))
+            )
+            .as_deref(),
             Some("docker0")
         );
         assert_eq!(
             bridge_of(
                 Engine::Docker,
+                &PodmanBridges::default(),
                 &network("backend", "0123456789abcdef", None)
             )
             .as_deref(),
             Some("br-0123456789ab")
         );
         assert_eq!(
-            bridge_of(Engine::Podman, &network("bridge", "x", None)).as_deref(),
+            bridge_of(
+                Engine::Podman,
+                &PodmanBridges::default(),
+                &network("bridge", "x", None)
+            )
+            .as_deref(),
             Some("podman0")
         );
         let host = Network {
             driver: Some("host".to_owned()),
             ..network("host", "h", None)
         };
-        assert_eq!(bridge_of(Engine::Docker, &host), None);
+        assert_eq!(
+            bridge_of(Engine::Docker, &PodmanBridges::default(), &host),
+            None
+        );
+        // Podman's own API names the bridges; CNI's default network without it is
+        // cni-podman0.
+        let podman = PodmanBridges {
+            cni: false,
+            by_network: HashMap::from([
+                ("podman".to_owned(), "podman0".to_owned()),
+                ("backend".to_owned(), "podman3".to_owned()),
+            ]),
+        };
+        assert_eq!(
+            bridge_of(Engine::Podman, &podman, &network("backend", "y", None)).as_deref(),
+            Some("podman3")
+        );
+        assert_eq!(
+            bridge_of(Engine::Podman, &podman, &network("bridge", "x", None)).as_deref(),
+            Some("podman0")
+        );
+        let cni = PodmanBridges {
+            cni: true,
+            by_network: HashMap::new(),
+        };
+        assert_eq!(
+            bridge_of(Engine::Podman, &cni, &network("podman", "x", None)).as_deref(),
+            Some("cni-podman0")
+        );
     }
 }

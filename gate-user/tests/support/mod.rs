@@ -182,19 +182,24 @@ impl Gate {
     /// Makes every tracked flow look idle since boot, as if its timeout had passed.
     pub fn expire_flows(&self) {
         use aya::maps::{HashMap, Map, MapData};
-        let path = self
-            .dir
-            .join(datapath::LAYOUT_VERSION)
-            .join("maps")
-            .join(gate_common::map_names::FLOWS);
-        let data = MapData::from_pin(&path).expect("open the pinned flow table");
-        let mut flows: HashMap<_, FlowKey, FlowState> =
-            HashMap::try_from(Map::LruHashMap(data)).expect("flow table");
-        let keys: Vec<FlowKey> = flows.keys().map(|k| k.expect("key")).collect();
-        for key in keys {
-            let mut state = flows.get(&key, 0).expect("flow");
-            state.last_seen_ns = 0;
-            flows.insert(key, state, 0).expect("write flow");
+        for name in [
+            gate_common::map_names::FLOWS,
+            gate_common::map_names::NEW_FLOWS,
+        ] {
+            let path = self
+                .dir
+                .join(datapath::LAYOUT_VERSION)
+                .join("maps")
+                .join(name);
+            let data = MapData::from_pin(&path).expect("open a pinned flow table");
+            let mut flows: HashMap<_, FlowKey, FlowState> =
+                HashMap::try_from(Map::LruHashMap(data)).expect("flow table");
+            let keys: Vec<FlowKey> = flows.keys().map(|k| k.expect("key")).collect();
+            for key in keys {
+                let mut state = flows.get(&key, 0).expect("flow");
+                state.last_seen_ns = 0;
+                flows.insert(key, state, 0).expect("write flow");
+            }
         }
     }
 

@@ -8,11 +8,23 @@ use super::*;
 pub struct EngineAgent;
 
 impl EngineAgent {
-    /// Starts the agent and waits until it answers `status`.
-    pub fn start(extra_args: &[&str]) -> Agent<'static> {
+    /// Starts the agent on the sockets of the engine set `engines` runs, and waits until it
+    /// answers `status`.
+    pub fn start(engines: &Engines, extra_args: &[&str]) -> Agent<'static> {
         reap_stale();
+        let docker = engines.docker_socket.to_string_lossy().into_owned();
+        let podman = engines.podman_socket.to_string_lossy().into_owned();
         let mut agent = Agent::in_root_namespace(
-            &["--bridge", "auto", "--runtime", "auto"],
+            &[
+                "--bridge",
+                "auto",
+                "--runtime",
+                "auto",
+                "--docker-socket",
+                &docker,
+                "--podman-socket",
+                &podman,
+            ],
             extra_args,
             &unique(""),
         );

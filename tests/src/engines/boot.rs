@@ -68,51 +68,48 @@ pub fn remove_engine_bridges() -> Vec<String> {
 }
 
 /// Starts containerd, then dockerd (which starts its `--restart always` containers), as at
-/// boot; returns once `docker info` answers.
+/// boot; returns once `docker info` answers. The host's engines only (not a chroot's).
 pub fn start_docker(engines: &Engines) -> Result<()> {
     let containerd = find_program("containerd").context("containerd not found")?;
-    let dockerd = find_program("dockerd").context("dockerd not found")?;
-    let mut booted = BOOTED.lock().unwrap_or_else(|e| e.into_inner());
-    booted.push(spawn_daemon(Command::new(containerd), CONTAINERD_LOG)?);
+    let log = engines.set.logs().containerd;
+    BOOTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(spawn_daemon(Command::new(containerd), &log)?);
     wait_until(Duration::from_secs(30), || {
         socket_accepts(CONTAINERD_SOCKET)
     })
-    .with_context(|| format!("containerd did not open {CONTAINERD_SOCKET}"))?;
-    let mut command = Command::new(dockerd);
-    command.arg(format!("--containerd={CONTAINERD_SOCKET}"));
-    booted.push(spawn_daemon(command, DOCKERD_LOG)?);
-    wait_until(DOCKER_START_TIMEOUT, || {
-        run_timeout(
-            engines.cli(Engine::Docker).arg("info"),
-            Duration::from_secs(10),
-        )
-        .is_ok_and(|o| o.status.success())
-    })
     .with_context(|| {
         format!(
-            "dockerd did not answer; log {DOCKERD_LOG}:\n{}",
-            tail(DOCKERD_LOG)
+            "containerd did not open {CONTAINERD_SOCKET}; log {}:\n{}",
+            log.display(),
+            tail(&log)
         )
-    })
+    })?;
+    engines.start_dockerd();
+    Ok(())
 }
 
 /// Starts Podman's API service, then what podman-restart.service runs at boot: `podman start
 /// --all --filter restart-policy=always`.
 pub fn start_podman(engines: &Engines) -> Result<()> {
-    let _ = std::fs::remove_file(PODMAN_SOCKET);
-    let mut command = Command::new(&engines.podman);
+    let socket = engines.podman_socket.clone();
+    let _ = std::fs::remove_file(&socket);
+    let mut command = engines.cli(Engine::Podman);
     command.args([
-        "system",
-        "service",
-        "--time=0",
-        &format!("unix://{PODMAN_SOCKET}"),
+        "system".to_owned(),
+        "service".to_owned(),
+        "--time=0".to_owned(),
+        format!("unix://{}", socket.display()),
     ]);
     BOOTED
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .push(spawn_daemon(command, PODMAN_LOG)?);
-    wait_until(Duration::from_secs(30), || socket_accepts(PODMAN_SOCKET))
-        .with_context(|| format!("podman system service did not open {PODMAN_SOCKET}"))?;
+        .push(spawn_daemon(command, &engines.set.logs().podman)?);
+    wait_until(Duration::from_secs(30), || {
+        UnixStream::connect(&socket).is_ok()
+    })
+    .with_context(|| format!("podman system service did not open {}", socket.display()))?;
     engines.cli_ok(
         Engine::Podman,
         &["start", "--all", "--filter", "restart-policy=always"],

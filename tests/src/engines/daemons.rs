@@ -2,13 +2,23 @@
 
 use super::*;
 
-/// The engine environment of this process. See the module documentation.
+/// The engine environment of this process: the engine set `PORTGATE_ENGINE_SET` names (see
+/// [`EngineSet`]). See the module documentation.
 pub struct Engines {
+    pub set: EngineSet,
+    /// The chroot the daemons and CLIs run in (sid), None for the host's own.
+    pub root: Option<PathBuf>,
     /// The `docker` CLI (Debian's, /usr/bin/docker, when present: it matches the daemon).
     pub docker: PathBuf,
     pub podman: PathBuf,
     dockerd: PathBuf,
     containerd: PathBuf,
+    /// The sockets as the host (and so the agent) reaches them.
+    pub docker_socket: PathBuf,
+    pub podman_socket: PathBuf,
+    containerd_socket: PathBuf,
+    /// `CONTAINERS_CONF` for the host's podman (the set's network backend).
+    containers_conf: Option<PathBuf>,
     /// `docker version` and `podman version`, as printed.
     pub docker_version: String,
     pub podman_version: String,
@@ -31,10 +41,10 @@ pub(super) enum State {
 
 impl Engines {
     /// The engine environment, started on first use. None (after printing "skipped: <test>:
-    /// <reason>") when the tests cannot run here: not root, or an engine is not installed.
-    /// With `PORTGATE_REQUIRE_ENGINES=1` a missing engine fails the test instead (for CI,
-    /// where `cargo xtask setup` installs them). Panics when an installed engine fails to
-    /// start, with the reason and where its log is.
+    /// <reason>") when the tests cannot run here: not root, or an engine of the set is not
+    /// installed (or the sid root not built). With `PORTGATE_REQUIRE_ENGINES=1` that fails the
+    /// test instead (for CI, where `cargo xtask setup` installs them). Panics when an
+    /// installed engine fails to start, with the reason and where its log is.
     pub fn get() -> Option<&'static Engines> {
         static STATE: OnceLock<State> = OnceLock::new();
         match STATE.get_or_init(|| match Self::init() {
@@ -53,62 +63,151 @@ impl Engines {
     }
 
     fn init() -> std::result::Result<Engines, InitError> {
+        let set = EngineSet::from_env().map_err(|e| InitError::Failed(anyhow!(e)))?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             return Err(InitError::Skip(
                 "needs root (starts container engines, creates network namespaces)".into(),
             ));
         }
-        let find = |name: &str, package: &str| {
-            find_program(name).ok_or_else(|| {
-                InitError::Skip(format!(
-                    "`{name}` not found (apt-get install {package}; `cargo xtask setup` does)"
-                ))
-            })
-        };
-        let dockerd = find("dockerd", "docker.io")?;
-        let containerd = find("containerd", "containerd")?;
-        let podman = find("podman", "podman")?;
-        // Debian's docker.io CLI matches its daemon; another `docker` earlier in PATH may not.
-        let docker = ["/usr/bin/docker"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())
-            .or_else(|| find_program("docker"))
-            .ok_or_else(|| {
-                InitError::Skip("`docker` CLI not found (apt-get install docker.io)".into())
-            })?;
+        let skip = |why: String| InitError::Skip(format!("engine set {}: {why}", set.name()));
         if !is_static_busybox(Path::new("/bin/busybox")) {
-            return Err(InitError::Skip(
+            return Err(skip(
                 "no static /bin/busybox for the test image (apt-get install busybox-static)".into(),
             ));
         }
-        let mut engines = Engines {
-            docker,
-            podman,
-            dockerd,
-            containerd,
-            docker_version: String::new(),
-            podman_version: String::new(),
-            started: Mutex::new(Started::default()),
+        let mut engines = match set.root() {
+            Some(root) => {
+                check_sid_root(&root).map_err(skip)?;
+                Engines {
+                    set,
+                    docker: "/usr/bin/docker".into(),
+                    podman: "/usr/bin/podman".into(),
+                    dockerd: "/usr/sbin/dockerd".into(),
+                    containerd: "/usr/bin/containerd".into(),
+                    docker_socket: root.join("run/docker.sock"),
+                    podman_socket: root.join("run/podman/podman.sock"),
+                    containerd_socket: root.join("run/containerd/containerd.sock"),
+                    containers_conf: None,
+                    root: Some(root),
+                    docker_version: String::new(),
+                    podman_version: String::new(),
+                    started: Mutex::new(Started::default()),
+                }
+            }
+            None => {
+                let find = |name: &str, package: &str| {
+                    find_program(name).ok_or_else(|| {
+                        skip(format!(
+                            "`{name}` not found (apt-get install {package}; `cargo xtask setup` does)"
+                        ))
+                    })
+                };
+                let dockerd = find("dockerd", "docker.io")?;
+                let containerd = find("containerd", "containerd")?;
+                let podman = find("podman", "podman")?;
+                if set == EngineSet::Cni {
+                    let plugins = ["/usr/lib/cni/bridge", "/opt/cni/bin/bridge"];
+                    if !plugins.iter().any(|p| Path::new(p).is_file()) {
+                        return Err(skip(
+                            "no CNI bridge plugin (apt-get install containernetworking-plugins; \
+                             `cargo xtask setup` does)"
+                                .into(),
+                        ));
+                    }
+                }
+                // Debian's docker.io CLI matches its daemon; another `docker` earlier in PATH may not.
+                let docker = ["/usr/bin/docker"]
+                    .iter()
+                    .map(PathBuf::from)
+                    .find(|p| p.is_file())
+                    .or_else(|| find_program("docker"))
+                    .ok_or_else(|| {
+                        skip("`docker` CLI not found (apt-get install docker.io)".into())
+                    })?;
+                Engines {
+                    set,
+                    root: None,
+                    docker,
+                    podman,
+                    dockerd,
+                    containerd,
+                    docker_socket: DOCKER_SOCKET.into(),
+                    podman_socket: PODMAN_SOCKET.into(),
+                    containerd_socket: CONTAINERD_SOCKET.into(),
+                    containers_conf: None,
+                    docker_version: String::new(),
+                    podman_version: String::new(),
+                    started: Mutex::new(Started::default()),
+                }
+            }
         };
+        eprintln!("engine set {}", set.name());
         engines.start().map_err(InitError::Failed)?;
+        eprintln!(
+            "engine set {}: {} / {}",
+            set.name(),
+            first_version(&engines.docker_version, "Version:"),
+            first_version(&engines.podman_version, "Version:")
+        );
         Ok(engines)
     }
 
+    /// A command for one of the set's programs: in the sid root (chroot), or the host's.
+    fn program(&self, path: &Path) -> Command {
+        let mut command = match &self.root {
+            Some(root) => {
+                let mut c = Command::new("chroot");
+                c.arg(root).arg(path);
+                c
+            }
+            None => Command::new(path),
+        };
+        command.env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+        // Podman 5 warns on every call on this machine's hybrid cgroups.
+        command.env("PODMAN_IGNORE_CGROUPSV1_WARNING", "1");
+        if let Some(conf) = &self.containers_conf {
+            command.env("CONTAINERS_CONF", conf);
+        }
+        command
+    }
+
     fn start(&mut self) -> Result<()> {
+        stop_other_sets(self.set)?;
+        let logs = self.set.logs();
+        match &self.root {
+            Some(root) => {
+                // A dockerd of the host's would hold docker0 (and its containers' rules).
+                if socket_accepts(DOCKER_SOCKET) {
+                    bail!(
+                        "a dockerd the harness did not start answers on {DOCKER_SOCKET}; the sid \
+                         engine set needs docker0 for its own dockerd: stop it first"
+                    );
+                }
+                mount_root(root)?;
+                write_root_containers_conf(root)?;
+            }
+            None => {
+                self.containers_conf = write_host_containers_conf(self.set)?;
+            }
+        }
         let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
         // containerd first: dockerd is pointed at its socket.
-        if !socket_accepts(CONTAINERD_SOCKET) {
-            let child = spawn_daemon(Command::new(&self.containerd), CONTAINERD_LOG)?;
+        if !socket_accepts_path(&self.containerd_socket) {
+            let child = spawn_daemon(self.program(&self.containerd), &logs.containerd)?;
             started.containerd = Some(child);
             wait_until(Duration::from_secs(30), || {
-                socket_accepts(CONTAINERD_SOCKET)
+                socket_accepts_path(&self.containerd_socket)
             })
             .with_context(|| {
                 format!(
-                    "containerd did not open {CONTAINERD_SOCKET}; log {CONTAINERD_LOG}:\n{}",
-                    tail(CONTAINERD_LOG)
+                    "containerd did not open {}; log {}:\n{}",
+                    self.containerd_socket.display(),
+                    logs.containerd.display(),
+                    tail(&logs.containerd)
                 )
             })?;
         }
@@ -116,35 +215,39 @@ impl Engines {
             started.dockerd = Some(self.spawn_dockerd()?);
             self.wait_docker()?;
         }
-        write_containers_conf()?;
-        if !socket_accepts(PODMAN_SOCKET) {
-            std::fs::create_dir_all("/run/podman").context("mkdir /run/podman")?;
-            let _ = std::fs::remove_file(PODMAN_SOCKET);
-            let mut command = Command::new(&self.podman);
+        if !socket_accepts_path(&self.podman_socket) {
+            let dir = self.podman_socket.parent().context("podman socket dir")?;
+            std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+            let _ = std::fs::remove_file(&self.podman_socket);
+            let mut command = self.program(&self.podman);
             command.args([
                 "system",
                 "service",
                 "--time=0",
                 &format!("unix://{PODMAN_SOCKET}"),
             ]);
-            started.podman = Some(spawn_daemon(command, PODMAN_LOG)?);
-            wait_until(Duration::from_secs(30), || socket_accepts(PODMAN_SOCKET)).with_context(
-                || {
-                    format!(
-                        "podman system service did not open {PODMAN_SOCKET}; log {PODMAN_LOG}:\n{}",
-                        tail(PODMAN_LOG)
-                    )
-                },
-            )?;
+            started.podman = Some(spawn_daemon(command, &logs.podman)?);
+            wait_until(Duration::from_secs(30), || {
+                socket_accepts_path(&self.podman_socket)
+            })
+            .with_context(|| {
+                format!(
+                    "podman system service did not open {}; log {}:\n{}",
+                    self.podman_socket.display(),
+                    logs.podman.display(),
+                    tail(&logs.podman)
+                )
+            })?;
         }
         drop(started);
+        self.check_podman_backend()?;
 
         self.docker_version = output_text(
-            Command::new(&self.docker).arg("version"),
+            self.program(&self.docker).arg("version"),
             Duration::from_secs(20),
         )?;
         self.podman_version = output_text(
-            Command::new(&self.podman).arg("version"),
+            self.program(&self.podman).arg("version"),
             Duration::from_secs(20),
         )?;
         self.reap_stale_containers();
@@ -153,25 +256,69 @@ impl Engines {
         Ok(())
     }
 
+    /// Fails when the Podman service (perhaps one the harness did not start, which it reuses)
+    /// runs another network backend than the set's: its containers would be on the wrong
+    /// bridge.
+    fn check_podman_backend(&self) -> Result<()> {
+        let wanted = if self.set == EngineSet::Cni {
+            "cni"
+        } else {
+            "netavark"
+        };
+        let output = run_timeout(
+            self.program(&self.podman).args([
+                "--url",
+                &format!("unix://{PODMAN_SOCKET}"),
+                "info",
+                "--format",
+                "{{.Host.NetworkBackend}}",
+            ]),
+            Duration::from_secs(30),
+        )?;
+        let backend = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        if backend != wanted {
+            bail!(
+                "the Podman service on {} runs network backend {backend:?} ({}), engine set {} \
+                 needs {wanted}: stop that service (it was not started for this set) and run \
+                 again",
+                self.podman_socket.display(),
+                String::from_utf8_lossy(&output.stderr).trim(),
+                self.set.name()
+            );
+        }
+        Ok(())
+    }
+
     fn spawn_dockerd(&self) -> Result<Child> {
-        let mut command = Command::new(&self.dockerd);
+        let mut command = self.program(&self.dockerd);
+        // The socket's path inside the root (or the host).
         command.arg(format!("--containerd={CONTAINERD_SOCKET}"));
-        spawn_daemon(command, DOCKERD_LOG)
+        spawn_daemon(command, &self.set.logs().dockerd)
+    }
+
+    /// The dockerd pidfile, as the host sees it.
+    fn dockerd_pidfile(&self) -> PathBuf {
+        match &self.root {
+            Some(root) => root.join("run/docker.pid"),
+            None => PathBuf::from("/var/run/docker.pid"),
+        }
     }
 
     fn docker_answers(&self) -> bool {
         run_timeout(
-            Command::new(&self.docker).arg("info"),
+            self.program(&self.docker).arg("info"),
             Duration::from_secs(10),
         )
         .is_ok_and(|o| o.status.success())
     }
 
     fn wait_docker(&self) -> Result<()> {
+        let log = self.set.logs().dockerd;
         wait_until(DOCKER_START_TIMEOUT, || self.docker_answers()).with_context(|| {
             format!(
-                "dockerd did not answer `docker info` within {DOCKER_START_TIMEOUT:?}; log {DOCKERD_LOG}:\n{}",
-                tail(DOCKERD_LOG)
+                "dockerd did not answer `docker info` within {DOCKER_START_TIMEOUT:?}; log {}:\n{}",
+                log.display(),
+                tail(&log)
             )
         })
     }
@@ -180,7 +327,7 @@ impl Engines {
     /// static busybox and a few applet links) unless present, and gives Podman the same image.
     fn ensure_image(&self) -> Result<()> {
         let inspect = run_timeout(
-            Command::new(&self.docker).args(["image", "inspect", IMAGE]),
+            self.program(&self.docker).args(["image", "inspect", IMAGE]),
             Duration::from_secs(20),
         )?;
         if !inspect.status.success() {
@@ -207,7 +354,8 @@ impl Engines {
                 .spawn()
                 .context("spawn tar")?;
             let tar_out = tar.stdout.take().context("tar stdout")?;
-            let import = Command::new(&self.docker)
+            let import = self
+                .program(&self.docker)
                 .args(["import", "-", IMAGE])
                 .stdin(Stdio::from(tar_out))
                 .output()
@@ -222,17 +370,19 @@ impl Engines {
             }
         }
         let exists = run_timeout(
-            Command::new(&self.podman).args(["image", "exists", IMAGE]),
+            self.program(&self.podman).args(["image", "exists", IMAGE]),
             Duration::from_secs(20),
         )?;
         if !exists.status.success() {
-            let mut save = Command::new(&self.docker)
+            let mut save = self
+                .program(&self.docker)
                 .args(["save", IMAGE])
                 .stdout(Stdio::piped())
                 .spawn()
                 .context("spawn docker save")?;
             let saved = save.stdout.take().context("docker save stdout")?;
-            let load = Command::new(&self.podman)
+            let load = self
+                .program(&self.podman)
                 .arg("load")
                 .stdin(Stdio::from(saved))
                 .output()
@@ -271,7 +421,7 @@ impl Engines {
 
     /// A command for an engine's CLI.
     pub fn cli(&self, engine: Engine) -> Command {
-        let mut command = Command::new(match engine {
+        let mut command = self.program(match engine {
             Engine::Docker => &self.docker,
             Engine::Podman => &self.podman,
         });
@@ -369,7 +519,7 @@ impl Engines {
         if let Some(child) = &started.dockerd {
             return Some(child.id());
         }
-        let pid: u32 = std::fs::read_to_string("/var/run/docker.pid")
+        let pid: u32 = std::fs::read_to_string(self.dockerd_pidfile())
             .ok()?
             .trim()
             .parse()
@@ -378,7 +528,7 @@ impl Engines {
     }
 
     /// Whether this process may kill and restart dockerd: it started it, or a previous test
-    /// run did (its output goes to [`DOCKERD_LOG`]), or `PORTGATE_TESTS_MAY_RESTART_DOCKERD=1`
+    /// run did (its output goes to the set's dockerd log), or `PORTGATE_TESTS_MAY_RESTART_DOCKERD=1`
     /// says any dockerd on this machine may be restarted. Err says why not.
     pub fn may_restart_dockerd(&self) -> std::result::Result<(), String> {
         if self
@@ -392,10 +542,13 @@ impl Engines {
             return Ok(());
         }
         let Some(pid) = self.dockerd_pid() else {
-            return Err("no dockerd pid (/var/run/docker.pid)".into());
+            return Err(format!(
+                "no dockerd pid ({})",
+                self.dockerd_pidfile().display()
+            ));
         };
         let output = std::fs::read_link(format!("/proc/{pid}/fd/1")).unwrap_or_default();
-        if output == Path::new(DOCKERD_LOG) {
+        if output == self.set.logs().dockerd {
             Ok(())
         } else {
             Err(format!(
@@ -426,7 +579,7 @@ impl Engines {
         .unwrap_or_else(|_| panic!("dockerd {pid} did not die of SIGKILL"));
         // Nobody may reap it here (PID 1 is not an init on these machines): a zombie keeps
         // its pid "running", and a new dockerd would refuse to start over its pidfile.
-        let _ = std::fs::remove_file("/var/run/docker.pid");
+        let _ = std::fs::remove_file(self.dockerd_pidfile());
     }
 
     /// Starts dockerd again (after [`Engines::kill_dockerd`]) and waits until it answers.
@@ -625,5 +778,125 @@ pub fn free_port() -> u16 {
         if TcpListener::bind(("0.0.0.0", port)).is_ok() {
             return port;
         }
+    }
+}
+
+/// A Docker network, removed (`network rm`) on drop; its containers must be gone by then.
+pub struct DockerNetwork {
+    engines: &'static Engines,
+    pub name: String,
+}
+
+impl DockerNetwork {
+    /// `docker network create ARGS... NAME`.
+    pub fn create(engines: &'static Engines, name: &str, args: &[&str]) -> Self {
+        let network = DockerNetwork {
+            engines,
+            name: name.to_owned(),
+        };
+        let mut full = vec!["network", "create"];
+        full.extend_from_slice(args);
+        full.push(name);
+        engines.cli_ok(Engine::Docker, &full);
+        network
+    }
+
+    /// The network's IPv4 subnet (the first of its IPAM configs).
+    pub fn subnet(&self) -> String {
+        self.engines
+            .cli_ok(
+                Engine::Docker,
+                &[
+                    "network",
+                    "inspect",
+                    "--format",
+                    "{{range .IPAM.Config}}{{.Subnet}} {{end}}",
+                    &self.name,
+                ],
+            )
+            .split_whitespace()
+            .find(|s| s.contains('.'))
+            .unwrap_or_else(|| panic!("network {} has no IPv4 subnet", self.name))
+            .to_owned()
+    }
+}
+
+impl Drop for DockerNetwork {
+    fn drop(&mut self) {
+        let _ = run_timeout(
+            self.engines
+                .cli(Engine::Docker)
+                .args(["network", "rm", &self.name]),
+            Duration::from_secs(60),
+        );
+    }
+}
+
+impl ContainerGuard {
+    /// The container's address on `network` once it serves TCP `port` there (from the root
+    /// namespace). Panics after [`FOLLOW_TIMEOUT`].
+    pub fn wait_serving_on(&self, network: &str, port: u16) -> Ipv4Addr {
+        let deadline = Instant::now() + FOLLOW_TIMEOUT;
+        loop {
+            let format =
+                format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
+            let address = self.cli_ok(&["inspect", "--format", &format, &self.name]);
+            if let Ok(ip) = address.parse::<Ipv4Addr>()
+                && TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(1))
+                    .is_ok()
+            {
+                return ip;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "container {} does not serve port {port} on {network} ({address:?}); logs:\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// A Podman network, removed (`network rm -f`) on drop.
+pub struct PodmanNetwork {
+    engines: &'static Engines,
+    pub name: String,
+}
+
+impl PodmanNetwork {
+    pub fn create(engines: &'static Engines, name: &str) -> Self {
+        let network = PodmanNetwork {
+            engines,
+            name: name.to_owned(),
+        };
+        engines.cli_ok(Engine::Podman, &["network", "create", name]);
+        network
+    }
+
+    /// The Linux bridge Podman gave it (`network_interface`).
+    pub fn bridge(&self) -> String {
+        self.engines.cli_ok(
+            Engine::Podman,
+            &[
+                "network",
+                "inspect",
+                "--format",
+                "{{.NetworkInterface}}",
+                &self.name,
+            ],
+        )
+    }
+}
+
+impl Drop for PodmanNetwork {
+    fn drop(&mut self) {
+        let _ = run_timeout(
+            self.engines
+                .cli(Engine::Podman)
+                .args(["network", "rm", "-f", &self.name]),
+            Duration::from_secs(60),
+        );
     }
 }

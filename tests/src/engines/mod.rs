@@ -7,14 +7,17 @@
 //!  eth0 10.98.X.2/24  ──── veth ────  pe<pid>-<n> 10.98.X.1/24
 //!  default via 10.98.X.1              docker0 172.17.0.0/16 ── Docker containers
 //!                                     podman0 10.88.0.0/16  ── Podman containers
+//!                                     (cni-podman0 on the CNI set)
 //! ```
 //!
 //! A client reaches a container through a published port of the host, `10.98.X.1:PORT`, which
 //! the engine DNATs to the container: exactly "a connection from outside to a published port".
 //!
-//! * [`Engines::get`] starts what is not running (containerd, dockerd, the Podman service),
-//!   once per process, builds the local busybox image, and leaves the daemons running for
-//!   other test binaries ([`Engines::stop_started`] stops what this process started).
+//! * [`Engines::get`] starts what is not running (containerd, dockerd, the Podman service) of
+//!   the engine set `PORTGATE_ENGINE_SET` names ([`EngineSet`]: `debian12`, `cni`, `sid`;
+//!   sets.rs), after stopping what the harness started for the other sets, once per
+//!   process; builds the local busybox image, and leaves the daemons running for other test
+//!   binaries ([`Engines::stop_started`] stops what this process started).
 //! * [`Scenario`] is the client namespace and the root namespace's forwarding settings,
 //!   restored when the last scenario of the process is dropped (also on panic; a run that was
 //!   killed is repaired by the next one).
@@ -53,8 +56,9 @@ mod firewall;
 mod http;
 mod process;
 mod scenario;
+mod sets;
 
-pub use self::{agent::*, daemons::*, firewall::*, http::*, process::*, scenario::*};
+pub use self::{agent::*, daemons::*, firewall::*, http::*, process::*, scenario::*, sets::*};
 
 /// The image every container runs: Debian's static busybox, nothing else.
 pub const IMAGE: &str = "local/busybox:latest";
@@ -64,7 +68,6 @@ pub const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 pub const CONTAINERD_LOG: &str = "/tmp/portgate-tests-containerd.log";
 pub const DOCKERD_LOG: &str = "/tmp/portgate-tests-dockerd.log";
 pub const PODMAN_LOG: &str = "/tmp/portgate-tests-podman.log";
-pub const CONTAINERS_CONF: &str = "/etc/containers/containers.conf";
 /// Podman's limits that this machine can grant (see shared/testbed.md), given on every run.
 pub const PODMAN_ULIMITS: &[&str] = &[
     "--ulimit",

@@ -48,6 +48,18 @@ pub(super) fn socket_accepts(path: &str) -> bool {
     UnixStream::connect(path).is_ok()
 }
 
+pub(super) fn socket_accepts_path(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
+}
+
+/// The first `Version:` line's value in `docker version`/`podman version` output (the
+/// client's), or "unknown".
+pub fn first_version<'t>(text: &'t str, key: &str) -> &'t str {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .map_or("unknown", str::trim)
+}
+
 pub(super) fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
@@ -59,12 +71,12 @@ pub(super) fn is_zombie(pid: u32) -> bool {
 
 /// Starts a daemon in its own session (so a ^C to the test run does not reach it), logging
 /// to `log`, with the sbin directories in PATH (dockerd runs iptables).
-pub(super) fn spawn_daemon(mut command: Command, log: &str) -> Result<Child> {
+pub(super) fn spawn_daemon(mut command: Command, log: &Path) -> Result<Child> {
     let out = OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
-        .with_context(|| format!("open {log}"))?;
+        .with_context(|| format!("open {}", log.display()))?;
     let err = out.try_clone()?;
     let path = std::env::var("PATH").unwrap_or_default();
     command
@@ -81,10 +93,10 @@ pub(super) fn spawn_daemon(mut command: Command, log: &str) -> Result<Child> {
     }
     command
         .spawn()
-        .with_context(|| format!("spawn {command:?} (log {log})"))
+        .with_context(|| format!("spawn {command:?} (log {})", log.display()))
 }
 
-pub(super) fn tail(path: &str) -> String {
+pub(super) fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
@@ -148,27 +160,4 @@ pub(super) fn output_text(command: &mut Command, timeout: Duration) -> Result<St
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     ))
-}
-
-/// Writes /etc/containers/containers.conf when there is none: the open-files and process
-/// limits this machine can grant (shared/testbed.md), and netavark as the network backend
-/// when it is installed (Podman's bridge is then `podman0`, as the agent expects).
-pub(super) fn write_containers_conf() -> Result<()> {
-    if Path::new(CONTAINERS_CONF).exists() {
-        return Ok(());
-    }
-    let mut text = String::from(
-        "# Written by portgate's engine tests (tests/src/engines.rs).\n\
-         [containers]\n\
-         default_ulimits = [\"nofile=1024:1024\", \"nproc=4096:4096\"]\n",
-    );
-    if ["/usr/lib/podman/netavark", "/usr/libexec/podman/netavark"]
-        .iter()
-        .any(|p| Path::new(p).is_file())
-    {
-        text.push_str("\n[network]\nnetwork_backend = \"netavark\"\n");
-    }
-    std::fs::create_dir_all("/etc/containers")?;
-    std::fs::write(CONTAINERS_CONF, text).with_context(|| format!("write {CONTAINERS_CONF}"))?;
-    Ok(())
 }
