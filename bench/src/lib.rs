@@ -231,6 +231,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Filter::None,
     )
     .context("the warm-up cell (no filter)")?;
+    let bar = progress_bar(cells as u64);
     let mut seq = 0;
     for repeat in 0..plan.repeats {
         for (ni, &n) in plan.ns.iter().enumerate() {
@@ -249,7 +250,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         Ok(outcome) => outcome,
                         Err(err) if attempt + 1 < MAX_ATTEMPTS => {
                             proc::check_interrupted()?;
-                            println!("  {} at N={n} failed ({err:#}); once more", filter.label());
+                            bar.suspend(|| {
+                                println!(
+                                    "  {} at N={n} failed ({err:#}); once more",
+                                    filter.label()
+                                )
+                            });
                             continue;
                         }
                         Err(err) => {
@@ -267,11 +273,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         break;
                     }
                     if attempt + 1 < MAX_ATTEMPTS && pacer.can_redo() {
-                        println!(
-                            "  {} at N={n}: {:.0} % of the machine went to other processes; measuring again",
-                            filter.label(),
-                            share.foreign * 100.0
-                        );
+                        bar.suspend(|| {
+                            println!(
+                                "  {} at N={n}: {:.0} % of the machine went to other processes; measuring again",
+                                filter.label(),
+                                share.foreign * 100.0
+                            )
+                        });
                         results.redone += 1;
                     } else {
                         break;
@@ -282,13 +290,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 };
                 pacer.done += 1;
                 let done = pacer.done;
-                println!(
-                    "[{done:>2}/{cells}] r{repeat} N={n:<6} {:<12} {}  other load {:>2.0} %   (~{:.0} s left)",
-                    filter.label(),
-                    outcome.summary(),
-                    share.foreign * 100.0,
-                    pacer.remaining_estimate().as_secs_f64()
-                );
+                let left = pacer.remaining_estimate().as_secs_f64();
+                bar.suspend(|| {
+                    println!(
+                        "[{done:>2}/{cells}] r{repeat} N={n:<6} {:<12} {}  other load {:>2.0} %   (~{left:.0} s left)",
+                        filter.label(),
+                        outcome.summary(),
+                        share.foreign * 100.0,
+                    )
+                });
+                bar.inc(1);
+                bar.set_message(format!(
+                    "{} at N={n} done, ~{left:.0} s left",
+                    filter.label()
+                ));
                 outcome.record(&mut results, n, filter);
                 results.foreign.push(share.foreign);
                 results.steal.push(share.steal);
@@ -296,6 +311,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
 
+    bar.finish_and_clear();
     heading("the gate in the real data path (BPF run-time statistics)");
     let n = *plan.ns.last().unwrap_or(&10);
     proc::check_interrupted()?;
@@ -626,6 +642,18 @@ fn meta(plan: &Plan, setup: &Setup, elapsed: Duration) -> Meta {
 
 fn quote_args(args: &str) -> String {
     args.replace("Connection: close", "'Connection: close'")
+}
+
+/// A bar over the data-path cells on stderr; hidden when stderr is not a terminal (CI logs
+/// keep the one line per cell printed above it).
+fn progress_bar(cells: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(cells);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:40}] {pos}/{len} cells  {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
 }
 
 fn heading(title: &str) {

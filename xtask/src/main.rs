@@ -2,6 +2,7 @@
 //!
 //! Everything here shells out to the tools a developer would type by hand (apt-get, cargo,
 //! rustup, ip, socat), printing each command before it runs.
+mod deb;
 mod demo;
 mod lint;
 mod setup;
@@ -53,6 +54,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package (cargo-deb): binary, systemd unit and the engines' drop-ins,
+    /// completions, man pages; prints its path.
+    Deb,
     /// Fuzz the gate's programs in the kernel (BPF_PROG_TEST_RUN) for longer than `test`
     /// does: mutated and random frames, the gate's invariants checked after each (root).
     Fuzz {
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         Task::Build { release } => build(release),
         Task::Lint => lint::run(),
         Task::Test { engine_sets, args } => test::run(&args, &engine_sets),
+        Task::Deb => deb::run(),
         Task::Demo => demo::run(),
         Task::Fuzz { frames, seed } => fuzz(frames, seed),
         Task::Bench(args) => portgate_bench::run(args),

@@ -69,9 +69,15 @@ const TOOL_PACKAGES: &[&str] = &[
     "debootstrap",
     // A real Prometheus server and promtool, for the metrics tests.
     "prometheus",
+    // systemd-analyze, which verifies the package's unit (no systemd PID 1 needed), and
+    // dpkg's helpers that the package's maintainer scripts call.
+    "systemd",
+    "init-system-helpers",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// `cargo xtask deb` builds the Debian package with it.
+pub const CARGO_DEB_VERSION: &str = "3.8.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Name of the rustup toolchain linked to Debian's Rust in /usr (gate-user's build.rs uses it).
 const DEBIAN_TOOLCHAIN: &str = "debian";
@@ -135,6 +141,27 @@ pub fn run(mode: Mode) -> Result<()> {
             } else {
                 println!("missing: bpf-linker {BPF_LINKER_VERSION} ({found})");
                 missing.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+            }
+        }
+    }
+
+    // 2b. cargo-deb, for `cargo xtask deb`.
+    match cargo_deb_version() {
+        Some(version) if reports_version(&version, CARGO_DEB_VERSION) => {
+            println!("ok: cargo-deb {CARGO_DEB_VERSION} already installed");
+            present += 1;
+        }
+        found => {
+            let found = found.map_or_else(|| "not found".to_owned(), |v| format!("found {v:?}"));
+            if install {
+                println!(
+                    "installing cargo-deb {CARGO_DEB_VERSION} ({found}; builds for a few minutes)"
+                );
+                install_cargo_deb()?;
+                changed.push(format!("cargo-deb {CARGO_DEB_VERSION}"));
+            } else {
+                println!("missing: cargo-deb {CARGO_DEB_VERSION} ({found})");
+                missing.push(format!("cargo-deb {CARGO_DEB_VERSION}"));
             }
         }
     }
@@ -314,6 +341,32 @@ fn install_bpf_linker() -> Result<()> {
         Some(v) if reports_version(&v, BPF_LINKER_VERSION) => Ok(()),
         found => bail!(
             "bpf-linker was installed but `bpf-linker --version` reports {found:?}: is ~/.cargo/bin first on PATH?"
+        ),
+    }
+}
+
+/// `cargo deb --version` ("cargo-deb 3.8.0"), if installed.
+pub fn cargo_deb_version() -> Option<String> {
+    proc::output_if_ok("cargo", &["deb", "--version"]).map(|v| v.trim().to_owned())
+}
+
+fn install_cargo_deb() -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "install",
+        "cargo-deb",
+        "--locked",
+        "--version",
+        CARGO_DEB_VERSION,
+    ])
+    .current_dir("/")
+    .env_remove("RUSTC_BOOTSTRAP")
+    .env_remove("RUSTUP_TOOLCHAIN");
+    proc::run(&mut cmd).context("building cargo-deb failed")?;
+    match cargo_deb_version() {
+        Some(v) if reports_version(&v, CARGO_DEB_VERSION) => Ok(()),
+        found => bail!(
+            "cargo-deb was installed but `cargo deb --version` reports {found:?}: is ~/.cargo/bin first on PATH?"
         ),
     }
 }

@@ -95,6 +95,12 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
             command: wanted("cni").then(|| engine_tests("cni", extra_args)),
         },
         Stage {
+            // The package the end-to-end package test installs and removes (PORTGATE_DEB).
+            name: "cargo xtask deb",
+            blocks_later: false,
+            command: Some(cargo(&["xtask", "deb"])),
+        },
+        Stage {
             name: "end-to-end tests (portgate-tests), engine set debian12",
             blocks_later: false,
             command: Some({
@@ -110,6 +116,11 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
                 // set's start stops the daemons the other sets' stages started).
                 cmd.env("PORTGATE_ENGINE_SET", "debian12");
                 with_portgate_bin(&mut cmd);
+                if std::env::var_os("PORTGATE_DEB").is_none()
+                    && let Ok(target) = proc::target_dir()
+                {
+                    cmd.env("PORTGATE_DEB", target.join(crate::deb::PATH));
+                }
                 cmd
             }),
         },
@@ -123,7 +134,8 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
 
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut blocked = false;
-    for stage in &mut stages {
+    let total = stages.len();
+    for (index, stage) in stages.iter_mut().enumerate() {
         if blocked {
             outcomes.push(Outcome::Skipped("an earlier stage failed"));
             continue;
@@ -132,7 +144,11 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
             outcomes.push(Outcome::Skipped("not among the --engine-set sets"));
             continue;
         }
-        println!("\n==================== {} ====================", stage.name);
+        println!(
+            "\n==================== [{}/{total}] {} ====================",
+            index + 1,
+            stage.name
+        );
         let started = Instant::now();
         let result = match stage.command.as_mut() {
             None => setup::run(setup::Mode::Install),

@@ -27,6 +27,7 @@ impl Agent {
                     .map(|b| (*b).to_owned())
                     .chain(engine_bridges),
             );
+            wanted.extend(super::service::engine_named_bridges());
         }
         wanted
     }

@@ -11,6 +11,7 @@ mod bridges;
 mod explain;
 mod reconcile;
 mod requests;
+mod service;
 mod uplinks;
 mod views;
 
@@ -32,6 +33,7 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+pub use self::service::is_engine_bridge_name;
 use self::views::{counter_name, protocol_name};
 use crate::{
     api::{
@@ -72,6 +74,9 @@ pub struct AgentOptions {
     pub gate: GateConfig,
     /// Engines to watch, with their sockets.
     pub engines: Vec<(Engine, PathBuf)>,
+    /// Engines to watch once their socket exists (`--runtime auto` at boot, before the
+    /// engines start).
+    pub engines_later: Vec<(Engine, PathBuf)>,
     /// Allow every container's published ports (Docker's old behaviour, chosen explicitly).
     pub default_published: bool,
     /// Honour containers' `portgate.allow` labels.
@@ -123,6 +128,8 @@ pub struct Agent {
     watchers: broadcast::Sender<WatchEvent>,
     /// The bridge ports must be looked at again (containers changed, or one was not found).
     ports_stale: bool,
+    /// `--runtime auto` engines whose socket does not exist yet, checked on each tick.
+    engines_later: Vec<(Engine, PathBuf)>,
     /// The state and pin directories are this agent's while it runs.
     _locks: [Lock; 2],
 }
@@ -180,6 +187,7 @@ impl Agent {
             .collect();
         let delegation = options.netfilter.then(NetfilterKeeper::start);
         let resolver = Resolver::new(options.labels);
+        let engines_later = options.engines_later.clone();
         let mut agent = Self {
             options,
             datapath,
@@ -196,6 +204,7 @@ impl Agent {
             drop_events: DropEventStats::default(),
             watchers: broadcast::channel(256).0,
             ports_stale: true,
+            engines_later,
             _locks: locks,
         };
         // Rules first, then programs: the new programs never run on a stale allow map. Until
@@ -236,6 +245,8 @@ impl Agent {
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        let (links_tx, mut links) = mpsc::channel(1);
+        tasks.spawn(service::watch_links(links_tx));
         let logs = self.datapath.take_logger().and_then(|logger| {
             // SAFETY: the logger owns its ring buffer's fd, open and unchanged while it lives.
             unsafe { AsyncFd::register(logger) }
@@ -269,19 +280,26 @@ impl Agent {
                 events_tx.clone(),
             ));
         }
-        drop(events_tx);
         let mut tick = tokio::time::interval(TICK);
         info!(socket = %socket.path().display(), "agent ready");
         let (requests_tx, mut requests) = mpsc::channel(16);
         tasks.spawn(socket.run(requests_tx));
+        // The gate is attached and the socket answers: "started" for systemd means gated.
+        service::notify("READY=1");
         loop {
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
-                _ = sighup.recv() => match self.reload() {
-                    Ok(message) => info!("SIGHUP: {message}"),
-                    Err(err) => error!("SIGHUP: {err:#}"),
-                },
+                _ = sighup.recv() => {
+                    // systemd (ExecReload) sees the reload through to its end.
+                    service::notify("RELOADING=1");
+                    match self.reload() {
+                        Ok(message) => info!("SIGHUP: {message}"),
+                        Err(err) => error!("SIGHUP: {err:#}"),
+                    }
+                    service::notify("READY=1");
+                }
+                Some(()) = links.recv() => self.on_links_changed(),
                 Some((request, mut stream)) = requests.recv() => match request {
                     Request::Watch => {
                         tasks.spawn(stream_watch(stream, self.watchers.subscribe()));
@@ -300,12 +318,18 @@ impl Agent {
                     });
                     let _ = reply.send(body);
                 }
-                _ = tick.tick() => self.on_tick(),
+                _ = tick.tick() => {
+                    self.on_tick();
+                    for (engine, socket) in self.engines_appeared() {
+                        tasks.spawn(runtime::watch(engine, socket, events_tx.clone()));
+                    }
+                }
                 // Finished replies are collected as they go, so the set stays small.
                 Some(_) = replies.join_next(), if !replies.is_empty() => {}
             }
         }
         info!("stopping; the gate stays attached and keeps enforcing");
+        service::notify("STOPPING=1");
         // No new requests; the answers already on their way get a moment to be written.
         tasks.shutdown().await;
         let drained = tokio::time::timeout(DRAIN, async {

@@ -109,6 +109,15 @@ pub enum Command {
         #[arg(value_enum)]
         mode: Mode,
     },
+    /// Report what protects this host and what does not, and what to do about each.
+    ///
+    /// Looks at the agent, every bridge, the engines, the netfilter delegation, containers the
+    /// gate cannot see (host network, macvlan, ipvlan), docker-proxy, IPv6 forwarding and the
+    /// kernel. Exit status: 0 when nothing is unprotected, 2 when something is, 1 on error.
+    Doctor(super::doctor::DoctorArgs),
+    /// Write shell completions and man pages (for packaging).
+    #[command(hide = true)]
+    Generate(super::generate::GenerateArgs),
     /// Detach the gate from every bridge and remove its pins (run with the agent stopped).
     Uninstall {
         /// The bpffs directory holding the pins.

@@ -4,6 +4,9 @@
 
 mod args;
 mod check;
+mod colour;
+mod doctor;
+mod generate;
 mod output;
 
 use std::path::{Path, PathBuf};
@@ -72,7 +75,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List { json } => match client::call(&cli.socket, &Request::List)? {
             Reply::List(list) if json => print_json(&list),
             Reply::List(list) => {
-                print!("{}", format_list(&list));
+                print!("{}", colour::paint(&format_list(&list)));
                 Ok(())
             }
             other => unexpected(other),
@@ -80,7 +83,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => match client::call(&cli.socket, &Request::Status)? {
             Reply::Status(status) if json => print_json(&status),
             Reply::Status(status) => {
-                print!("{}", format_status(&status));
+                print!("{}", colour::paint(&format_status(&status)));
                 Ok(())
             }
             other => unexpected(other),
@@ -102,6 +105,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Uninstall { bpffs } => uninstall(&cli.socket, &bpffs),
         Command::Reload => print_changed(client::call(&cli.socket, &Request::Reload)?),
         Command::Check { file } => check::run(&cli.socket, file.as_deref()),
+        Command::Doctor(args) => doctor::run(&cli.socket, &args),
+        Command::Generate(args) => generate::run(&args),
     }
 }
 
@@ -119,14 +124,13 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
     let uplinks = args.uplinks.into_iter().filter(|u| u != "auto").collect();
     let docker = (Engine::Docker, args.docker_socket);
     let podman = (Engine::Podman, args.podman_socket);
-    let engines = match args.runtime {
-        RuntimeChoice::Docker => vec![docker],
-        RuntimeChoice::Podman => vec![podman],
-        RuntimeChoice::None => vec![],
-        RuntimeChoice::Auto => [docker, podman]
-            .into_iter()
-            .filter(|(_, s)| s.exists())
-            .collect(),
+    // auto: the engines whose socket exists now, and the others once theirs appears (at
+    // boot the agent starts before them).
+    let (engines, engines_later) = match args.runtime {
+        RuntimeChoice::Docker => (vec![docker], vec![]),
+        RuntimeChoice::Podman => (vec![podman], vec![]),
+        RuntimeChoice::None => (vec![], vec![]),
+        RuntimeChoice::Auto => [docker, podman].into_iter().partition(|(_, s)| s.exists()),
     };
     let options = AgentOptions {
         bridges,
@@ -134,6 +138,7 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         uplinks,
         auto_uplinks,
         engines,
+        engines_later,
         default_published: args.default_policy == DefaultPolicy::Published,
         labels: args.labels == Switch::On,
         netfilter: !args.no_netfilter,

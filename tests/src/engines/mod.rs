@@ -50,6 +50,7 @@ use crate::run_ok;
 use crate::sandbox::in_netns;
 
 mod agent;
+pub mod boot;
 mod daemons;
 mod firewall;
 mod http;
