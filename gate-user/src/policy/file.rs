@@ -203,6 +203,14 @@ host_port = "8080/tcp"
     }
 
     #[test]
+    fn the_packaged_example_parses() {
+        let text = include_str!("../../../packaging/examples/policy.toml");
+        let policy = FilePolicy::parse(text, Path::new("policy.toml"), &SourceSets::new())
+            .expect("the example parses");
+        assert_eq!(policy.rules.len(), 3);
+    }
+
+    #[test]
     fn errors_name_the_line() {
         let cases = [
             (
