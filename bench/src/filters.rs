@@ -233,6 +233,18 @@ pub fn install(
     setup: &Setup,
     cell: &str,
 ) -> Result<Installed> {
+    install_with(filter, n, topo, setup, cell, &[])
+}
+
+/// [`install`], with more arguments for `portgate agent` (`--uplink IFACE`).
+pub fn install_with(
+    filter: Filter,
+    n: usize,
+    topo: &Topology,
+    setup: &Setup,
+    cell: &str,
+    agent_args: &[String],
+) -> Result<Installed> {
     let entries = entries(n);
     let dir = setup.work_dir.join(cell);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -260,7 +272,7 @@ pub fn install(
                 serde_json::to_vec_pretty(&portgate_rules(&entries))?,
             )?;
             let bpffs = PathBuf::from(format!("/sys/fs/bpf/{cell}"));
-            let agent = Agent::start(topo, setup, &dir, &bpffs, BRIDGE, None)?;
+            let agent = Agent::start(topo, setup, &dir, &bpffs, BRIDGE, None, agent_args)?;
             let load = agent.started_in;
             let used = agent.allow_entries(setup)?;
             if used != n {
@@ -355,6 +367,7 @@ impl Agent {
         bpffs: &Path,
         bridge: &str,
         max_flows: Option<u32>,
+        extra: &[String],
     ) -> Result<Self> {
         let socket = dir.join("portgate.sock");
         let log = dir.join("agent.log");
@@ -381,6 +394,7 @@ impl Agent {
         if let Some(flows) = max_flows {
             cmd.args(["--max-flows", &flows.to_string()]);
         }
+        cmd.args(extra);
         let start = Instant::now();
         let child = cmd
             .spawn()
