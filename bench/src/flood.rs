@@ -10,12 +10,16 @@
 //! - distinct: (address, port) counted up from 198.18.0.0:1024, so no two frames of a run
 //!   share a flow (each datagram of the many-new-flows UDP figure is a new flow).
 //!
-//! CPU per frame: system + irq + softirq time of all CPUs (/proc/stat) during a flood with no
-//! other load of the bench, over the frames sent. The host's work happens in the sender's
-//! softirq, so that is where it shows; user time is left out, so compilers next door do not
-//! count (their system time does: figures are rough, compare within a run). The control is
-//! the same flood with a destination MAC address that is not the host's: the host's link
-//! receives the frames and drops them as PACKET_OTHERHOST before any netfilter hook.
+//! CPU per frame: the generator thread's own CPU time (CLOCK_THREAD_CPUTIME_ID) plus the
+//! ksoftirqd threads' time, during a flood with no other load of the bench, over the frames
+//! sent. With qdisc bypass, a veth hands each frame to the peer's backlog and the softirq that
+//! empties it runs as the sending syscall re-enables bottom halves, in the sender's context:
+//! the host's prerouting, conntrack, routing, forward hook, bridge and gate all run there (and
+//! the server's answer, if any). This kernel has no IRQ_TIME_ACCOUNTING, so that softirq time
+//! is the thread's; what the kernel defers to ksoftirqd is added. Other processes do not
+//! count, unlike with /proc/stat. The control is the same flood with a destination MAC
+//! address that is not the host's: the host's link receives the frames and drops them as
+//! PACKET_OTHERHOST before any netfilter hook.
 use std::{
     mem::{size_of, zeroed},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -32,6 +36,7 @@ use anyhow::{Context as _, Result, bail};
 use super::{
     Plan, WRK_CONNECTIONS, WRK_THREADS,
     filters::{self, Filter, Setup},
+    noise,
     topo::{
         self, CLIENT_CPU, CLIENT_MAC, FOREIGN_MAC, HOST_MAC, PUBLISHED_BLOCKED_PORT, Topology,
         pin_thread,
@@ -88,6 +93,8 @@ pub struct Spec {
 pub struct Generator {
     stopping: Arc<AtomicBool>,
     pub sent: Arc<AtomicU64>,
+    /// The sending thread's CPU time so far, in nanoseconds.
+    pub cpu_ns: Arc<AtomicU64>,
     thread: Option<JoinHandle<Result<()>>>,
 }
 
@@ -97,18 +104,20 @@ impl Generator {
         let socket = topo.client.run(open_packet_socket)??;
         let stopping = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
+        let cpu_ns = Arc::new(AtomicU64::new(0));
         let thread = {
-            let (stopping, sent) = (stopping.clone(), sent.clone());
+            let (stopping, sent, cpu_ns) = (stopping.clone(), sent.clone(), cpu_ns.clone());
             std::thread::Builder::new()
                 .name("raw-flood".into())
                 .spawn(move || {
                     pin_thread(CLIENT_CPU);
-                    send_loop(&socket, spec, &stopping, &sent)
+                    send_loop(&socket, spec, &stopping, &sent, &cpu_ns)
                 })?
         };
         Ok(Self {
             stopping,
             sent,
+            cpu_ns,
             thread: Some(thread),
         })
     }
@@ -170,7 +179,10 @@ fn open_packet_socket() -> Result<OwnedFd> {
         )
     };
     if rc != 0 {
-        bail!("binding the AF_PACKET socket to eth0: {}", std::io::Error::last_os_error());
+        bail!(
+            "binding the AF_PACKET socket to eth0: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(socket)
 }
@@ -291,7 +303,10 @@ fn source(sources: Sources, i: u64, rng: &mut Rng) -> ([u8; 4], u16) {
         Sources::Random => {
             let r = rng.next();
             let addr = RANDOM_BASE + (r as u32 % RANDOM_ADDRS);
-            (addr.to_be_bytes(), 1024 + ((r >> 32) as u16 % (u16::MAX - 1024)))
+            (
+                addr.to_be_bytes(),
+                1024 + ((r >> 32) as u16 % (u16::MAX - 1024)),
+            )
         }
         Sources::Distinct => {
             let ports = u64::from(u16::MAX - 1024);
@@ -306,6 +321,7 @@ fn send_loop(
     spec: Spec,
     stopping: &AtomicBool,
     sent: &AtomicU64,
+    cpu_ns: &AtomicU64,
 ) -> Result<()> {
     let template = Frame::new(&spec);
     let mut frames: Vec<Frame> = (0..BATCH)
@@ -338,6 +354,7 @@ fn send_loop(
         }
         // SAFETY: every mmsghdr points at a live frame of the length given; the socket is bound.
         let n = unsafe { libc::sendmmsg(socket.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
+        cpu_ns.store(thread_cpu_ns(), Ordering::Relaxed);
         if n > 0 {
             sent.fetch_add(n as u64, Ordering::Relaxed);
             total += n as u64;
@@ -355,23 +372,13 @@ fn send_loop(
     Ok(())
 }
 
-/// Busy time of the kernel on all CPUs (system + irq + softirq), in seconds.
-fn kernel_secs() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = if hz > 0 { hz as f64 } else { 100.0 };
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let cpu: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    let at = |i: usize| cpu.get(i).copied().unwrap_or(0.0) / hz;
-    // user nice system idle iowait irq softirq
-    at(2) + at(5) + at(6)
+/// The calling thread's CPU time, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    // SAFETY: an all-zero timespec is valid; clock_gettime writes only into it.
+    let mut ts: libc::timespec = unsafe { zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// One flood without other load: rate, kernel CPU per frame, the conntrack table around it.
@@ -389,17 +396,15 @@ pub fn measure_phase(topo: &Topology, spec: Spec, duration: Duration) -> Result<
     let mut generator = Generator::start(topo, spec)?;
     // Let the thread reach full speed before the clock starts.
     std::thread::sleep(Duration::from_millis(100));
-    let (sent0, cpu0, t0) = (
-        generator.sent.load(Ordering::Relaxed),
-        kernel_secs(),
-        Instant::now(),
-    );
+    let sample = |g: &Generator| {
+        (
+            g.sent.load(Ordering::Relaxed),
+            g.cpu_ns.load(Ordering::Relaxed) as f64 + noise::softirqd_secs() * 1e9,
+        )
+    };
+    let ((sent0, cpu0), t0) = (sample(&generator), Instant::now());
     proc::sleep(duration)?;
-    let (sent1, cpu1, secs) = (
-        generator.sent.load(Ordering::Relaxed),
-        kernel_secs(),
-        t0.elapsed().as_secs_f64(),
-    );
+    let ((sent1, cpu1), secs) = (sample(&generator), t0.elapsed().as_secs_f64());
     generator.stop()?;
     let ct_after = topo.conntrack_count()?;
     let frames = (sent1 - sent0) as f64;
@@ -408,7 +413,7 @@ pub fn measure_phase(topo: &Topology, spec: Spec, duration: Duration) -> Result<
     }
     Ok(Phase {
         sent_per_sec: frames / secs,
-        cpu_ns_per_frame: (cpu1 - cpu0) * 1e9 / frames,
+        cpu_ns_per_frame: (cpu1 - cpu0) / frames,
         ct_before,
         ct_after,
     })
@@ -553,7 +558,9 @@ pub fn run_cell(plan: &Plan, setup: &Setup, cell: &str, variant: Variant) -> Res
         let mut generator = Generator::start(&topo, syn(HOST_MAC, sources))?;
         let under = traffic::wrk(&topo, &wrk_args, secs);
         generator.stop()?;
-        outcome.floods.push((sources, phase, under?.requests_per_sec));
+        outcome
+            .floods
+            .push((sources, phase, under?.requests_per_sec));
     }
     drop(installed);
     drop(servers);

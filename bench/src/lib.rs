@@ -199,7 +199,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         work_dir,
     };
 
-
     let started = Instant::now();
     let mut results = measure(&plan, &setup, started)?;
 
@@ -335,8 +334,7 @@ fn data_path(plan: &Plan, setup: &Setup, results: &mut Results, pacer: &mut Pace
                             continue;
                         }
                         Err(err) => {
-                            return Err(err)
-                                .with_context(|| format!("{} at N={n}", label));
+                            return Err(err).with_context(|| format!("{} at N={n}", label));
                         }
                     };
                     let share = noise::share(&before, &noise::snapshot());

@@ -52,7 +52,9 @@ impl Metric {
     fn title(self) -> &'static str {
         match self {
             Metric::Cps => "New TCP connections per second",
-            Metric::DnatCps => "New TCP connections per second through DNAT (a published host port)",
+            Metric::DnatCps => {
+                "New TCP connections per second through DNAT (a published host port)"
+            }
             Metric::Udp => "UDP datagrams per second delivered (2 048 established flows)",
             Metric::UdpNew => "UDP datagrams per second delivered, each a new flow",
             Metric::Tput => "Single-stream TCP throughput (Gbit/s)",
@@ -277,7 +279,6 @@ pub fn markdown(results: &Results, plot_file: &str) -> String {
     md.push_str(&flood_section(results));
     md.push_str(&goals(results));
 
-
     let _ = writeln!(md, "## How it is measured\n");
     for note in &m.notes {
         let _ = writeln!(md, "- {note}");
@@ -482,7 +483,11 @@ fn data_path_sections(results: &Results, plot_file: &str) -> String {
 fn bare_section(results: &Results) -> String {
     let mut md = String::new();
     let ns = &results.meta.ns;
-    if !results.samples.iter().any(|s| Metric::BARE.contains(&s.metric)) {
+    if !results
+        .samples
+        .iter()
+        .any(|s| Metric::BARE.contains(&s.metric))
+    {
         return md;
     }
     let _ = writeln!(md, "## Data path without conntrack (bare host namespace)\n");
@@ -494,13 +499,7 @@ fn bare_section(results: &Results) -> String {
     );
     let _ = writeln!(
         md,
-        "| N | {} | {} | {} | {} | {} | {} |",
-        Metric::BareCps.short(),
-        "portgate",
-        Metric::BareUdp.short(),
-        "portgate",
-        Metric::BareTput.short(),
-        "portgate"
+        "| N | new TCP connections/s: no filter | portgate | UDP datagrams/s: no filter | portgate | TCP throughput (Gbit/s): no filter | portgate |"
     );
     let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|");
     for &n in ns {
@@ -518,10 +517,7 @@ fn bare_section(results: &Results) -> String {
         }
         let _ = writeln!(md, "{row}");
     }
-    let _ = writeln!(
-        md,
-        "\nThe first column of each pair is no filter, the second portgate.\n"
-    );
+    md.push('\n');
     md
 }
 
@@ -660,10 +656,12 @@ fn flood_section(results: &Results) -> String {
         .collect();
     let _ = writeln!(
         md,
-        "\nCPU per SYN: system + irq + softirq time of all CPUs (/proc/stat) during the flood \
-         alone, over the SYNs sent; the host processes each frame in the sender's softirq, so \
-         that is where its cost shows (user time, where the compilers next door run, is left \
-         out; their system time is not). It includes the generator's own sendmmsg. The control, \
+        "\nCPU per SYN: the generator thread's CPU time (CLOCK_THREAD_CPUTIME_ID) plus the \
+         ksoftirqd threads', during the flood alone, over the SYNs sent: the host processes \
+         each frame in the softirq the sending system call runs (the veth peer's backlog), so \
+         its cost lands on that thread (on kernels without IRQ_TIME_ACCOUNTING, as here), and other \
+         processes' time does not count. It includes the generator's own sendmmsg, as the \
+         control does. The control, \
          measured in every cell: the same random-source flood with a destination MAC address \
          that is not the host's, which the host's link drops (PACKET_OTHERHOST) before any \
          netfilter hook, per frame: {}. The conntrack table (nf_conntrack_count of the host \
@@ -1051,7 +1049,11 @@ fn program_goals(results: &Results) -> String {
             .max_by(|a, b| a.2.total_cmp(&b.2))
     };
     for (what, limit, pick) in [
-        ("tracked packet", 100.0, (|f: &(usize, f64, f64)| f.2) as fn(&_) -> f64),
+        (
+            "tracked packet",
+            100.0,
+            (|f: &(usize, f64, f64)| f.2) as fn(&_) -> f64,
+        ),
         ("new connection", 300.0, |f: &(usize, f64, f64)| f.1),
     ] {
         if let Some((n, flows, ns)) = worst(pick) {
@@ -1069,7 +1071,14 @@ fn program_goals(results: &Results) -> String {
         .meta
         .ns
         .iter()
-        .filter_map(|&n| Some((n, results.stat(n, Filter::Portgate, Metric::AllowFirst)?.median)))
+        .filter_map(|&n| {
+            Some((
+                n,
+                results
+                    .stat(n, Filter::Portgate, Metric::AllowFirst)?
+                    .median,
+            ))
+        })
         .collect();
     if let Some(&(n, ms)) = allow.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
         let _ = writeln!(
@@ -1417,7 +1426,10 @@ mod tests {
         assert!(md.contains("## Data path without conntrack"), "{md}");
         assert!(md.contains("| portgate --uplink | 10\u{202f}000 |"), "{md}");
         assert!(md.contains("6. **a flood of unwanted SYNs"), "{md}");
-        assert!(md.contains("5. **allow → first packet ≤ 10 ms at every N: missed**"), "{md}");
+        assert!(
+            md.contains("5. **allow → first packet ≤ 10 ms at every N: missed**"),
+            "{md}"
+        );
         assert!(md.contains("**1.00×**"));
         assert!(md.contains("within 5 % of no filter on every data-path figure at every N: met"));
         let dir = std::env::temp_dir().join(format!("pgb-report-test-{}", std::process::id()));

@@ -208,7 +208,12 @@ pub struct WrkResult {
 }
 
 pub fn wrk_args(threads: u32, connections: u32, secs: u32) -> Vec<String> {
-    wrk_args_to(threads, connections, secs, &format!("{SERVER_ADDR}:{HTTP_PORT}"))
+    wrk_args_to(
+        threads,
+        connections,
+        secs,
+        &format!("{SERVER_ADDR}:{HTTP_PORT}"),
+    )
 }
 
 /// wrk to the published host port, which the host DNATs to the HTTP server.
