@@ -1037,7 +1037,7 @@ fn goals(results: &Results) -> String {
     md
 }
 
-/// Goals 4 and 5: the program's cost per packet, and allow → first packet.
+/// Goals 4 to 6: the program's cost per packet, and allow → first packet.
 fn program_goals(results: &Results) -> String {
     let mut md = String::new();
     let worst = |pick: fn(&(usize, f64, f64)) -> f64| {
@@ -1048,18 +1048,19 @@ fn program_goals(results: &Results) -> String {
             .filter(|x| x.2.is_finite())
             .max_by(|a, b| a.2.total_cmp(&b.2))
     };
-    for (what, limit, pick) in [
+    for (goal, what, limit, pick) in [
         (
+            4,
             "tracked packet",
             100.0,
             (|f: &(usize, f64, f64)| f.2) as fn(&_) -> f64,
         ),
-        ("new connection", 300.0, |f: &(usize, f64, f64)| f.1),
+        (5, "new connection", 300.0, |f: &(usize, f64, f64)| f.1),
     ] {
         if let Some((n, flows, ns)) = worst(pick) {
             let _ = writeln!(
                 md,
-                "4. **program cost of a {what} ≤ {limit:.0} ns (BPF_PROG_TEST_RUN, every N and fill): {}** (at most {} ns, at N={} with {} flows).",
+                "{goal}. **program cost of a {what} ≤ {limit:.0} ns (BPF_PROG_TEST_RUN, every N and fill): {}** (at most {} ns, at N={} with {} flows).",
                 if ns <= limit { "met" } else { "missed" },
                 num(ns),
                 int(n),
@@ -1083,7 +1084,7 @@ fn program_goals(results: &Results) -> String {
     if let Some(&(n, ms)) = allow.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
         let _ = writeln!(
             md,
-            "5. **allow → first packet ≤ 10 ms at every N: {}** (at most {} ms, at N={}).",
+            "6. **allow → first packet ≤ 10 ms at every N: {}** (at most {} ms, at N={}).",
             if ms <= 10.0 { "met" } else { "missed" },
             num(ms),
             int(n)
@@ -1103,7 +1104,7 @@ fn program_goals(results: &Results) -> String {
     md
 }
 
-/// Goal 6: a flood of unwanted SYNs grows the conntrack table by nothing and costs at most
+/// Goal 7: a flood of unwanted SYNs grows the conntrack table by nothing and costs at most
 /// 1.5x the control's CPU per SYN, for portgate (with and without its early drop).
 fn flood_goal(results: &Results) -> String {
     let mut md = String::new();
@@ -1141,7 +1142,7 @@ fn flood_goal(results: &Results) -> String {
     let uplink = portgate.iter().any(|(v, _)| v.uplink);
     let _ = writeln!(
         md,
-        "6. **a flood of unwanted SYNs from any sources grows the conntrack table by nothing and costs ≤ 1.5× the control's CPU per SYN: {}**{}",
+        "7. **a flood of unwanted SYNs from any sources grows the conntrack table by nothing and costs ≤ 1.5× the control's CPU per SYN: {}**{}",
         if met { "met" } else { "missed" },
         if uplink {
             ""
@@ -1425,9 +1426,9 @@ mod tests {
         assert!(md.contains("| 1\u{202f}000 |"), "{md}");
         assert!(md.contains("## Data path without conntrack"), "{md}");
         assert!(md.contains("| portgate --uplink | 10\u{202f}000 |"), "{md}");
-        assert!(md.contains("6. **a flood of unwanted SYNs"), "{md}");
+        assert!(md.contains("7. **a flood of unwanted SYNs"), "{md}");
         assert!(
-            md.contains("5. **allow → first packet ≤ 10 ms at every N: missed**"),
+            md.contains("6. **allow → first packet ≤ 10 ms at every N: missed**"),
             "{md}"
         );
         assert!(md.contains("**1.00×**"));
