@@ -69,6 +69,8 @@ counters! {
     DROP_SOURCE_NOT_ALLOWED = 21, "source_not_allowed", Drop;
     /// New connection to an allowed destination whose rules name other interfaces.
     DROP_INTERFACE_NOT_ALLOWED = 22, "interface_not_allowed", Drop;
+    /// Of the drops above, those `from_uplinks` made, before conntrack saw the packet.
+    DROPPED_BEFORE_CONNTRACK = 23, "dropped_before_conntrack", Event;
 }
 
 #[cfg(test)]

@@ -26,9 +26,10 @@ pub mod map_names {
     pub const BLACK_HOLE: &str = "BLACK_HOLE";
     pub const SOURCES: &str = "SOURCES";
     pub const BLOCKED: &str = "BLOCKED";
+    pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
     /// Maps pinned so that they outlive the agent (the ring buffer and its budget are not:
     /// a new agent reads events from its own programs).
-    pub const PINNED: [&str; 10] = [
+    pub const PINNED: [&str; 11] = [
         ALLOW,
         FLOWS,
         RULE_STATS,
@@ -39,6 +40,7 @@ pub mod map_names {
         PORT_ADDRS,
         SOURCES,
         BLOCKED,
+        LOCAL_ADDRS,
     ];
 }
 
@@ -52,6 +54,9 @@ pub mod program_names {
     /// Socket lookup in the host's network namespace: new connections to published host
     /// ports that reach a local socket (Docker's userland proxy) instead of being DNATed.
     pub const HOST_PORTS: &str = "host_ports";
+    /// Ingress of the interfaces traffic arrives on (`--uplink`): refuses new connections
+    /// to published host ports that the policy does not admit, before conntrack sees them.
+    pub const FROM_UPLINKS: &str = "from_uplinks";
 }
 
 /// Capacity of the allow map: one entry per (address, protocol, port).
@@ -72,6 +77,8 @@ pub const SOURCES_CAPACITY: u32 = 262_144;
 /// Capacity of the block list (an LPM trie), twice the longest list: a replacement is
 /// written beside the list in force, then switched to.
 pub const BLOCKED_CAPACITY: u32 = 262_144;
+/// Capacity of the host's own addresses (the destinations published host ports answer on).
+pub const LOCAL_ADDRS_CAPACITY: u32 = 4_096;
 /// Capacity of the per-bridge drop counters: (bridge, reason) pairs.
 pub const BRIDGE_DROPS_CAPACITY: u32 = 4_096;
 /// Size of the drop-event ring buffer.

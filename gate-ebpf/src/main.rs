@@ -12,6 +12,11 @@
 //!   userland proxy (IPv6 on IPv4-only networks, hairpin), which relays them from the host's
 //!   own stack, where `toward_containers` would take them for host traffic.
 //!
+//! - `from_uplinks` (ingress of the interfaces traffic arrives on, `--uplink`) refuses new
+//!   connections to published host ports that the policy does not admit, before netfilter
+//!   and conntrack see them, so a flood leaves no conntrack entries behind. What it cannot
+//!   decide without state passes on: `toward_containers` stays the authority.
+//!
 //! Everything that can be decided in user space (rules, ranges, names) is; the kernel side
 //! only looks things up.
 #![no_std]
@@ -32,9 +37,10 @@ use gate_common::{
     ALLOW_CAPACITY, ANY_SOURCE, Addr, AllowKey, AllowValue, BLOCK_FIXED_BITS, BLOCKED_CAPACITY,
     BRIDGE_DROPS_CAPACITY, BlockKey, BridgeDropKey, CONFIG_AUDIT, CONFIG_GATE_HOST, Config,
     DROP_EVENTS_BYTES, DROP_EVENTS_PER_SECOND, DropEvent, EventBudget, FLOW_CAPACITY, FLOW_REPLIED,
-    FlowKey, FlowState, HOST_PORTS_CAPACITY, MAX_RULES, NO_RULE, ORIGIN_CONTAINER, ORIGIN_REMOTE,
-    PORT_ADDRS_CAPACITY, PROTO_TCP, PROTO_UDP, PortAddrKey, RuleStats, SOURCE_KEY_BITS,
-    SOURCES_CAPACITY, SourceKey, SourceValue, counters::*, ipv4_mapped, tcp,
+    FlowKey, FlowState, HOST_PORTS_CAPACITY, LOCAL_ADDRS_CAPACITY, MAX_RULES, NO_RULE,
+    ORIGIN_CONTAINER, ORIGIN_REMOTE, PORT_ADDRS_CAPACITY, PROTO_TCP, PROTO_UDP, PortAddrKey,
+    RuleStats, SOURCE_KEY_BITS, SOURCES_CAPACITY, SourceKey, SourceValue, counters::*, ipv4_mapped,
+    tcp,
 };
 use gate_ebpf::{Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Transport, parse};
 
@@ -81,6 +87,10 @@ static SOURCES: LpmTrie<SourceKey, SourceValue> = LpmTrie::with_max_entries(SOUR
 /// Sources never admitted, whatever allows them: prefixes under the generation in force.
 #[map]
 static BLOCKED: LpmTrie<BlockKey, u8> = LpmTrie::with_max_entries(BLOCKED_CAPACITY, 0);
+
+/// The host's own addresses: where a published host port is a destination.
+#[map]
+static LOCAL_ADDRS: HashMap<Addr, u8> = HashMap::with_max_entries(LOCAL_ADDRS_CAPACITY, 0);
 
 #[map]
 static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(DROP_EVENTS_BYTES, 0);
@@ -234,6 +244,50 @@ fn ipv6(words: &[u32; 4]) -> Addr {
     addr[8..12].copy_from_slice(&words[2].to_ne_bytes());
     addr[12..16].copy_from_slice(&words[3].to_ne_bytes());
     addr
+}
+
+#[classifier]
+pub fn from_uplinks(ctx: TcContext) -> i32 {
+    let config = config();
+    let mut packet = Transport::new();
+    let mut notes = 0;
+    // What does not parse is for the stack and the bridge gate to judge.
+    if parse(&ctx, &mut packet, &mut notes) != Parsed::Packet {
+        return PASS;
+    }
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(reason) = refused_before_conntrack(&config, &packet, ifindex) else {
+        return PASS;
+    };
+    if dropped(ifindex, &packet, reason, config.flags) {
+        count(DROPPED_BEFORE_CONNTRACK);
+        DROP
+    } else {
+        PASS
+    }
+}
+
+/// The drop reason of a new connection to a published host port of this host that the
+/// policy refuses: the same decision the bridge gate and `host_ports` would make later.
+/// None for everything else (replies, tracked traffic, the host's own services).
+#[inline(always)]
+fn refused_before_conntrack(config: &Config, packet: &Transport, ifindex: u32) -> Option<u32> {
+    if packet.proto != PROTO_TCP && packet.proto != PROTO_UDP || !packet.opens_connection() {
+        return None;
+    }
+    // SAFETY: plain map lookups; values are copied out at once.
+    unsafe {
+        LOCAL_ADDRS.get(packet.dst)?;
+        let published = HOST_PORTS
+            .get(AllowKey::new(packet.dst, packet.proto, packet.dst_port))
+            .or_else(|| HOST_PORTS.get(AllowKey::new([0; 16], packet.proto, packet.dst_port)))
+            .copied()?;
+        if published.rule_id == NO_RULE {
+            return Some(DROP_NOT_ALLOWED);
+        }
+        admits(config, &published, &packet.src, ifindex).err()
+    }
 }
 
 #[classifier]

@@ -263,3 +263,46 @@ fn netnsid(path: &Path) -> io::Result<Option<i32>> {
     }
     Ok(None)
 }
+
+/// The interfaces `--uplink auto` takes: up, not loopback, not a bridge, not a veth, not a
+/// bridge's port (`ip -j -d link show`); the interfaces traffic from outside arrives on.
+pub fn uplink_candidates() -> Vec<(String, u32)> {
+    #[derive(Deserialize)]
+    struct Link {
+        ifindex: u32,
+        ifname: String,
+        #[serde(default)]
+        link_type: String,
+        #[serde(default)]
+        flags: Vec<String>,
+        #[serde(default)]
+        master: Option<String>,
+        #[serde(default)]
+        linkinfo: Option<LinkInfo>,
+    }
+    #[derive(Deserialize)]
+    struct LinkInfo {
+        #[serde(default)]
+        info_kind: String,
+    }
+    let Ok(output) = Command::new("ip")
+        .args(["-j", "-d", "link", "show"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    let Ok(links) = serde_json::from_slice::<Vec<Link>>(&output.stdout) else {
+        return Vec::new();
+    };
+    links
+        .into_iter()
+        .filter(|link| {
+            let kind = link.linkinfo.as_ref().map_or("", |i| i.info_kind.as_str());
+            link.link_type != "loopback"
+                && link.master.is_none()
+                && !matches!(kind, "bridge" | "veth")
+                && link.flags.iter().any(|f| f == "UP")
+        })
+        .map(|link| (link.ifname, link.ifindex))
+        .collect()
+}

@@ -2,400 +2,9 @@
 //! BPF_PROG_TEST_RUN: every decision of the datapath, IPv4 and IPv6, and bad frames.
 //! Needs root (and bpffs on /sys/fs/bpf); skipped with a message otherwise.
 
-use std::{
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+mod support;
 
-use etherparse::PacketBuilder;
-use gate_common::{FlowKey, FlowState, PortAddrKey, counters, ipv4_mapped, program_names};
-use gate_user::{
-    datapath::{self, AllowSync, Capacities, Datapath, GateConfig, sys},
-    policy::{
-        Access, Context, Ports, Prefix, Resolver, RuleSet, SourceSets, Target, parse_address,
-    },
-};
-
-const CONTAINER4: [u8; 4] = [10, 99, 0, 2];
-const REMOTE4: [u8; 4] = [10, 98, 0, 2];
-const CONTAINER6: [u8; 16] = [0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-const REMOTE6: [u8; 16] = [0xfd, 0x98, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
-/// Any non-zero receiving interface: the packet looks forwarded, not sent by the host.
-const FORWARDED: u32 = 7;
-const FROM_HOST: u32 = 0;
-/// The device of a test run's packet (lo), standing for the container's bridge port.
-const TEST_RUN_IFINDEX: u32 = 1;
-
-#[derive(Debug, PartialEq, Eq)]
-enum Verdict {
-    Pass,
-    Drop,
-}
-
-/// A freshly loaded gate (maps pinned under a unique directory, removed on drop).
-struct Gate {
-    datapath: Datapath,
-    rules: RuleSet,
-    sets: SourceSets,
-    dir: PathBuf,
-}
-
-/// The interface `--via` names in these tests: the runs' receiving interface.
-const VIA: &str = "wg-test";
-
-impl Gate {
-    /// None when the test cannot run here, after saying so (a failure in CI instead: see
-    /// `portgate_test_support::skip`).
-    fn load(config: GateConfig) -> Option<Self> {
-        Self::load_with(config, Capacities::default())
-    }
-
-    fn load_with(config: GateConfig, capacities: Capacities) -> Option<Self> {
-        if !portgate_test_support::require_root("loads eBPF programs") {
-            return None;
-        }
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/pgprog-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut datapath = Datapath::load_with(&dir, config, capacities).expect("load the gate");
-        // The test container's addresses are its own on the port the test runs use (lo,
-        // BPF_PROG_TEST_RUN's default device).
-        let bindings = [ipv4_mapped(CONTAINER4), CONTAINER6]
-            .into_iter()
-            .map(|addr| PortAddrKey {
-                addr,
-                ifindex: TEST_RUN_IFINDEX,
-            })
-            .collect();
-        datapath
-            .sync_port_addrs(&bindings)
-            .expect("bind the container's addresses");
-        Some(Self {
-            datapath,
-            rules: RuleSet::default(),
-            sets: SourceSets::new(),
-            dir,
-        })
-    }
-
-    fn allow(&mut self, address: &str, ports: &str) {
-        self.allow_with(address, ports, Access::default());
-    }
-
-    fn allow_with(&mut self, address: &str, ports: &str, access: Access) {
-        self.rules
-            .allow(target(address), spec(ports), access)
-            .expect("allow");
-        self.sync();
-    }
-
-    fn set(&mut self, name: &str, prefixes: &[&str]) {
-        self.sets.insert(
-            name.to_owned(),
-            prefixes.iter().map(|p| prefix(p)).collect(),
-        );
-        self.sync();
-    }
-
-    fn block(&mut self, prefixes: &[&str]) {
-        let blocks = prefixes.iter().map(|p| prefix(p)).collect();
-        self.datapath.sync_blocks(&blocks).expect("block list");
-    }
-
-    fn deny(&mut self, address: &str, ports: &str) {
-        self.rules
-            .deny(&target(address), spec(ports))
-            .expect("deny");
-        self.sync();
-    }
-
-    fn sync(&mut self) -> AllowSync {
-        let context = Context {
-            sets: self.sets.clone(),
-            interfaces: [(VIA.to_owned(), FORWARDED)].into(),
-            ..Context::default()
-        };
-        let resolved = Resolver::default().resolve(&self.rules, &[], &context);
-        let allow = self
-            .datapath
-            .write_access_lists(&resolved.entries)
-            .expect("access lists");
-        let sync = self.datapath.sync_allow(&allow, |_| false).expect("sync");
-        self.datapath
-            .remove_unused_access_lists()
-            .expect("remove unused access lists");
-        sync
-    }
-
-    fn run(&self, program: &'static str, frame: &[u8], ingress_ifindex: u32) -> Verdict {
-        self.run_repeated(program, frame, ingress_ifindex, 1)
-    }
-
-    fn run_repeated(
-        &self,
-        program: &'static str,
-        frame: &[u8],
-        ingress_ifindex: u32,
-        repeat: u32,
-    ) -> Verdict {
-        let fd = self.datapath.program_fd(program).expect("program fd");
-        let run = sys::test_run(fd, frame, ingress_ifindex, repeat).expect("BPF_PROG_TEST_RUN");
-        match run.retval {
-            -1 => Verdict::Pass,
-            2 => Verdict::Drop,
-            other => panic!("unexpected TC verdict {other}"),
-        }
-    }
-
-    /// A forwarded packet entering the bridge toward a container.
-    fn toward(&self, frame: &[u8]) -> Verdict {
-        self.run(program_names::TOWARD_CONTAINERS, frame, FORWARDED)
-    }
-
-    /// The same, received on another interface than [`VIA`].
-    fn toward_via_other(&self, frame: &[u8]) -> Verdict {
-        self.run(program_names::TOWARD_CONTAINERS, frame, FORWARDED + 1)
-    }
-
-    /// A packet a container sends; the ingress program never drops.
-    fn sent_by_container(&self, frame: &[u8]) {
-        let verdict = self.run(program_names::FROM_CONTAINERS, frame, FORWARDED);
-        assert_eq!(verdict, Verdict::Pass, "from_containers must never drop");
-    }
-
-    /// Runs `host_ports` on a socket lookup.
-    fn lookup(&self, lookup: sys::SkLookupRun) -> Verdict {
-        let fd = self
-            .datapath
-            .program_fd(program_names::HOST_PORTS)
-            .expect("program fd");
-        match sys::test_run_sk_lookup(fd, &lookup).expect("BPF_PROG_TEST_RUN") {
-            1 => Verdict::Pass,
-            0 => Verdict::Drop,
-            other => panic!("unexpected socket lookup verdict {other}"),
-        }
-    }
-
-    /// Makes every tracked flow look idle since boot, as if its timeout had passed.
-    fn expire_flows(&self) {
-        use aya::maps::{HashMap, Map, MapData};
-        let path = self
-            .dir
-            .join(datapath::LAYOUT_VERSION)
-            .join("maps")
-            .join(gate_common::map_names::FLOWS);
-        let data = MapData::from_pin(&path).expect("open the pinned flow table");
-        let mut flows: HashMap<_, FlowKey, FlowState> =
-            HashMap::try_from(Map::LruHashMap(data)).expect("flow table");
-        let keys: Vec<FlowKey> = flows.keys().map(|k| k.expect("key")).collect();
-        for key in keys {
-            let mut state = flows.get(&key, 0).expect("flow");
-            state.last_seen_ns = 0;
-            flows.insert(key, state, 0).expect("write flow");
-        }
-    }
-
-    fn counter(&self, name: &str) -> u64 {
-        let (index, _, _) = counters::ALL
-            .iter()
-            .find(|(_, n, _)| *n == name)
-            .unwrap_or_else(|| panic!("no counter {name}"));
-        self.datapath.counters().expect("counters")[*index as usize]
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = datapath::uninstall(&self.dir);
-    }
-}
-
-fn target(s: &str) -> Target {
-    Target::Address(parse_address(s).expect("address"))
-}
-
-fn prefix(s: &str) -> Prefix {
-    s.parse().expect("prefix")
-}
-
-fn from(sources: &[&str]) -> Access {
-    Access {
-        from: sources.iter().map(|s| s.parse().expect("source")).collect(),
-        ..Access::default()
-    }
-}
-
-fn spec(s: &str) -> Ports {
-    Ports::Spec(s.parse().expect("port spec"))
-}
-
-/// TCP flags for the frame builders.
-#[derive(Clone, Copy, Default)]
-struct Flags {
-    syn: bool,
-    ack: bool,
-    fin: bool,
-    rst: bool,
-}
-const SYN: Flags = Flags {
-    syn: true,
-    ack: false,
-    fin: false,
-    rst: false,
-};
-const SYN_ACK: Flags = Flags {
-    syn: true,
-    ack: true,
-    fin: false,
-    rst: false,
-};
-const ACK: Flags = Flags {
-    syn: false,
-    ack: true,
-    fin: false,
-    rst: false,
-};
-const FIN_ACK: Flags = Flags {
-    syn: false,
-    ack: true,
-    fin: true,
-    rst: false,
-};
-const RST: Flags = Flags {
-    syn: false,
-    ack: false,
-    fin: false,
-    rst: true,
-};
-
-fn with_tcp(
-    builder: etherparse::PacketBuilderStep<etherparse::IpHeaders>,
-    sport: u16,
-    dport: u16,
-    flags: Flags,
-) -> Vec<u8> {
-    let mut b = builder.tcp(sport, dport, 1000, 64240);
-    if flags.syn {
-        b = b.syn();
-    }
-    if flags.ack {
-        b = b.ack(1);
-    }
-    if flags.fin {
-        b = b.fin();
-    }
-    if flags.rst {
-        b = b.rst();
-    }
-    let mut frame = Vec::new();
-    b.write(&mut frame, b"payload").expect("build frame");
-    frame
-}
-
-fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: Flags) -> Vec<u8> {
-    with_tcp(
-        PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src, dst, 64),
-        sport,
-        dport,
-        flags,
-    )
-}
-
-fn tcp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, flags: Flags) -> Vec<u8> {
-    with_tcp(
-        PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src, dst, 64),
-        sport,
-        dport,
-        flags,
-    )
-}
-
-fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(src, dst, 64)
-        .udp(sport, dport)
-        .write(&mut frame, b"query")
-        .expect("build frame");
-    frame
-}
-
-fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv6(src, dst, 64)
-        .udp(sport, dport)
-        .write(&mut frame, b"query")
-        .expect("build frame");
-    frame
-}
-
-fn echo4(src: [u8; 4], dst: [u8; 4], id: u16, request: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src, dst, 64);
-    let b = if request {
-        b.icmpv4_echo_request(id, 1)
-    } else {
-        b.icmpv4_echo_reply(id, 1)
-    };
-    let mut frame = Vec::new();
-    b.write(&mut frame, b"ping").expect("build frame");
-    frame
-}
-
-fn echo6(src: [u8; 16], dst: [u8; 16], id: u16, request: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src, dst, 64);
-    let b = if request {
-        b.icmpv6_echo_request(id, 1)
-    } else {
-        b.icmpv6_echo_reply(id, 1)
-    };
-    let mut frame = Vec::new();
-    b.write(&mut frame, b"ping").expect("build frame");
-    frame
-}
-
-/// An ICMP error from `router` to `to`, embedding the IP packet of `offending` (a frame).
-fn icmp4_error(router: [u8; 4], to: [u8; 4], offending: &[u8]) -> Vec<u8> {
-    let embedded = &offending[14..14 + 28];
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(router, to, 64)
-        .icmpv4_raw(3, 3, [0; 4])
-        .write(&mut frame, embedded)
-        .expect("build frame");
-    frame
-}
-
-fn icmp6_error(router: [u8; 16], to: [u8; 16], offending: &[u8]) -> Vec<u8> {
-    let embedded = &offending[14..14 + 48];
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv6(router, to, 64)
-        .icmpv6_raw(1, 4, [0; 4])
-        .write(&mut frame, embedded)
-        .expect("build frame");
-    frame
-}
-
-/// Inserts `ext` (IPv6 extension headers, already chained to the original next header's
-/// value by the caller) after the fixed IPv6 header, with `first` as the new next header.
-fn with_ipv6_extensions(mut frame: Vec<u8>, first: u8, ext: &[u8]) -> Vec<u8> {
-    let payload_len = u16::from_be_bytes([frame[18], frame[19]]) + ext.len() as u16;
-    frame[18..20].copy_from_slice(&payload_len.to_be_bytes());
-    frame[20] = first;
-    frame.splice(54..54, ext.iter().copied());
-    frame
-}
-
-/// One 8-byte hop-by-hop/destination-options header: next header, length 0, padding.
-fn ext_header(next: u8) -> [u8; 8] {
-    [next, 0, 1, 4, 0, 0, 0, 0]
-}
+use support::*;
 
 #[test]
 fn a_full_allow_map_applies_every_removal_and_leaves_out_what_does_not_fit() {
@@ -1102,25 +711,6 @@ fn audit_mode_passes_unpublished_host_port_connections_and_counts_them() {
     assert_eq!(gate.counter("audit_passed"), 1);
 }
 
-/// `bpftool -j ARGS...`'s JSON; panics unless it succeeds.
-fn bpftool_json(args: &[&str]) -> serde_json::Value {
-    let output = std::process::Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .expect("run bpftool");
-    assert!(
-        output.status.success(),
-        "bpftool {args:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    if output.stdout.iter().all(u8::is_ascii_whitespace) {
-        return serde_json::Value::Null;
-    }
-    serde_json::from_slice(&output.stdout).expect("bpftool's JSON")
-}
-
 /// Removes a test's pin directory, whatever is in it, on drop.
 struct RemoveOnDrop(PathBuf);
 
@@ -1440,13 +1030,120 @@ fn published_host_ports_apply_sources_and_the_block_list() {
     assert_eq!(gate.counter("blocked"), 1);
 }
 
-/// Entries of one of the gate's maps, counted by bpftool from its pin.
-fn bpftool_entries(gate: &Gate, map: &str) -> usize {
-    let pin = gate
-        .dir
-        .join(datapath::LAYOUT_VERSION)
-        .join("maps")
-        .join(map);
-    let dump = bpftool_json(&["map", "dump", "pinned", &pin.display().to_string()]);
-    dump.as_array().map_or(0, Vec::len)
+#[test]
+fn the_uplink_program_refuses_unadmitted_published_ports_before_conntrack() {
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    use gate_common::{AllowKey, AllowValue, NO_RULE, PROTO_TCP, PROTO_UDP};
+    let host = [10, 98, 0, 1];
+    let elsewhere = [10, 97, 0, 9];
+    gate.datapath
+        .sync_local_addrs(&[ipv4_mapped(host)].into())
+        .expect("local addresses");
+    gate.allow_with("10.99.0.2", "80", from(&["10.98.0.0/16"]));
+    let restricted = gate
+        .datapath
+        .allow_value(&AllowKey::new(ipv4_mapped(CONTAINER4), PROTO_TCP, 80))
+        .expect("allow map")
+        .expect("entry");
+    let entries = [
+        (
+            AllowKey::new([0; 16], PROTO_TCP, 8080),
+            AllowValue::any_source(NO_RULE),
+        ),
+        (
+            AllowKey::new([0; 16], PROTO_UDP, 8080),
+            AllowValue::any_source(NO_RULE),
+        ),
+        (AllowKey::new([0; 16], PROTO_TCP, 8081), restricted),
+        (
+            AllowKey::new(ipv4_mapped(host), PROTO_TCP, 8082),
+            AllowValue::any_source(0),
+        ),
+    ]
+    .into();
+    gate.datapath.sync_host_ports(&entries).expect("host ports");
+    let uplink =
+        |gate: &Gate, frame: &[u8]| gate.run(program_names::FROM_UPLINKS, frame, FORWARDED);
+
+    // A published port no rule admits: refused, counted as a drop made before conntrack.
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40000, 8080, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        uplink(&gate, &udp4(REMOTE4, host, 40000, 8080)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("not_allowed"), 2);
+    assert_eq!(gate.counter("dropped_before_conntrack"), 2);
+    assert_eq!(gate.counter("flow_created"), 0);
+    // What is not a new connection, or not to this host, or not published, passes on.
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40000, 8080, ACK)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40000, 8080, SYN_ACK)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, elsewhere, 40000, 8080, SYN)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40000, 22, SYN)),
+        Verdict::Pass
+    );
+    // The rule's sources and the block list decide as they do on the bridge.
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40001, 8081, SYN)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        uplink(&gate, &tcp4([192, 0, 2, 1], host, 40001, 8081, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("source_not_allowed"), 1);
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40002, 8082, SYN)),
+        Verdict::Pass
+    );
+    gate.block(&["10.98.0.0/24"]);
+    assert_eq!(
+        uplink(&gate, &tcp4(REMOTE4, host, 40003, 8082, SYN)),
+        Verdict::Drop
+    );
+    assert_eq!(gate.counter("blocked"), 1);
+    assert_eq!(gate.counter("dropped_before_conntrack"), 4);
+}
+
+#[test]
+fn the_uplink_program_only_counts_in_audit_mode() {
+    let Some(mut gate) = Gate::load(GateConfig {
+        audit: true,
+        ..GateConfig::default()
+    }) else {
+        return;
+    };
+    use gate_common::{AllowKey, AllowValue, NO_RULE, PROTO_TCP};
+    let host = [10, 98, 0, 1];
+    gate.datapath
+        .sync_local_addrs(&[ipv4_mapped(host)].into())
+        .expect("local addresses");
+    let entries = [(
+        AllowKey::new([0; 16], PROTO_TCP, 8080),
+        AllowValue::any_source(NO_RULE),
+    )]
+    .into();
+    gate.datapath.sync_host_ports(&entries).expect("host ports");
+    let frame = tcp4(REMOTE4, host, 40000, 8080, SYN);
+    assert_eq!(
+        gate.run(program_names::FROM_UPLINKS, &frame, FORWARDED),
+        Verdict::Pass
+    );
+    assert_eq!(gate.counter("not_allowed"), 1);
+    assert_eq!(gate.counter("audit_passed"), 1);
+    assert_eq!(gate.counter("dropped_before_conntrack"), 0);
 }

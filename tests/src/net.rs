@@ -378,3 +378,85 @@ pub fn udp_request_from(
         }
     }
 }
+
+/// Sends `count` TCP SYNs over IPv4 from `ns` to `to`, each from another source address in
+/// 100.64.0.0/10 (never a real host; the sandbox routes nowhere), through a raw socket, with
+/// valid checksums (conntrack ignores segments with bad ones).
+pub fn send_syn_flood(sandbox: &Sandbox, ns: &str, to: SocketAddrV4, count: u32) {
+    sandbox.in_netns(ns, || {
+        // SAFETY: plain socket calls on a socket this closure owns and closes.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        assert!(fd >= 0, "raw socket: {}", io::Error::last_os_error());
+        for i in 0..count {
+            let from =
+                std::net::Ipv4Addr::new(100, 64 + (i >> 16) as u8 % 64, (i >> 8) as u8, i as u8);
+            let packet = syn_packet(from, 20_000 + (i % 40_000) as u16, to);
+            // SAFETY: `sockaddr_in` is plain integers, for which all zeroes is a valid value.
+            let mut dst: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            dst.sin_family = libc::AF_INET as u16;
+            dst.sin_addr.s_addr = u32::from_ne_bytes(to.ip().octets());
+            // SAFETY: the buffer and address outlive the call.
+            let sent = unsafe {
+                libc::sendto(
+                    fd,
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&dst as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            assert_eq!(
+                sent,
+                packet.len() as isize,
+                "send SYN: {}",
+                io::Error::last_os_error()
+            );
+        }
+        // SAFETY: closing the socket opened above.
+        unsafe { libc::close(fd) };
+    });
+}
+
+/// An IPv4 + TCP SYN, checksums filled in.
+fn syn_packet(from: std::net::Ipv4Addr, sport: u16, to: SocketAddrV4) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[6] = 0x40;
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&from.octets());
+    p[16..20].copy_from_slice(&to.ip().octets());
+    let ip_sum = checksum(&p[0..20], 0);
+    p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&to.port().to_be_bytes());
+    p[24..28].copy_from_slice(&1u32.to_be_bytes());
+    p[32] = 5 << 4;
+    p[33] = 0x02; // SYN
+    p[34..36].copy_from_slice(&64240u16.to_be_bytes());
+    // The pseudo-header: addresses, protocol, TCP length.
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&p[12..20]);
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    let seed = checksum_sum(&pseudo);
+    let tcp_sum = checksum(&p[20..40], seed);
+    p[36..38].copy_from_slice(&tcp_sum.to_be_bytes());
+    p
+}
+
+fn checksum_sum(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+fn checksum(bytes: &[u8], seed: u32) -> u16 {
+    let mut sum = seed + checksum_sum(bytes);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

@@ -48,6 +48,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fuzz the gate's programs in the kernel (BPF_PROG_TEST_RUN) for longer than `test`
+    /// does: mutated and random frames, the gate's invariants checked after each (root).
+    Fuzz {
+        /// Frames to run.
+        #[arg(long, default_value_t = 5_000_000)]
+        frames: u64,
+        /// The seed; default: from the clock (printed, to reproduce a failure).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Build portgate and show the gate dropping, allowing and answering in a sandbox of
     /// network namespaces (root).
     Demo,
@@ -71,6 +81,7 @@ fn main() -> ExitCode {
         Task::Lint => lint::run(),
         Task::Test { args } => test::run(&args),
         Task::Demo => demo::run(),
+        Task::Fuzz { frames, seed } => fuzz(frames, seed),
         Task::Bench(args) => portgate_bench::run(args),
     };
     match result {
@@ -102,5 +113,33 @@ fn build(release: bool) -> anyhow::Result<()> {
     if release {
         cmd.arg("--release");
     }
+    proc::run(&mut cmd)
+}
+
+/// `cargo xtask fuzz`: the fuzz test with more frames and a seed of its own. A failing
+/// frame is saved under target/fuzz/ (the test names it).
+fn fuzz(frames: u64, seed: Option<u64>) -> anyhow::Result<()> {
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs())
+    });
+    println!(
+        "fuzzing {frames} frames with seed {seed} (reproduce: cargo xtask fuzz --frames {frames} --seed {seed})"
+    );
+    let mut cmd = proc::cargo();
+    cmd.args([
+        "test",
+        "--release",
+        "-p",
+        "gate-user",
+        "--test",
+        "fuzz",
+        "--",
+        "--nocapture",
+    ])
+    .env("PORTGATE_FUZZ_FRAMES", frames.to_string())
+    .env("PORTGATE_FUZZ_SEED", seed.to_string())
+    .env("PORTGATE_REQUIRE_ROOT", "1");
     proc::run(&mut cmd)
 }

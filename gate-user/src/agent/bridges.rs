@@ -115,11 +115,14 @@ impl Agent {
         Ok(())
     }
 
+    /// The name of a gated bridge or uplink (drops are counted per interface).
     pub(super) fn bridge_name(&self, ifindex: u32) -> String {
         self.datapath
             .bridges()
             .iter()
             .find(|b| b.ifindex == ifindex)
-            .map_or_else(|| format!("ifindex {ifindex}"), |b| b.name.clone())
+            .map(|b| b.name.clone())
+            .or_else(|| self.datapath.uplinks().get(&ifindex).cloned())
+            .unwrap_or_else(|| format!("ifindex {ifindex}"))
     }
 }

@@ -11,6 +11,7 @@ mod bridges;
 mod explain;
 mod reconcile;
 mod requests;
+mod uplinks;
 mod views;
 
 use std::{
@@ -61,6 +62,10 @@ pub struct AgentOptions {
     pub bridges: Vec<String>,
     /// Also gate docker0, podman0 and the engines' bridge networks as they appear.
     pub auto_bridges: bool,
+    /// Interfaces traffic arrives on, for the early drop (`--uplink`).
+    pub uplinks: Vec<String>,
+    /// Also every interface that is not loopback, a bridge, a veth or a bridge port.
+    pub auto_uplinks: bool,
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
     pub socket: PathBuf,
@@ -146,6 +151,11 @@ impl Agent {
                 bail!("bridge {bridge}: no such interface");
             }
         }
+        for uplink in &options.uplinks {
+            if sys::ifindex(uplink).is_none() {
+                bail!("uplink {uplink}: no such interface");
+            }
+        }
         let store = RuleStore::new(&options.state_dir);
         let saved = store.load()?;
         let file = read_policy_file(&options, &saved)?;
@@ -198,6 +208,7 @@ impl Agent {
             .attach_host_ports()
             .context("gating published host ports that reach local sockets")?;
         agent.sync_ports()?;
+        agent.sync_uplinks(true)?;
         datapath::retire_other_layouts(&agent.options.bpffs)
             .context("detaching an older gate's programs")?;
         info!(
@@ -398,6 +409,9 @@ impl Agent {
             warn!(pin = %path.display(), "a link pin was removed; pinned it again (the gate stayed attached)");
         }
         if let Err(err) = self.attach_bridges(false).and_then(|()| self.sync_ports()) {
+            warn!("{err:#}");
+        }
+        if let Err(err) = self.sync_uplinks(false) {
             warn!("{err:#}");
         }
     }

@@ -176,6 +176,16 @@ impl Agent {
             counters: by_kind,
             label_errors: self.label_errors(),
             blocks: self.saved.blocks.union(&self.file.blocks).count(),
+            uplinks: self
+                .datapath
+                .uplinks()
+                .iter()
+                .map(|(ifindex, name)| BridgeStatus {
+                    name: name.clone(),
+                    ifindex: *ifindex,
+                    attached: true,
+                })
+                .collect(),
         })
     }
 }

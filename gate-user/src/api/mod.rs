@@ -238,6 +238,9 @@ pub struct Status {
     /// Entries of the block list.
     #[serde(default)]
     pub blocks: usize,
+    /// Interfaces with the early drop (`--uplink`).
+    #[serde(default)]
+    pub uplinks: Vec<BridgeStatus>,
 }
 
 fn labels_default() -> bool {

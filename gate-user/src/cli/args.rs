@@ -188,6 +188,12 @@ pub struct AgentArgs {
     /// the bridges of the engines' networks, including ones created later.
     #[arg(long = "bridge", value_name = "IFACE", required = true)]
     pub bridges: Vec<String>,
+    /// Drop new connections to published host ports that the rules do not admit already on
+    /// the ingress of IFACE, before netfilter and conntrack (repeat for more); `auto`: every
+    /// interface that is up and not loopback, a bridge, a veth or a bridge port. The bridge
+    /// gate still decides everything else.
+    #[arg(long = "uplink", value_name = "IFACE")]
+    pub uplinks: Vec<String>,
     /// Container engines to follow; auto watches the sockets that exist.
     #[arg(long, value_enum, default_value_t = RuntimeChoice::Auto)]
     pub runtime: RuntimeChoice,

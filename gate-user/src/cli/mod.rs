@@ -115,6 +115,8 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         .init();
     let auto_bridges = args.bridges.iter().any(|b| b == "auto");
     let bridges = args.bridges.into_iter().filter(|b| b != "auto").collect();
+    let auto_uplinks = args.uplinks.iter().any(|u| u == "auto");
+    let uplinks = args.uplinks.into_iter().filter(|u| u != "auto").collect();
     let docker = (Engine::Docker, args.docker_socket);
     let podman = (Engine::Podman, args.podman_socket);
     let engines = match args.runtime {
@@ -129,6 +131,8 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
     let options = AgentOptions {
         bridges,
         auto_bridges,
+        uplinks,
+        auto_uplinks,
         engines,
         default_published: args.default_policy == DefaultPolicy::Published,
         labels: args.labels == Switch::On,

@@ -286,6 +286,14 @@ pub fn format_status(status: &Status) -> String {
             error.container, error.error
         );
     }
+    if !status.uplinks.is_empty() {
+        let names: Vec<&str> = status.uplinks.iter().map(|u| u.name.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "uplinks:  {} (new connections refused before conntrack)",
+            names.join(", ")
+        );
+    }
     if status.blocks > 0 {
         let _ = writeln!(out, "blocked:  {} entries", status.blocks);
     }

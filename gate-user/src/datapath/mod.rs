@@ -3,11 +3,12 @@
 //!
 //! Pin layout under the bpffs directory (default /sys/fs/bpf/portgate):
 //!   v3/maps/{ALLOW,FLOWS,RULE_STATS,COUNTERS,CONFIG,BRIDGE_DROPS,HOST_PORTS,PORT_ADDRS,
-//!            SOURCES,BLOCKED}
-//!   v3/programs/{toward_containers,from_containers,host_ports}
+//!            SOURCES,BLOCKED,LOCAL_ADDRS}
+//!   v3/programs/{toward_containers,from_containers,host_ports,from_uplinks}
 //!   v3/links/<bridge>-egress     toward_containers on each bridge's TC egress
 //!   v3/links/<port>-port         from_containers on each bridge port's TC ingress
 //!   v3/links/host-ports          host_ports on the host's network namespace (socket lookup)
+//!   v3/links/<iface>-uplink      from_uplinks on each --uplink interface's TC ingress
 //! The links keep the programs attached after the agent exits (fail closed). While the agent
 //! runs it also holds each link open, so removing a pin detaches nothing; it pins it again.
 //! The directories are root-only (0700); `uninstall` removes these names only, never other
@@ -43,8 +44,9 @@ use aya::{
 use gate_common::{
     ALLOW_CAPACITY, AllowKey, AllowValue, BLOCKED_CAPACITY, BRIDGE_DROPS_CAPACITY, BlockKey,
     BridgeDropKey, CONFIG_AUDIT, CONFIG_GATE_HOST, Config, DropEvent, FLOW_CAPACITY, FlowKey,
-    FlowState, HOST_PORTS_CAPACITY, MAX_RULES, PORT_ADDRS_CAPACITY, PortAddrKey, RuleStats,
-    SOURCES_CAPACITY, SourceKey, SourceValue, counters, map_names, program_names,
+    FlowState, HOST_PORTS_CAPACITY, LOCAL_ADDRS_CAPACITY, MAX_RULES, PORT_ADDRS_CAPACITY,
+    PortAddrKey, RuleStats, SOURCES_CAPACITY, SourceKey, SourceValue, counters, map_names,
+    program_names,
 };
 use tracing::{info, warn};
 
@@ -189,14 +191,20 @@ fn port_link(port: &str) -> String {
     format!("{port}-port")
 }
 
+/// Pin name of the ingress link of uplink `iface`.
+fn uplink_link(iface: &str) -> String {
+    format!("{iface}-uplink")
+}
+
 /// Pin name of the socket-lookup link on the host's network namespace.
 const HOST_PORTS_LINK: &str = "host-ports";
 
 /// Every program of the object, pinned under `programs/` by name.
-const PROGRAMS: [&str; 3] = [
+const PROGRAMS: [&str; 4] = [
     program_names::TOWARD_CONTAINERS,
     program_names::FROM_CONTAINERS,
     program_names::HOST_PORTS,
+    program_names::FROM_UPLINKS,
 ];
 
 /// Sizes of the maps that grow with the host: set at load time.
@@ -218,7 +226,7 @@ impl Default for Capacities {
 }
 
 /// What each pinned map must look like: (name, type, key size, value size, capacity).
-fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usize, u32); 10] {
+fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usize, u32); 11] {
     use std::mem::size_of;
     [
         (
@@ -286,6 +294,13 @@ fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usiz
             size_of::<u8>(),
             BLOCKED_CAPACITY,
         ),
+        (
+            map_names::LOCAL_ADDRS,
+            MapType::Hash,
+            size_of::<gate_common::Addr>(),
+            size_of::<u8>(),
+            LOCAL_ADDRS_CAPACITY,
+        ),
     ]
 }
 
@@ -319,6 +334,9 @@ pub struct Datapath {
     bridges: Vec<Bridge>,
     /// Bridge ports with `from_containers` attached, by ifindex.
     ports: BTreeMap<u32, String>,
+    /// Uplinks with `from_uplinks` attached, by ifindex.
+    uplinks: BTreeMap<u32, String>,
+    local_addrs_written: Option<BTreeMap<gate_common::Addr, u8>>,
     capacities: Capacities,
     /// The allow map's content as last written, so a sync costs only its differences.
     allow_written: Option<BTreeMap<AllowKey, AllowValue>>,
@@ -372,6 +390,7 @@ impl Datapath {
         for name in [
             program_names::TOWARD_CONTAINERS,
             program_names::FROM_CONTAINERS,
+            program_names::FROM_UPLINKS,
         ] {
             let program = classifier(&mut ebpf, name)?;
             program
@@ -397,6 +416,8 @@ impl Datapath {
             pins,
             bridges: Vec::new(),
             ports: BTreeMap::new(),
+            uplinks: BTreeMap::new(),
+            local_addrs_written: None,
             capacities,
             allow_written: None,
             host_ports_written: None,
@@ -467,6 +488,49 @@ impl Datapath {
     /// Ports with `from_containers` attached, by ifindex.
     pub fn ports(&self) -> &BTreeMap<u32, String> {
         &self.ports
+    }
+
+    /// Attaches `from_uplinks` to the ingress of `iface`, first in its TCX chain.
+    pub fn attach_uplink(&mut self, iface: &str, ifindex: u32) -> Result<()> {
+        self.attach_tc(
+            program_names::FROM_UPLINKS,
+            iface,
+            TcAttachType::Ingress,
+            &uplink_link(iface),
+        )?;
+        info!(uplink = iface, ifindex, "early drop attached");
+        self.uplinks.insert(ifindex, iface.to_owned());
+        Ok(())
+    }
+
+    /// Forgets uplinks that are gone or no longer wanted: detaches them, removes their pins.
+    pub fn forget_uplinks(&mut self, gone: &BTreeSet<u32>) -> Result<()> {
+        for ifindex in gone {
+            if let Some(iface) = self.uplinks.remove(ifindex) {
+                let pin = self.pins.link(&uplink_link(&iface));
+                self.links.remove(&pin);
+                if pin.exists() {
+                    sys::detach_pinned_link(&pin).map_err(io_err(&pin))?;
+                }
+                remove_if_present(&pin)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Uplinks with `from_uplinks` attached, by ifindex.
+    pub fn uplinks(&self) -> &BTreeMap<u32, String> {
+        &self.uplinks
+    }
+
+    /// Makes the host's addresses in the kernel equal to `addresses`.
+    pub fn sync_local_addrs(&mut self, addresses: &BTreeSet<gate_common::Addr>) -> Result<()> {
+        let desired: BTreeMap<gate_common::Addr, u8> = addresses.iter().map(|a| (*a, 1)).collect();
+        let mut written = self.local_addrs_written.take();
+        let map = self.map_mut(map_names::LOCAL_ADDRS)?;
+        sync_hash(map_names::LOCAL_ADDRS, map, &mut written, &desired)?;
+        self.local_addrs_written = written;
+        Ok(())
     }
 
     /// Attaches `host_ports` to the agent's network namespace (the host's).
@@ -1022,7 +1086,10 @@ pub struct Uninstalled {
 /// Whether a link pin's file name is one of portgate's (`<bridge>-egress`, v1's
 /// `<bridge>-ingress`, `<port>-port`, `host-ports`), and the bridge it names, if any.
 fn link_pin_owner(name: &str) -> Option<Option<&str>> {
-    if name == HOST_PORTS_LINK || name.strip_suffix("-port").is_some_and(|p| !p.is_empty()) {
+    let per_interface = ["-port", "-uplink"]
+        .iter()
+        .any(|suffix| name.strip_suffix(suffix).is_some_and(|p| !p.is_empty()));
+    if name == HOST_PORTS_LINK || per_interface {
         return Some(None);
     }
     ["-egress", "-ingress"]

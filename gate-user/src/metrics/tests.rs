@@ -111,6 +111,7 @@ fn status() -> Status {
         }],
         label_errors: vec![],
         blocks: 0,
+        uplinks: vec![],
     }
 }
 
