@@ -376,14 +376,12 @@ impl Agent {
         cmd.arg("--socket")
             .arg(&socket)
             .args(["agent", "--bridge", bridge])
-            .args([
-                "--runtime",
-                "none",
-                "--no-netfilter",
-                "--metrics-addr",
-                "off",
-            ])
-            .arg("--bpffs")
+            .args(["--no-netfilter", "--metrics-addr", "off"]);
+        // No engine, unless the caller brings one (the flood cells' fake Docker).
+        if !extra.iter().any(|a| a == "--runtime") {
+            cmd.args(["--runtime", "none"]);
+        }
+        cmd.arg("--bpffs")
             .arg(bpffs)
             .arg("--state-dir")
             .arg(dir.join("state"))
@@ -434,15 +432,19 @@ impl Agent {
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
-    /// `allow_entries.used` of `portgate status --json`.
-    pub fn allow_entries(&self, setup: &Setup) -> Result<usize> {
+    /// `portgate status --json`.
+    pub fn status(&self, setup: &Setup) -> Result<serde_json::Value> {
         let mut cmd = std::process::Command::new(&setup.portgate);
         cmd.arg("--socket")
             .arg(&self.socket)
             .args(["status", "--json"]);
         let out = run_quiet(&mut cmd)?;
-        let status: serde_json::Value =
-            serde_json::from_str(&out.stdout).context("parsing `portgate status --json`")?;
+        serde_json::from_str(&out.stdout).context("parsing `portgate status --json`")
+    }
+
+    /// `allow_entries.used` of `portgate status --json`.
+    pub fn allow_entries(&self, setup: &Setup) -> Result<usize> {
+        let status = self.status(setup)?;
         status["allow_entries"]["used"]
             .as_u64()
             .map(|n| n as usize)

@@ -35,6 +35,7 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{
     Plan, WRK_CONNECTIONS, WRK_THREADS,
+    engine::{self, FakeDocker},
     filters::{self, Filter, Setup},
     noise,
     topo::{
@@ -518,13 +519,35 @@ pub fn run_cell(plan: &Plan, setup: &Setup, cell: &str, variant: Variant) -> Res
     let topo = Topology::create(cell)?;
     topo.container_host()?;
     let servers = traffic::Servers::start(&topo)?;
-    let agent_args: Vec<String> = if variant.uplink {
-        vec!["--uplink".into(), "vcli".into()]
-    } else {
-        Vec::new()
+    // portgate follows a (fake) Docker that publishes the DNATed ports: the early drop
+    // decides on published host ports, which only an engine tells the agent. Both portgate
+    // variants get it, so they differ in --uplink alone.
+    let dir = setup.work_dir.join(cell);
+    std::fs::create_dir_all(&dir)?;
+    let docker = match variant.filter {
+        Filter::Portgate => Some(FakeDocker::start(&dir)?),
+        _ => None,
     };
+    let mut agent_args = docker
+        .as_ref()
+        .map_or_else(Vec::new, FakeDocker::agent_args);
+    if variant.uplink {
+        agent_args.extend(["--uplink".into(), "vcli".into()]);
+    }
     let installed = filters::install_with(variant.filter, FLOOD_N, &topo, setup, cell, &agent_args)
         .with_context(|| format!("installing {}", variant.label()))?;
+    if let Some(agent) = &installed.agent {
+        engine::wait_synced(|| agent.status(setup))?;
+        if variant.uplink {
+            let status = agent.status(setup)?;
+            if status["uplinks"][0]["name"] != "vcli" {
+                bail!(
+                    "the agent does not gate the uplink vcli: {}",
+                    status["uplinks"]
+                );
+            }
+        }
+    }
     if !traffic::published_answers(&topo)? {
         bail!(
             "the HTTP server does not answer on the published port through {}",
@@ -563,9 +586,10 @@ pub fn run_cell(plan: &Plan, setup: &Setup, cell: &str, variant: Variant) -> Res
             .push((sources, phase, under?.requests_per_sec));
     }
     drop(installed);
+    drop(docker);
     drop(servers);
     drop(topo);
-    let _ = std::fs::remove_dir_all(setup.work_dir.join(cell));
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(outcome)
 }
 

@@ -19,6 +19,7 @@
 //! bench/ for `--quick`, or `--out DIR`). Everything it creates is named `pgb-<pid>-...` and
 //! removed at the end, on errors and on Ctrl-C; a killed run's leftovers are removed by the
 //! next one.
+mod engine;
 mod filters;
 mod flood;
 mod inpath;
