@@ -143,7 +143,7 @@ impl Plan {
                 .map_or(if args.quick { 1 } else { 2 }, |r| r as usize),
             data_path: !args.flood,
             flood: args.flood || !args.quick,
-            budget: Duration::from_secs(if args.quick { 200 } else { 30 * 60 }),
+            budget: Duration::from_secs(if args.quick { 200 } else { 35 * 60 }),
             ns,
         })
     }

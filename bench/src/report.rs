@@ -1105,7 +1105,8 @@ fn program_goals(results: &Results) -> String {
 }
 
 /// Goal 7: a flood of unwanted SYNs grows the conntrack table by nothing and costs at most
-/// 1.5x the control's CPU per SYN, for portgate (with and without its early drop).
+/// 1.5x the control's CPU per SYN. Judged on portgate's early drop (`--uplink`, the answer
+/// the issue asks for) when it was measured, on the bridge gate alone otherwise; both shown.
 fn flood_goal(results: &Results) -> String {
     let mut md = String::new();
     let stats = flood_stats(results);
@@ -1119,8 +1120,9 @@ fn flood_goal(results: &Results) -> String {
     // The flood alone; a few entries of the checks and of wrk's TIME_WAIT may come and go.
     const GROWTH_SLACK: f64 = 64.0;
     let mut lines = Vec::new();
-    let mut met = true;
+    let mut met_by = BTreeMap::new();
     for (variant, st) in &portgate {
+        let mut met = true;
         for &(kind, _, ns, before, after, _) in &st.floods {
             let grows = after - before;
             let ratio = ns / st.control_ns;
@@ -1138,32 +1140,52 @@ fn flood_goal(results: &Results) -> String {
                 if ok { "" } else { " — missed" }
             ));
         }
+        met_by.insert(variant.uplink, met);
     }
-    let uplink = portgate.iter().any(|(v, _)| v.uplink);
+    let (judged, verdict) = match (met_by.get(&true), met_by.get(&false)) {
+        (Some(&early), Some(&late)) => (
+            "with the early drop (`--uplink`)",
+            format!(
+                "{} ({} without it, the bridge gate alone)",
+                if early { "met" } else { "missed" },
+                if late { "met" } else { "missed" }
+            ),
+        ),
+        (Some(&early), None) => (
+            "with the early drop (`--uplink`)",
+            if early { "met" } else { "missed" }.to_owned(),
+        ),
+        (None, late) => (
+            "(this portgate has no `--uplink`: the bridge gate alone)",
+            if late == Some(&true) { "met" } else { "missed" }.to_owned(),
+        ),
+    };
     let _ = writeln!(
         md,
-        "7. **a flood of unwanted SYNs from any sources grows the conntrack table by nothing and costs ≤ 1.5× the control's CPU per SYN: {}**{}",
-        if met { "met" } else { "missed" },
-        if uplink {
-            ""
-        } else {
-            " (this portgate has no `--uplink`: its early drop was not measured)"
-        }
+        "7. **a flood of unwanted SYNs from any sources grows the conntrack table by nothing and costs ≤ 1.5× the control's CPU per SYN, {judged}: {verdict}**"
     );
     for l in &lines {
         let _ = writeln!(md, "   - {l}");
     }
-    if !met {
+    if met_by.get(&false) == Some(&false) {
         let _ = writeln!(
             md,
-            "\n   Why: without the early drop the gate decides at the bridge's egress, after \
+            "\n   Why the bridge gate alone misses: it decides at the bridge's egress, after \
              conntrack has created and confirmed the entry, so every SYN leaves one behind \
-             (random sources fill the table) and pays conntrack's work before the drop. What \
-             closes it: deciding new connections to published ports on the interfaces they \
-             arrive on (`portgate agent --uplink`), before conntrack; where the early drop is \
-             measured and still misses, it does not know the published port (with \
-             `--runtime none` the agent learns no host-port mapping) or passes what it cannot \
-             decide statelessly to the bridge gate.\n"
+             (random sources fill the table toward nf_conntrack_max, after which the kernel \
+             drops new connections for the whole host) and pays conntrack's work before the \
+             drop. The early drop (`portgate agent --uplink IFACE`) decides new connections \
+             to published host ports on the interface they arrive on, before conntrack.\n"
+        );
+    }
+    if met_by.get(&true) == Some(&false) {
+        let _ = writeln!(
+            md,
+            "\n   Why the early drop misses: the lines above say which part (the table's growth \
+             or the CPU per SYN). Growth means SYNs pass the uplink program to conntrack: what \
+             it cannot decide statelessly (a destination it does not know as the host's, a \
+             port it does not know as published) goes on to the bridge gate; CPU above the \
+             control is the program's own work per SYN on top of the frame's reception.\n"
         );
     }
     md
@@ -1426,7 +1448,10 @@ mod tests {
         assert!(md.contains("| 1\u{202f}000 |"), "{md}");
         assert!(md.contains("## Data path without conntrack"), "{md}");
         assert!(md.contains("| portgate --uplink | 10\u{202f}000 |"), "{md}");
-        assert!(md.contains("7. **a flood of unwanted SYNs"), "{md}");
+        assert!(
+            md.contains("with the early drop (`--uplink`): met (missed without it"),
+            "{md}"
+        );
         assert!(
             md.contains("6. **allow → first packet ≤ 10 ms at every N: missed**"),
             "{md}"

@@ -64,7 +64,7 @@ enum Task {
     /// Measure portgate against no filter, iptables (Docker's DOCKER chain) and an nftables set
     /// in network namespaces, on a container host (DNAT, conntrack on) and bare: data path,
     /// control plane, the program's cost per packet, a SYN flood to a blocked published port
-    /// (--flood alone); writes docs/benchmarks.md and docs/benchmarks.svg (root; about 30 min,
+    /// (--flood alone); writes docs/benchmarks.md and docs/benchmarks.svg (root; about 35 min,
     /// --quick under 4, --flood about 4).
     Bench(portgate_bench::BenchArgs),
 }
