@@ -67,6 +67,10 @@ pub struct BenchArgs {
     /// The iptables backend of the Docker-style chain (Debian 12's `iptables` is nft).
     #[arg(long, value_enum, default_value_t = IptablesBackend::Nft)]
     pub iptables: IptablesBackend,
+    /// Time budget in minutes [default: 35; --quick: 3.3]: the bench waits for a quieter
+    /// machine and measures disturbed cells again only while the rest still fits in it.
+    #[arg(long, value_name = "MIN")]
+    pub budget: Option<f64>,
     /// Use this portgate binary instead of building target/release/portgate.
     #[arg(long, value_name = "PATH")]
     pub portgate: Option<PathBuf>,
@@ -143,7 +147,10 @@ impl Plan {
                 .map_or(if args.quick { 1 } else { 2 }, |r| r as usize),
             data_path: !args.flood,
             flood: args.flood || !args.quick,
-            budget: Duration::from_secs(if args.quick { 200 } else { 35 * 60 }),
+            budget: match args.budget {
+                Some(min) if min > 0.0 => Duration::from_secs_f64(min * 60.0),
+                _ => Duration::from_secs(if args.quick { 200 } else { 35 * 60 }),
+            },
             ns,
         })
     }
