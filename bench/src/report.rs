@@ -597,8 +597,10 @@ fn flood_section(results: &Results) -> String {
         "A container host (DNAT, conntrack on) with N={}; the client connects to the allowed \
          published port (wrk, new connections/s) while the bench's raw frame generator floods \
          the published port that no rule allows with SYNs at full speed, from one source \
-         (10.98.0.2, ports cycled) or from random sources (198.18.0.0/15). Medians of {cells} \
-         cell(s) per row.\n",
+         (10.98.0.2, ports cycled) or from random sources (198.18.0.0/15). portgate follows \
+         a fake Docker engine of the bench that publishes the two DNATed ports (the early drop \
+         learns published host ports from the engine); `--uplink` gates the host's \
+         client-facing link, vcli. Medians of {cells} cell(s) per row.\n",
         flood::FLOOD_N
     );
     let _ = writeln!(
