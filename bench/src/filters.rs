@@ -233,6 +233,18 @@ pub fn install(
     setup: &Setup,
     cell: &str,
 ) -> Result<Installed> {
+    install_with(filter, n, topo, setup, cell, &[])
+}
+
+/// [`install`], with more arguments for `portgate agent` (`--uplink IFACE`).
+pub fn install_with(
+    filter: Filter,
+    n: usize,
+    topo: &Topology,
+    setup: &Setup,
+    cell: &str,
+    agent_args: &[String],
+) -> Result<Installed> {
     let entries = entries(n);
     let dir = setup.work_dir.join(cell);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -260,7 +272,7 @@ pub fn install(
                 serde_json::to_vec_pretty(&portgate_rules(&entries))?,
             )?;
             let bpffs = PathBuf::from(format!("/sys/fs/bpf/{cell}"));
-            let agent = Agent::start(topo, setup, &dir, &bpffs, BRIDGE, None)?;
+            let agent = Agent::start(topo, setup, &dir, &bpffs, BRIDGE, None, agent_args)?;
             let load = agent.started_in;
             let used = agent.allow_entries(setup)?;
             if used != n {
@@ -355,6 +367,7 @@ impl Agent {
         bpffs: &Path,
         bridge: &str,
         max_flows: Option<u32>,
+        extra: &[String],
     ) -> Result<Self> {
         let socket = dir.join("portgate.sock");
         let log = dir.join("agent.log");
@@ -363,14 +376,12 @@ impl Agent {
         cmd.arg("--socket")
             .arg(&socket)
             .args(["agent", "--bridge", bridge])
-            .args([
-                "--runtime",
-                "none",
-                "--no-netfilter",
-                "--metrics-addr",
-                "off",
-            ])
-            .arg("--bpffs")
+            .args(["--no-netfilter", "--metrics-addr", "off"]);
+        // No engine, unless the caller brings one (the flood cells' fake Docker).
+        if !extra.iter().any(|a| a == "--runtime") {
+            cmd.args(["--runtime", "none"]);
+        }
+        cmd.arg("--bpffs")
             .arg(bpffs)
             .arg("--state-dir")
             .arg(dir.join("state"))
@@ -381,6 +392,7 @@ impl Agent {
         if let Some(flows) = max_flows {
             cmd.args(["--max-flows", &flows.to_string()]);
         }
+        cmd.args(extra);
         let start = Instant::now();
         let child = cmd
             .spawn()
@@ -420,15 +432,19 @@ impl Agent {
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
-    /// `allow_entries.used` of `portgate status --json`.
-    pub fn allow_entries(&self, setup: &Setup) -> Result<usize> {
+    /// `portgate status --json`.
+    pub fn status(&self, setup: &Setup) -> Result<serde_json::Value> {
         let mut cmd = std::process::Command::new(&setup.portgate);
         cmd.arg("--socket")
             .arg(&self.socket)
             .args(["status", "--json"]);
         let out = run_quiet(&mut cmd)?;
-        let status: serde_json::Value =
-            serde_json::from_str(&out.stdout).context("parsing `portgate status --json`")?;
+        serde_json::from_str(&out.stdout).context("parsing `portgate status --json`")
+    }
+
+    /// `allow_entries.used` of `portgate status --json`.
+    pub fn allow_entries(&self, setup: &Setup) -> Result<usize> {
+        let status = self.status(setup)?;
         status["allow_entries"]["used"]
             .as_u64()
             .map(|n| n as usize)

@@ -102,6 +102,8 @@ impl InPath {
 
 pub fn measure(plan: &Plan, setup: &Setup, cell: &str, n: usize) -> Result<Vec<InPath>> {
     let topo = Topology::create(cell)?;
+    // As the measured cells of the main tables: a container host, conntrack on.
+    topo.container_host()?;
     let servers = traffic::Servers::start(&topo)?;
     let installed = filters::install(Filter::Portgate, n, &topo, setup, cell)?;
     let bpffs = &installed.agent.as_ref().context("no agent")?.bpffs;

@@ -3,17 +3,25 @@
 //! ACCEPT per published port, with the conntrack ESTABLISHED shortcut), an nftables set, and
 //! portgate, for N allowed ports.
 //!
-//! Each measured cell (repeat, N, filter) gets a fresh namespace topology (see [`topo`]): the
-//! filter is installed in its host namespace, real servers run in the server namespace, real
-//! load generators in the client namespace. Cells are interleaved: every repeat walks all N,
+//! Each measured cell (repeat, N, filter, mode) gets a fresh namespace topology (see [`topo`]):
+//! the filter is installed in its host namespace, real servers run in the server namespace, real
+//! load generators in the client namespace. In the container-host mode, the one the goals are
+//! about, the host namespace publishes ports with DNAT as Docker does, so conntrack tracks
+//! every variant, "no filter" and portgate included; the bare mode (no netfilter at all, no
+//! conntrack) is measured for no filter and portgate as a second table. Cells are interleaved: every repeat walks all N,
 //! and for each N all filters in an order rotated per repeat and N, so slow drifts of this
 //! shared machine spread over all filters alike. Figures are medians with their range.
+//!
+//! `--flood` (and every full run, after the rest): allowed new connections with and without a
+//! SYN flood to a published port that no rule allows, see [`flood`].
 //!
 //! Writes `benchmarks.md` and `benchmarks.svg` (docs/ for a full run, the target directory's
 //! bench/ for `--quick`, or `--out DIR`). Everything it creates is named `pgb-<pid>-...` and
 //! removed at the end, on errors and on Ctrl-C; a killed run's leftovers are removed by the
 //! next one.
+mod engine;
 mod filters;
+mod flood;
 mod inpath;
 mod noise;
 mod progrun;
@@ -37,10 +45,16 @@ use portgate_cmd as proc;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// The CI variant: N in {10, 1000}, 2 repeats of 1-second measurements, under 3 minutes.
-    /// Writes to <target>/bench/ unless --out is given (docs/ keeps the full run's results).
+    /// The CI variant: N in {10, 1000}, 2 repeats of 1-second measurements, no flood, under 4
+    /// minutes. Writes to <target>/bench/ unless --out is given (docs/ keeps the full run's
+    /// results).
     #[arg(long)]
     pub quick: bool,
+    /// Only the SYN-flood figures (every full run includes them after the rest; --quick
+    /// leaves them out unless given both): allowed new connections with and without a flood
+    /// to a blocked published port, CPU per flood SYN, the conntrack table's fill.
+    #[arg(long)]
+    pub flood: bool,
     /// Interleaved repeats of every measurement [default: 4, --quick: 2].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub repeats: Option<u32>,
@@ -53,6 +67,10 @@ pub struct BenchArgs {
     /// The iptables backend of the Docker-style chain (Debian 12's `iptables` is nft).
     #[arg(long, value_enum, default_value_t = IptablesBackend::Nft)]
     pub iptables: IptablesBackend,
+    /// Time budget in minutes [default: 35; --quick: 3.3]: the bench waits for a quieter
+    /// machine and measures disturbed cells again only while the rest still fits in it.
+    #[arg(long, value_name = "MIN")]
+    pub budget: Option<f64>,
     /// Use this portgate binary instead of building target/release/portgate.
     #[arg(long, value_name = "PATH")]
     pub portgate: Option<PathBuf>,
@@ -73,6 +91,12 @@ struct Plan {
     iperf_secs: u32,
     udp: Duration,
     prog_samples: usize,
+    /// Length of each load of a flood cell, and the flood cells per variant.
+    flood_secs: u32,
+    flood_repeats: usize,
+    /// Whether this run measures the data path (not `--flood` alone) and the flood.
+    data_path: bool,
+    flood: bool,
     /// The whole run (after the build) must finish within this.
     budget: Duration,
 }
@@ -117,7 +141,16 @@ impl Plan {
             iperf_secs: if args.quick { 1 } else { 3 },
             udp: Duration::from_secs(if args.quick { 1 } else { 2 }),
             prog_samples: if args.quick { 1_000 } else { 4_000 },
-            budget: Duration::from_secs(if args.quick { 150 } else { 18 * 60 }),
+            flood_secs: if args.quick { 1 } else { 2 },
+            flood_repeats: args
+                .repeats
+                .map_or(if args.quick { 1 } else { 2 }, |r| r as usize),
+            data_path: !args.flood,
+            flood: args.flood || !args.quick,
+            budget: match args.budget {
+                Some(min) if min > 0.0 => Duration::from_secs_f64(min * 60.0),
+                _ => Duration::from_secs(if args.quick { 200 } else { 35 * 60 }),
+            },
             ns,
         })
     }
@@ -175,17 +208,70 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
 
     let started = Instant::now();
+    let mut results = measure(&plan, &setup, started)?;
+
+    results.meta = meta(&plan, &setup, started.elapsed());
+    let (md, svg) = report::write(&results, &out_dir, "benchmarks")?;
+    heading("result");
+    println!("wrote {} and {}", md.display(), svg.display());
+    let text = std::fs::read_to_string(&md)?;
+    if let Some(goals) = text.split("## Goals").nth(1) {
+        println!(
+            "Goals{}",
+            goals.split("## How it is measured").next().unwrap_or("")
+        );
+    }
+    println!(
+        "bench took {:.1} min",
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}
+
+/// Everything the run measures, within the plan's time budget.
+fn measure(plan: &Plan, setup: &Setup, started: Instant) -> Result<Results> {
     let mut results = Results::default();
-
-    let cells = plan.repeats * plan.ns.len() * Filter::ALL.len();
+    let data_cells = if plan.data_path {
+        plan.repeats * plan.ns.len() * CELLS.len()
+    } else {
+        0
+    };
+    let cells = data_cells
+        + if plan.flood {
+            plan.flood_repeats * flood::Variant::all(setup).len()
+        } else {
+            0
+        };
     let mut pacer = Pacer::new(started, plan.budget, cells);
+    if plan.data_path {
+        data_path(plan, setup, &mut results, &mut pacer)?;
+    }
+    if plan.flood {
+        floods(plan, setup, &mut results, &mut pacer)?;
+    }
+    Ok(results)
+}
 
+/// The cells of one (repeat, N): every filter in container-host mode, and no filter and
+/// portgate bare (the second table).
+const CELLS: [(Filter, Mode); 6] = [
+    (Filter::None, Mode::Host),
+    (Filter::Iptables, Mode::Host),
+    (Filter::Nftables, Mode::Host),
+    (Filter::Portgate, Mode::Host),
+    (Filter::None, Mode::Bare),
+    (Filter::Portgate, Mode::Bare),
+];
+
+fn data_path(plan: &Plan, setup: &Setup, results: &mut Results, pacer: &mut Pacer) -> Result<()> {
+    let pid = std::process::id();
+    let cells = pacer.cells;
     heading("program cost per packet (BPF_PROG_TEST_RUN)");
     {
         let topo = Topology::create(&format!("pgb-{pid}-prog"))?;
         (results.prog, results.sources) = progrun::measure_all(
             &topo,
-            &setup,
+            setup,
             &format!("pgb-{pid}-prog"),
             &plan.ns,
             plan.repeats,
@@ -214,30 +300,33 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     heading("data path and control plane");
     println!(
-        "{cells} cells: {} repeats x N {:?} x {} filters; wrk {} s, iperf3 {} s, UDP {} s each",
+        "{} cells: {} repeats x N {:?} x {} filters and modes; wrk {} s, iperf3 {} s, UDP {} s each",
+        plan.repeats * plan.ns.len() * CELLS.len(),
         plan.repeats,
         plan.ns,
-        Filter::ALL.len(),
+        CELLS.len(),
         plan.wrk_secs,
         plan.iperf_secs,
         plan.udp.as_secs()
     );
     // One unrecorded cell first: page cache, JIT, neighbour tables.
     run_cell(
-        &plan,
-        &setup,
+        plan,
+        setup,
         &format!("pgb-{pid}-warm"),
         plan.ns[0],
         Filter::None,
+        Mode::Host,
     )
     .context("the warm-up cell (no filter)")?;
     let bar = progress_bar(cells as u64);
     let mut seq = 0;
     for repeat in 0..plan.repeats {
         for (ni, &n) in plan.ns.iter().enumerate() {
-            let mut order = Filter::ALL.to_vec();
-            order.rotate_left((repeat + ni) % Filter::ALL.len());
-            for filter in order {
+            let mut order = CELLS.to_vec();
+            order.rotate_left((repeat + ni) % CELLS.len());
+            for (filter, mode) in order {
+                let label = mode.label(filter);
                 // The least disturbed of up to MAX_ATTEMPTS attempts.
                 let mut best: Option<(Outcome, noise::Share)> = None;
                 for attempt in 0..MAX_ATTEMPTS {
@@ -246,21 +335,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     seq += 1;
                     let cell = format!("pgb-{pid}-{seq}");
                     let before = noise::snapshot();
-                    let outcome = match run_cell(&plan, &setup, &cell, n, filter) {
+                    let outcome = match run_cell(plan, setup, &cell, n, filter, mode) {
                         Ok(outcome) => outcome,
                         Err(err) if attempt + 1 < MAX_ATTEMPTS => {
                             proc::check_interrupted()?;
                             bar.suspend(|| {
-                                println!(
-                                    "  {} at N={n} failed ({err:#}); once more",
-                                    filter.label()
-                                )
+                                println!("  {label} at N={n} failed ({err:#}); once more")
                             });
                             continue;
                         }
                         Err(err) => {
-                            return Err(err)
-                                .with_context(|| format!("{} at N={n}", filter.label()));
+                            return Err(err).with_context(|| format!("{} at N={n}", label));
                         }
                     };
                     let share = noise::share(&before, &noise::snapshot());
@@ -276,7 +361,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         bar.suspend(|| {
                             println!(
                                 "  {} at N={n}: {:.0} % of the machine went to other processes; measuring again",
-                                filter.label(),
+                                label,
                                 share.foreign * 100.0
                             )
                         });
@@ -286,25 +371,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     }
                 }
                 let Some((outcome, share)) = best else {
-                    bail!("{} at N={n}: no attempt succeeded", filter.label());
+                    bail!("{} at N={n}: no attempt succeeded", label);
                 };
                 pacer.done += 1;
                 let done = pacer.done;
                 let left = pacer.remaining_estimate().as_secs_f64();
                 bar.suspend(|| {
                     println!(
-                        "[{done:>2}/{cells}] r{repeat} N={n:<6} {:<12} {}  other load {:>2.0} %   (~{left:.0} s left)",
-                        filter.label(),
+                        "[{done:>2}/{cells}] r{repeat} N={n:<6} {:<20} {}  other load {:>2.0} %   (~{left:.0} s left)",
+                        label,
                         outcome.summary(),
                         share.foreign * 100.0,
                     )
                 });
                 bar.inc(1);
-                bar.set_message(format!(
-                    "{} at N={n} done, ~{left:.0} s left",
-                    filter.label()
-                ));
-                outcome.record(&mut results, n, filter);
+                bar.set_message(format!("{label} at N={n} done, ~{left:.0} s left"));
+                outcome.record(results, n, filter, mode);
                 results.foreign.push(share.foreign);
                 results.steal.push(share.steal);
             }
@@ -315,7 +397,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     heading("the gate in the real data path (BPF run-time statistics)");
     let n = *plan.ns.last().unwrap_or(&10);
     proc::check_interrupted()?;
-    let inpath = inpath::measure(&plan, &setup, &format!("pgb-{pid}-inpath"), n)
+    let inpath = inpath::measure(plan, setup, &format!("pgb-{pid}-inpath"), n)
         .context("measuring the programs' run time in the data path")?;
     for load in &inpath {
         println!(
@@ -331,22 +413,59 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     results.inpath = Some((n, inpath));
+    Ok(())
+}
 
-    results.meta = meta(&plan, &setup, started.elapsed());
-    let (md, svg) = report::write(&results, &out_dir, "benchmarks")?;
-    heading("result");
-    println!("wrote {} and {}", md.display(), svg.display());
-    let text = std::fs::read_to_string(&md)?;
-    if let Some(goals) = text.split("## Goals").nth(1) {
+/// `--flood`: every variant's flood cells, the variants in an order rotated per repeat.
+fn floods(plan: &Plan, setup: &Setup, results: &mut Results, pacer: &mut Pacer) -> Result<()> {
+    let pid = std::process::id();
+    let variants = flood::Variant::all(setup);
+    heading("SYN flood to a blocked published port");
+    if !variants.iter().any(|v| v.uplink) {
         println!(
-            "Goals{}",
-            goals.split("## How it is measured").next().unwrap_or("")
+            "(this portgate has no `agent --uplink`: its early drop is left out of the flood table)"
         );
     }
-    println!(
-        "bench took {:.1} min",
-        started.elapsed().as_secs_f64() / 60.0
-    );
+    for repeat in 0..plan.flood_repeats {
+        let mut order = variants.clone();
+        let len = order.len();
+        order.rotate_left(repeat % len);
+        for variant in order {
+            proc::check_interrupted()?;
+            pacer.wait_for_quiet()?;
+            let cell = format!("pgb-{pid}-f{repeat}-{}", pacer.done);
+            let before = noise::snapshot();
+            let outcome = flood::run_cell(plan, setup, &cell, variant)
+                .with_context(|| format!("the flood cell of {}", variant.label()))?;
+            pacer.cell_took(before.age());
+            pacer.done += 1;
+            let share = noise::share(&before, &noise::snapshot());
+            println!(
+                "[{:>2}/{}] r{repeat} {:<20} {:>6.0} conn/s; control {:.0} ns/frame; {}  other load {:>2.0} %",
+                pacer.done,
+                pacer.cells,
+                variant.label(),
+                outcome.idle_cps,
+                outcome.control.cpu_ns_per_frame,
+                outcome
+                    .floods
+                    .iter()
+                    .map(|(sources, phase, cps)| format!(
+                        "{}: {:.0} SYN/s, {:.0} ns/SYN, conntrack {} -> {}, {:.0} conn/s under it",
+                        sources.label(),
+                        phase.sent_per_sec,
+                        phase.cpu_ns_per_frame,
+                        phase.ct_before,
+                        phase.ct_after,
+                        cps
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                share.foreign * 100.0
+            );
+            results.flood.push((variant, outcome));
+        }
+    }
     Ok(())
 }
 
@@ -429,12 +548,31 @@ impl Pacer {
     }
 }
 
+/// Whether a cell's host namespace is a container host (DNAT, so conntrack) or bare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Host,
+    Bare,
+}
+
+impl Mode {
+    fn label(self, filter: Filter) -> String {
+        match self {
+            Mode::Host => filter.label().to_owned(),
+            Mode::Bare => format!("{}, bare", filter.label()),
+        }
+    }
+}
+
 /// What one cell measured.
 #[derive(Default)]
 struct Outcome {
     cps: f64,
+    /// New connections per second through the published port (DNAT); container host only.
+    dnat_cps: Option<f64>,
     wrk_errors: u64,
     udp: traffic::FloodResult,
+    udp_new: Option<traffic::FloodResult>,
     tput_gbps: f64,
     load: Option<Duration>,
     allow_first: Option<Duration>,
@@ -448,6 +586,12 @@ impl Outcome {
             "{:>7.0} conn/s  {:>8.0} dgram/s  {:>5.1} Gbit/s",
             self.cps, self.udp.delivered_per_sec, self.tput_gbps
         );
+        if let Some(dnat) = self.dnat_cps {
+            s.push_str(&format!("  DNAT {dnat:.0} conn/s"));
+        }
+        if let Some(new) = self.udp_new {
+            s.push_str(&format!("  new flows {:.0} dgram/s", new.delivered_per_sec));
+        }
         if let Some(load) = self.load {
             s.push_str(&format!("  load {:.0} ms", load.as_secs_f64() * 1e3));
         }
@@ -463,7 +607,7 @@ impl Outcome {
         s
     }
 
-    fn record(&self, results: &mut Results, n: usize, filter: Filter) {
+    fn record(&self, results: &mut Results, n: usize, filter: Filter, mode: Mode) {
         let mut push = |metric, value: f64| {
             results.samples.push(Sample {
                 n,
@@ -472,9 +616,26 @@ impl Outcome {
                 value,
             })
         };
+        if mode == Mode::Bare {
+            push(Metric::BareCps, self.cps);
+            push(Metric::BareUdp, self.udp.delivered_per_sec);
+            push(Metric::BareTput, self.tput_gbps);
+            return;
+        }
         push(Metric::Cps, self.cps);
         push(Metric::Udp, self.udp.delivered_per_sec);
         push(Metric::Tput, self.tput_gbps);
+        if let Some(v) = self.dnat_cps {
+            push(Metric::DnatCps, v);
+        }
+        if let Some(v) = self.udp_new {
+            push(Metric::UdpNew, v.delivered_per_sec);
+            results
+                .udp_new_sent
+                .entry((n, filter))
+                .or_default()
+                .push(v.sent_per_sec);
+        }
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         if let Some(d) = self.load {
             push(Metric::Load, ms(d));
@@ -497,9 +658,20 @@ impl Outcome {
     }
 }
 
-/// One cell: a fresh topology, the filter with N entries, the three loads, the allow probe.
-fn run_cell(plan: &Plan, setup: &Setup, cell: &str, n: usize, filter: Filter) -> Result<Outcome> {
+/// One cell: a fresh topology (a container host's, or bare), the filter with N entries, the
+/// loads, the allow probe.
+fn run_cell(
+    plan: &Plan,
+    setup: &Setup,
+    cell: &str,
+    n: usize,
+    filter: Filter,
+    mode: Mode,
+) -> Result<Outcome> {
     let topo = Topology::create(cell)?;
+    if mode == Mode::Host {
+        topo.container_host()?;
+    }
     let servers = traffic::Servers::start(&topo)?;
     let installed = filters::install(filter, n, &topo, setup, cell)
         .with_context(|| format!("installing {} with N={n}", filter.label()))?;
@@ -524,12 +696,19 @@ fn run_cell(plan: &Plan, setup: &Setup, cell: &str, n: usize, filter: Filter) ->
             filter.label()
         );
     }
-    let mut outcome = Outcome {
-        load: installed.load_time,
-        ..Default::default()
-    };
-    if let Some(agent) = &installed.agent {
-        outcome.rss_kib = Some(agent.rss_kib()?);
+    if mode == Mode::Host && !traffic::published_answers(&topo)? {
+        bail!(
+            "the HTTP server does not answer on the published port (DNAT) through {}",
+            filter.label()
+        );
+    }
+    let mut outcome = Outcome::default();
+    // The control plane is the same in both modes: measured once, with the container host.
+    if mode == Mode::Host {
+        outcome.load = installed.load_time;
+        if let Some(agent) = &installed.agent {
+            outcome.rss_kib = Some(agent.rss_kib()?);
+        }
     }
 
     let wrk = traffic::wrk(
@@ -540,6 +719,27 @@ fn run_cell(plan: &Plan, setup: &Setup, cell: &str, n: usize, filter: Filter) ->
     outcome.cps = wrk.requests_per_sec;
     outcome.wrk_errors = wrk.errors;
     proc::check_interrupted()?;
+    // The mode is what it says: conntrack tracks in the container host and nowhere else.
+    let tracked = topo.conntrack_count()?;
+    match mode {
+        Mode::Host if tracked == 0 => {
+            bail!("no conntrack entries in the container host's namespace after wrk")
+        }
+        Mode::Bare if tracked > 0 => {
+            bail!("{tracked} conntrack entries in the bare host namespace")
+        }
+        _ => {}
+    }
+    if mode == Mode::Host {
+        let dnat = traffic::wrk(
+            &topo,
+            &traffic::wrk_dnat_args(WRK_THREADS, WRK_CONNECTIONS, plan.wrk_secs),
+            plan.wrk_secs,
+        )?;
+        outcome.dnat_cps = Some(dnat.requests_per_sec);
+        outcome.wrk_errors += dnat.errors;
+        proc::check_interrupted()?;
+    }
     outcome.tput_gbps = traffic::iperf(
         &topo,
         &traffic::iperf_args(plan.iperf_secs),
@@ -548,8 +748,12 @@ fn run_cell(plan: &Plan, setup: &Setup, cell: &str, n: usize, filter: Filter) ->
     proc::check_interrupted()?;
     outcome.udp = traffic::udp_flood(&topo, &servers.sink, plan.udp)?;
     proc::check_interrupted()?;
+    if mode == Mode::Host {
+        outcome.udp_new = Some(flood::udp_new_flows(&topo, &servers.sink, plan.udp)?);
+        proc::check_interrupted()?;
+    }
 
-    if filter != Filter::None {
+    if filter != Filter::None && mode == Mode::Host {
         let (first, command) =
             traffic::allow_to_first_packet(&topo, || installed.allow_probe_port(&topo, setup))?;
         outcome.allow_first = Some(first);
@@ -619,6 +823,9 @@ fn meta(plan: &Plan, setup: &Setup, elapsed: Duration) -> Meta {
             ("the whole bench".into(), format!("cargo xtask bench{}", if plan.quick { " --quick" } else { "" })),
             ("new TCP connections (client ns; a 4-thread HTTP/1.0 server of the bench in the server ns)".into(), format!("wrk {}", quote_args(&wrk_args))),
             ("TCP throughput (client ns; `iperf3 -s -B 10.99.0.2` in the server ns)".into(), format!("iperf3 {}", traffic::iperf_args(plan.iperf_secs).join(" "))),
+            ("container host (host ns)".into(), format!("nft -f -   # table ip pgbhost {{ chain prerouting {{ type nat hook prerouting priority dstnat; ip daddr 10.98.0.1 tcp dport {} dnat to 10.99.0.2:80; ip daddr 10.98.0.1 tcp dport {} dnat to 10.99.0.2:{} }} }}", topo::PUBLISHED_HTTP_PORT, topo::PUBLISHED_BLOCKED_PORT, topo::BLOCKED_PORT)),
+            ("new TCP connections through DNAT (client ns)".into(), format!("wrk {}", quote_args(&traffic::wrk_dnat_args(WRK_THREADS, WRK_CONNECTIONS, plan.wrk_secs).join(" ")))),
+            ("SYN flood (client ns, the bench's raw frame generator)".into(), format!("AF_PACKET frames on eth0 to {} (the host's link) or {} (the control), TCP SYN to 10.98.0.1:{}, sources: 10.98.0.2 with ports cycled, or random from 198.18.0.0/15; flood cells {} s per load, N={}; portgate: agent ... --runtime docker --docker-socket DIR/docker.sock (the bench's fake engine) [--uplink vcli]", topo::mac_str(topo::HOST_MAC), topo::mac_str(topo::FOREIGN_MAC), topo::PUBLISHED_BLOCKED_PORT, plan.flood_secs, flood::FLOOD_N)),
             ("UDP (the bench's own flood and sink)".into(), format!("{} flows, {}-byte payloads (64-byte frames), {} s, at most 20 M datagrams; the sink answers each flow's first datagram", traffic::UDP_FLOWS, 18, plan.udp.as_secs())),
             ("iptables (host ns)".into(), format!("{}-restore rules   # FORWARD policy DROP; -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT; -o pgbr0 -j DOCKER; DOCKER: N x '-d ADDR/32 ! -i pgbr0 -o pgbr0 -p tcp -m tcp --dport P -j ACCEPT'", setup.iptables)),
             ("nftables (host ns)".into(), "nft -f rules   # set allowed { type ipv4_addr . inet_proto . inet_service; N elements }; forward: policy drop; ct state established,related accept; oifname pgbr0 ip daddr . meta l4proto . th dport @allowed accept".into()),
@@ -627,9 +834,10 @@ fn meta(plan: &Plan, setup: &Setup, elapsed: Duration) -> Meta {
             ("program cost (agent with a larger flow table on a bridge without traffic, then stopped)".into(), format!("portgate agent --bridge pgbr1 --max-flows {} ...; BPF_PROG_TEST_RUN on the pinned toward_containers program", progrun::PROG_FLOW_CAPACITY)),
         ],
         notes: vec![
-            "Topology of the end-to-end tests, built anew for every cell: client namespace 10.98.0.2 → host namespace (routes; the filter under test) → bridge pgbr0 10.99.0.1 → server namespace 10.99.0.2. Traffic from the client is forwarded by the host and leaves through the bridge, as traffic from outside to a published container port does (after Docker's DNAT, which the bench leaves out).".into(),
+            "Topology of the end-to-end tests, built anew for every cell: client namespace 10.98.0.2 → host namespace 10.98.0.1 (routes; the filter under test) → bridge pgbr0 10.99.0.1 → server namespace 10.99.0.2. Traffic from the client is forwarded by the host and leaves through the bridge, as traffic from outside to a published container port does.".into(),
             format!("N allowed entries: N−3 decoys (TCP ports from 10000 on 10.99.0.2, then 10.99.0.3, ...), then the three the traffic uses ({}/tcp iperf3, {}/udp flood, {}/tcp HTTP), last in iptables' DOCKER chain. portgate gets them as range rules in its rules file, which expand to one allow-map entry per port. N={} means {} iptables rules.", filters::IPERF_PORT, filters::UDP_PORT, filters::HTTP_PORT, n_max, n_max),
-            "No filter and portgate run without netfilter rules in the host namespace (so without conntrack); iptables and nftables need conntrack for their ESTABLISHED shortcut, which a real Docker host pays anyway for its NAT.".into(),
+            format!("Container host (the main tables and the goals): the host namespace publishes ports as Docker does, with DNAT in a nat prerouting chain (10.98.0.1:{} → 10.99.0.2:80, and 10.98.0.1:{} → 10.99.0.2:{}, a published port no filter allows). A nat chain makes conntrack track every packet in that namespace, for every filter, no filter and portgate included; each cell checks that the conntrack table has entries after the first load. The traffic goes to the container's address (as from a routed network or another host's overlay) except \"new TCP connections/s through DNAT\", which connects to the published host port. Bare (the second table): no netfilter rule at all in the host namespace, so no conntrack (checked: the table stays empty), for no filter and portgate only (iptables and nftables need conntrack).", topo::PUBLISHED_HTTP_PORT, topo::PUBLISHED_BLOCKED_PORT, topo::BLOCKED_PORT),
+            "Many new UDP flows: the bench's raw frame generator (AF_PACKET on the client's link, sendmmsg batches of 64, real checksums) sends 18-byte datagrams to the allowed UDP port, each from a source (address in 198.18.0.0/15, port) no earlier datagram of the run used, so every datagram is a new flow for conntrack and for the gate; the sink does not answer them. The conntrack table (nf_conntrack_max entries) fills within seconds, after which the kernel evicts unreplied entries to make room (early drop), as it would on a host under such a load.".into(),
             "Each cell checks first that the HTTP server answers through the filter and that a connection to a port the filter does not allow is dropped (times out).".into(),
             "Cells are interleaved: each repeat walks every N, and for each N every filter, in an order rotated per repeat and N. The machine is a shared 2-CPU VM: load generator, servers and forwarding share the two CPUs, so absolute figures are low and noisy; compare within a row.".into(),
             "Load time: iptables-restore / nft -f wall time; portgate: from starting the agent to its control socket accepting (it loads and verifies the programs, attaches them and writes the allow map first).".into(),

@@ -42,8 +42,12 @@ fn rusage_secs(who: libc::c_int) -> f64 {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-/// utime + stime of every ksoftirqd thread.
-fn softirqd_secs(hz: f64) -> f64 {
+/// utime + stime of every ksoftirqd thread, in seconds.
+pub fn softirqd_secs() -> f64 {
+    softirqd_secs_at(ticks_per_sec())
+}
+
+fn softirqd_secs_at(hz: f64) -> f64 {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0.0;
     };
@@ -103,7 +107,7 @@ pub fn snapshot() -> Snapshot {
         busy_secs: at(0) + at(1) + at(2) + at(5) + at(6),
         steal_secs: at(7),
         ours_secs: rusage_secs(libc::RUSAGE_SELF) + rusage_secs(libc::RUSAGE_CHILDREN),
-        softirqd_secs: softirqd_secs(hz),
+        softirqd_secs: softirqd_secs_at(hz),
     }
 }
 

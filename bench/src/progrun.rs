@@ -511,6 +511,7 @@ pub fn measure_all(
         &bpffs,
         PROG_BRIDGE,
         Some(PROG_FLOW_CAPACITY),
+        &[],
     )?;
     // The gate stays pinned; the maps are the bench's alone from here on.
     agent.stop()?;

@@ -9,6 +9,11 @@
 //!                         pgbr1 (down; holds the gate for the BPF_PROG_TEST_RUN figures)
 //! ```
 //! Every name starts with `pgb-<pid>-`; [`reap_stale`] removes the leftovers of a killed run.
+//!
+//! [`Topology::container_host`] makes the host namespace what a Docker or Podman host is:
+//! published ports are DNAT (host 10.98.0.1:8080 -> 10.99.0.2:80, and 8081 -> :81, a
+//! published port that no filter allows), so conntrack tracks every forwarded packet, whatever
+//! the filter.
 use std::{
     fs::File,
     io,
@@ -30,6 +35,18 @@ pub const CLIENT_ADDR: &str = "10.98.0.2";
 pub const BRIDGE_ADDR: &str = "10.99.0.1";
 pub const SERVER_ADDR: &str = "10.99.0.2";
 pub const SERVER_IP: [u8; 4] = [10, 99, 0, 2];
+pub const HOST_IP: [u8; 4] = [10, 98, 0, 1];
+pub const CLIENT_IP: [u8; 4] = [10, 98, 0, 2];
+/// Fixed MAC addresses of the client's link, so the bench's raw frame generator can address
+/// the host (and a foreign MAC, for the control that never reaches netfilter).
+pub const HOST_MAC: [u8; 6] = [0x02, 0x70, 0x67, 0x62, 0x00, 0x01];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0x70, 0x67, 0x62, 0x00, 0x02];
+pub const FOREIGN_MAC: [u8; 6] = [0x02, 0x70, 0x67, 0x62, 0x00, 0x99];
+/// Published host ports (DNAT to the server) in container-host mode: one allowed (to the HTTP
+/// server), one that no filter allows (the flood's target).
+pub const PUBLISHED_HTTP_PORT: u16 = 8080;
+pub const PUBLISHED_BLOCKED_PORT: u16 = 8081;
+pub const BLOCKED_PORT: u16 = 81;
 
 /// A network namespace this bench created, deleted on drop.
 pub struct Netns {
@@ -225,6 +242,8 @@ impl Topology {
         h.ip(&[
             "link", "add", "vcli", "type", "veth", "peer", "name", "eth0", "netns", &c.name,
         ])?;
+        h.ip(&["link", "set", "vcli", "address", &mac_str(HOST_MAC)])?;
+        c.ip(&["link", "set", "eth0", "address", &mac_str(CLIENT_MAC)])?;
         h.ip(&["addr", "add", &format!("{HOST_ADDR}/24"), "dev", "vcli"])?;
         c.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
         h.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
@@ -246,7 +265,14 @@ impl Topology {
         }
         c.ip(&["route", "add", "default", "via", HOST_ADDR])?;
         s.ip(&["route", "add", "default", "via", BRIDGE_ADDR])?;
-        h.sysctl(&["net.ipv4.ip_forward=1"])?;
+        // Strict reverse-path filtering would drop the generator's random sources before
+        // conntrack; a container host routes them (its default route) anyway.
+        h.sysctl(&[
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv4.conf.vcli.rp_filter=0",
+        ])?;
         // Short connections at tens of thousands per second: the client may reuse its ports
         // (the server closes first, so TIME_WAIT sits on the server side anyway).
         c.sysctl(&[
@@ -259,6 +285,61 @@ impl Topology {
         ])?;
         Ok(())
     }
+}
+
+impl Topology {
+    /// Docker's port publishing in the host namespace: DNAT of the published host ports to
+    /// the server in a nat prerouting chain. A nat chain makes conntrack track every packet of
+    /// the namespace, as on a container host, whichever filter is installed beside it.
+    pub fn container_host(&self) -> Result<()> {
+        let rules = format!(
+            "table ip pgbhost {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n\
+             \x20   ip daddr {HOST_ADDR} tcp dport {PUBLISHED_HTTP_PORT} dnat to {SERVER_ADDR}:80\n\
+             \x20   ip daddr {HOST_ADDR} tcp dport {PUBLISHED_BLOCKED_PORT} dnat to {SERVER_ADDR}:{BLOCKED_PORT}\n  }}\n}}\n"
+        );
+        let mut cmd = self.host.command("nft");
+        cmd.args(["-f", "-"]);
+        run_with_stdin(&mut cmd, &rules).context("installing the DNAT of the published ports")
+    }
+
+    /// Entries in the host namespace's conntrack table.
+    pub fn conntrack_count(&self) -> Result<u64> {
+        let text = self
+            .host
+            .run(|| std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count"))?
+            .context("reading nf_conntrack_count in the host namespace")?;
+        text.trim()
+            .parse()
+            .context("nf_conntrack_count is not a number")
+    }
+}
+
+fn run_with_stdin(cmd: &mut Command, input: &str) -> Result<()> {
+    use std::io::Write as _;
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run `{}`", proc::display(cmd)))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}{}",
+            proc::display(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+pub fn mac_str(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 /// Deletes namespaces, bpffs directories and work directories named `pgb-<pid>...` whose

@@ -26,8 +26,8 @@ use anyhow::{Context as _, Result, bail};
 use super::{
     filters::{HTTP_PORT, IPERF_PORT, PROBE_PORT, UDP_PORT},
     topo::{
-        CLIENT_ADDR, CLIENT_CPU, Netns, SERVER_ADDR, SERVER_CPU, Topology, pin_command, pin_thread,
-        run_quiet,
+        BLOCKED_PORT, CLIENT_ADDR, CLIENT_CPU, HOST_ADDR, Netns, PUBLISHED_BLOCKED_PORT,
+        PUBLISHED_HTTP_PORT, SERVER_ADDR, SERVER_CPU, Topology, pin_command, pin_thread, run_quiet,
     },
 };
 use portgate_cmd as proc;
@@ -167,7 +167,22 @@ fn serve_one(mut stream: TcpStream) {
 
 /// One HTTP request from the client namespace: whether the server answered.
 pub fn http_get_once(topo: &Topology, port: u16, timeout: Duration) -> Result<bool> {
-    let addr: SocketAddr = format!("{SERVER_ADDR}:{port}").parse()?;
+    http_get(topo, format!("{SERVER_ADDR}:{port}").parse()?, timeout)
+}
+
+/// Whether the HTTP server answers on the published host port (DNAT), within 20 tries.
+pub fn published_answers(topo: &Topology) -> Result<bool> {
+    let addr: SocketAddr = format!("{HOST_ADDR}:{PUBLISHED_HTTP_PORT}").parse()?;
+    for _ in 0..20 {
+        if http_get(topo, addr, Duration::from_secs(2))? {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(false)
+}
+
+fn http_get(topo: &Topology, addr: SocketAddr, timeout: Duration) -> Result<bool> {
     topo.client.run(move || {
         let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {
             return false;
@@ -193,6 +208,25 @@ pub struct WrkResult {
 }
 
 pub fn wrk_args(threads: u32, connections: u32, secs: u32) -> Vec<String> {
+    wrk_args_to(
+        threads,
+        connections,
+        secs,
+        &format!("{SERVER_ADDR}:{HTTP_PORT}"),
+    )
+}
+
+/// wrk to the published host port, which the host DNATs to the HTTP server.
+pub fn wrk_dnat_args(threads: u32, connections: u32, secs: u32) -> Vec<String> {
+    wrk_args_to(
+        threads,
+        connections,
+        secs,
+        &format!("{HOST_ADDR}:{PUBLISHED_HTTP_PORT}"),
+    )
+}
+
+fn wrk_args_to(threads: u32, connections: u32, secs: u32, target: &str) -> Vec<String> {
     vec![
         format!("-t{threads}"),
         format!("-c{connections}"),
@@ -201,7 +235,7 @@ pub fn wrk_args(threads: u32, connections: u32, secs: u32) -> Vec<String> {
         "2s".into(),
         "-H".into(),
         "Connection: close".into(),
-        format!("http://{SERVER_ADDR}:{HTTP_PORT}/"),
+        format!("http://{target}/"),
     ]
 }
 
@@ -275,6 +309,9 @@ pub fn iperf(topo: &Topology, args: &[String], secs: u32) -> Result<f64> {
 /// answers the first datagram of each source port with one byte.
 pub struct UdpSink {
     pub received: Arc<AtomicU64>,
+    /// Whether it answers first datagrams now (off during the many-new-flows load, whose
+    /// sources have no route back).
+    pub answering: Arc<AtomicBool>,
     /// When the first datagram arrived.
     pub first: Arc<Mutex<Option<Instant>>>,
     stopping: Arc<AtomicBool>,
@@ -290,19 +327,26 @@ impl UdpSink {
         socket.set_read_timeout(Some(Duration::from_millis(20)))?;
         set_int_opt(socket.as_raw_fd(), libc::SO_RCVBUFFORCE, 8 << 20);
         let received = Arc::new(AtomicU64::new(0));
+        let answering = Arc::new(AtomicBool::new(answer_first));
         let first = Arc::new(Mutex::new(None));
         let stopping = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (received, first, stopping) = (received.clone(), first.clone(), stopping.clone());
+            let (received, first, stopping, answering) = (
+                received.clone(),
+                first.clone(),
+                stopping.clone(),
+                answering.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("udp-sink-{port}"))
                 .spawn(move || {
                     pin_thread(SERVER_CPU);
-                    sink_loop(&socket, answer_first, &received, &first, &stopping)
+                    sink_loop(&socket, &answering, &received, &first, &stopping)
                 })?
         };
         Ok(Self {
             received,
+            answering,
             first,
             stopping,
             thread: Some(thread),
@@ -325,7 +369,7 @@ impl Drop for UdpSink {
 
 fn sink_loop(
     socket: &UdpSocket,
-    answer_first: bool,
+    answering: &AtomicBool,
     received: &AtomicU64,
     first: &Mutex<Option<Instant>>,
     stopping: &AtomicBool,
@@ -373,7 +417,7 @@ fn sink_loop(
             }
         }
         received.fetch_add(n as u64, Ordering::Relaxed);
-        if answer_first {
+        if answering.load(Ordering::Relaxed) {
             for name in &names[..n as usize] {
                 let port = u16::from_be(name.sin_port) as usize;
                 let (word, bit) = (port / 64, 1u64 << (port % 64));
@@ -530,7 +574,18 @@ pub fn allow_to_first_packet(
 /// Whether a TCP connection to a port that no filter allows is dropped (times out) rather
 /// than refused: proof that the filter is in force.
 pub fn blocked_port_times_out(topo: &Topology) -> Result<bool> {
-    let addr: SocketAddr = format!("{SERVER_ADDR}:81").parse()?;
+    times_out(topo, format!("{SERVER_ADDR}:{BLOCKED_PORT}").parse()?)
+}
+
+/// The same through the published port that no filter allows (DNAT to port 81).
+pub fn published_blocked_times_out(topo: &Topology) -> Result<bool> {
+    times_out(
+        topo,
+        format!("{HOST_ADDR}:{PUBLISHED_BLOCKED_PORT}").parse()?,
+    )
+}
+
+fn times_out(topo: &Topology, addr: SocketAddr) -> Result<bool> {
     topo.client.run(
         move || match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
             Err(err) => err.kind() == std::io::ErrorKind::TimedOut,

@@ -71,8 +71,10 @@ enum Task {
     /// network namespaces (root).
     Demo,
     /// Measure portgate against no filter, iptables (Docker's DOCKER chain) and an nftables set
-    /// in network namespaces: data path, control plane, the program's cost per packet; writes
-    /// docs/benchmarks.md and docs/benchmarks.svg (root; about 13 min, --quick under 3).
+    /// in network namespaces, on a container host (DNAT, conntrack on) and bare: data path,
+    /// control plane, the program's cost per packet, a SYN flood to a blocked published port
+    /// (--flood alone); writes docs/benchmarks.md and docs/benchmarks.svg (root; about 35 min,
+    /// --quick under 4, --flood about 4).
     Bench(portgate_bench::BenchArgs),
 }
 
