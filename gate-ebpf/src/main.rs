@@ -335,18 +335,22 @@ fn try_toward_containers(ctx: &TcContext, config: &Config, packet: &mut Transpor
 fn is_tracked(key: &FlowKey, proto: u8) -> bool {
     // SAFETY: ktime has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let live = |flow: &FlowState| flow.is_live(proto, now);
-    // SAFETY: the values are read at once.
-    unsafe { FLOWS.get(key).is_some_and(live) || NEW_FLOWS.get(key).is_some_and(live) }
+    // SAFETY: the value is read at once.
+    tracked_flow(key).is_some_and(|(flow, _)| unsafe { &*flow }.is_live(proto, now))
 }
 
-/// The tracked flow of `key`, and whether it is an unreplied one ([`NEW_FLOWS`]).
+/// The tracked flow of `key`, and whether it is an unreplied one ([`NEW_FLOWS`]). A flow
+/// that another CPU is promoting is in [`FLOWS`] before it leaves [`NEW_FLOWS`], so a
+/// lookup that misses both because it ran in between finds it in [`FLOWS`] the second time.
 #[inline(always)]
 fn tracked_flow(key: &FlowKey) -> Option<(*mut FlowState, bool)> {
-    match FLOWS.get_ptr_mut(key) {
-        Some(flow) => Some((flow, false)),
-        None => NEW_FLOWS.get_ptr_mut(key).map(|flow| (flow, true)),
+    if let Some(flow) = FLOWS.get_ptr_mut(key) {
+        return Some((flow, false));
     }
+    if let Some(flow) = NEW_FLOWS.get_ptr_mut(key) {
+        return Some((flow, true));
+    }
+    FLOWS.get_ptr_mut(key).map(|flow| (flow, false))
 }
 
 /// Moves a flow that was just answered from [`NEW_FLOWS`] to [`FLOWS`].
