@@ -27,7 +27,7 @@ use gate_common::{
     NO_RULE, ORIGIN_REMOTE, PROTO_TCP, PROTO_UDP, SOURCE_FIXED_BITS, SourceKey, SourceValue,
     ipv4_mapped, map_names, program_names, tcp,
 };
-use portgate_bpf_sys::sys_bpf;
+use portgate_bpf_sys::{BatchAttr, sys_bpf};
 
 use super::{
     filters::{self, Agent, Entry, HTTP_PORT, Proto, Setup},
@@ -83,19 +83,6 @@ struct ElemAttr {
     _pad: u32,
     key: u64,
     value_or_next_key: u64,
-    flags: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
     flags: u64,
 }
 

@@ -223,17 +223,18 @@ pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
 
 pub const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
+/// `bpf_attr` of the map batch commands (BPF_MAP_LOOKUP_BATCH, _UPDATE_BATCH, _DELETE_BATCH).
 #[repr(C)]
 #[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
+pub struct BatchAttr {
+    pub in_batch: u64,
+    pub out_batch: u64,
+    pub keys: u64,
+    pub values: u64,
+    pub count: u32,
+    pub map_fd: u32,
+    pub elem_flags: u64,
+    pub flags: u64,
 }
 
 /// The number of entries in a hash map (also LRU), read in batches of a few thousand

@@ -104,6 +104,20 @@ struct EngineState {
     last_error: Option<String>,
 }
 
+impl EngineState {
+    /// An engine to follow, not reached yet.
+    fn new(socket: PathBuf) -> Self {
+        Self {
+            socket,
+            connected: false,
+            snapshot: None,
+            syncs: 0,
+            events: 0,
+            last_error: None,
+        }
+    }
+}
+
 /// The agent's state while it serves.
 pub struct Agent {
     options: AgentOptions,
@@ -173,17 +187,7 @@ impl Agent {
         let engines = options
             .engines
             .iter()
-            .map(|(engine, socket)| {
-                let state = EngineState {
-                    socket: socket.clone(),
-                    connected: false,
-                    snapshot: None,
-                    syncs: 0,
-                    events: 0,
-                    last_error: None,
-                };
-                (*engine, state)
-            })
+            .map(|(engine, socket)| (*engine, EngineState::new(socket.clone())))
             .collect();
         let delegation = options.netfilter.then(NetfilterKeeper::start);
         let resolver = Resolver::new(options.labels);

@@ -61,17 +61,8 @@ impl Agent {
         self.engines_later = waiting;
         for (engine, socket) in &appeared {
             info!(%engine, socket = %socket.display(), "engine socket appeared; following it");
-            self.engines.insert(
-                *engine,
-                EngineState {
-                    socket: socket.clone(),
-                    connected: false,
-                    snapshot: None,
-                    syncs: 0,
-                    events: 0,
-                    last_error: None,
-                },
-            );
+            self.engines
+                .insert(*engine, EngineState::new(socket.clone()));
         }
         appeared
     }

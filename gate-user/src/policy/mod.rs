@@ -277,6 +277,11 @@ impl Access {
         !self.from.is_empty() || self.via.is_some()
     }
 
+    /// Whether the rule's time is up at `now` (Unix seconds).
+    pub fn is_due(&self, now: u64) -> bool {
+        self.expires.is_some_and(|at| at <= now)
+    }
+
     /// Whether `other` admits the same connections (the expiry aside).
     fn same_reach(&self, other: &Access) -> bool {
         self.from == other.from && self.via == other.via
@@ -506,9 +511,14 @@ impl RuleSet {
     pub fn expire(&mut self, now: u64) -> Vec<u32> {
         let (gone, kept): (Vec<Rule>, Vec<Rule>) = std::mem::take(&mut self.rules)
             .into_iter()
-            .partition(|r| r.access.expires.is_some_and(|at| at <= now));
+            .partition(|r| r.access.is_due(now));
         self.rules = kept;
         gone.into_iter().map(|r| r.id).collect()
+    }
+
+    /// Whether some rule's time is up at `now`.
+    pub fn any_due(&self, now: u64) -> bool {
+        self.rules.iter().any(|r| r.access.is_due(now))
     }
 
     /// The ids of the rules whose sources name the set `name`.

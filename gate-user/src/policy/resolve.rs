@@ -257,7 +257,7 @@ fn matching<'a>(target: &Target, containers: &'a [Workload]) -> Vec<&'a Workload
 /// is never taken for one that admits anyone.
 fn restriction(rule: &mut ResolvedRule, context: &Context) -> Result<Option<Restriction>, String> {
     let access = &rule.access;
-    if access.expires.is_some_and(|at| at <= context.now) {
+    if access.is_due(context.now) {
         return Err("expired".to_owned());
     }
     if !access.is_restricted() {
