@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// Use this portgate binary instead of building target/release/portgate.
     #[arg(long, value_name = "PATH")]
     pub portgate: Option<PathBuf>,
+    /// Only the program's own cost per packet (BPF_PROG_TEST_RUN), printed, no report
+    /// written: a minute's check while changing the kernel programs.
+    #[arg(long, conflicts_with = "flood")]
+    pub program_cost: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,6 +212,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
 
     let started = Instant::now();
+    if args.program_cost {
+        let mut pacer = Pacer::new(started, plan.budget, 0);
+        return program_cost(&plan, &setup, &mut Results::default(), &mut pacer);
+    }
     let mut results = measure(&plan, &setup, started)?;
 
     results.meta = meta(&plan, &setup, started.elapsed());
@@ -263,40 +271,50 @@ const CELLS: [(Filter, Mode); 6] = [
     (Filter::Portgate, Mode::Bare),
 ];
 
+/// The gate program's own cost per packet at every N (BPF_PROG_TEST_RUN), printed.
+fn program_cost(
+    plan: &Plan,
+    setup: &Setup,
+    results: &mut Results,
+    pacer: &mut Pacer,
+) -> Result<()> {
+    let pid = std::process::id();
+    heading("program cost per packet (BPF_PROG_TEST_RUN)");
+    let topo = Topology::create(&format!("pgb-{pid}-prog"))?;
+    (results.prog, results.sources) = progrun::measure_all(
+        &topo,
+        setup,
+        &format!("pgb-{pid}-prog"),
+        &plan.ns,
+        plan.repeats,
+        plan.prog_samples,
+        &mut || pacer.wait_for_quiet(),
+    )
+    .context("measuring the program's cost")?;
+    for cost in &results.prog {
+        println!(
+            "N={:>6}: floor {:.0} ns; {}",
+            cost.n,
+            cost.floor_ns,
+            cost.fills
+                .iter()
+                .map(|(flows, new, tracked)| format!(
+                    "{flows} flows: new {new:.0} ns, tracked {tracked:.0} ns"
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    for (case, ns) in &results.sources.cases {
+        println!("new connection, {case}: {ns:.0} ns");
+    }
+    Ok(())
+}
+
 fn data_path(plan: &Plan, setup: &Setup, results: &mut Results, pacer: &mut Pacer) -> Result<()> {
     let pid = std::process::id();
     let cells = pacer.cells;
-    heading("program cost per packet (BPF_PROG_TEST_RUN)");
-    {
-        let topo = Topology::create(&format!("pgb-{pid}-prog"))?;
-        (results.prog, results.sources) = progrun::measure_all(
-            &topo,
-            setup,
-            &format!("pgb-{pid}-prog"),
-            &plan.ns,
-            plan.repeats,
-            plan.prog_samples,
-            &mut || pacer.wait_for_quiet(),
-        )
-        .context("measuring the program's cost")?;
-        for cost in &results.prog {
-            println!(
-                "N={:>6}: floor {:.0} ns; {}",
-                cost.n,
-                cost.floor_ns,
-                cost.fills
-                    .iter()
-                    .map(|(flows, new, tracked)| format!(
-                        "{flows} flows: new {new:.0} ns, tracked {tracked:.0} ns"
-                    ))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            );
-        }
-        for (case, ns) in &results.sources.cases {
-            println!("new connection, {case}: {ns:.0} ns");
-        }
-    }
+    program_cost(plan, setup, results, pacer)?;
 
     heading("data path and control plane");
     println!(

@@ -3,12 +3,13 @@
 
 use std::collections::BTreeSet;
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
+use gate_common::{AllowKey, AllowValue};
 use tracing::{error, info};
 
 use super::{
     Agent,
-    reconcile::{not_fitted_warning, unix_now},
+    reconcile::{host_ports, not_fitted_warning, unix_now},
 };
 use crate::{
     api::{Changed, Reply, Request, Response},
@@ -163,6 +164,14 @@ impl Agent {
     /// Saves `next` and makes the maps follow it. If that fails, the previous state is
     /// restored in both places.
     pub(super) fn commit(&mut self, next: Saved) -> anyhow::Result<()> {
+        self.commit_adding(next, None)
+    }
+
+    /// [`commit`](Self::commit), for a change that adds the rule `added`: where that rule
+    /// only opens new destinations to anyone, only its entries are written (see
+    /// `Resolved::add_open_address_rule`), so an allow costs the same with 100 000 entries
+    /// as with 10; anything else reconciles everything.
+    fn commit_adding(&mut self, next: Saved, added: Option<u32>) -> anyhow::Result<()> {
         let old_ids: BTreeSet<u32> = self.saved.rules.rules().iter().map(|r| r.id).collect();
         let new_ids: BTreeSet<u32> = next
             .rules
@@ -173,12 +182,15 @@ impl Agent {
             .collect();
         self.store.save(&next)?;
         let previous = std::mem::replace(&mut self.saved, next);
-        if let Err(err) = self
+        let applied = self
             .datapath
             .reset_rule_stats(&new_ids)
             .map_err(anyhow::Error::from)
-            .and_then(|()| self.reconcile())
-        {
+            .and_then(|()| match added.filter(|id| new_ids.contains(id)) {
+                Some(id) if self.add_open_rule(id)? => Ok(()),
+                _ => self.reconcile(),
+            });
+        if let Err(err) = applied {
             error!("applying the change failed, restoring the previous state: {err:#}");
             self.saved = previous;
             self.store.save(&self.saved)?;
@@ -186,6 +198,41 @@ impl Agent {
             return Err(err);
         }
         Ok(())
+    }
+
+    /// Writes the entries of the saved rule `id` alone, where it adds destinations no other
+    /// rule opens, to anyone; false (nothing changed) where a reconcile is needed.
+    fn add_open_rule(&mut self, id: u32) -> anyhow::Result<bool> {
+        let all_known = self.engines.values().all(|s| s.snapshot.is_some());
+        if !all_known || self.allow_sync.not_fitted_entries() != 0 {
+            return Ok(false);
+        }
+        let Some(rule) = self.saved.rules.rules().iter().find(|r| r.id == id) else {
+            return Ok(false);
+        };
+        let mut resolved = std::mem::take(&mut self.resolved);
+        let Some(keys) = resolved.add_open_address_rule(rule, unix_now()) else {
+            self.resolved = resolved;
+            return Ok(false);
+        };
+        let entries: Vec<(AllowKey, AllowValue)> = keys
+            .into_iter()
+            .map(|key| (key, AllowValue::any_source(id)))
+            .collect();
+        // `resolved` holds the rule now: on any failure below, a reconcile rebuilds it.
+        self.resolved = resolved;
+        if !self.datapath.add_allow(&entries)? {
+            return Ok(false);
+        }
+        // An address rule may admit a container port that a host port maps to.
+        let host_ports = match self.datapath.allow_written() {
+            Some(allow) => host_ports(&self.containers(), allow),
+            None => return Ok(false),
+        };
+        self.datapath
+            .sync_host_ports(&host_ports)
+            .context("writing the published host ports")?;
+        Ok(true)
     }
 
     /// Applies an allow or deny: saved first, then written to the map.
@@ -213,8 +260,10 @@ impl Agent {
             }
         }
         let mut next = self.saved.clone();
+        let mut added = None;
         let mut message = if allow {
             let id = next.rules.allow(target.clone(), ports, access.clone())?;
+            added = Some(id);
             let until = access
                 .expires
                 .map(|at| {
@@ -241,7 +290,7 @@ impl Agent {
             };
             format!("denied {target} {ports}; established connections continue")
         };
-        self.commit(next)?;
+        self.commit_adding(next, added)?;
         info!("{message}");
         let rules = self.views(|r| r.target == target);
         if allow && !matches!(target, Target::Address(_)) && !rules.iter().any(|r| r.active) {

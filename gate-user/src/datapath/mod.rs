@@ -746,6 +746,35 @@ impl Datapath {
         Ok(report)
     }
 
+    /// Writes entries for keys not in the allow map, without a sync of the rest. False (and
+    /// nothing written) where that is not known to suffice: the map's content is not known
+    /// yet, a key is present, or the entries would not all fit.
+    pub fn add_allow(&mut self, entries: &[(AllowKey, AllowValue)]) -> Result<bool> {
+        let name = map_names::ALLOW;
+        let fits = self.allow_written.as_ref().is_some_and(|written| {
+            written.len() + entries.len() <= self.capacities.allow as usize
+                && !entries.iter().any(|(key, _)| written.contains_key(key))
+        });
+        if !fits {
+            return Ok(false);
+        }
+        // Unknown content if a write fails: the next sync reads the map again.
+        let mut written = self.allow_written.take().unwrap_or_default();
+        let mut map: HashMap<_, AllowKey, AllowValue> =
+            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (key, value) in entries {
+            map.insert(key, value, 0).map_err(map_err(name))?;
+            written.insert(*key, *value);
+        }
+        self.allow_written = Some(written);
+        Ok(true)
+    }
+
+    /// The allow map's content as last written, if known.
+    pub fn allow_written(&self) -> Option<&BTreeMap<AllowKey, AllowValue>> {
+        self.allow_written.as_ref()
+    }
+
     pub fn allow_entries(&self) -> Result<usize> {
         self.count_entries(
             map_names::ALLOW,

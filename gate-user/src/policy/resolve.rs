@@ -13,8 +13,8 @@ use tracing::warn;
 
 use super::{ALLOW_LABEL, LabelOrigin, PolicyError, Workload};
 use super::{
-    Access, FileRule, MAX_SAVED_RULES, PortSpec, Ports, Restriction, RuleSet, SourceSets, Target,
-    expand, map_addr,
+    Access, FileRule, MAX_SAVED_RULES, PortSpec, Ports, Restriction, Rule, RuleSet, SourceSets,
+    Target, expand, map_addr,
 };
 
 /// Where a rule comes from.
@@ -216,15 +216,8 @@ impl Resolver {
                     continue;
                 }
             };
-            for address in &rule.addresses {
-                let addr = map_addr(*address);
-                for spec in &rule.specs {
-                    let proto = spec.protocol.number(*address);
-                    for port in spec.ports() {
-                        let key = AllowKey::new(addr, proto, port);
-                        admit(&mut resolved.entries, key, rule.id, restriction.as_ref());
-                    }
-                }
+            for key in allow_keys(rule) {
+                admit(&mut resolved.entries, key, rule.id, restriction.as_ref());
             }
         }
         resolved
@@ -234,6 +227,47 @@ impl Resolver {
         let used: BTreeSet<u32> = self.derived_ids.values().copied().collect();
         (MAX_SAVED_RULES..MAX_RULES).find(|id| !used.contains(id))
     }
+}
+
+impl Resolved {
+    /// Adds the saved `rule`, new since this resolution, as [`Resolver::resolve`] would,
+    /// without resolving every other rule again: where it names an address, admits anyone
+    /// and opens only destinations no other rule opens, no other admission changes. The
+    /// destinations it opens, or None (nothing changed) where the whole resolution is
+    /// needed. Keeps `portgate allow` flat in the number of rules.
+    pub fn add_open_address_rule(&mut self, rule: &Rule, now: u64) -> Option<Vec<AllowKey>> {
+        if !matches!(rule.target, Target::Address(_))
+            || rule.access.is_restricted()
+            || rule.access.is_due(now)
+            || self.rules.iter().any(|r| r.id == rule.id)
+        {
+            return None;
+        }
+        let mut one = resolve_one(rule.id, Origin::Cli, &rule.target, rule.ports, &[]);
+        one.access = rule.access.clone();
+        let keys: Vec<AllowKey> = allow_keys(&one).collect();
+        if keys.iter().any(|key| self.entries.contains_key(key)) {
+            return None;
+        }
+        for key in &keys {
+            self.entries.insert(*key, Admission::Any(rule.id));
+        }
+        let at = self.rules.partition_point(|r| r.id < rule.id);
+        self.rules.insert(at, one);
+        Some(keys)
+    }
+}
+
+/// The destinations (allow-map keys) a resolved rule opens.
+fn allow_keys(rule: &ResolvedRule) -> impl Iterator<Item = AllowKey> + '_ {
+    rule.addresses.iter().flat_map(move |address| {
+        let addr = map_addr(*address);
+        rule.specs.iter().flat_map(move |spec| {
+            let proto = spec.protocol.number(*address);
+            spec.ports()
+                .map(move |port| AllowKey::new(addr, proto, port))
+        })
+    })
 }
 
 /// The running containers a rule's target names.
@@ -471,6 +505,67 @@ mod tests {
                 .expect("allow");
         }
         rules
+    }
+
+    #[test]
+    fn an_added_open_address_rule_resolves_as_a_full_resolution_would() {
+        let web = container("web", "10.0.0.9", &[(8080, 80)], Some("53/udp"));
+        let before = rules(&[("10.0.0.2", "80-81"), ("web", "80")]);
+        let mut resolver = Resolver::default();
+        let mut incremental = resolver.resolve(&before, &[web.clone()], &context(false));
+        let mut after = before.clone();
+        let id = after
+            .allow(
+                "10.0.0.3".parse().expect("target"),
+                Ports::Spec("443-444".parse().expect("spec")),
+                Access::default(),
+            )
+            .expect("allow");
+        let rule = after.rules().iter().find(|r| r.id == id).expect("rule");
+        let keys = incremental
+            .add_open_address_rule(rule, 0)
+            .expect("an open address rule to new destinations");
+        assert_eq!(keys.len(), 2);
+        let full = resolver.resolve(&after, &[web], &context(false));
+        assert_eq!(incremental.entries, full.entries);
+        let ids = |r: &Resolved| {
+            r.rules
+                .iter()
+                .map(|r| (r.id, r.addresses.clone(), r.specs.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&incremental), ids(&full));
+
+        // Where the rule would change another admission, or needs an access list, nothing
+        // changes and the caller resolves everything.
+        let overlapping = Rule {
+            id: 900,
+            target: "10.0.0.2".parse().expect("target"),
+            ports: Ports::Spec("81-82".parse().expect("spec")),
+            access: Access::default(),
+        };
+        let restricted = Rule {
+            id: 901,
+            target: "10.0.0.4".parse().expect("target"),
+            ports: Ports::Spec("80".parse().expect("spec")),
+            access: Access {
+                from: vec!["192.0.2.0/24".parse().expect("source")],
+                ..Access::default()
+            },
+        };
+        let container_rule = Rule {
+            id: 902,
+            target: "db".parse().expect("target"),
+            ports: Ports::Spec("5432".parse().expect("spec")),
+            access: Access::default(),
+        };
+        for rule in [overlapping, restricted, container_rule, rule.clone()] {
+            assert!(
+                incremental.add_open_address_rule(&rule, 0).is_none(),
+                "{rule}"
+            );
+        }
+        assert_eq!(incremental.entries, full.entries);
     }
 
     #[test]
