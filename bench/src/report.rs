@@ -1042,11 +1042,17 @@ fn goals(results: &Results) -> String {
 /// Goals 4 to 6: the program's cost per packet, and allow → first packet.
 fn program_goals(results: &Results) -> String {
     let mut md = String::new();
+    // Net of the floor at the same N: what the program adds to a run that passes at once
+    // (the clock reads around one run and the entry are the kernel's, not the gate's).
     let worst = |pick: fn(&(usize, f64, f64)) -> f64| {
         results
             .prog
             .iter()
-            .flat_map(|p| p.fills.iter().map(move |f| (p.n, f.0, pick(f))))
+            .flat_map(|p| {
+                p.fills
+                    .iter()
+                    .map(move |f| (p.n, f.0, pick(f) - p.floor_ns, pick(f)))
+            })
             .filter(|x| x.2.is_finite())
             .max_by(|a, b| a.2.total_cmp(&b.2))
     };
@@ -1059,12 +1065,13 @@ fn program_goals(results: &Results) -> String {
         ),
         (5, "new connection", 300.0, |f: &(usize, f64, f64)| f.1),
     ] {
-        if let Some((n, flows, ns)) = worst(pick) {
+        if let Some((n, flows, net, raw)) = worst(pick) {
             let _ = writeln!(
                 md,
-                "{goal}. **program cost of a {what} ≤ {limit:.0} ns (BPF_PROG_TEST_RUN, every N and fill): {}** (at most {} ns, at N={} with {} flows).",
-                if ns <= limit { "met" } else { "missed" },
-                num(ns),
+                "{goal}. **program cost of a {what} ≤ {limit:.0} ns (BPF_PROG_TEST_RUN, net of the floor, every N and fill): {}** (at most {} ns net, {} ns measured, at N={} with {} flows).",
+                if net <= limit { "met" } else { "missed" },
+                num(net),
+                num(raw),
                 int(n),
                 int(flows)
             );
@@ -1097,10 +1104,11 @@ fn program_goals(results: &Results) -> String {
             md,
             "\n   What would close them: the gate's own flow table is paid on top of \
              conntrack's; using the kernel's conntrack verdict where netfilter tracked the \
-             packet, or a cheaper own table (a smaller IPv4 key, one per-CPU counter update), \
-             cuts the per-packet cost (issue 11, \"How\"); the allow path's O(N) read-back \
-             of the allow map (`Datapath::sync_allow`) is what grows allow → first packet \
-             with N.\n"
+             packet, or a cheaper own table (a smaller IPv4 key, direct packet access instead \
+             of bpf_skb_load_bytes), cuts the per-packet cost (issue 11, \"How\"); with a \
+             million flows every lookup misses the CPU caches, which no hash table avoids. \
+             An allow that opens new destinations to anyone writes only its own entries; a \
+             rule with sources, a container rule or a deny still resolves every rule (O(N)).\n"
         );
     }
     md
