@@ -1178,16 +1178,29 @@ fn a_flood_of_new_connections_evicts_no_established_one() {
         50,
         "counted in batches"
     );
+    // Answered, as a listening container answers SYNs from forged sources, and as the
+    // destinations a scanning container reaches answer it; never continued.
     let flood = 4 * capacities.flows;
+    let source = |i: u32| [10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8];
+    let destination = |i: u32| [10, 100 + (i >> 16) as u8, (i >> 8) as u8, i as u8];
     for i in 0..flood {
-        let source = [10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8];
         assert_eq!(
-            gate.toward(&tcp4(source, CONTAINER4, 40000, 80, SYN)),
+            gate.toward(&tcp4(source(i), CONTAINER4, 40000, 80, SYN)),
             Verdict::Pass
         );
-        let destination = [10, 100 + (i >> 16) as u8, (i >> 8) as u8, i as u8];
-        gate.sent_by_container(&tcp4(CONTAINER4, destination, 50000, 443, SYN));
+        gate.sent_by_container(&tcp4(CONTAINER4, source(i), 80, 40000, SYN_ACK));
+        gate.sent_by_container(&tcp4(CONTAINER4, destination(i), 50000, 443, SYN));
+        assert_eq!(
+            gate.toward(&tcp4(destination(i), CONTAINER4, 443, 50000, SYN_ACK)),
+            Verdict::Pass
+        );
     }
+    // An LRU map evicts a little before it is full (each CPU keeps free entries of its own).
+    let tracked = gate.datapath.tracked_flows().expect("count");
+    assert!(
+        tracked >= capacities.flows as usize * 3 / 4,
+        "the flood filled the replied table ({tracked} flows tracked)"
+    );
     let survivors = (0..50)
         .filter(|i| gate.toward(&tcp4(remote(*i), CONTAINER4, 40000, 80, ACK)) == Verdict::Pass)
         .count();
@@ -1195,11 +1208,15 @@ fn a_flood_of_new_connections_evicts_no_established_one() {
         survivors, 50,
         "established connections evicted by the flood"
     );
-    // The latest new connections are still tracked: their replies pass.
+    // The latest new connections are still tracked: their handshakes complete.
     let last = flood - 1;
-    let destination = [10, 100 + (last >> 16) as u8, (last >> 8) as u8, last as u8];
     assert_eq!(
-        gate.toward(&tcp4(destination, CONTAINER4, 443, 50000, SYN_ACK)),
+        gate.toward(&tcp4(source(last), CONTAINER4, 40000, 80, ACK)),
+        Verdict::Pass
+    );
+    gate.sent_by_container(&tcp4(CONTAINER4, destination(last), 50000, 443, ACK));
+    assert_eq!(
+        gate.toward(&tcp4(destination(last), CONTAINER4, 443, 50000, ACK)),
         Verdict::Pass
     );
 }
