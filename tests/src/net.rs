@@ -4,7 +4,7 @@
 //! means a user would see a response; "times out" means the gate dropped the connection
 //! request (not refused: a refusal would mean the packet reached the container).
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -383,14 +383,40 @@ pub fn udp_request_from(
 /// 100.64.0.0/10 (never a real host; the sandbox routes nowhere), through a raw socket, with
 /// valid checksums (conntrack ignores segments with bad ones).
 pub fn send_syn_flood(sandbox: &Sandbox, ns: &str, to: SocketAddrV4, count: u32) {
+    send_syns(sandbox, ns, count, |i| {
+        (flood_address(i), 20_000 + (i % 40_000) as u16, to)
+    });
+}
+
+/// Sends `count` TCP SYNs from `ns` out of `from`, each to another destination in
+/// 100.64.0.0/10, port 443: a container opening connections to many hosts.
+pub fn send_syns_to_many(sandbox: &Sandbox, ns: &str, from: std::net::Ipv4Addr, count: u32) {
+    send_syns(sandbox, ns, count, |i| {
+        let port = 20_000 + (i % 40_000) as u16;
+        (from, port, SocketAddrV4::new(flood_address(i), 443))
+    });
+}
+
+/// The `i`-th address of 100.64.0.0/10.
+fn flood_address(i: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(100, 64 + (i >> 16) as u8 % 64, (i >> 8) as u8, i as u8)
+}
+
+/// Sends the SYNs `syn(i)` = (source, source port, destination) for `i` in `0..count`
+/// through a raw socket in `ns`.
+fn send_syns(
+    sandbox: &Sandbox,
+    ns: &str,
+    count: u32,
+    syn: impl Fn(u32) -> (std::net::Ipv4Addr, u16, SocketAddrV4) + Send + Sync,
+) {
     sandbox.in_netns(ns, || {
         // SAFETY: plain socket calls on a socket this closure owns and closes.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
         assert!(fd >= 0, "raw socket: {}", io::Error::last_os_error());
         for i in 0..count {
-            let from =
-                std::net::Ipv4Addr::new(100, 64 + (i >> 16) as u8 % 64, (i >> 8) as u8, i as u8);
-            let packet = syn_packet(from, 20_000 + (i % 40_000) as u16, to);
+            let (from, sport, to) = syn(i);
+            let packet = syn_packet(from, sport, to);
             // SAFETY: `sockaddr_in` is plain integers, for which all zeroes is a valid value.
             let mut dst: libc::sockaddr_in = unsafe { std::mem::zeroed() };
             dst.sin_family = libc::AF_INET as u16;
@@ -416,6 +442,51 @@ pub fn send_syn_flood(sandbox: &Sandbox, ns: &str, to: SocketAddrV4, count: u32)
         // SAFETY: closing the socket opened above.
         unsafe { libc::close(fd) };
     });
+}
+
+/// A download through 10.99.0.2:8080 (allow it) that lasts until `stop`: the container's
+/// side sends a known byte pattern in
+/// paced chunks, the client checks every byte. (bytes sent, bytes received intact).
+pub fn paced_download(sb: &Sandbox, stop: &AtomicBool) -> (u64, u64) {
+    let listener = sb
+        .in_netns(&sb.container, || {
+            std::net::TcpListener::bind("10.99.0.2:8080")
+        })
+        .expect("listen for the download");
+    std::thread::scope(|scope| {
+        let sender = scope.spawn(|| {
+            let (mut stream, _) = listener.accept().expect("accept the download");
+            let mut sent = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let piece: Vec<u8> = (sent..sent + 64 * 1024).map(|i| (i % 251) as u8).collect();
+                stream.write_all(&piece).expect("send the download");
+                sent += piece.len() as u64;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            sent
+        });
+        let mut stream =
+            tcp_connect(sb, &sb.client, sa("10.99.0.2:8080"), SHOULD_ANSWER).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let (mut received, mut buf) = (0u64, vec![0u8; 64 * 1024]);
+        loop {
+            let n = stream.read(&mut buf).expect("read the download");
+            if n == 0 {
+                break;
+            }
+            for byte in &buf[..n] {
+                assert_eq!(
+                    u64::from(*byte),
+                    received % 251,
+                    "byte {received} of the download"
+                );
+                received += 1;
+            }
+        }
+        (sender.join().expect("sender"), received)
+    })
 }
 
 /// An IPv4 + TCP SYN, checksums filled in.

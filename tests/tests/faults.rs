@@ -15,7 +15,8 @@ use std::{
 
 use portgate_tests::agent::rules;
 use portgate_tests::net::{
-    SHOULD_ANSWER, assert_tcp_answers, assert_tcp_times_out, exchange, sa, tcp_connect,
+    SHOULD_ANSWER, assert_tcp_answers, assert_tcp_times_out, exchange, paced_download, sa,
+    tcp_connect,
 };
 use portgate_tests::{Agent, Sandbox, TcpEchoServer, require_root, run_ok};
 
@@ -216,50 +217,6 @@ fn restarts() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100)
-}
-
-/// A download that lasts until `stop`: the container's side sends a known byte pattern in
-/// paced chunks, the client checks every byte. (bytes sent, bytes received intact).
-fn paced_download(sb: &Sandbox, stop: &AtomicBool) -> (u64, u64) {
-    let listener = sb
-        .in_netns(&sb.container, || {
-            std::net::TcpListener::bind("10.99.0.2:8080")
-        })
-        .expect("listen for the download");
-    std::thread::scope(|scope| {
-        let sender = scope.spawn(|| {
-            let (mut stream, _) = listener.accept().expect("accept the download");
-            let mut sent = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                let piece: Vec<u8> = (sent..sent + 64 * 1024).map(|i| (i % 251) as u8).collect();
-                stream.write_all(&piece).expect("send the download");
-                sent += piece.len() as u64;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            sent
-        });
-        let mut stream =
-            tcp_connect(sb, &sb.client, sa("10.99.0.2:8080"), SHOULD_ANSWER).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        let (mut received, mut buf) = (0u64, vec![0u8; 64 * 1024]);
-        loop {
-            let n = stream.read(&mut buf).expect("read the download");
-            if n == 0 {
-                break;
-            }
-            for byte in &buf[..n] {
-                assert_eq!(
-                    u64::from(*byte),
-                    received % 251,
-                    "byte {received} of the download"
-                );
-                received += 1;
-            }
-        }
-        (sender.join().expect("sender"), received)
-    })
 }
 
 /// Restarts, SIGTERM and SIGKILL mixed, while an established connection talks and a paced
