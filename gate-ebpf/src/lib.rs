@@ -1,6 +1,7 @@
 //! Packet parsing for the gate's TC programs: from an Ethernet frame to the few fields the
-//! decision needs. Every read goes through `bpf_skb_load_bytes`, so a short or non-linear
-//! packet gives an error, never an out-of-bounds access.
+//! decision needs. Reads are bounds-checked against the packet's linear data, or go through
+//! `bpf_skb_load_bytes` beyond it, so a short or non-linear packet gives an error, never an
+//! out-of-bounds access.
 #![no_std]
 
 use aya_ebpf::programs::TcContext;
@@ -133,8 +134,17 @@ impl From<ParseError> for Parsed {
     }
 }
 
+/// Reads a `T` at `offset`: straight from the packet where its linear part holds it (headers
+/// almost always are), through `bpf_skb_load_bytes` otherwise, which copies from anywhere in
+/// the packet and fails past its end.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
+fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() <= ctx.data_end() {
+        // SAFETY: within the linear data, checked against its end just above (the verifier
+        // checks the same); unaligned, as headers may be.
+        return Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
+    }
     ctx.load::<T>(offset).map_err(|_| ParseError::Malformed)
 }
 
