@@ -512,7 +512,8 @@ mod tests {
         let web = container("web", "10.0.0.9", &[(8080, 80)], Some("53/udp"));
         let before = rules(&[("10.0.0.2", "80-81"), ("web", "80")]);
         let mut resolver = Resolver::default();
-        let mut incremental = resolver.resolve(&before, &[web.clone()], &context(false));
+        let mut incremental =
+            resolver.resolve(&before, std::slice::from_ref(&web), &context(false));
         let mut after = before.clone();
         let id = after
             .allow(
