@@ -1103,12 +1103,16 @@ fn program_goals(results: &Results) -> String {
         let _ = writeln!(
             md,
             "\n   What would close them: the gate's own flow table is paid on top of \
-             conntrack's; using the kernel's conntrack verdict where netfilter tracked the \
-             packet, or a cheaper own table (a smaller IPv4 key, direct packet access instead \
-             of bpf_skb_load_bytes), cuts the per-packet cost (issue 11, \"How\"); with a \
-             million flows every lookup misses the CPU caches, which no hash table avoids. \
-             An allow that opens new destinations to anyone writes only its own entries; a \
-             rule with sources, a container rule or a deny still resolves every rule (O(N)).\n"
+             conntrack's. Taking conntrack's verdict instead (its kfuncs, or the skb's \
+             conntrack state) was weighed and left: conntrack also confirms a flow that a \
+             container opened in another container's name (a forged source, which \
+             `from_containers` refuses to track), so its \"established\" would readmit the \
+             path that forgery opens, and its lookup costs about what the gate's own does. \
+             Left to try: a 16-byte IPv4 flow key (a second pair of tables), fewer per-CPU \
+             counter updates per packet. With a million flows every lookup misses the CPU \
+             caches, which no hash table avoids. An allow that opens new destinations to \
+             anyone writes only its own entries; a rule with sources, a container rule or a \
+             deny still resolves every rule (O(N)).\n"
         );
     }
     md
