@@ -34,8 +34,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    Plan, WRK_CONNECTIONS, WRK_THREADS,
-    engine::{self, FakeDocker},
+    Plan, WRK_CONNECTIONS, WRK_THREADS, engine,
     filters::{self, Filter, Setup},
     noise,
     topo::{
@@ -525,12 +524,12 @@ pub fn run_cell(plan: &Plan, setup: &Setup, cell: &str, variant: Variant) -> Res
     let dir = setup.work_dir.join(cell);
     std::fs::create_dir_all(&dir)?;
     let docker = match variant.filter {
-        Filter::Portgate => Some(FakeDocker::start(&dir)?),
+        Filter::Portgate => Some(engine::start(&dir)?),
         _ => None,
     };
     let mut agent_args = docker
         .as_ref()
-        .map_or_else(Vec::new, FakeDocker::agent_args);
+        .map_or_else(Vec::new, portgate_fake_docker::FakeEngine::agent_args);
     if variant.uplink {
         agent_args.extend(["--uplink".into(), "vcli".into()]);
     }

@@ -72,7 +72,7 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
             command: Some(cargo(&["build"])),
         },
         Stage {
-            name: "unit and program tests (gate-common, gate-user, bench)",
+            name: "unit and program tests (gate-common, gate-user, bench, fake-docker)",
             blocks_later: false,
             command: Some(cargo(&[
                 "test",
@@ -82,6 +82,8 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
                 "gate-user",
                 "-p",
                 "portgate-bench",
+                "-p",
+                "portgate-fake-docker",
             ])),
         },
         Stage {
