@@ -195,11 +195,9 @@ fn probe_loop(
             std::thread::sleep(Duration::from_millis(2));
         }
         let now = started.elapsed();
-        let mut index = 0;
         let mut still = Vec::with_capacity(pending.len());
-        for (target, at, socket) in pending.drain(..) {
+        for (index, (target, at, socket)) in pending.drain(..).enumerate() {
             let revents = fds[index].revents;
-            index += 1;
             if revents != 0 {
                 let outcome = match socket.take_error().expect("SO_ERROR") {
                     None => Outcome::Answered,

@@ -1150,7 +1150,8 @@ fn remove_if_present(path: &Path) -> Result<()> {
 
 /// Detaches and removes the pins of every other layout version under `bpffs_dir`: an older
 /// agent's programs, which the new ones (attached first) replace. Their tracked flows go with
-/// them. Other tools' pins stay, as with `uninstall`.
+/// them, unless [`Datapath::adopt_flows`] copied them first. Other tools' pins stay, as with
+/// `uninstall`.
 pub fn retire_other_layouts(bpffs_dir: &Path) -> Result<()> {
     let mut done = Uninstalled::default();
     for version in layout_dirs(bpffs_dir)? {
