@@ -567,7 +567,14 @@ fn a_downgrade_to_the_previous_release_never_opens_the_gate() {
                 "the previous release kept the rule: {list}"
             );
             agent.stop();
-            format!("started and gates; pins now {layouts:?}")
+            let left: Vec<PathBuf> = pin_files(&agent.bpffs)
+                .into_iter()
+                .filter(|p| p.starts_with(gate_common::LAYOUT_VERSION))
+                .collect();
+            format!(
+                "started and gates; pins now {layouts:?}, of {} left: {left:?}",
+                gate_common::LAYOUT_VERSION
+            )
         }
         Err(error) => format!("refused: {error}"),
     };
