@@ -17,8 +17,13 @@ use std::{
 pub const BPF_OBJ_PIN: libc::c_long = 6;
 pub const BPF_OBJ_GET: libc::c_long = 7;
 pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
+pub const BPF_PROG_QUERY: libc::c_long = 16;
 pub const BPF_LINK_UPDATE: libc::c_long = 29;
 pub const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// TCX attach points (`enum bpf_attach_type`), for [`tcx_programs`].
+pub const BPF_TCX_INGRESS: u32 = 46;
+pub const BPF_TCX_EGRESS: u32 = 47;
 
 /// Size of the kernel's `struct __sk_buff`, the context of a TC program's test run.
 const SK_BUFF_CTX_WORDS: usize = 48;
@@ -272,4 +277,39 @@ pub fn count_entries(map: BorrowedFd<'_>, key_size: usize, value_size: usize) ->
         token_in = token_out;
         first = false;
     }
+}
+
+/// `bpf_attr` of BPF_PROG_QUERY.
+#[repr(C)]
+#[derive(Default)]
+struct QueryAttr {
+    target_ifindex: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    count: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// The ids of the programs attached through TCX at `attach_type` ([`BPF_TCX_INGRESS`] or
+/// [`BPF_TCX_EGRESS`]) of interface `ifindex` (in the calling thread's network namespace), in
+/// the order they run. At most 64.
+pub fn tcx_programs(ifindex: u32, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = QueryAttr {
+        target_ifindex: ifindex,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        count: ids.len() as u32,
+        ..QueryAttr::default()
+    };
+    // The kernel writes at most `count` ids into `ids`, which outlives the call.
+    sys_bpf(BPF_PROG_QUERY, &mut attr)?;
+    ids.truncate(attr.count as usize);
+    Ok(ids)
 }

@@ -1252,3 +1252,68 @@ fn a_reused_port_pair_is_a_new_connection() {
         Verdict::Drop
     );
 }
+
+/// An upgrade across layouts: the flows an older layout's tables track (here another gate's
+/// tables, moved to where an older layout's are pinned) are copied into this layout's, so the
+/// established connection passes the new programs; a table of another shape is left alone.
+#[test]
+fn an_older_layouts_tracked_flows_are_adopted() {
+    let Some(mut older) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    older.allow("10.99.0.2", "80");
+    assert_eq!(
+        older.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN)),
+        Verdict::Pass
+    );
+    older.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 40000, SYN_ACK));
+    // A connection request that got no answer yet.
+    assert_eq!(
+        older.toward(&tcp4(REMOTE4, CONTAINER4, 40001, 80, SYN)),
+        Verdict::Pass
+    );
+
+    let Some(mut gate) = Gate::load(GateConfig::default()) else {
+        return;
+    };
+    gate.allow("10.99.0.2", "80");
+    let ack = tcp4(REMOTE4, CONTAINER4, 40000, 80, ACK);
+    assert_eq!(gate.toward(&ack), Verdict::Drop, "not tracked here yet");
+    let old_maps = gate.dir.join("v1").join("maps");
+    std::fs::create_dir_all(old_maps.parent().expect("v1")).expect("v1");
+    std::fs::rename(
+        older.dir.join(gate_common::LAYOUT_VERSION).join("maps"),
+        &old_maps,
+    )
+    .expect("move the older gate's maps to where an older layout's are");
+    // And a layout whose flow table has another shape.
+    let odd = gate.dir.join("v0").join("maps");
+    std::fs::create_dir_all(&odd).expect("v0");
+    let odd_flows = odd.join(gate_common::map_names::FLOWS);
+    std::process::Command::new("bpftool")
+        .arg("map")
+        .arg("create")
+        .arg(&odd_flows)
+        .args([
+            "type", "lru_hash", "key", "4", "value", "4", "entries", "8", "name", "FLOWS",
+        ])
+        .status()
+        .expect("bpftool");
+
+    let adopted = gate.datapath.adopt_flows(&gate.dir).expect("adopt");
+    assert_eq!(adopted, 2, "the answered and the unanswered connection");
+    assert_eq!(gate.toward(&ack), Verdict::Pass, "the adopted connection");
+    assert_eq!(
+        gate.datapath.tracked_flows().expect("flows"),
+        2,
+        "one in each table"
+    );
+    assert_eq!(
+        gate.datapath.adopt_flows(&gate.dir).expect("adopt again"),
+        0,
+        "a flow tracked here already is not replaced"
+    );
+    datapath::retire_other_layouts(&gate.dir).expect("retire");
+    assert!(!old_maps.exists(), "the older layout's pins are gone");
+    assert_eq!(gate.toward(&ack), Verdict::Pass);
+}

@@ -55,6 +55,8 @@ pub struct Agent<'a> {
     /// The agent's stdout and stderr, across restarts.
     pub log: PathBuf,
     extra_args: Vec<String>,
+    /// Whether the binary has `--policy` (releases before the policy file do not).
+    policy_flag: bool,
     child: Option<Child>,
 }
 
@@ -122,6 +124,7 @@ impl<'a> Agent<'a> {
             log: dir.path().join("agent.log"),
             dir,
             extra_args: strings(extra_args),
+            policy_flag: true,
             child: None,
         }
     }
@@ -129,7 +132,7 @@ impl<'a> Agent<'a> {
     /// The test's own policy file (empty unless the test writes it), so that the host's
     /// /etc/portgate/policy.toml never leaks into a test; none when the test names one.
     fn policy_args(&self) -> Vec<std::ffi::OsString> {
-        if self.extra_args.iter().any(|a| a == "--policy") {
+        if !self.policy_flag || self.extra_args.iter().any(|a| a == "--policy") {
             return Vec::new();
         }
         let path = self.policy_path();
@@ -137,6 +140,15 @@ impl<'a> Agent<'a> {
             std::fs::write(&path, "").expect("write the empty policy file");
         }
         vec!["--policy".into(), path.into()]
+    }
+
+    /// Runs `bin` from now on, for the agent (from its next [`Agent::spawn`]) and the CLI, on
+    /// the same state, pins and socket: another release's binary, for an upgrade.
+    /// `policy_flag`: whether that binary has `--policy` (a release before the policy file
+    /// does not, and then reads no policy file at all).
+    pub fn use_bin(&mut self, bin: &Path, policy_flag: bool) {
+        self.bin = bin.to_owned();
+        self.policy_flag = policy_flag;
     }
 
     /// Where this agent's policy file is (see [`Agent::policy_args`]).

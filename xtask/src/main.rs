@@ -1,10 +1,11 @@
-//! Developer tasks for portgate: `cargo xtask setup | build | lint | test | demo | bench`.
+//! Developer tasks for portgate: `cargo xtask setup | build | build-previous | lint | test | deb | fuzz | demo | bench`.
 //!
 //! Everything here shells out to the tools a developer would type by hand (apt-get, cargo,
 //! rustup, ip, socat), printing each command before it runs.
 mod deb;
 mod demo;
 mod lint;
+mod previous;
 mod setup;
 mod sid_root;
 mod test;
@@ -54,6 +55,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the previous release's `portgate` (the last commit of the previous pin layout,
+    /// from this repository's history) for the upgrade test, unless it is built already;
+    /// prints its path.
+    BuildPrevious,
     /// Build the Debian package (cargo-deb): binary, systemd unit and the engines' drop-ins,
     /// completions, man pages; prints its path.
     Deb,
@@ -89,6 +94,7 @@ fn main() -> ExitCode {
         Task::Build { release } => build(release),
         Task::Lint => lint::run(),
         Task::Test { engine_sets, args } => test::run(&args, &engine_sets),
+        Task::BuildPrevious => previous::run(),
         Task::Deb => deb::run(),
         Task::Demo => demo::run(),
         Task::Fuzz { frames, seed } => fuzz(frames, seed),

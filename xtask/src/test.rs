@@ -97,6 +97,13 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
             command: wanted("cni").then(|| engine_tests("cni", extra_args)),
         },
         Stage {
+            // The previous release's binary the upgrade test starts first
+            // (PORTGATE_PREVIOUS_BIN); built once, then cached under the target directory.
+            name: "cargo xtask build-previous",
+            blocks_later: false,
+            command: Some(cargo(&["xtask", "build-previous"])),
+        },
+        Stage {
             // The package the end-to-end package test installs and removes (PORTGATE_DEB).
             name: "cargo xtask deb",
             blocks_later: false,
@@ -118,6 +125,11 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
                 // set's start stops the daemons the other sets' stages started).
                 cmd.env("PORTGATE_ENGINE_SET", "debian12");
                 with_portgate_bin(&mut cmd);
+                if std::env::var_os(crate::previous::ENV).is_none()
+                    && let Ok(target) = proc::target_dir()
+                {
+                    cmd.env(crate::previous::ENV, crate::previous::bin_path(&target));
+                }
                 if std::env::var_os("PORTGATE_DEB").is_none()
                     && let Ok(target) = proc::target_dir()
                 {

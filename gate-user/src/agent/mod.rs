@@ -214,6 +214,8 @@ impl Agent {
         // Rules first, then programs: the new programs never run on a stale allow map. Until
         // the engines have reported, entries for containers stay as the last agent left them.
         agent.reconcile().context("writing the allow map")?;
+        // An older layout's tracked connections too: they continue through the new programs.
+        agent.adopt_older_flows();
         agent.attach_bridges(true)?;
         agent
             .datapath
@@ -225,6 +227,7 @@ impl Agent {
             .context("gating published host ports that reach local sockets")?;
         agent.sync_ports()?;
         agent.sync_uplinks(true)?;
+        agent.adopt_older_flows();
         datapath::retire_other_layouts(&agent.options.bpffs)
             .context("detaching an older gate's programs")?;
         info!(
@@ -236,6 +239,23 @@ impl Agent {
             "gate loaded"
         );
         Ok(agent)
+    }
+
+    /// Copies an older layout's tracked connections into this one's tables
+    /// ([`Datapath::adopt_flows`]), saying how many when there were any. A failure only
+    /// costs those connections (they end, as without the copy), so it is a warning.
+    fn adopt_older_flows(&mut self) {
+        match self.datapath.adopt_flows(&self.options.bpffs) {
+            Ok(0) => {}
+            Ok(adopted) => info!(
+                connections = adopted,
+                "took over the older layout's tracked connections"
+            ),
+            Err(err) => warn!(
+                "cannot take over the older layout's tracked connections (they end): {:#}",
+                anyhow::Error::from(err)
+            ),
+        }
     }
 
     /// Serves the control socket and follows the engines until SIGINT or SIGTERM. Every task
