@@ -180,7 +180,17 @@ impl Agent {
             }
         }
         let store = RuleStore::new(&options.state_dir);
-        let saved = store.load()?;
+        let mut saved = store.load()?;
+        let limit = options.capacities.rules;
+        if let Some(max_id) = saved.rules.max_id().filter(|id| *id >= limit) {
+            bail!(
+                "{} holds {} rules, with ids up to {max_id}: start the agent with --max-rules {} or more",
+                store.path().display(),
+                saved.rules.rules().len(),
+                max_id + 1
+            );
+        }
+        saved.rules = saved.rules.with_limit(limit);
         let file = read_policy_file(&options, &saved)?;
         let datapath = Datapath::load_with(&options.bpffs, options.gate, options.capacities)
             .with_context(|| format!("loading the gate under {}", options.bpffs.display()))?;
@@ -190,7 +200,7 @@ impl Agent {
             .map(|(engine, socket)| (*engine, EngineState::new(socket.clone())))
             .collect();
         let delegation = options.netfilter.then(NetfilterKeeper::start);
-        let resolver = Resolver::new(options.labels);
+        let resolver = Resolver::new(options.labels).with_slots(options.capacities.derived_ids());
         let engines_later = options.engines_later.clone();
         let mut agent = Self {
             options,
@@ -459,6 +469,14 @@ pub(super) fn read_policy_file(
         return Ok(FilePolicy::default());
     }
     let file = FilePolicy::load(path, &saved.sets)?;
+    let limit = options.capacities.rules;
+    if file.rules.len() > limit as usize {
+        anyhow::bail!(
+            "{}: {} rules; the agent holds at most {limit} rules from the policy file, containers' labels and --published together (agent --max-rules)",
+            path.display(),
+            file.rules.len()
+        );
+    }
     if let Some(name) = file.sets.keys().find(|name| saved.sets.contains_key(*name)) {
         anyhow::bail!(
             "{}: set {name} is also defined by `portgate set`; delete one of the two",

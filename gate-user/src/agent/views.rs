@@ -23,12 +23,18 @@ impl Agent {
 
     pub(super) fn views(&self, filter: impl Fn(&ResolvedRule) -> bool) -> Vec<RuleView> {
         let (containers, gated_bridges) = (self.containers(), self.gated_bridges());
-        self.resolved
-            .rules
-            .iter()
-            .filter(|r| filter(r))
+        let rules: Vec<&ResolvedRule> = self.resolved.rules.iter().filter(|r| filter(r)).collect();
+        let stats = self
+            .datapath
+            .rule_stats_of(rules.iter().map(|r| r.id))
+            .unwrap_or_else(|err| {
+                tracing::warn!("reading the rule counters: {err}");
+                BTreeMap::new()
+            });
+        rules
+            .into_iter()
             .map(|rule| {
-                let stats = self.datapath.rule_stats(rule.id).unwrap_or_default();
+                let stats = stats.get(&rule.id).copied().unwrap_or_default();
                 let gated = exposure::rule_gated(rule, &containers, &gated_bridges);
                 rule_view(rule, stats.packets, stats.bytes, gated)
             })
