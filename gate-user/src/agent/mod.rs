@@ -320,16 +320,25 @@ impl Agent {
                     }
                     request => {
                         let response = self.handle(request);
-                        replies.spawn(async move { server::reply(&mut stream, &response).await });
+                        replies.spawn(async move { server::reply(&mut stream, response).await });
                     }
                 },
                 Some(event) = events.recv() => self.on_runtime_event(event),
                 Some(drop) = drops.recv() => self.on_drop_event(drop),
                 Some(reply) = scrapes.recv() => {
-                    let body = self.metrics_text().unwrap_or_else(|err| {
-                        error!("building metrics: {err:#}");
-                        String::new()
-                    });
+                    // The loop reads the datapath; the text is written on a blocking thread.
+                    let body: metrics::Body = match self.metrics_input() {
+                        Ok((status, rules)) => Box::new(move || {
+                            metrics::encode(&status, &rules).unwrap_or_else(|err| {
+                                error!("encoding metrics: {err}");
+                                String::new()
+                            })
+                        }),
+                        Err(err) => {
+                            error!("building metrics: {err:#}");
+                            metrics::written(String::new())
+                        }
+                    };
                     let _ = reply.send(body);
                 }
                 _ = tick.tick() => {

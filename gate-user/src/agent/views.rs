@@ -10,15 +10,14 @@ use crate::{
         BridgeDrops, BridgeStatus, EngineStatus, Fill, Flows, LabelError, NetfilterStatus,
         PolicyFileView, RuleList, RuleView, Status,
     },
-    exposure, metrics,
+    exposure,
     policy::{Ports, Prefix, ResolvedRule, SourceSets},
 };
 
 impl Agent {
-    pub(super) fn metrics_text(&self) -> anyhow::Result<String> {
-        let status = self.status()?;
-        let rules = self.list()?.rules;
-        Ok(metrics::encode(&status, &rules)?)
+    /// What a scrape reports, read from the datapath; [`crate::metrics::encode`] writes it.
+    pub(super) fn metrics_input(&self) -> anyhow::Result<(Status, Vec<RuleView>)> {
+        Ok((self.status()?, self.views(|_| true)))
     }
 
     pub(super) fn views(&self, filter: impl Fn(&ResolvedRule) -> bool) -> Vec<RuleView> {

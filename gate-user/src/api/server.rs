@@ -93,7 +93,7 @@ async fn read_request(mut stream: UnixStream) -> Option<(Request, UnixStream)> {
         warn!(?uid, "refused a control connection from a non-root peer");
         reply(
             &mut stream,
-            &Response::Error("permission denied: portgate needs root".into()),
+            Response::Error("permission denied: portgate needs root".into()),
         )
         .await;
         return None;
@@ -111,7 +111,7 @@ async fn read_request(mut stream: UnixStream) -> Option<(Request, UnixStream)> {
         Ok(request) => Some((request, stream)),
         Err(message) => {
             debug!(%message, "bad control request");
-            reply(&mut stream, &Response::Error(message)).await;
+            reply(&mut stream, Response::Error(message)).await;
             None
         }
     }
@@ -123,10 +123,14 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Sends the response; a client that went away is not the agent's problem.
-pub async fn reply(stream: &mut UnixStream, response: &Response) {
-    let body = match serde_json::to_vec(response) {
-        Ok(body) => body,
+/// Sends the response; a client that went away is not the agent's problem. The encoding
+/// runs on a blocking thread: a `list` of many rules is tens of megabytes of JSON, which
+/// must not hold up the agent's loop (the runtime has one thread).
+pub async fn reply(stream: &mut UnixStream, response: Response) {
+    let encoded = tokio::task::spawn_blocking(move || serde_json::to_vec(&response)).await;
+    let body = match encoded {
+        Ok(Ok(body)) => body,
+        Ok(Err(err)) => format!(r#"{{"error":"cannot encode response: {err}"}}"#).into_bytes(),
         Err(err) => format!(r#"{{"error":"cannot encode response: {err}"}}"#).into_bytes(),
     };
     if let Err(err) = stream.write_all(&body).await {

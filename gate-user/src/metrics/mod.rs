@@ -62,7 +62,10 @@ use prometheus_client::registry::Registry;
 use crate::api::{RuleView, Status};
 
 use self::families::Snapshot;
-pub use self::{server::serve, text_format::to_text_format};
+pub use self::{
+    server::{Body, serve, written},
+    text_format::to_text_format,
+};
 
 /// The content type of [`encode`]'s output.
 pub const OPENMETRICS_CONTENT_TYPE: &str =

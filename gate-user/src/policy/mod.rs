@@ -779,6 +779,36 @@ mod tests {
     }
 
     #[test]
+    fn the_limit_refuses_one_more_rule_in_one_line_and_changes_nothing() {
+        let mut rules = RuleSet::default().with_limit(2);
+        assert_eq!(rules.allow_any(target("10.0.0.2"), spec("80")), Ok(0));
+        assert_eq!(rules.allow_any(target("10.0.0.3"), spec("80")), Ok(1));
+        let before = rules.clone();
+        let err = rules
+            .allow_any(target("10.0.0.4"), spec("80"))
+            .expect_err("full");
+        assert_eq!(err, PolicyError::TooManyRules { limit: 2 });
+        let message = err.to_string();
+        assert!(
+            message.contains("--max-rules") && !message.contains('\n'),
+            "{message}"
+        );
+        assert_eq!(rules, before);
+        // A deny that splits a range needs a slot too: refused alike.
+        let mut ranges = RuleSet::default().with_limit(1);
+        ranges
+            .allow_any(target("10.0.0.2"), spec("80-82"))
+            .expect("allow");
+        let before = ranges.clone();
+        assert_eq!(
+            ranges.deny(&target("10.0.0.2"), spec("81")),
+            Err(PolicyError::TooManyRules { limit: 1 })
+        );
+        assert_eq!(ranges, before);
+        assert_eq!(ranges.max_id(), Some(0));
+    }
+
+    #[test]
     fn failed_changes_leave_rules_unchanged() {
         let mut rules = RuleSet::default();
         for last in 2..=5 {

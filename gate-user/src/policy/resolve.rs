@@ -781,6 +781,26 @@ mod tests {
     }
 
     #[test]
+    fn derived_rules_take_the_slots_given_and_what_does_not_fit_is_skipped() {
+        let file_rule = |address: &str| FileRule {
+            target: address.parse().expect("target"),
+            ports: Ports::Spec("80".parse().expect("spec")),
+            access: Access::default(),
+        };
+        let mut ctx = context(false);
+        ctx.file_rules = (1..=3).map(|i| file_rule(&format!("10.0.0.{i}"))).collect();
+        let mut resolver = Resolver::default().with_slots(100..102);
+        let resolved = resolver.resolve(&RuleSet::default(), &[], &ctx);
+        let ids: Vec<u32> = resolved.rules.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [100, 101], "two slots, three file rules: one skipped");
+        assert_eq!(resolved.entries.len(), 2);
+        // The same file again: the same ids, nothing new.
+        let again = resolver.resolve(&RuleSet::default(), &[], &ctx);
+        assert_eq!(again.rules.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+        assert!(again.new_ids.is_empty());
+    }
+
+    #[test]
     fn saved_rules_win_where_they_overlap_derived_ones() {
         let web = container("web", "172.17.0.2", &[(8080, 80)], Some("80"));
         let resolved =
