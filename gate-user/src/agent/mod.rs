@@ -446,6 +446,7 @@ impl Agent {
     }
 
     fn on_tick(&mut self) {
+        crate::memory::release_if_due();
         if let Err(err) = self.expire_rules() {
             warn!("{err:#}");
         }

@@ -136,5 +136,8 @@ pub async fn reply(stream: &mut UnixStream, response: Response) {
     if let Err(err) = stream.write_all(&body).await {
         debug!("control client went away: {err}");
     }
+    let size = body.len();
+    drop(body);
+    crate::memory::answered(size);
     let _ = stream.shutdown().await;
 }

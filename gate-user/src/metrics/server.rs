@@ -141,6 +141,7 @@ async fn respond(
         } else {
             to_text_format(&body)
         };
+        crate::memory::answered(text.len());
         Some(if gzip {
             compress(text.as_bytes())
         } else {
