@@ -35,7 +35,7 @@ const CLIENTS: usize = 16;
 /// An answer slower than this is a hang, not a slow machine: generous, since `cargo xtask
 /// test` runs a debug build, on a machine other tests share, and with 100 000 rules a
 /// `list --json` is 60 MB of JSON that the agent writes and the CLI reads and prints again.
-const ANSWER_BOUND: Duration = Duration::from_secs(30);
+const ANSWER_BOUND: Duration = Duration::from_secs(60);
 /// One load test at a time: they measure the machine.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 /// Pause between two questions of one kind.
@@ -407,17 +407,23 @@ fn load_and_watch(sb: &Sandbox, agent: &Agent<'_>, label: &str) {
     };
     let max_cpu = cpu_percent.iter().copied().fold(0.0, f64::max);
     let rss: Vec<u64> = watched.samples.iter().map(|s| s.rss_kb).collect();
-    let (first_warm, last) = (
-        warm.first().map_or(0, |s| s.rss_kb),
-        rss.last().copied().unwrap_or(0),
-    );
+    // What the agent held by the end of the warm-up (its largest answers included: a list
+    // or a scrape of many rules takes memory while it is written), against the end.
+    let first_warm = watched
+        .samples
+        .iter()
+        .take_while(|s| s.at <= warm.first().map_or(WARM_UP, |w| w.at))
+        .map(|s| s.rss_kb)
+        .max()
+        .unwrap_or(0);
+    let last = rss.last().copied().unwrap_or(0);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     report(&format!(
         "\nload figures ({label}; {secs} s at a target of {rate}/s, {CLIENTS} clients; machine load average {}):\n\
          \x20 idle agent, before the traffic: list --json {:.1} ms, status --json {:.1} ms, GET /metrics {:.1} ms\n\
          \x20 connections: {} accepted and answered, {} failed, {per_second:.0}/s reached (server accepted {accepted})\n\
          \x20 agent CPU: {whole_cpu:.1} % of one core over the run, max {max_cpu:.1} % per {} ms sample\n\
-         \x20 agent RSS: first {} kB, after warm-up {first_warm} kB, max {} kB, last {last} kB\n\
+         \x20 agent RSS: first {} kB, largest by the end of the warm-up {first_warm} kB, max {} kB, last {last} kB\n\
          \x20 list --json: {} ({} bytes)\n\
          \x20 status --json: {}\n\
          \x20 GET /metrics: {} ({} bytes)\n",
@@ -460,7 +466,7 @@ fn load_and_watch(sb: &Sandbox, agent: &Agent<'_>, label: &str) {
     }
     assert!(
         first_warm == 0 || last < 2 * first_warm,
-        "{label}: the agent's RSS keeps growing: {first_warm} kB after warm-up, {last} kB at the end ({rss:?})"
+        "{label}: the agent's RSS keeps growing: {first_warm} kB by the end of the warm-up, {last} kB at the end ({rss:?})"
     );
     let status = agent.status_json();
     let accepted_by_gate = status["counters"]["pass"]["new_allowed"]
