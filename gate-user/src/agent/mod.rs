@@ -37,7 +37,7 @@ pub use self::service::is_engine_bridge_name;
 use self::views::{counter_name, protocol_name};
 use crate::{
     api::{
-        DropEventStats, Request, WatchEvent,
+        DropEventStats, Reply, Request, Response, WatchEvent,
         server::{self, ControlSocket},
     },
     datapath::{self, AllowSync, Capacities, Datapath, GateConfig, sys},
@@ -130,7 +130,8 @@ pub struct Agent {
     /// The `--via` interfaces as the last reconcile found them (name → ifindex).
     via_interfaces: BTreeMap<String, u32>,
     resolver: Resolver,
-    resolved: Resolved,
+    /// The rules as resolved last; shared with the threads that build `list` and scrapes.
+    resolved: std::sync::Arc<Resolved>,
     /// What the last sync of the allow map left out for want of room.
     allow_sync: AllowSync,
     engines: BTreeMap<Engine, EngineState>,
@@ -210,7 +211,7 @@ impl Agent {
             store,
             via_interfaces: BTreeMap::new(),
             resolver,
-            resolved: Resolved::default(),
+            resolved: std::sync::Arc::default(),
             allow_sync: AllowSync::default(),
             engines,
             delegation,
@@ -318,6 +319,17 @@ impl Agent {
                     Request::Watch => {
                         tasks.spawn(stream_watch(stream, self.watchers.subscribe()));
                     }
+                    Request::List => {
+                        // The views of every rule are built with the answer, off the loop.
+                        let (mut list, views) = self.list();
+                        replies.spawn(async move {
+                            server::reply_with(&mut stream, move || {
+                                list.rules = views.build(|_| true);
+                                Response::Ok(Reply::List(list))
+                            })
+                            .await;
+                        });
+                    }
                     request => {
                         let response = self.handle(request);
                         replies.spawn(async move { server::reply(&mut stream, response).await });
@@ -328,8 +340,8 @@ impl Agent {
                 Some(reply) = scrapes.recv() => {
                     // The loop reads the datapath; the text is written on a blocking thread.
                     let body: metrics::Body = match self.metrics_input() {
-                        Ok((status, rules)) => Box::new(move || {
-                            metrics::encode(&status, &rules).unwrap_or_else(|err| {
+                        Ok((status, views)) => Box::new(move || {
+                            metrics::encode(&status, &views.build(|_| true)).unwrap_or_else(|err| {
                                 error!("encoding metrics: {err}");
                                 String::new()
                             })

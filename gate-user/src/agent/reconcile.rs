@@ -114,7 +114,7 @@ impl Agent {
             }
         }
         self.allow_sync = sync;
-        self.resolved = resolved;
+        self.resolved = std::sync::Arc::new(resolved);
         // Containers changed: look at the bridge ports again.
         self.ports_stale = true;
         Ok(())

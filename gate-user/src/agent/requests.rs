@@ -95,7 +95,11 @@ impl Agent {
             } => self
                 .explain(&source, &target, &port, via.as_deref())
                 .map(Reply::Explained),
-            Request::List => self.list().map(Reply::List),
+            Request::List => {
+                let (mut list, views) = self.list();
+                list.rules = views.build(|_| true);
+                Ok(Reply::List(list))
+            }
             Request::Status => self.status().map(|s| Reply::Status(Box::new(s))),
             Request::Mode { audit } => self.set_mode(audit),
             Request::Reload => self.reload().map(|message| self.changed(message)),

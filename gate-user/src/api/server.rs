@@ -127,7 +127,15 @@ impl Drop for ControlSocket {
 /// runs on a blocking thread: a `list` of many rules is tens of megabytes of JSON, which
 /// must not hold up the agent's loop (the runtime has one thread).
 pub async fn reply(stream: &mut UnixStream, response: Response) {
-    let encoded = tokio::task::spawn_blocking(move || serde_json::to_vec(&response)).await;
+    reply_with(stream, move || response).await;
+}
+
+/// Like [`reply`], with the response made on the blocking thread too (`list`'s views).
+pub async fn reply_with(
+    stream: &mut UnixStream,
+    response: impl FnOnce() -> Response + Send + 'static,
+) {
+    let encoded = tokio::task::spawn_blocking(move || serde_json::to_vec(&response())).await;
     let body = match encoded {
         Ok(Ok(body)) => body,
         Ok(Err(err)) => format!(r#"{{"error":"cannot encode response: {err}"}}"#).into_bytes(),
