@@ -153,6 +153,7 @@ impl Agent {
     /// Loads the saved rules and the datapath, and attaches to the bridges. Any failure here
     /// leaves a previously attached gate exactly as it was.
     pub fn start(options: AgentOptions) -> anyhow::Result<Self> {
+        crate::memory::limit_arenas();
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             bail!(

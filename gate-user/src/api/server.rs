@@ -127,15 +127,27 @@ impl Drop for ControlSocket {
 /// runs on a blocking thread: a `list` of many rules is tens of megabytes of JSON, which
 /// must not hold up the agent's loop (the runtime has one thread).
 pub async fn reply(stream: &mut UnixStream, response: Response) {
-    reply_with(stream, move || response).await;
+    let encoded = tokio::task::spawn_blocking(move || serde_json::to_vec(&response)).await;
+    write_reply(stream, encoded).await;
 }
 
-/// Like [`reply`], with the response made on the blocking thread too (`list`'s views).
+/// Like [`reply`], with the response made on the blocking thread too (`list`'s views), one
+/// such large answer at a time (see [`crate::memory::one_at_a_time`]).
 pub async fn reply_with(
     stream: &mut UnixStream,
     response: impl FnOnce() -> Response + Send + 'static,
 ) {
-    let encoded = tokio::task::spawn_blocking(move || serde_json::to_vec(&response())).await;
+    let encoded = tokio::task::spawn_blocking(move || {
+        crate::memory::one_at_a_time(|| serde_json::to_vec(&response()))
+    })
+    .await;
+    write_reply(stream, encoded).await;
+}
+
+async fn write_reply(
+    stream: &mut UnixStream,
+    encoded: Result<serde_json::Result<Vec<u8>>, tokio::task::JoinError>,
+) {
     let body = match encoded {
         Ok(Ok(body)) => body,
         Ok(Err(err)) => format!(r#"{{"error":"cannot encode response: {err}"}}"#).into_bytes(),

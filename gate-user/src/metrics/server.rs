@@ -131,22 +131,9 @@ async fn respond(
     };
     // Written, rewritten for the classic format and compressed on a blocking thread: with
     // many rules that is megabytes, which must not hold up the runtime's one thread.
+    // One large answer at a time (see `crate::memory::one_at_a_time`).
     let written = tokio::task::spawn_blocking(move || {
-        let body = body();
-        if body.is_empty() {
-            return None;
-        }
-        let text = if openmetrics {
-            body
-        } else {
-            to_text_format(&body)
-        };
-        crate::memory::answered(text.len());
-        Some(if gzip {
-            compress(text.as_bytes())
-        } else {
-            text.into_bytes()
-        })
+        crate::memory::one_at_a_time(|| write_body(body, openmetrics, gzip))
     })
     .await;
     let Ok(Some(bytes)) = written else {
@@ -173,6 +160,26 @@ async fn respond(
         );
     }
     Ok(response)
+}
+
+/// The exposition `body` writes, in the format asked for, compressed if asked; none when the
+/// agent could not read the datapath.
+fn write_body(body: Body, openmetrics: bool, gzip: bool) -> Option<Vec<u8>> {
+    let body = body();
+    if body.is_empty() {
+        return None;
+    }
+    let text = if openmetrics {
+        body
+    } else {
+        to_text_format(&body)
+    };
+    crate::memory::answered(text.len());
+    Some(if gzip {
+        compress(text.as_bytes())
+    } else {
+        text.into_bytes()
+    })
 }
 
 /// gzip at its fastest level: a scrape of 100 000 rules' series shrinks from about 30 MB to
