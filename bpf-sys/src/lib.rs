@@ -313,3 +313,43 @@ pub fn tcx_programs(ifindex: u32, attach_type: u32) -> io::Result<Vec<u32>> {
     ids.truncate(attr.count as usize);
     Ok(ids)
 }
+
+/// Up to `count` entries of an array map (also per-CPU) from index `first` on, in one system
+/// call (BPF_MAP_LOOKUP_BATCH): their indices, and their values back to back, `value_size`
+/// bytes each (for per-CPU maps: the value rounded to 8 bytes, times the possible CPUs).
+/// Fewer come back at the end of the array.
+pub fn lookup_array_batch(
+    map: BorrowedFd<'_>,
+    first: u32,
+    count: u32,
+    value_size: usize,
+) -> io::Result<(Vec<u32>, Vec<u8>)> {
+    let mut keys = vec![0u32; count as usize];
+    let mut values = vec![0u8; count as usize * value_size];
+    // The batch continues after the key in `in_batch`: the one before `first` (none for 0).
+    let before = first.wrapping_sub(1);
+    let mut token_out = 0u32;
+    let mut attr = BatchAttr {
+        in_batch: if first == 0 {
+            0
+        } else {
+            &before as *const u32 as u64
+        },
+        out_batch: &mut token_out as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    match sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+        Ok(_) => {}
+        // The end of the array: what was read is in `count`.
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(err) => return Err(err),
+    }
+    let read = attr.count as usize;
+    keys.truncate(read);
+    values.truncate(read * value_size);
+    Ok((keys, values))
+}

@@ -6,6 +6,7 @@ pub mod api;
 pub mod datapath;
 pub mod exposure;
 pub mod lock;
+pub mod memory;
 pub mod metrics;
 pub mod netfilter;
 pub mod policy;

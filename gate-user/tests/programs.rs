@@ -1317,3 +1317,69 @@ fn an_older_layouts_tracked_flows_are_adopted() {
     assert!(!old_maps.exists(), "the older layout's pins are gone");
     assert_eq!(gate.toward(&ack), Verdict::Pass);
 }
+
+/// `--max-rules 100000`: the per-rule counters are sized at load time; a saved rule with the
+/// last saved id counts in its slot, read in a batch like the others, and a pinned counters
+/// map of another size is refused.
+#[test]
+fn rule_counters_are_sized_by_max_rules_and_read_in_batches() {
+    let capacities = Capacities {
+        rules: 100_000,
+        ..Capacities::default()
+    };
+    let Some(mut gate) = Gate::load_with(GateConfig::default(), capacities) else {
+        return;
+    };
+    assert_eq!(
+        bpftool_json(&[
+            "map",
+            "show",
+            "pinned",
+            gate.dir
+                .join(gate_common::LAYOUT_VERSION)
+                .join("maps")
+                .join(gate_common::map_names::RULE_STATS)
+                .to_str()
+                .expect("UTF-8 path"),
+        ])["max_entries"],
+        200_000,
+        "saved and derived rules' slots"
+    );
+    let rule = |id: u32, address: &str| gate_user::policy::Rule {
+        id,
+        target: target(address),
+        ports: spec("80"),
+        access: Access::default(),
+    };
+    gate.rules =
+        gate_user::policy::RuleSet::new(vec![rule(0, "10.99.0.3"), rule(99_999, "10.99.0.2")])
+            .with_limit(100_000);
+    gate.sync();
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, SYN)),
+        Verdict::Pass
+    );
+    let stats = gate
+        .datapath
+        .rule_stats_of([0, 99_999, 150_000, 250_000])
+        .expect("stats");
+    assert_eq!(stats[&99_999].packets, 1, "{stats:?}");
+    assert_eq!(stats[&0].packets, 0);
+    assert_eq!(stats[&150_000].packets, 0, "a derived slot, unused");
+    assert!(!stats.contains_key(&250_000), "beyond the slots: nothing");
+    assert_eq!(
+        gate.datapath.rule_stats(99_999).expect("stats"),
+        stats[&99_999]
+    );
+    // Another size on the same pins: refused, not reused.
+    match Datapath::load_with(&gate.dir, GateConfig::default(), Capacities::default()) {
+        Err(datapath::DatapathError::IncompatibleMap { path, detail }) => {
+            assert!(
+                path.ends_with(gate_common::map_names::RULE_STATS),
+                "{path:?}: {detail}"
+            );
+        }
+        Err(other) => panic!("expected IncompatibleMap, got: {other}"),
+        Ok(_) => panic!("counters of another size were reused"),
+    }
+}

@@ -1,4 +1,5 @@
-//! Developer tasks for portgate: `cargo xtask setup | build | build-previous | lint | test | deb | fuzz | demo | bench`.
+//! Developer tasks for portgate: `cargo xtask setup | build | build-previous | lint | test | deb |
+//! fuzz | soak | demo | bench`.
 //!
 //! Everything here shells out to the tools a developer would type by hand (apt-get, cargo,
 //! rustup, ip, socat), printing each command before it runs.
@@ -72,6 +73,18 @@ enum Task {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// The load test for longer than `test` runs it: allowed new connections at 10 000/s
+    /// through the gate for a minute, with a few rules and with 100 000, the agent's CPU,
+    /// RSS and the answer times of list, status and a scrape printed (root; release build;
+    /// about 3 min).
+    Soak {
+        /// Seconds of traffic per variant.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Target rate of new connections per second.
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+    },
     /// Build portgate and show the gate dropping, allowing and answering in a sandbox of
     /// network namespaces (root).
     Demo,
@@ -98,6 +111,7 @@ fn main() -> ExitCode {
         Task::Deb => deb::run(),
         Task::Demo => demo::run(),
         Task::Fuzz { frames, seed } => fuzz(frames, seed),
+        Task::Soak { secs, rate } => soak(secs, rate),
         Task::Bench(args) => portgate_bench::run(args),
     };
     match result {
@@ -156,6 +170,34 @@ fn fuzz(frames: u64, seed: Option<u64>) -> anyhow::Result<()> {
     ])
     .env("PORTGATE_FUZZ_FRAMES", frames.to_string())
     .env("PORTGATE_FUZZ_SEED", seed.to_string())
+    .env("PORTGATE_REQUIRE_ROOT", "1");
+    proc::run(&mut cmd)
+}
+
+/// `cargo xtask soak`: the load test (tests/tests/load.rs) with longer traffic, against the
+/// release build (what a host runs: a debug agent's answer times say little). The figures
+/// go to stderr as the test prints them.
+fn soak(secs: u64, rate: u64) -> anyhow::Result<()> {
+    proc::run(proc::cargo().args(["build", "--release", "-p", "gate-user"]))?;
+    let bin = proc::target_dir()?.join("release/portgate");
+    println!(
+        "soak: {secs} s of new connections at a target of {rate}/s, with a few rules and with 100 000, agent {}",
+        bin.display()
+    );
+    let mut cmd = proc::cargo();
+    cmd.args([
+        "test",
+        "-p",
+        "portgate-tests",
+        "--test",
+        "load",
+        "--",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("PORTGATE_SOAK_SECS", secs.to_string())
+    .env("PORTGATE_LOAD_RATE", rate.to_string())
+    .env("PORTGATE_BIN", bin)
     .env("PORTGATE_REQUIRE_ROOT", "1");
     proc::run(&mut cmd)
 }

@@ -37,7 +37,7 @@ pub use self::service::is_engine_bridge_name;
 use self::views::{counter_name, protocol_name};
 use crate::{
     api::{
-        DropEventStats, Request, WatchEvent,
+        DropEventStats, Reply, Request, Response, WatchEvent,
         server::{self, ControlSocket},
     },
     datapath::{self, AllowSync, Capacities, Datapath, GateConfig, sys},
@@ -130,7 +130,8 @@ pub struct Agent {
     /// The `--via` interfaces as the last reconcile found them (name → ifindex).
     via_interfaces: BTreeMap<String, u32>,
     resolver: Resolver,
-    resolved: Resolved,
+    /// The rules as resolved last; shared with the threads that build `list` and scrapes.
+    resolved: std::sync::Arc<Resolved>,
     /// What the last sync of the allow map left out for want of room.
     allow_sync: AllowSync,
     engines: BTreeMap<Engine, EngineState>,
@@ -152,6 +153,7 @@ impl Agent {
     /// Loads the saved rules and the datapath, and attaches to the bridges. Any failure here
     /// leaves a previously attached gate exactly as it was.
     pub fn start(options: AgentOptions) -> anyhow::Result<Self> {
+        crate::memory::limit_arenas();
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             bail!(
@@ -180,7 +182,17 @@ impl Agent {
             }
         }
         let store = RuleStore::new(&options.state_dir);
-        let saved = store.load()?;
+        let mut saved = store.load()?;
+        let limit = options.capacities.rules;
+        if let Some(max_id) = saved.rules.max_id().filter(|id| *id >= limit) {
+            bail!(
+                "{} holds {} rules, with ids up to {max_id}: start the agent with --max-rules {} or more",
+                store.path().display(),
+                saved.rules.rules().len(),
+                max_id + 1
+            );
+        }
+        saved.rules = saved.rules.with_limit(limit);
         let file = read_policy_file(&options, &saved)?;
         let datapath = Datapath::load_with(&options.bpffs, options.gate, options.capacities)
             .with_context(|| format!("loading the gate under {}", options.bpffs.display()))?;
@@ -190,7 +202,7 @@ impl Agent {
             .map(|(engine, socket)| (*engine, EngineState::new(socket.clone())))
             .collect();
         let delegation = options.netfilter.then(NetfilterKeeper::start);
-        let resolver = Resolver::new(options.labels);
+        let resolver = Resolver::new(options.labels).with_slots(options.capacities.derived_ids());
         let engines_later = options.engines_later.clone();
         let mut agent = Self {
             options,
@@ -200,7 +212,7 @@ impl Agent {
             store,
             via_interfaces: BTreeMap::new(),
             resolver,
-            resolved: Resolved::default(),
+            resolved: std::sync::Arc::default(),
             allow_sync: AllowSync::default(),
             engines,
             delegation,
@@ -328,18 +340,38 @@ impl Agent {
                     Request::Watch => {
                         tasks.spawn(stream_watch(stream, self.watchers.subscribe()));
                     }
+                    Request::List => {
+                        // The views of every rule are built with the answer, off the loop.
+                        let (mut list, views) = self.list();
+                        replies.spawn(async move {
+                            server::reply_with(&mut stream, move || {
+                                list.rules = views.build(|_| true);
+                                Response::Ok(Reply::List(list))
+                            })
+                            .await;
+                        });
+                    }
                     request => {
                         let response = self.handle(request);
-                        replies.spawn(async move { server::reply(&mut stream, &response).await });
+                        replies.spawn(async move { server::reply(&mut stream, response).await });
                     }
                 },
                 Some(event) = events.recv() => self.on_runtime_event(event),
                 Some(drop) = drops.recv() => self.on_drop_event(drop),
                 Some(reply) = scrapes.recv() => {
-                    let body = self.metrics_text().unwrap_or_else(|err| {
-                        error!("building metrics: {err:#}");
-                        String::new()
-                    });
+                    // The loop reads the datapath; the text is written on a blocking thread.
+                    let body: metrics::Body = match self.metrics_input() {
+                        Ok((status, views)) => Box::new(move || {
+                            metrics::encode(&status, &views.build(|_| true)).unwrap_or_else(|err| {
+                                error!("encoding metrics: {err}");
+                                String::new()
+                            })
+                        }),
+                        Err(err) => {
+                            error!("building metrics: {err:#}");
+                            metrics::written(String::new())
+                        }
+                    };
                     let _ = reply.send(body);
                 }
                 _ = tick.tick() => {
@@ -447,6 +479,7 @@ impl Agent {
     }
 
     fn on_tick(&mut self) {
+        crate::memory::release_if_due();
         if let Err(err) = self.expire_rules() {
             warn!("{err:#}");
         }
@@ -479,6 +512,14 @@ pub(super) fn read_policy_file(
         return Ok(FilePolicy::default());
     }
     let file = FilePolicy::load(path, &saved.sets)?;
+    let limit = options.capacities.rules;
+    if file.rules.len() > limit as usize {
+        anyhow::bail!(
+            "{}: {} rules; the agent holds at most {limit} rules from the policy file, containers' labels and --published together (agent --max-rules)",
+            path.display(),
+            file.rules.len()
+        );
+    }
     if let Some(name) = file.sets.keys().find(|name| saved.sets.contains_key(*name)) {
         anyhow::bail!(
             "{}: set {name} is also defined by `portgate set`; delete one of the two",

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::Agent;
 use crate::{
     datapath::AllowSync,
-    policy::{Context, MAX_SAVED_RULES, Target, Workload, map_addr},
+    policy::{Context, Target, Workload, map_addr},
     runtime::Container,
 };
 
@@ -75,9 +75,10 @@ impl Agent {
             .filter(|r| matches!(r.target, Target::Container(_) | Target::HostPort { .. }))
             .map(|r| r.id)
             .collect();
+        let saved_ids = self.options.capacities.saved_ids();
         let waits_for_engines = |value: &gate_common::AllowValue| {
             !all_known
-                && (value.rule_id >= MAX_SAVED_RULES || container_rules.contains(&value.rule_id))
+                && (!saved_ids.contains(&value.rule_id) || container_rules.contains(&value.rule_id))
         };
         self.datapath.reset_rule_stats(&resolved.new_ids)?;
         // The block list first: a block takes effect before anything it covers opens.
@@ -113,7 +114,7 @@ impl Agent {
             }
         }
         self.allow_sync = sync;
-        self.resolved = resolved;
+        self.resolved = std::sync::Arc::new(resolved);
         // Containers changed: look at the bridge ports again.
         self.ports_stale = true;
         Ok(())

@@ -96,7 +96,11 @@ impl Agent {
             } => self
                 .explain(&source, &target, &port, via.as_deref())
                 .map(Reply::Explained),
-            Request::List => self.list().map(Reply::List),
+            Request::List => {
+                let (mut list, views) = self.list();
+                list.rules = views.build(|_| true);
+                Ok(Reply::List(list))
+            }
             Request::Status => self.status().map(|s| Reply::Status(Box::new(s))),
             Request::Mode { audit } => self.set_mode(audit),
             Request::Reload => self.reload().map(|message| self.changed(message)),
@@ -210,17 +214,16 @@ impl Agent {
         let Some(rule) = self.saved.rules.rules().iter().find(|r| r.id == id) else {
             return Ok(false);
         };
-        let mut resolved = std::mem::take(&mut self.resolved);
+        // (An answer being written on another thread keeps the resolution it was given.)
+        let resolved = std::sync::Arc::make_mut(&mut self.resolved);
         let Some(keys) = resolved.add_open_address_rule(rule, unix_now()) else {
-            self.resolved = resolved;
             return Ok(false);
         };
         let entries: Vec<(AllowKey, AllowValue)> = keys
             .into_iter()
             .map(|key| (key, AllowValue::any_source(id)))
             .collect();
-        // `resolved` holds the rule now: on any failure below, a reconcile rebuilds it.
-        self.resolved = resolved;
+        // The resolution holds the rule now: on any failure below, a reconcile rebuilds it.
         if !self.datapath.add_allow(&entries)? {
             return Ok(false);
         }

@@ -1,8 +1,11 @@
 //! What `list`, `status`, `watch` and the metrics show, built from the agent's state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
-use gate_common::counters;
+use gate_common::{RuleStats, counters};
 
 use super::Agent;
 use crate::{
@@ -10,29 +13,65 @@ use crate::{
         BridgeDrops, BridgeStatus, EngineStatus, Fill, Flows, LabelError, NetfilterStatus,
         PolicyFileView, RuleList, RuleView, Status,
     },
-    exposure, metrics,
-    policy::{Ports, Prefix, ResolvedRule, SourceSets},
+    exposure,
+    policy::{Ports, Prefix, Resolved, ResolvedRule, SourceSets},
+    runtime::Container,
 };
 
-impl Agent {
-    pub(super) fn metrics_text(&self) -> anyhow::Result<String> {
-        let status = self.status()?;
-        let rules = self.list()?.rules;
-        Ok(metrics::encode(&status, &rules)?)
-    }
+/// What the rule views are built from, read by the agent loop (the counters in batches); the
+/// views themselves, one per rule, are built where the answer is encoded (a blocking thread),
+/// so that a `list` or a scrape of 100 000 rules does not hold up the loop.
+pub(super) struct ViewInput {
+    resolved: Arc<Resolved>,
+    stats: BTreeMap<u32, RuleStats>,
+    containers: Vec<Container>,
+    gated_bridges: BTreeSet<String>,
+}
 
-    pub(super) fn views(&self, filter: impl Fn(&ResolvedRule) -> bool) -> Vec<RuleView> {
-        let (containers, gated_bridges) = (self.containers(), self.gated_bridges());
+impl ViewInput {
+    pub(super) fn build(&self, filter: impl Fn(&ResolvedRule) -> bool) -> Vec<RuleView> {
         self.resolved
             .rules
             .iter()
             .filter(|r| filter(r))
             .map(|rule| {
-                let stats = self.datapath.rule_stats(rule.id).unwrap_or_default();
-                let gated = exposure::rule_gated(rule, &containers, &gated_bridges);
+                let stats = self.stats.get(&rule.id).copied().unwrap_or_default();
+                let gated = exposure::rule_gated(rule, &self.containers, &self.gated_bridges);
                 rule_view(rule, stats.packets, stats.bytes, gated)
             })
             .collect()
+    }
+}
+
+impl Agent {
+    /// What a scrape reports, read from the datapath; the text is written from it
+    /// ([`crate::metrics::encode`]) on a blocking thread.
+    pub(super) fn metrics_input(&self) -> anyhow::Result<(Status, ViewInput)> {
+        Ok((self.status()?, self.view_input(|_| true)))
+    }
+
+    /// The input of the views of the rules `filter` picks.
+    pub(super) fn view_input(&self, filter: impl Fn(&ResolvedRule) -> bool) -> ViewInput {
+        let ids = self
+            .resolved
+            .rules
+            .iter()
+            .filter(|r| filter(r))
+            .map(|r| r.id);
+        let stats = self.datapath.rule_stats_of(ids).unwrap_or_else(|err| {
+            tracing::warn!("reading the rule counters: {err}");
+            BTreeMap::new()
+        });
+        ViewInput {
+            resolved: self.resolved.clone(),
+            stats,
+            containers: self.containers(),
+            gated_bridges: self.gated_bridges(),
+        }
+    }
+
+    pub(super) fn views(&self, filter: impl Fn(&ResolvedRule) -> bool + Copy) -> Vec<RuleView> {
+        self.view_input(filter).build(filter)
     }
 
     /// The bridges the gate is attached to now.
@@ -45,7 +84,8 @@ impl Agent {
             .collect()
     }
 
-    pub(super) fn list(&self) -> anyhow::Result<RuleList> {
+    /// `list`: everything but the rule views, with what builds them (see [`ViewInput`]).
+    pub(super) fn list(&self) -> (RuleList, ViewInput) {
         let texts = |set: &BTreeSet<Prefix>| set.iter().map(ToString::to_string).collect();
         let sets = |sets: &SourceSets| {
             sets.iter()
@@ -60,13 +100,14 @@ impl Agent {
         });
         let mut all_sets = self.saved.sets.clone();
         all_sets.extend(file.sets.clone());
-        Ok(RuleList {
-            rules: self.views(|_| true),
+        let list = RuleList {
+            rules: Vec::new(),
             sets: sets(&all_sets),
             blocks: texts(&self.saved.blocks.union(&file.blocks).copied().collect()),
             label_errors: self.label_errors(),
             policy_file,
-        })
+        };
+        (list, self.view_input(|_| true))
     }
 
     fn label_errors(&self) -> Vec<LabelError> {

@@ -93,7 +93,7 @@ async fn read_request(mut stream: UnixStream) -> Option<(Request, UnixStream)> {
         warn!(?uid, "refused a control connection from a non-root peer");
         reply(
             &mut stream,
-            &Response::Error("permission denied: portgate needs root".into()),
+            Response::Error("permission denied: portgate needs root".into()),
         )
         .await;
         return None;
@@ -111,7 +111,7 @@ async fn read_request(mut stream: UnixStream) -> Option<(Request, UnixStream)> {
         Ok(request) => Some((request, stream)),
         Err(message) => {
             debug!(%message, "bad control request");
-            reply(&mut stream, &Response::Error(message)).await;
+            reply(&mut stream, Response::Error(message)).await;
             None
         }
     }
@@ -123,14 +123,41 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Sends the response; a client that went away is not the agent's problem.
-pub async fn reply(stream: &mut UnixStream, response: &Response) {
-    let body = match serde_json::to_vec(response) {
-        Ok(body) => body,
+/// Sends the response; a client that went away is not the agent's problem. The encoding
+/// runs on a blocking thread: a `list` of many rules is tens of megabytes of JSON, which
+/// must not hold up the agent's loop (the runtime has one thread).
+pub async fn reply(stream: &mut UnixStream, response: Response) {
+    let encoded = tokio::task::spawn_blocking(move || serde_json::to_vec(&response)).await;
+    write_reply(stream, encoded).await;
+}
+
+/// Like [`reply`], with the response made on the blocking thread too (`list`'s views), one
+/// such large answer at a time (see [`crate::memory::one_at_a_time`]).
+pub async fn reply_with(
+    stream: &mut UnixStream,
+    response: impl FnOnce() -> Response + Send + 'static,
+) {
+    let encoded = tokio::task::spawn_blocking(move || {
+        crate::memory::one_at_a_time(|| serde_json::to_vec(&response()))
+    })
+    .await;
+    write_reply(stream, encoded).await;
+}
+
+async fn write_reply(
+    stream: &mut UnixStream,
+    encoded: Result<serde_json::Result<Vec<u8>>, tokio::task::JoinError>,
+) {
+    let body = match encoded {
+        Ok(Ok(body)) => body,
+        Ok(Err(err)) => format!(r#"{{"error":"cannot encode response: {err}"}}"#).into_bytes(),
         Err(err) => format!(r#"{{"error":"cannot encode response: {err}"}}"#).into_bytes(),
     };
     if let Err(err) = stream.write_all(&body).await {
         debug!("control client went away: {err}");
     }
+    let size = body.len();
+    drop(body);
+    crate::memory::answered(size);
     let _ = stream.shutdown().await;
 }

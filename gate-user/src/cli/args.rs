@@ -234,6 +234,13 @@ pub struct AgentArgs {
     /// host where the gate runs needs `portgate uninstall` first.
     #[arg(long, default_value_t = gate_common::ALLOW_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=i64::from(gate_common::ALLOW_CAPACITY)))]
     pub max_allow: u32,
+    /// Saved rules (`portgate allow`) the agent holds; as many again are for the rules it
+    /// derives (labels, --published, the default policy, the policy file). Each rule has a
+    /// counter slot in a per-CPU kernel array, 2 × N slots × 16 bytes × possible CPUs in all
+    /// (the default: 256 KiB per CPU, 32 MiB on 128 CPUs), so the default stays modest.
+    /// Changing it on a host where the gate runs needs `portgate uninstall` first.
+    #[arg(long, value_name = "N", default_value_t = gate_user::datapath::DEFAULT_SAVED_RULES, value_parser = clap::value_parser!(u32).range(1..=i64::from(gate_user::datapath::MAX_SAVED_RULES_LIMIT)))]
+    pub max_rules: u32,
     /// Serve Prometheus metrics on ADDR (/metrics); `off` to serve none.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9560", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,

@@ -146,6 +146,7 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         capacities: Capacities {
             flows: args.max_flows,
             allow: args.max_allow,
+            rules: args.max_rules,
         },
         policy_required: args.policy.is_some(),
         policy_file: args

@@ -216,12 +216,38 @@ pub struct Capacities {
     pub allow: u32,
     /// Tracked connections (LRU).
     pub flows: u32,
+    /// Saved rules (`--max-rules`); as many rule slots again are for the rules the agent
+    /// derives (labels, `--published`, the default policy, the policy file).
+    pub rules: u32,
 }
+
+/// Saved rules by default: half of [`MAX_RULES`], the slots the kernel object declares, so
+/// that the per-rule counters take the memory they always did.
+pub const DEFAULT_SAVED_RULES: u32 = MAX_RULES / 2;
+/// The most `--max-rules` takes: rule ids stay far below `NO_RULE`, and the counters of
+/// 2 × this many slots take 32 MiB per possible CPU.
+pub const MAX_SAVED_RULES_LIMIT: u32 = 1 << 20;
 
 impl Capacities {
     /// The unreplied flows' table: a share of the replied one.
     pub fn new_flows(&self) -> u32 {
         (self.flows / gate_common::NEW_FLOW_SHARE).max(gate_common::MIN_NEW_FLOWS)
+    }
+
+    /// Slots of the per-rule counters (`RULE_STATS`): ids `0..rules` for saved rules,
+    /// `rules..2 × rules` for derived ones.
+    pub fn rule_slots(&self) -> u32 {
+        self.rules.saturating_mul(2)
+    }
+
+    /// The ids of saved rules.
+    pub fn saved_ids(&self) -> std::ops::Range<u32> {
+        0..self.rules
+    }
+
+    /// The ids of the rules the agent derives.
+    pub fn derived_ids(&self) -> std::ops::Range<u32> {
+        self.rules..self.rule_slots()
     }
 }
 
@@ -230,6 +256,7 @@ impl Default for Capacities {
         Self {
             allow: ALLOW_CAPACITY,
             flows: FLOW_CAPACITY,
+            rules: DEFAULT_SAVED_RULES,
         }
     }
 }
@@ -264,7 +291,7 @@ fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usiz
             MapType::PerCpuArray,
             4,
             size_of::<RuleStats>(),
-            MAX_RULES,
+            capacities.rule_slots(),
         ),
         (
             map_names::COUNTERS,
@@ -402,7 +429,8 @@ impl Datapath {
         loader
             .map_max_entries(map_names::ALLOW, capacities.allow)
             .map_max_entries(map_names::FLOWS, capacities.flows)
-            .map_max_entries(map_names::NEW_FLOWS, capacities.new_flows());
+            .map_max_entries(map_names::NEW_FLOWS, capacities.new_flows())
+            .map_max_entries(map_names::RULE_STATS, capacities.rule_slots());
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [
             program_names::TOWARD_CONTAINERS,
@@ -812,7 +840,57 @@ impl Datapath {
         Ok(())
     }
 
-    /// Packets and bytes of each rule, summed over CPUs.
+    /// Packets and bytes of each of `rule_ids`, summed over CPUs, read in batches
+    /// (BPF_MAP_LOOKUP_BATCH) of the slots around them: `list`, `status` and a scrape cost a
+    /// few system calls per few thousand rules, not one per rule. Ids beyond the slots count
+    /// nothing.
+    pub fn rule_stats_of(
+        &self,
+        rule_ids: impl IntoIterator<Item = u32>,
+    ) -> Result<BTreeMap<u32, RuleStats>> {
+        const CHUNK: u32 = 4_096;
+        let name = map_names::RULE_STATS;
+        let path = self.pins.map(name);
+        let slots = self.capacities.rule_slots();
+        let cpus = possible_cpus()?;
+        // The kernel copies each CPU's value rounded up to 8 bytes.
+        let per_cpu = size_of::<RuleStats>().div_ceil(8) * 8;
+        let ids: BTreeSet<u32> = rule_ids.into_iter().filter(|id| *id < slots).collect();
+        let mut stats = BTreeMap::new();
+        let mut fd = None;
+        let mut covered_to = 0u32;
+        for id in &ids {
+            if *id < covered_to {
+                continue;
+            }
+            let fd = match &fd {
+                Some(fd) => fd,
+                None => fd.insert(sys::obj_get(&path).map_err(io_err(&path))?),
+            };
+            let count = CHUNK.min(slots - id);
+            let (keys, values) = sys::lookup_array_batch(fd.as_fd(), *id, count, per_cpu * cpus)
+                .map_err(io_err(&path))?;
+            covered_to = id + count;
+            for (key, value) in keys.iter().zip(values.chunks_exact(per_cpu * cpus)) {
+                if !ids.contains(key) {
+                    continue;
+                }
+                let mut sum = RuleStats::default();
+                for cpu in value.chunks_exact(per_cpu) {
+                    // SAFETY: RuleStats is plain old data valid for any bits; `cpu` holds at
+                    // least its size; unaligned read.
+                    let one: RuleStats =
+                        unsafe { std::ptr::read_unaligned(cpu.as_ptr().cast::<RuleStats>()) };
+                    sum.packets += one.packets;
+                    sum.bytes += one.bytes;
+                }
+                stats.insert(*key, sum);
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Packets and bytes of one rule, summed over CPUs.
     pub fn rule_stats(&self, rule_id: u32) -> Result<RuleStats> {
         let name = map_names::RULE_STATS;
         let map: PerCpuArray<_, RuleStats> =

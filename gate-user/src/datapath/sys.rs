@@ -12,8 +12,8 @@ use std::{
 
 use portgate_bpf_sys::c_path;
 pub use portgate_bpf_sys::{
-    SkLookupRun, TestRun, count_entries, detach_pinned_link, obj_get, obj_pin, test_run,
-    test_run_sk_lookup, update_link,
+    SkLookupRun, TestRun, count_entries, detach_pinned_link, lookup_array_batch, obj_get, obj_pin,
+    test_run, test_run_sk_lookup, update_link,
 };
 
 pub fn ifindex(name: &str) -> Option<u32> {

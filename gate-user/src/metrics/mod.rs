@@ -38,7 +38,7 @@
 //! `portgate_build_info{version}` (always 1).
 //!
 //! Every label value is bounded: bridges, engines, reasons and rules are the agent's own
-//! (rule ids are below `MAX_RULES`); no label carries a peer address or a source port.
+//! (rule ids are below the agent's rule slots, `--max-rules`); no label carries a peer address or a source port.
 //!
 //! The per-rule counters have no bridge label on purpose: the datapath counts per rule only
 //! (one slot per rule id, summed over CPUs), not per bridge. Per-bridge traffic is in
@@ -62,7 +62,10 @@ use prometheus_client::registry::Registry;
 use crate::api::{RuleView, Status};
 
 use self::families::Snapshot;
-pub use self::{server::serve, text_format::to_text_format};
+pub use self::{
+    server::{Body, serve, written},
+    text_format::to_text_format,
+};
 
 /// The content type of [`encode`]'s output.
 pub const OPENMETRICS_CONTENT_TYPE: &str =

@@ -22,6 +22,17 @@ use super::{OPENMETRICS_CONTENT_TYPE, PATH, TEXT_CONTENT_TYPE, to_text_format};
 
 /// How long a scrape waits for the agent loop before answering 503.
 pub(super) const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the agent loop answers a scrape with: the writing of the exposition, which runs on a
+/// blocking thread once the loop has read the datapath (with many rules the text is tens of
+/// megabytes; the loop must not wait for it, nor must the timeout that catches a stuck loop
+/// count it). An empty exposition means the datapath could not be read (answered 500).
+pub type Body = Box<dyn FnOnce() -> String + Send>;
+
+/// A body that is written already.
+pub fn written(text: String) -> Body {
+    Box::new(move || text)
+}
 /// A client must send its request headers within this time (also bounds idle connections).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once; more wait in the listen backlog.
@@ -35,7 +46,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// loop does not answer within 5 s, or is gone, the scrape gets 503. Other paths get 404.
 pub async fn serve(
     listener: TcpListener,
-    scrape: mpsc::Sender<oneshot::Sender<String>>,
+    scrape: mpsc::Sender<oneshot::Sender<Body>>,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -80,7 +91,7 @@ fn is_transient(err: &std::io::Error) -> bool {
 
 async fn respond(
     request: Request<Incoming>,
-    scrape: mpsc::Sender<oneshot::Sender<String>>,
+    scrape: mpsc::Sender<oneshot::Sender<Body>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.uri().path() != PATH {
         return Ok(plain(
@@ -96,6 +107,7 @@ async fn respond(
         return Ok(response);
     }
     let openmetrics = accepts_openmetrics(request.headers());
+    let gzip = accepts_gzip(request.headers());
     let (tx, rx) = oneshot::channel();
     let answer = tokio::time::timeout(SCRAPE_TIMEOUT, async {
         scrape.send(tx).await.ok()?;
@@ -103,13 +115,7 @@ async fn respond(
     })
     .await;
     let body = match answer {
-        Ok(Some(body)) if !body.is_empty() => body,
-        Ok(Some(_)) => {
-            return Ok(plain(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the agent could not read the datapath; see its log\n",
-            ));
-        }
+        Ok(Some(body)) => body,
         Ok(None) => {
             return Ok(plain(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -123,17 +129,89 @@ async fn respond(
             ));
         }
     };
-    let (content_type, body) = if openmetrics {
-        (OPENMETRICS_CONTENT_TYPE, body)
-    } else {
-        (TEXT_CONTENT_TYPE, to_text_format(&body))
+    // Written, rewritten for the classic format and compressed on a blocking thread: with
+    // many rules that is megabytes, which must not hold up the runtime's one thread.
+    // One large answer at a time (see `crate::memory::one_at_a_time`).
+    let written = tokio::task::spawn_blocking(move || {
+        crate::memory::one_at_a_time(|| write_body(body, openmetrics, gzip))
+    })
+    .await;
+    let Ok(Some(bytes)) = written else {
+        return Ok(plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the agent could not read the datapath; see its log\n",
+        ));
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    response.headers_mut().insert(
+    let content_type = if openmetrics {
+        OPENMETRICS_CONTENT_TYPE
+    } else {
+        TEXT_CONTENT_TYPE
+    };
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static(content_type),
     );
+    if gzip {
+        headers.insert(
+            header::CONTENT_ENCODING,
+            header::HeaderValue::from_static("gzip"),
+        );
+    }
     Ok(response)
+}
+
+/// The exposition `body` writes, in the format asked for, compressed if asked; none when the
+/// agent could not read the datapath.
+fn write_body(body: Body, openmetrics: bool, gzip: bool) -> Option<Vec<u8>> {
+    let body = body();
+    if body.is_empty() {
+        return None;
+    }
+    let text = if openmetrics {
+        body
+    } else {
+        to_text_format(&body)
+    };
+    crate::memory::answered(text.len());
+    Some(if gzip {
+        compress(text.as_bytes())
+    } else {
+        text.into_bytes()
+    })
+}
+
+/// gzip at its fastest level: a scrape of 100 000 rules' series shrinks from about 30 MB to
+/// under 2 MB for a fraction of the time writing it took.
+fn compress(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(bytes.len() / 8),
+        flate2::Compression::fast(),
+    );
+    // Writing into a Vec cannot fail.
+    let _ = encoder.write_all(bytes);
+    encoder.finish().unwrap_or_default()
+}
+
+/// Whether the request's `Accept-Encoding` names gzip with a non-zero q (Prometheus sends
+/// `Accept-Encoding: gzip`).
+pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            (name.eq_ignore_ascii_case("gzip") || name == "*")
+                && parts
+                    .filter_map(|p| p.split_once('='))
+                    .filter(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                    .all(|(_, q)| q.trim().parse::<f32>().map_or(true, |q| q > 0.0))
+        })
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {

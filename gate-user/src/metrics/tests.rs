@@ -12,7 +12,7 @@ use tokio::{
 };
 
 use super::{
-    server::{SCRAPE_TIMEOUT, accepts_openmetrics},
+    server::{SCRAPE_TIMEOUT, accepts_gzip, accepts_openmetrics},
     *,
 };
 use crate::{
@@ -564,7 +564,7 @@ async fn http(addr: std::net::SocketAddr, request: &str) -> (String, String, Str
 
 /// Starts `serve` on a loopback port, with `agent` answering scrapes.
 async fn server(
-    agent: impl FnOnce(mpsc::Receiver<oneshot::Sender<String>>) + Send + 'static,
+    agent: impl FnOnce(mpsc::Receiver<oneshot::Sender<Body>>) + Send + 'static,
 ) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -579,7 +579,7 @@ async fn serves_metrics_in_both_formats() {
     let addr = server(|mut scrapes| {
         tokio::spawn(async move {
             while let Some(reply) = scrapes.recv().await {
-                let _ = reply.send(encode(&status(), &rules()).unwrap());
+                let _ = reply.send(written(encode(&status(), &rules()).unwrap()));
             }
         });
     })
@@ -621,6 +621,46 @@ async fn serves_metrics_in_both_formats() {
 }
 
 #[tokio::test]
+async fn gzip_for_clients_that_accept_it() {
+    let addr = server(|mut scrapes| {
+        tokio::spawn(async move {
+            while let Some(reply) = scrapes.recv().await {
+                let _ = reply.send(written(encode(&status(), &rules()).unwrap()));
+            }
+        });
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nAccept-Encoding: gzip\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(&response[split + 4..]),
+        &mut text,
+    )
+    .unwrap();
+    assert_eq!(text, to_text_format(&exposition()));
+
+    let accept = |value: &str| {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT_ENCODING, value.parse().unwrap());
+        accepts_gzip(&headers)
+    };
+    assert!(accept("gzip"));
+    assert!(accept("deflate, gzip;q=1.0, *;q=0.5"));
+    assert!(!accept("gzip;q=0"));
+    assert!(!accept("identity"));
+    assert!(!accepts_gzip(&HeaderMap::new()));
+}
+
+#[tokio::test]
 async fn agent_failures_are_5xx() {
     // The agent loop is gone.
     let addr = server(drop).await;
@@ -631,7 +671,7 @@ async fn agent_failures_are_5xx() {
     let addr = server(|mut scrapes| {
         tokio::spawn(async move {
             while let Some(reply) = scrapes.recv().await {
-                let _ = reply.send(String::new());
+                let _ = reply.send(written(String::new()));
             }
         });
     })

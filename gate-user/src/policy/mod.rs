@@ -19,8 +19,9 @@ pub use sources::{AccessList, Prefix, Restriction, SourceSets, SourceSpec, expan
 pub use store::{RuleStore, Saved, StoreError};
 pub use workload::{ALLOW_LABEL, LabelOrigin, Published, Workload};
 
-/// Rule ids below this are saved rules; the rest are for rules the agent derives from
-/// containers (labels, the default policy), which live only while their container runs.
+/// Saved rules an agent holds by default (`agent --max-rules`): rule ids below the limit are
+/// saved rules; as many again are for the rules the agent derives (labels, the default
+/// policy, the policy file), which live only while their container or the file says so.
 pub const MAX_SAVED_RULES: u32 = MAX_RULES / 2;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -45,8 +46,10 @@ pub enum PolicyError {
     NotAllowed(String),
     #[error("{0} is already allowed")]
     AlreadyAllowed(String),
-    #[error("too many rules: at most {MAX_SAVED_RULES}")]
-    TooManyRules,
+    #[error(
+        "too many rules: the agent holds at most {limit} saved rules (agent --max-rules); nothing changed"
+    )]
+    TooManyRules { limit: u32 },
     #[error("the rules would need {needed} allow-map entries; the map holds {ALLOW_CAPACITY}")]
     TooManyEntries { needed: usize },
     #[error(
@@ -380,16 +383,43 @@ pub fn addr_from_map(addr: gate_common::Addr) -> IpAddr {
     v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
 }
 
-/// The set of allow rules, kept in id order.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The set of allow rules, kept in id order; ids are below its limit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleSet {
     rules: Vec<Rule>,
+    /// How many rules it may hold (the agent's `--max-rules`).
+    #[serde(skip, default = "default_limit")]
+    limit: u32,
+}
+
+fn default_limit() -> u32 {
+    MAX_SAVED_RULES
+}
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
 }
 
 impl RuleSet {
     pub fn new(mut rules: Vec<Rule>) -> Self {
         rules.sort_by_key(|r| r.id);
-        Self { rules }
+        Self {
+            rules,
+            limit: MAX_SAVED_RULES,
+        }
+    }
+
+    /// The same rules, limited to `limit` (ids `0..limit`).
+    pub fn with_limit(mut self, limit: u32) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// The highest rule id, if any rule.
+    pub fn max_id(&self) -> Option<u32> {
+        self.rules.last().map(|r| r.id)
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -425,7 +455,9 @@ impl RuleSet {
             rule.access.expires = access.expires;
             return Ok(rule.id);
         }
-        let id = self.free_id().ok_or(PolicyError::TooManyRules)?;
+        let id = self
+            .free_id()
+            .ok_or(PolicyError::TooManyRules { limit: self.limit })?;
         let mut next = self.clone();
         next.rules.push(Rule {
             id,
@@ -492,9 +524,11 @@ impl RuleSet {
         if !touched {
             return Err(PolicyError::NotAllowed(format!("{target} {ports}")));
         }
-        let mut result = RuleSet::new(next);
+        let mut result = RuleSet::new(next).with_limit(self.limit);
         for (target, spec, access) in pending_split {
-            let id = result.free_id().ok_or(PolicyError::TooManyRules)?;
+            let id = result
+                .free_id()
+                .ok_or(PolicyError::TooManyRules { limit: self.limit })?;
             result.rules.push(Rule {
                 id,
                 target,
@@ -544,7 +578,7 @@ impl RuleSet {
             }
             candidate += 1;
         }
-        (candidate < MAX_SAVED_RULES).then_some(candidate)
+        (candidate < self.limit).then_some(candidate)
     }
 
     fn check_capacity(&self) -> Result<(), PolicyError> {
@@ -742,6 +776,36 @@ mod tests {
             Err(PolicyError::NotAllowed(_))
         ));
         assert_eq!(rules.deny(&target("web"), Ports::Published), Ok(vec![1]));
+    }
+
+    #[test]
+    fn the_limit_refuses_one_more_rule_in_one_line_and_changes_nothing() {
+        let mut rules = RuleSet::default().with_limit(2);
+        assert_eq!(rules.allow_any(target("10.0.0.2"), spec("80")), Ok(0));
+        assert_eq!(rules.allow_any(target("10.0.0.3"), spec("80")), Ok(1));
+        let before = rules.clone();
+        let err = rules
+            .allow_any(target("10.0.0.4"), spec("80"))
+            .expect_err("full");
+        assert_eq!(err, PolicyError::TooManyRules { limit: 2 });
+        let message = err.to_string();
+        assert!(
+            message.contains("--max-rules") && !message.contains('\n'),
+            "{message}"
+        );
+        assert_eq!(rules, before);
+        // A deny that splits a range needs a slot too: refused alike.
+        let mut ranges = RuleSet::default().with_limit(1);
+        ranges
+            .allow_any(target("10.0.0.2"), spec("80-82"))
+            .expect("allow");
+        let before = ranges.clone();
+        assert_eq!(
+            ranges.deny(&target("10.0.0.2"), spec("81")),
+            Err(PolicyError::TooManyRules { limit: 1 })
+        );
+        assert_eq!(ranges, before);
+        assert_eq!(ranges.max_id(), Some(0));
     }
 
     #[test]

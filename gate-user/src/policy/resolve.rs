@@ -97,7 +97,7 @@ pub struct Context {
     pub file_rules: Vec<FileRule>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Resolved {
     pub rules: Vec<ResolvedRule>,
     /// Who may connect to each destination: the allow map's content before the access lists
@@ -116,6 +116,8 @@ pub struct Resolver {
     derived_ids: BTreeMap<(String, Origin, Ports, Access), u32>,
     /// Whether containers' `portgate.allow` labels open ports (`agent --labels on|off`).
     labels: bool,
+    /// The rule ids derived rules take (those above the saved rules').
+    slots: std::ops::Range<u32>,
 }
 
 impl Default for Resolver {
@@ -131,7 +133,19 @@ impl Resolver {
         Self {
             derived_ids: BTreeMap::new(),
             labels,
+            slots: MAX_SAVED_RULES..MAX_RULES,
         }
+    }
+
+    /// The same resolver, giving derived rules the ids of `slots`.
+    pub fn with_slots(mut self, slots: std::ops::Range<u32>) -> Self {
+        self.slots = slots;
+        self
+    }
+
+    /// How many derived rules fit.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
     }
 
     pub fn resolve(
@@ -168,26 +182,34 @@ impl Resolver {
             }
         }
         self.derived_ids.retain(|key, _| wanted.contains(key));
+        // The file's rules by what they say, and the free ids in order: one pass each, so
+        // that a file of many rules resolves in N log N, not N².
+        let file_rules: BTreeMap<(String, Ports, &Access), &FileRule> = context
+            .file_rules
+            .iter()
+            .map(|r| ((r.target.to_string(), r.ports, &r.access), r))
+            .collect();
+        let used: BTreeSet<u32> = self.derived_ids.values().copied().collect();
+        let mut free = self.slots.clone().filter(|id| !used.contains(id));
+        let mut skipped = 0usize;
         for key in wanted {
             let id = match self.derived_ids.get(&key) {
                 Some(id) => *id,
-                None => match self.free_id() {
+                None => match free.next() {
                     Some(id) => {
                         self.derived_ids.insert(key.clone(), id);
                         resolved.new_ids.insert(id);
                         id
                     }
                     None => {
-                        warn!("no free rule slot for a container-derived rule; skipped");
+                        skipped += 1;
                         continue;
                     }
                 },
             };
             let (_, source, ports, access) = &key;
             if *source == Origin::File {
-                let Some(rule) = context.file_rules.iter().find(|r| {
-                    r.target.to_string() == key.0 && r.ports == *ports && r.access == *access
-                }) else {
+                let Some(rule) = file_rules.get(&(key.0.clone(), *ports, access)) else {
                     continue;
                 };
                 let matched = matching(&rule.target, containers);
@@ -207,6 +229,13 @@ impl Resolver {
             rule.access = access.clone();
             resolved.rules.push(rule);
         }
+        if skipped > 0 {
+            warn!(
+                skipped,
+                slots = self.slots.len(),
+                "no free rule slot for rules of containers or the policy file (agent --max-rules); skipped"
+            );
+        }
         resolved.rules.sort_by_key(|r| r.id);
         for rule in &mut resolved.rules {
             let restriction = match restriction(rule, context) {
@@ -221,11 +250,6 @@ impl Resolver {
             }
         }
         resolved
-    }
-
-    fn free_id(&self) -> Option<u32> {
-        let used: BTreeSet<u32> = self.derived_ids.values().copied().collect();
-        (MAX_SAVED_RULES..MAX_RULES).find(|id| !used.contains(id))
     }
 }
 
@@ -850,6 +874,26 @@ mod tests {
         let policy = Resolver::new(false).resolve(&RuleSet::default(), &[web], &context(true));
         let sources: Vec<Origin> = policy.rules.iter().map(|r| r.source).collect();
         assert_eq!(sources, [Origin::DefaultPolicy]);
+    }
+
+    #[test]
+    fn derived_rules_take_the_slots_given_and_what_does_not_fit_is_skipped() {
+        let file_rule = |address: &str| FileRule {
+            target: address.parse().expect("target"),
+            ports: Ports::Spec("80".parse().expect("spec")),
+            access: Access::default(),
+        };
+        let mut ctx = context(false);
+        ctx.file_rules = (1..=3).map(|i| file_rule(&format!("10.0.0.{i}"))).collect();
+        let mut resolver = Resolver::default().with_slots(100..102);
+        let resolved = resolver.resolve(&RuleSet::default(), &[], &ctx);
+        let ids: Vec<u32> = resolved.rules.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [100, 101], "two slots, three file rules: one skipped");
+        assert_eq!(resolved.entries.len(), 2);
+        // The same file again: the same ids, nothing new.
+        let again = resolver.resolve(&RuleSet::default(), &[], &ctx);
+        assert_eq!(again.rules.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+        assert!(again.new_ids.is_empty());
     }
 
     #[test]
