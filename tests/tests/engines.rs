@@ -519,7 +519,27 @@ fn deleted_delegation_rule_is_restored() {
         "labelled Podman container",
     );
 
-    let status = agent.status_json();
+    // A replies rule exactly where the engine accepts its bridge's traffic only in nftables
+    // tables of its own (Podman 5's netavark), and nowhere else. The keeper installs it after
+    // Podman's first sync, which the published port may answer before: wait for it.
+    let wants_replies = engines.set == EngineSet::Sid;
+    let replies_installed = |status: &serde_json::Value| -> Vec<String> {
+        status["netfilter"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["replies"] == true && n["installed"] == true)
+            .filter_map(|n| n["bridge"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let deadline = Instant::now() + FOLLOW_TIMEOUT;
+    let status = loop {
+        let status = agent.status_json();
+        if !wants_replies || !replies_installed(&status).is_empty() || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let netfilter = status["netfilter"]
         .as_array()
         .unwrap_or_else(|| panic!("status --json has no netfilter array: {status}"));
@@ -536,15 +556,9 @@ fn deleted_delegation_rule_is_restored() {
         podman0["installed"], true,
         "podman0's delegation rule: {status}"
     );
-    // A replies rule exactly where the engine accepts its bridge's traffic only in nftables
-    // tables of its own (Podman 5's netavark), and nowhere else.
-    let with_replies: Vec<&str> = netfilter
-        .iter()
-        .filter(|n| n["replies"] == true && n["installed"] == true)
-        .filter_map(|n| n["bridge"].as_str())
-        .collect();
-    let expected: Vec<&str> = if engines.set == EngineSet::Sid {
-        vec![engines.set.podman_bridge()]
+    let with_replies = replies_installed(&status);
+    let expected: Vec<String> = if wants_replies {
+        vec![engines.set.podman_bridge().to_owned()]
     } else {
         Vec::new()
     };
@@ -958,7 +972,9 @@ fn status_names_the_engines_and_podman_networks_are_gated() {
     assert_eq!(podman["firewall"], podman_firewall, "podman: {podman}");
     if engines.set == EngineSet::Sid {
         // Docker 28 files its rules under DOCKER-FORWARD, and still jumps to DOCKER-USER
-        // first: the delegation rule for docker0 goes there, before its RETURN.
+        // first: the delegation rule for docker0 goes there, before a RETURN if the chain
+        // has one (Docker 28.3 and later create it without: moby#50098; an older daemon's
+        // stays until the next reboot).
         let forward = iptables_rules("iptables", "FORWARD");
         assert!(
             forward.iter().any(|r| r == "-A FORWARD -j DOCKER-FORWARD"),
@@ -984,11 +1000,16 @@ fn status_names_the_engines_and_podman_networks_are_gated() {
         };
         assert_eq!(docker0["chain"], "DOCKER-USER", "docker0's rule: {docker0}");
         let user = iptables_rules("iptables", "DOCKER-USER");
-        assert_eq!(
-            user.last().map(String::as_str),
-            Some("-A DOCKER-USER -j RETURN"),
-            "the delegation rule goes before DOCKER-USER's RETURN: {user:?}"
-        );
+        let ours = user
+            .iter()
+            .position(|r| r.contains("-o docker0") && r.contains("portgate: delegate docker0"))
+            .unwrap_or_else(|| panic!("docker0's rule is not in DOCKER-USER: {user:?}"));
+        if let Some(ret) = user.iter().position(|r| r == "-A DOCKER-USER -j RETURN") {
+            assert!(
+                ours < ret,
+                "the delegation rule goes before DOCKER-USER's RETURN: {user:?}"
+            );
+        }
     }
     let text = agent.cli_ok(&["status"]);
     assert!(
