@@ -148,9 +148,11 @@ async fn write_reply(
     stream: &mut UnixStream,
     encoded: Result<serde_json::Result<Vec<u8>>, tokio::task::JoinError>,
 ) {
-    let body = match encoded {
-        Ok(Ok(body)) => body,
-        Ok(Err(err)) => format!(r#"{{"error":"cannot encode response: {err}"}}"#).into_bytes(),
+    let body = match encoded
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
+        Ok(body) => body,
         Err(err) => format!(r#"{{"error":"cannot encode response: {err}"}}"#).into_bytes(),
     };
     if let Err(err) = stream.write_all(&body).await {

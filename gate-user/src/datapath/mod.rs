@@ -44,9 +44,8 @@ use aya::{
 use gate_common::{
     ALLOW_CAPACITY, AllowKey, AllowValue, BLOCKED_CAPACITY, BRIDGE_DROPS_CAPACITY, BlockKey,
     BridgeDropKey, CONFIG_AUDIT, CONFIG_GATE_HOST, Config, DropEvent, FLOW_CAPACITY, FlowKey,
-    FlowState, HOST_PORTS_CAPACITY, LOCAL_ADDRS_CAPACITY, MAX_RULES, PORT_ADDRS_CAPACITY,
-    PortAddrKey, RuleStats, SOURCES_CAPACITY, SourceKey, SourceValue, counters, map_names,
-    program_names,
+    FlowState, HOST_PORTS_CAPACITY, LOCAL_ADDRS_CAPACITY, PORT_ADDRS_CAPACITY, PortAddrKey,
+    RuleStats, SOURCES_CAPACITY, SourceKey, SourceValue, counters, map_names, program_names,
 };
 use tracing::{info, warn};
 
@@ -221,9 +220,8 @@ pub struct Capacities {
     pub rules: u32,
 }
 
-/// Saved rules by default: half of [`MAX_RULES`], the slots the kernel object declares, so
-/// that the per-rule counters take the memory they always did.
-pub const DEFAULT_SAVED_RULES: u32 = MAX_RULES / 2;
+/// Saved rules by default (the policy's; the kernel object declares twice as many slots).
+pub use crate::policy::DEFAULT_SAVED_RULES;
 /// The most `--max-rules` takes: rule ids stay far below `NO_RULE`, and the counters of
 /// 2 × this many slots take 32 MiB per possible CPU.
 pub const MAX_SAVED_RULES_LIMIT: u32 = 1 << 20;

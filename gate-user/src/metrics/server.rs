@@ -198,20 +198,9 @@ fn compress(bytes: &[u8]) -> Vec<u8> {
 /// Whether the request's `Accept-Encoding` names gzip with a non-zero q (Prometheus sends
 /// `Accept-Encoding: gzip`).
 pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|coding| {
-            let mut parts = coding.split(';').map(str::trim);
-            let name = parts.next().unwrap_or_default();
-            (name.eq_ignore_ascii_case("gzip") || name == "*")
-                && parts
-                    .filter_map(|p| p.split_once('='))
-                    .filter(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
-                    .all(|(_, q)| q.trim().parse::<f32>().map_or(true, |q| q > 0.0))
-        })
+    accepts(headers, header::ACCEPT_ENCODING, |coding| {
+        coding.eq_ignore_ascii_case("gzip") || coding == "*"
+    })
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
@@ -227,15 +216,22 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
 /// Whether the request's `Accept` names `application/openmetrics-text` with a non-zero q.
 /// Prometheus sends `application/openmetrics-text;version=1.0.0,...,text/plain;version=0.0.4;q=0.5,*/*;q=0.1`.
 pub(super) fn accepts_openmetrics(headers: &HeaderMap) -> bool {
+    accepts(headers, header::ACCEPT, |media| {
+        media.eq_ignore_ascii_case("application/openmetrics-text")
+    })
+}
+
+/// Whether a comma-separated list header (`Accept`, `Accept-Encoding`) has an item that
+/// `wanted` takes by its name, with no `q` parameter or a non-zero one.
+fn accepts(headers: &HeaderMap, name: header::HeaderName, wanted: impl Fn(&str) -> bool) -> bool {
     headers
-        .get_all(header::ACCEPT)
+        .get_all(name)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .any(|range| {
-            let mut parts = range.split(';').map(str::trim);
-            let media = parts.next().unwrap_or_default();
-            media.eq_ignore_ascii_case("application/openmetrics-text")
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            wanted(parts.next().unwrap_or_default())
                 && parts
                     .filter_map(|p| p.split_once('='))
                     .filter(|(k, _)| k.trim().eq_ignore_ascii_case("q"))

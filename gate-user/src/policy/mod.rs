@@ -22,7 +22,7 @@ pub use workload::{ALLOW_LABEL, LabelOrigin, Published, Workload};
 /// Saved rules an agent holds by default (`agent --max-rules`): rule ids below the limit are
 /// saved rules; as many again are for the rules the agent derives (labels, the default
 /// policy, the policy file), which live only while their container or the file says so.
-pub const MAX_SAVED_RULES: u32 = MAX_RULES / 2;
+pub const DEFAULT_SAVED_RULES: u32 = MAX_RULES / 2;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
@@ -393,7 +393,7 @@ pub struct RuleSet {
 }
 
 fn default_limit() -> u32 {
-    MAX_SAVED_RULES
+    DEFAULT_SAVED_RULES
 }
 
 impl Default for RuleSet {
@@ -407,7 +407,7 @@ impl RuleSet {
         rules.sort_by_key(|r| r.id);
         Self {
             rules,
-            limit: MAX_SAVED_RULES,
+            limit: DEFAULT_SAVED_RULES,
         }
     }
 

@@ -13,7 +13,7 @@ use tracing::warn;
 
 use super::{ALLOW_LABEL, LabelOrigin, PolicyError, Workload};
 use super::{
-    Access, FileRule, MAX_SAVED_RULES, PortSpec, Ports, Restriction, Rule, RuleSet, SourceSets,
+    Access, DEFAULT_SAVED_RULES, FileRule, PortSpec, Ports, Restriction, Rule, RuleSet, SourceSets,
     Target, expand, map_addr,
 };
 
@@ -133,7 +133,7 @@ impl Resolver {
         Self {
             derived_ids: BTreeMap::new(),
             labels,
-            slots: MAX_SAVED_RULES..MAX_RULES,
+            slots: DEFAULT_SAVED_RULES..MAX_RULES,
         }
     }
 
@@ -260,10 +260,12 @@ impl Resolved {
     /// destinations it opens, or None (nothing changed) where the whole resolution is
     /// needed. Keeps `portgate allow` flat in the number of rules.
     pub fn add_open_address_rule(&mut self, rule: &Rule, now: u64) -> Option<Vec<AllowKey>> {
+        // The rules are in id order (`resolve` sorts them).
+        let at = self.rules.partition_point(|r| r.id < rule.id);
         if !matches!(rule.target, Target::Address(_))
             || rule.access.is_restricted()
             || rule.access.is_due(now)
-            || self.rules.iter().any(|r| r.id == rule.id)
+            || self.rules.get(at).is_some_and(|r| r.id == rule.id)
         {
             return None;
         }
@@ -276,7 +278,6 @@ impl Resolved {
         for key in &keys {
             self.entries.insert(*key, Admission::Any(rule.id));
         }
-        let at = self.rules.partition_point(|r| r.id < rule.id);
         self.rules.insert(at, one);
         Some(keys)
     }
@@ -673,7 +674,7 @@ mod tests {
             sources,
             [Origin::Label, Origin::Label, Origin::DefaultPolicy]
         );
-        assert!(first.rules.iter().all(|r| r.id >= MAX_SAVED_RULES));
+        assert!(first.rules.iter().all(|r| r.id >= DEFAULT_SAVED_RULES));
         assert_eq!(first.new_ids.len(), 3);
         assert_eq!(first.entries.len(), 3);
 
