@@ -41,7 +41,8 @@ counters! {
     DROP_TCP_NO_STATE = 8, "tcp_no_state", Drop;
     /// Truncated or inconsistent headers.
     DROP_MALFORMED = 9, "malformed", Drop;
-    /// IP fragment: ports are unknown, so it cannot be matched.
+    /// A later IP fragment (no ports) of a datagram whose first fragment did not pass, or
+    /// came after it, or long ago.
     DROP_FRAGMENT = 10, "fragment", Drop;
     /// More IPv6 extension headers than the program walks, or no upper-layer header.
     DROP_UNSUPPORTED_HEADER = 11, "unsupported_header", Drop;
@@ -71,6 +72,11 @@ counters! {
     DROP_INTERFACE_NOT_ALLOWED = 22, "interface_not_allowed", Drop;
     /// Of the drops above, those `from_uplinks` made, before conntrack saw the packet.
     DROPPED_BEFORE_CONNTRACK = 23, "dropped_before_conntrack", Event;
+    /// A later fragment of a datagram whose first fragment passed.
+    PASS_FRAGMENT = 24, "fragment_followed", Pass;
+    /// A packet of a connection the agent ended (a block, `deny --cut`, a rule's `--for`
+    /// end), either way.
+    DROP_CUT = 25, "cut", Drop;
 }
 
 #[cfg(test)]

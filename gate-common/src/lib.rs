@@ -9,7 +9,7 @@ pub mod tcp;
 
 /// Directory of the pins under the agent's bpffs directory; bumped whenever a map's layout or
 /// the set of links changes, so an old agent's pins are never misread.
-pub const LAYOUT_VERSION: &str = "v3";
+pub const LAYOUT_VERSION: &str = "v4";
 
 /// Names of the maps in the eBPF object; also the file names of their pins.
 pub mod map_names {
@@ -28,6 +28,7 @@ pub mod map_names {
     pub const SOURCES: &str = "SOURCES";
     pub const BLOCKED: &str = "BLOCKED";
     pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
     /// Maps pinned so that they outlive the agent (the ring buffer and its budget are not:
     /// a new agent reads events from its own programs).
     pub const PINNED: [&str; 12] = [
@@ -86,6 +87,12 @@ pub const SOURCES_CAPACITY: u32 = 262_144;
 pub const BLOCKED_CAPACITY: u32 = 262_144;
 /// Capacity of the host's own addresses (the destinations published host ports answer on).
 pub const LOCAL_ADDRS_CAPACITY: u32 = 4_096;
+/// Capacity of the fragment table: datagrams whose first fragment passed, whose later
+/// fragments are still expected (Cilium's default).
+pub const FRAGMENTS_CAPACITY: u32 = 8_192;
+/// How long the later fragments of an admitted datagram may follow its first one (Linux
+/// gives up reassembling after 30 s, `ipfrag_time`).
+pub const FRAGMENT_TIMEOUT_NS: u64 = secs(30);
 /// Capacity of the per-bridge drop counters: (bridge, reason) pairs.
 pub const BRIDGE_DROPS_CAPACITY: u32 = 4_096;
 /// Size of the drop-event ring buffer.
@@ -236,6 +243,10 @@ pub const ORIGIN_CONTAINER: u8 = 2;
 
 /// Set in [`FlowState::flags`] once the side that did not open the flow has sent a packet.
 pub const FLOW_REPLIED: u8 = 1;
+/// Set in [`FlowState::flags`] by the agent to end a connection (a block, `deny --cut`, the
+/// end of a rule's `--for`): until the entry expires, its packets are dropped both ways and
+/// only a new connection request, judged by the rules in force, replaces it.
+pub const FLOW_CUT: u8 = 2;
 
 /// Value of the connection-tracking map.
 #[repr(C)]
@@ -281,6 +292,28 @@ impl FlowState {
     pub fn is_live(&self, proto: u8, now_ns: u64) -> bool {
         now_ns.saturating_sub(self.last_seen_ns) <= self.idle_timeout_ns(proto)
     }
+}
+
+/// Key of the fragment table: one IP datagram, as IPv4 and IPv6 identify its fragments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// The IPv4 identification (16 bits) or the IPv6 fragment header's identification.
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the fragment table: the first fragment passed at `first_seen_ns`, admitted as
+/// part of a flow counted by `rule_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragmentState {
+    pub first_seen_ns: u64,
+    pub rule_id: u32,
+    pub _pad: u32,
 }
 
 /// Per-rule counters (per CPU in the kernel; the agent sums them).
@@ -379,6 +412,10 @@ mod pod {
     unsafe impl aya::Pod for super::SourceValue {}
     // SAFETY: see above; `BlockKey` is such a type.
     unsafe impl aya::Pod for super::BlockKey {}
+    // SAFETY: see above; `FragmentKey` is such a type.
+    unsafe impl aya::Pod for super::FragmentKey {}
+    // SAFETY: see above; `FragmentState` is such a type.
+    unsafe impl aya::Pod for super::FragmentState {}
 }
 
 #[cfg(test)]
@@ -404,6 +441,8 @@ mod tests {
         );
         assert_eq!(size_of::<EventBudget>(), 16);
         assert_eq!(size_of::<PortAddrKey>(), 16 + 4);
+        assert_eq!(size_of::<FragmentKey>(), 16 + 16 + 4 + 1 + 3);
+        assert_eq!(size_of::<FragmentState>(), 8 + 4 + 4);
     }
 
     #[test]

@@ -24,7 +24,8 @@ const MAX_IPV6_EXTENSIONS: usize = 4;
 pub enum ParseError {
     /// Truncated or inconsistent headers.
     Malformed,
-    /// An IP fragment: no transport header to match.
+    /// A later IP fragment: no transport header to match (its datagram's identity is in the
+    /// `Transport`).
     Fragment,
     /// Too many IPv6 extension headers, or none that leads to a transport header.
     UnsupportedHeader,
@@ -47,6 +48,17 @@ pub enum Icmp {
     Other,
 }
 
+/// Which part of an IP datagram a packet carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// A whole datagram (including an IPv6 atomic fragment).
+    Whole,
+    /// The first fragment: it carries the transport header and decides for the datagram.
+    First,
+    /// A later fragment: no transport header; it follows its first fragment's verdict.
+    Later,
+}
+
 /// The transport-level identity of a packet. For ICMP echo, both ports hold the identifier.
 #[derive(Clone, Copy)]
 pub struct Transport {
@@ -58,6 +70,9 @@ pub struct Transport {
     /// TCP flags byte, 0 for other protocols.
     pub tcp_flags: u8,
     pub icmp: Icmp,
+    pub part: Part,
+    /// The datagram's identification, for fragments (IPv4: 16 bits; IPv6: 32).
+    pub fragment_id: u32,
 }
 
 impl Transport {
@@ -82,6 +97,8 @@ impl Transport {
         dst_port: 0,
         tcp_flags: 0,
         icmp: Icmp::None,
+        part: Part::Whole,
+        fragment_id: 0,
     };
 
     pub const fn new() -> Self {
@@ -176,12 +193,24 @@ fn parse_ipv4(
     if header_len > Ipv4Hdr::LEN {
         *notes |= NOTE_IP_OPTIONS;
     }
-    // More-fragments flag or a fragment offset.
-    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        return Err(ParseError::Fragment);
-    }
     t.src = ipv4_mapped(ip.src_addr);
     t.dst = ipv4_mapped(ip.dst_addr);
+    // More-fragments flag (0x2000) and fragment offset (0x1fff, in 8 octets).
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & 0x3fff != 0 {
+        t.fragment_id = u16::from_be_bytes(ip.id) as u32;
+        let offset = frags & 0x1fff;
+        if offset != 0 {
+            // RFC 1858: a TCP fragment at offset 8 can only be rewriting the header's flags.
+            if ip.proto == PROTO_TCP && offset == 1 {
+                return Err(ParseError::Malformed);
+            }
+            t.reset_transport(ip.proto);
+            t.part = Part::Later;
+            return Err(ParseError::Fragment);
+        }
+        t.part = Part::First;
+    }
     let l4 = offset + header_len;
     let icmp_type = transport(ctx, l4, ip.proto, t)?;
     // Destination unreachable, source quench, time exceeded, parameter problem.
@@ -226,14 +255,22 @@ fn parse_ipv6(
                 next = h[0];
                 l4 += (h[1] as usize + 2) * 4;
             }
-            // Fragment header: an offset or the more-fragments bit makes it a real fragment.
+            // Fragment header: an offset (0xfff8) or the more-fragments bit (1) makes it a
+            // real fragment; without both it is an atomic fragment, a whole datagram.
             44 => {
-                let h: [u8; 4] = load(ctx, l4)?;
-                if u16::from_be_bytes([h[2], h[3]]) & 0xfff9 != 0 {
-                    return Err(ParseError::Fragment);
-                }
+                let h: [u8; 8] = load(ctx, l4)?;
+                let frags = u16::from_be_bytes([h[2], h[3]]);
                 next = h[0];
                 l4 += 8;
+                if frags & 0xfff9 != 0 {
+                    t.fragment_id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                    if frags & 0xfff8 != 0 {
+                        t.reset_transport(next);
+                        t.part = Part::Later;
+                        return Err(ParseError::Fragment);
+                    }
+                    t.part = Part::First;
+                }
             }
             // No next header.
             59 => return Err(ParseError::UnsupportedHeader),

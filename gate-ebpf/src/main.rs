@@ -36,13 +36,14 @@ use aya_log_ebpf::warn;
 use gate_common::{
     ALLOW_CAPACITY, ANY_SOURCE, Addr, AllowKey, AllowValue, BLOCK_FIXED_BITS, BLOCKED_CAPACITY,
     BRIDGE_DROPS_CAPACITY, BlockKey, BridgeDropKey, CONFIG_AUDIT, CONFIG_GATE_HOST, Config,
-    DROP_EVENTS_BYTES, DROP_EVENTS_PER_SECOND, DropEvent, EventBudget, FLOW_CAPACITY, FLOW_REPLIED,
-    FlowKey, FlowState, HOST_PORTS_CAPACITY, LOCAL_ADDRS_CAPACITY, MAX_RULES, NEW_FLOW_SHARE,
-    NO_RULE, ORIGIN_CONTAINER, ORIGIN_REMOTE, PORT_ADDRS_CAPACITY, PROTO_TCP, PROTO_UDP,
-    PortAddrKey, RuleStats, SOURCE_KEY_BITS, SOURCES_CAPACITY, SourceKey, SourceValue, counters::*,
-    ipv4_mapped, tcp,
+    DROP_EVENTS_BYTES, DROP_EVENTS_PER_SECOND, DropEvent, EventBudget, FLOW_CAPACITY, FLOW_CUT,
+    FLOW_REPLIED, FRAGMENT_TIMEOUT_NS, FRAGMENTS_CAPACITY, FlowKey, FlowState, FragmentKey,
+    FragmentState, HOST_PORTS_CAPACITY, LOCAL_ADDRS_CAPACITY, MAX_RULES, NEW_FLOW_SHARE, NO_RULE,
+    ORIGIN_CONTAINER, ORIGIN_REMOTE, PORT_ADDRS_CAPACITY, PROTO_TCP, PROTO_UDP, PortAddrKey,
+    RuleStats, SOURCE_KEY_BITS, SOURCES_CAPACITY, SourceKey, SourceValue, counters::*, ipv4_mapped,
+    tcp,
 };
-use gate_ebpf::{Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Transport, parse};
+use gate_ebpf::{Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Part, Transport, parse};
 
 #[map]
 static ALLOW: HashMap<AllowKey, AllowValue> = HashMap::with_max_entries(ALLOW_CAPACITY, 0);
@@ -57,6 +58,13 @@ static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(FLOW
 #[map]
 static NEW_FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(FLOW_CAPACITY / NEW_FLOW_SHARE, 0);
+
+/// Datagrams whose first fragment passed: their later fragments, which carry no ports,
+/// follow it for [`FRAGMENT_TIMEOUT_NS`] (as Cilium's fragment tracking does). Not pinned:
+/// an agent restart loses at most the datagrams in flight.
+#[map]
+static FRAGMENTS: LruHashMap<FragmentKey, FragmentState> =
+    LruHashMap::with_max_entries(FRAGMENTS_CAPACITY, 0);
 
 #[map]
 static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
@@ -231,6 +239,8 @@ pub fn host_ports(ctx: SkLookupContext) -> u32 {
         dst_port: port,
         tcp_flags: 0,
         icmp: Icmp::None,
+        part: Part::Whole,
+        fragment_id: 0,
     };
     if !dropped(lookup.ingress_ifindex, &packet, reason, flags) {
         return SK_PASS;
@@ -309,9 +319,18 @@ fn refused_before_conntrack(config: &Config, packet: &Transport, ifindex: u32) -
 
 #[classifier]
 pub fn from_containers(ctx: TcContext) -> i32 {
-    try_from_containers(&ctx);
-    count(PASS_FROM_CONTAINER);
-    PASS
+    let mut packet = Transport::new();
+    let Some(reason) = try_from_containers(&ctx, &mut packet) else {
+        count(PASS_FROM_CONTAINER);
+        return PASS;
+    };
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if dropped(ifindex, &packet, reason, config().flags) {
+        DROP
+    } else {
+        PASS
+    }
 }
 
 fn try_toward_containers(ctx: &TcContext, config: &Config, packet: &mut Transport) -> Verdict {
@@ -333,7 +352,7 @@ fn try_toward_containers(ctx: &TcContext, config: &Config, packet: &mut Transpor
         }
         Parsed::IcmpErrorToSender | Parsed::IcmpErrorForeign => Verdict::Drop(DROP_ICMP_UNTRACKED),
         Parsed::Malformed => Verdict::Drop(DROP_MALFORMED),
-        Parsed::Fragment => Verdict::Drop(DROP_FRAGMENT),
+        Parsed::Fragment => later_fragment(packet, ctx.len()),
         Parsed::UnsupportedHeader => Verdict::Drop(DROP_UNSUPPORTED_HEADER),
     }
 }
@@ -398,11 +417,29 @@ fn toward_container(
         // A flow a container opened with an echo request admits echo replies, not requests.
         let echo_request_in = packet.icmp == Icmp::EchoRequest && flow.origin == ORIGIN_CONTAINER;
         if continues(flow, packet, now) && !echo_request_in {
-            follow(flow, packet, false, now, ctx.len());
-            if unreplied && flow.flags & FLOW_REPLIED != 0 {
-                promote(&key, flow);
+            if flow.flags & FLOW_CUT != 0 {
+                // Ended by the agent: only a new request of the remote's own (a TCP SYN does
+                // not get here: a cut flow is closed), judged below, replaces it.
+                if !packet.opens_connection() || flow.origin != ORIGIN_REMOTE {
+                    return Verdict::Drop(DROP_CUT);
+                }
+            } else {
+                if judged_again(flow, packet, unreplied) {
+                    let rule_id = match allowed(config, ingress_ifindex, packet) {
+                        Ok(rule_id) => rule_id,
+                        Err(reason) => return Verdict::Drop(reason),
+                    };
+                    if flow.rule_id != rule_id {
+                        flow.rule_id = rule_id;
+                    }
+                }
+                follow(flow, packet, false, now, ctx.len());
+                if unreplied && flow.flags & FLOW_REPLIED != 0 {
+                    promote(&key, flow);
+                }
+                remember_fragment(packet, flow.rule_id, now);
+                return Verdict::Pass(PASS_TRACKED);
             }
-            return Verdict::Pass(PASS_TRACKED);
         }
         stale_replied = !unreplied;
     }
@@ -413,17 +450,7 @@ fn toward_container(
             DROP_NOT_ALLOWED
         });
     }
-    // Echo requests are allowed per address: port 0.
-    let port = if packet.icmp == Icmp::None {
-        packet.dst_port
-    } else {
-        0
-    };
-    // SAFETY: plain map lookup; the value is read at once (its rule id copied out).
-    let Some(allow) = (unsafe { ALLOW.get(AllowKey::new(packet.dst, packet.proto, port)) }) else {
-        return Verdict::Drop(DROP_NOT_ALLOWED);
-    };
-    let rule_id = match admits(config, allow, &packet.src, ingress_ifindex) {
+    let rule_id = match allowed(config, ingress_ifindex, packet) {
         Ok(rule_id) => rule_id,
         Err(reason) => return Verdict::Drop(reason),
     };
@@ -437,7 +464,81 @@ fn toward_container(
         now,
     );
     add_rule_stats(rule_id, ctx.len());
+    remember_fragment(packet, rule_id, now);
     Verdict::Pass(PASS_NEW_ALLOWED)
+}
+
+/// Whether a packet toward a container that continues a tracked flow must still be judged
+/// by the rules in force, as a new connection would be: every TCP connection request (a
+/// peer could otherwise keep a half-open or silently dead entry to get past a `deny`), and
+/// what a remote sends to open a flow it opened itself, until the container answers (UDP
+/// datagrams, echo requests: a peer keeps such an entry alive just by sending).
+#[inline(always)]
+fn judged_again(flow: &FlowState, packet: &Transport, unreplied: bool) -> bool {
+    packet.opens_connection()
+        && (packet.proto == PROTO_TCP
+            || flow.origin == ORIGIN_REMOTE && (unreplied || packet.icmp == Icmp::EchoRequest))
+}
+
+/// The verdict of the rules in force on a new connection: the allow map, the block list,
+/// the access lists. The admitting rule, or the drop reason.
+#[inline(never)]
+fn allowed(config: &Config, ingress_ifindex: u32, packet: &Transport) -> Result<u32, u32> {
+    // Echo requests are allowed per address: port 0.
+    let port = if packet.icmp == Icmp::None {
+        packet.dst_port
+    } else {
+        0
+    };
+    // SAFETY: plain map lookup; the value is read at once (its rule id copied out).
+    let Some(allow) = (unsafe { ALLOW.get(AllowKey::new(packet.dst, packet.proto, port)) }) else {
+        return Err(DROP_NOT_ALLOWED);
+    };
+    admits(config, allow, &packet.src, ingress_ifindex)
+}
+
+/// The datagram a fragment belongs to.
+#[inline(always)]
+fn fragment_key(packet: &Transport) -> FragmentKey {
+    FragmentKey {
+        src: packet.src,
+        dst: packet.dst,
+        id: packet.fragment_id,
+        proto: packet.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// After the first fragment of a datagram passed: lets its later fragments follow.
+#[inline(always)]
+fn remember_fragment(packet: &Transport, rule_id: u32, now: u64) {
+    if packet.part != Part::First {
+        return;
+    }
+    let state = FragmentState {
+        first_seen_ns: now,
+        rule_id,
+        _pad: 0,
+    };
+    if FRAGMENTS.insert(&fragment_key(packet), &state, 0).is_err() {
+        count(FLOW_INSERT_FAILED);
+    }
+}
+
+/// A later fragment passes if its datagram's first fragment passed, not long ago. One that
+/// comes before its first fragment is dropped (its datagram is lost, as with Cilium): the
+/// ports that decide are in the first.
+#[inline(always)]
+fn later_fragment(packet: &Transport, len: u32) -> Verdict {
+    let now = now_ns();
+    // SAFETY: the value is copied out at once.
+    match unsafe { FRAGMENTS.get(&fragment_key(packet)) }.copied() {
+        Some(first) if now.saturating_sub(first.first_seen_ns) <= FRAGMENT_TIMEOUT_NS => {
+            add_rule_stats(first.rule_id, len);
+            Verdict::Pass(PASS_FRAGMENT)
+        }
+        _ => Verdict::Drop(DROP_FRAGMENT),
+    }
 }
 
 /// Whether a new connection from `src`, arrived on `ifindex`, may reach an allowed
@@ -486,43 +587,47 @@ fn admits(config: &Config, allow: &AllowValue, src: &Addr, ifindex: u32) -> Resu
     }
 }
 
-fn try_from_containers(ctx: &TcContext) {
-    // Never drop what a container sends; what cannot be parsed is not tracked.
-    let mut packet = Transport::new();
+/// Tracks what a container opens; the drop reason of a packet of a connection the agent
+/// ended, None for everything else (what cannot be parsed passes untracked).
+fn try_from_containers(ctx: &TcContext, packet: &mut Transport) -> Option<u32> {
     let mut notes = 0;
-    if parse(ctx, &mut packet, &mut notes) != Parsed::Packet {
-        return;
+    if parse(ctx, packet, &mut notes) != Parsed::Packet {
+        return None;
     }
-    let key = container_sent(&packet);
+    let key = container_sent(packet);
     let now = now_ns();
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let mut stale_replied = false;
     if let Some((flow, unreplied)) = tracked_flow(&key) {
         // SAFETY: as in `toward_container`.
         let flow = unsafe { &mut *flow };
-        if continues(flow, &packet, now) {
-            follow(flow, &packet, true, now, ctx.len());
+        if continues(flow, packet, now) {
+            if flow.flags & FLOW_CUT != 0 {
+                return Some(DROP_CUT);
+            }
+            // Only the flow's own container may change its state: a neighbour forging its
+            // address (an RST in its name) must not end or answer its connections.
+            if changes_state(flow, packet) && !is_bound(&packet.src, ifindex) {
+                count(FOREIGN_SOURCE);
+                return None;
+            }
+            follow(flow, packet, true, now, ctx.len());
             if unreplied && flow.flags & FLOW_REPLIED != 0 {
                 promote(&key, flow);
             }
-            return;
+            return None;
         }
         stale_replied = !unreplied;
     }
     if !packet.opens_connection() {
-        return;
+        return None;
     }
     // Only from the container's own addresses on this port: a forged source would open a
     // flow in another container's name, whose "replies" would then pass unasked.
-    // SAFETY: the context pointer is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let binding = PortAddrKey {
-        addr: packet.src,
-        ifindex,
-    };
-    // SAFETY: plain map lookup.
-    if unsafe { PORT_ADDRS.get(binding) }.is_none() {
+    if !is_bound(&packet.src, ifindex) {
         count(FOREIGN_SOURCE);
-        return;
+        return None;
     }
     open_flow(
         ctx,
@@ -530,9 +635,29 @@ fn try_from_containers(ctx: &TcContext) {
         stale_replied,
         ORIGIN_CONTAINER,
         NO_RULE,
-        &packet,
+        packet,
         now,
     );
+    None
+}
+
+/// Whether `addr` is an address of the container behind bridge port `ifindex`.
+#[inline(always)]
+fn is_bound(addr: &Addr, ifindex: u32) -> bool {
+    let binding = PortAddrKey {
+        addr: *addr,
+        ifindex,
+    };
+    // SAFETY: plain map lookup.
+    unsafe { PORT_ADDRS.get(binding) }.is_some()
+}
+
+/// Whether a container's packet on a tracked flow would change more than its timestamp:
+/// open, close or reset a TCP connection, or answer a flow a remote opened.
+#[inline(always)]
+fn changes_state(flow: &FlowState, packet: &Transport) -> bool {
+    packet.tcp_flags & (tcp::SYN | tcp::FIN | tcp::RST) != 0
+        || flow.origin == ORIGIN_REMOTE && flow.flags & FLOW_REPLIED == 0
 }
 
 /// The flow key of a packet the container sent.

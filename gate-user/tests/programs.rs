@@ -366,28 +366,6 @@ fn truncated_and_malformed_frames_are_dropped() {
 }
 
 #[test]
-fn fragments_are_dropped() {
-    let Some(mut gate) = Gate::load(GateConfig::default()) else {
-        return;
-    };
-    gate.allow("10.99.0.2", "53/udp");
-    let mut first = udp4(REMOTE4, CONTAINER4, 5000, 53);
-    first[14 + 6] |= 0x20; // more fragments
-    assert_eq!(gate.toward(&first), Verdict::Drop);
-    let mut later = udp4(REMOTE4, CONTAINER4, 5000, 53);
-    later[14 + 7] = 0x10; // offset 16 * 8 bytes
-    assert_eq!(gate.toward(&later), Verdict::Drop);
-    // IPv6 fragment header with an offset.
-    let frame = udp6(REMOTE6, CONTAINER6, 5000, 53);
-    let fragment = [17, 0, 0, 0x08, 0, 0, 0, 1];
-    assert_eq!(
-        gate.toward(&with_ipv6_extensions(frame, 44, &fragment)),
-        Verdict::Drop
-    );
-    assert_eq!(gate.counter("fragment"), 3);
-}
-
-#[test]
 fn ip_options_and_extension_headers_are_followed() {
     let Some(mut gate) = Gate::load(GateConfig::default()) else {
         return;
@@ -911,7 +889,7 @@ fn the_block_list_overrides_every_allow_and_is_replaced_at_once() {
     );
     gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 40000, SYN_ACK));
 
-    gate.block(&["10.98.0.0/24", "2001:db8::/32"]);
+    assert_eq!(gate.block(&["10.98.0.0/24", "2001:db8::/32"]), 1);
     assert_eq!(
         gate.toward(&tcp4(REMOTE4, CONTAINER4, 40001, 80, SYN)),
         Verdict::Drop
@@ -919,9 +897,10 @@ fn the_block_list_overrides_every_allow_and_is_replaced_at_once() {
     assert_eq!(gate.counter("blocked"), 1);
     assert_eq!(
         gate.toward(&tcp4(REMOTE4, CONTAINER4, 40000, 80, ACK)),
-        Verdict::Pass,
-        "established connections continue"
+        Verdict::Drop,
+        "a block ends established connections too"
     );
+    assert_eq!(gate.counter("cut"), 1);
     // Sources do not help a blocked address either.
     gate.allow_with("10.99.0.2", "443", from(&["10.98.0.2"]));
     assert_eq!(

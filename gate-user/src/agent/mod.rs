@@ -8,6 +8,7 @@
 //! control socket), `views` (list, status, watch, metrics).
 
 mod bridges;
+mod cut;
 mod explain;
 mod reconcile;
 mod requests;

@@ -36,7 +36,16 @@ impl Agent {
         let mut next = self.saved.clone();
         let gone = next.rules.expire(now);
         info!(rules = ?gone, "rules expired");
-        self.commit(next).context("removing expired rules")
+        self.commit(next).context("removing expired rules")?;
+        // Temporary access means temporary: what the rules admitted ends with them.
+        let ended = self.cut_unadmitted(&gone.into_iter().collect())?;
+        if ended > 0 {
+            info!(
+                connections = ended,
+                "ended the connections of expired rules"
+            );
+        }
+        Ok(())
     }
 
     pub(super) fn containers(&self) -> Vec<Container> {
@@ -88,9 +97,16 @@ impl Agent {
             .union(&self.file.blocks)
             .copied()
             .collect();
-        self.datapath
+        let ended = self
+            .datapath
             .sync_blocks(&blocks)
             .context("writing the block list")?;
+        if ended > 0 {
+            info!(
+                connections = ended,
+                "ended the connections from newly blocked sources"
+            );
+        }
         // New access lists, then the entries that point at them, then the old lists go.
         let allow = self
             .datapath

@@ -63,6 +63,7 @@ impl Agent {
                     host_port,
                     access,
                     allow: true,
+                    cut: false,
                 })
             }),
             Request::Deny {
@@ -70,6 +71,7 @@ impl Agent {
                 ports,
                 published,
                 host_port,
+                cut,
             } => self.change(RuleChange {
                 target,
                 ports,
@@ -77,6 +79,7 @@ impl Agent {
                 host_port,
                 access: Access::default(),
                 allow: false,
+                cut,
             }),
             Request::Set {
                 name,
@@ -247,6 +250,7 @@ impl Agent {
             host_port,
             access,
             allow,
+            cut,
         } = change;
         let (target, ports) = rule_target(
             Some(target.as_str()),
@@ -291,9 +295,19 @@ impl Agent {
                 }
                 result => result?,
             };
-            format!("denied {target} {ports}; established connections continue")
+            format!("denied {target} {ports}")
         };
+        let before = self.saved.rules.clone();
         self.commit_adding(next, added)?;
+        if !allow {
+            let removed = super::cut::changed_rules(&before, &self.saved.rules);
+            if cut {
+                let ended = self.cut_unadmitted(&removed)?;
+                message.push_str(&format!("; {ended} established connections ended"));
+            } else {
+                message.push_str("; established connections continue (--cut ends them)");
+            }
+        }
         info!("{message}");
         let rules = self.views(|r| r.target == target);
         if allow && !matches!(target, Target::Address(_)) && !rules.iter().any(|r| r.active) {
@@ -355,7 +369,7 @@ impl Agent {
     fn block(&mut self, prefixes: &[String], remove: bool, replace: bool) -> anyhow::Result<Reply> {
         let parsed = parse_prefixes(prefixes)?;
         let mut next = self.saved.clone();
-        let message = if replace {
+        let mut message = if replace {
             next.blocks = parsed;
             format!("block list replaced: {} entries", next.blocks.len())
         } else if remove {
@@ -379,7 +393,12 @@ impl Agent {
                 prefixes.join(" ")
             )
         };
+        let cut_before = self.datapath.flows_cut();
         self.commit(next)?;
+        if !remove {
+            let ended = self.datapath.flows_cut() - cut_before;
+            message.push_str(&format!("; {ended} live connections from there ended"));
+        }
         info!("{message}");
         Ok(self.changed(message))
     }
@@ -401,6 +420,8 @@ pub(super) struct RuleChange {
     pub host_port: Option<String>,
     pub access: Access,
     pub allow: bool,
+    /// For a deny: also end the connections the removed rules admitted.
+    pub cut: bool,
 }
 
 fn parse_prefixes(prefixes: &[String]) -> Result<BTreeSet<Prefix>, PolicyError> {

@@ -167,6 +167,7 @@ impl Agent {
             flows: Flows {
                 tracked: self.datapath.tracked_flows()?,
                 capacity: self.datapath.capacities().flows,
+                cut: self.datapath.flows_cut(),
             },
             engines: self
                 .engines

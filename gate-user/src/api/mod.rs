@@ -39,6 +39,9 @@ pub enum Request {
         published: bool,
         #[serde(default)]
         host_port: Option<String>,
+        /// Also end the established connections the removed rules admitted.
+        #[serde(default)]
+        cut: bool,
     },
     /// Creates or replaces the named set (`delete`: removes it; refused while rules use it).
     Set {
@@ -333,6 +336,9 @@ pub struct Flows {
     /// Entries in the tracking table, including idle ones not yet evicted.
     pub tracked: usize,
     pub capacity: u32,
+    /// Connections the agent ended since it started (blocks, `deny --cut`, `--for` ends).
+    #[serde(default)]
+    pub cut: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -38,9 +38,10 @@ pub enum Command {
         after_help = "Examples:\n  portgate allow 172.17.0.2 80\n  portgate allow fd00::2 53/udp\n  portgate allow web 8000-8010/tcp     (container by name; follows it across restarts)\n  portgate allow --published web      (exactly the ports `web` publishes)\n  portgate allow --host-port 8080/tcp (the container port host port 8080 maps to)\n  portgate allow 172.17.0.2 icmp\n  portgate allow db 5432/tcp --from 10.0.0.0/8 --from 2001:db8::/32\n  portgate allow web 443 --from office (a set: portgate set office 192.0.2.0/24 ...)\n  portgate allow web 8080 --via wg0    (only connections that came in on wg0)\n  portgate allow web 22 --from 192.0.2.7 --for 2h   (ends by itself)\n\nSeveral --from are a union; with --via, both must hold. Rules add up: a port is open to\nthe union of what its rules admit. The block list (portgate block) overrides every rule.\n\nContainers can also allow themselves: --label 'portgate.allow=80/tcp, 5432/tcp from 10.0.0.0/8'"
     )]
     Allow(AllowArgs),
-    /// Stop allowing new connections to TARGET on PORTS (established ones continue). Removes
-    /// every rule on them, whatever its sources.
-    Deny(RuleArgs),
+    /// Stop allowing new connections to TARGET on PORTS. Removes every rule on them, whatever
+    /// its sources. Established connections continue (as with ufw and nftables) unless
+    /// --cut is given; every new connection, even over an old one's ports, is judged anew.
+    Deny(DenyArgs),
     /// Create or replace a named set of sources, for `allow --from NAME`; every rule that
     /// names it follows at once (established connections continue).
     #[command(
@@ -49,7 +50,7 @@ pub enum Command {
     Set(SetArgs),
     /// Never admit new connections from these sources, whatever allows them (the rules stay).
     #[command(
-        after_help = "Examples:\n  portgate block 203.0.113.0/24 198.51.100.7\n  portgate block --replace -f blocklist.txt   (the whole list, switched at once)\n  portgate unblock 198.51.100.7\n\nMeant to be fed by other tools (fail2ban, CrowdSec, a cron job). Drops count as `blocked`.\nConnections established before a block continue; new ones are dropped."
+        after_help = "Examples:\n  portgate block 203.0.113.0/24 198.51.100.7\n  portgate block --replace -f blocklist.txt   (the whole list, switched at once)\n  portgate unblock 198.51.100.7\n\nMeant to be fed by other tools (fail2ban, CrowdSec, a cron job). Drops count as `blocked`.\nA block also ends the live connections from there, both ways (their packets count as `cut`)."
     )]
     Block(BlockArgs),
     /// Take sources off the block list.
@@ -144,6 +145,16 @@ pub struct RuleArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct DenyArgs {
+    #[command(flatten)]
+    pub rule: RuleArgs,
+    /// Also end the established connections the removed rules admitted (their packets are
+    /// dropped both ways from now on, counted `cut`).
+    #[arg(long)]
+    pub cut: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct AllowArgs {
     #[command(flatten)]
     pub rule: RuleArgs,
@@ -154,7 +165,8 @@ pub struct AllowArgs {
     /// Only connections that came in on this interface (wg0, tailscale0, eth1).
     #[arg(long, value_name = "IFACE")]
     pub via: Option<String>,
-    /// The rule ends by itself after this long (30m, 2h, 1d); survives agent restarts.
+    /// The rule ends by itself after this long (30m, 2h, 1d); survives agent restarts. Its
+    /// end also ends the connections it admitted.
     #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
     pub for_duration: Option<std::time::Duration>,
 }

@@ -207,19 +207,20 @@ fn allow(socket: &Path, args: AllowArgs) -> anyhow::Result<()> {
     print_changed(client::call(socket, &request)?)
 }
 
-fn deny(socket: &Path, args: RuleArgs) -> anyhow::Result<()> {
-    check_rule_args(&args)?;
+fn deny(socket: &Path, args: DenyArgs) -> anyhow::Result<()> {
+    check_rule_args(&args.rule)?;
     let RuleArgs {
         target,
         ports,
         published,
         host_port,
-    } = args;
+    } = args.rule;
     let request = Request::Deny {
         target: target.unwrap_or_default(),
         ports,
         published,
         host_port,
+        cut: args.cut,
     };
     print_changed(client::call(socket, &request)?)
 }

@@ -229,8 +229,8 @@ pub fn format_status(status: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "flows:    {} tracked of {}",
-        status.flows.tracked, status.flows.capacity
+        "flows:    {} tracked of {}, {} ended by blocks and cuts",
+        status.flows.tracked, status.flows.capacity, status.flows.cut
     );
     let _ = writeln!(
         out,

@@ -2,18 +2,19 @@
 //! attach (or atomically replace) the programs, and read and write the maps.
 //!
 //! Pin layout under the bpffs directory (default /sys/fs/bpf/portgate):
-//!   v3/maps/{ALLOW,FLOWS,NEW_FLOWS,RULE_STATS,COUNTERS,CONFIG,BRIDGE_DROPS,HOST_PORTS,PORT_ADDRS,
+//!   v4/maps/{ALLOW,FLOWS,NEW_FLOWS,RULE_STATS,COUNTERS,CONFIG,BRIDGE_DROPS,HOST_PORTS,PORT_ADDRS,
 //!            SOURCES,BLOCKED,LOCAL_ADDRS}
-//!   v3/programs/{toward_containers,from_containers,host_ports,from_uplinks}
-//!   v3/links/<bridge>-egress     toward_containers on each bridge's TC egress
-//!   v3/links/<port>-port         from_containers on each bridge port's TC ingress
-//!   v3/links/host-ports          host_ports on the host's network namespace (socket lookup)
-//!   v3/links/<iface>-uplink      from_uplinks on each --uplink interface's TC ingress
+//!   v4/programs/{toward_containers,from_containers,host_ports,from_uplinks}
+//!   v4/links/<bridge>-egress     toward_containers on each bridge's TC egress
+//!   v4/links/<port>-port         from_containers on each bridge port's TC ingress
+//!   v4/links/host-ports          host_ports on the host's network namespace (socket lookup)
+//!   v4/links/<iface>-uplink      from_uplinks on each --uplink interface's TC ingress
 //! The links keep the programs attached after the agent exits (fail closed). While the agent
 //! runs it also holds each link open, so removing a pin detaches nothing; it pins it again.
 //! The directories are root-only (0700); `uninstall` removes these names only, never other
 //! tools' pins.
 
+mod flows;
 mod sources;
 pub mod sys;
 
@@ -387,6 +388,8 @@ pub struct Datapath {
     access_written: Option<BTreeMap<u32, crate::policy::AccessList>>,
     /// The block list in force.
     blocks_written: Option<BTreeSet<crate::policy::Prefix>>,
+    /// Connections ended (marked cut) since this agent started.
+    flows_cut: u64,
     /// The config map's content.
     config: Config,
     /// Every link this agent attached or took over, by pin path, held open: a removed pin
@@ -467,6 +470,7 @@ impl Datapath {
             port_addrs_written: None,
             access_written: None,
             blocks_written: None,
+            flows_cut: 0,
             config: Config::default(),
             links: BTreeMap::new(),
             black_holes: Vec::new(),
@@ -989,6 +993,11 @@ impl Datapath {
             }
         }
         Ok(adopted)
+    }
+
+    /// Connections this agent ended (a block, `deny --cut`, a rule's `--for` end).
+    pub fn flows_cut(&self) -> u64 {
+        self.flows_cut
     }
 
     /// Entries in the connection-tracking tables, replied and unreplied (including idle ones

@@ -12,7 +12,7 @@ use gate_common::{
 };
 
 use super::{Datapath, Result, map_err};
-use crate::policy::{AccessList, Admission, Prefix};
+use crate::policy::{AccessList, Admission, Prefix, addr_from_map};
 
 impl Datapath {
     /// Writes the access lists `entries` need that the trie does not hold yet, each under a
@@ -117,16 +117,18 @@ impl Datapath {
 
     /// Makes the block list in force equal to `blocks`. One address more or less is one
     /// write; any other change is written as a new generation beside the list in force and
-    /// switched to at once, then the old generation is removed.
-    pub fn sync_blocks(&mut self, blocks: &BTreeSet<Prefix>) -> Result<()> {
+    /// switched to at once, then the old generation is removed. Then the connections from the
+    /// newly blocked sources are ended ([`Datapath::cut_flows`]); returns how many.
+    pub fn sync_blocks(&mut self, blocks: &BTreeSet<Prefix>) -> Result<usize> {
         let current = match self.blocks_written.take() {
             Some(current) => current,
             None => self.read_blocks()?,
         };
         if &current == blocks {
             self.blocks_written = Some(current);
-            return Ok(());
+            return Ok(0);
         }
+        let newly: Vec<Prefix> = blocks.difference(&current).copied().collect();
         let generation = self.config.block_generation;
         let added: Vec<&Prefix> = blocks.difference(&current).collect();
         let removed: Vec<&Prefix> = current.difference(blocks).collect();
@@ -163,7 +165,14 @@ impl Datapath {
             self.remove_blocks_except(next)?;
         }
         self.blocks_written = Some(blocks.clone());
-        Ok(())
+        // A ban ends the sessions from there too, both ways, whoever opened them.
+        if newly.is_empty() {
+            return Ok(0);
+        }
+        self.cut_flows(|key, _| {
+            let remote = addr_from_map(key.remote_addr);
+            newly.iter().any(|prefix| prefix.contains(remote))
+        })
     }
 
     /// The block list in force (the config's generation).

@@ -226,6 +226,11 @@ impl Snapshot {
                 "Entries the connection tracking table holds; when full, the least recently used go first.",
             )
             .sample(vec![], u64::from(status.flows.capacity)),
+            Family::counter(
+                "connections_cut",
+                "Established connections the agent ended: blocked sources, deny --cut, the end of a rule's --for (their later packets count as drops with reason cut).",
+            )
+            .sample(vec![], status.flows.cut),
             Family::gauge("allow_entries", "Entries in the allow map: (address, protocol, port) triples the rules open now.")
                 .sample(vec![], status.allow_entries.used as u64),
             Family::gauge("allow_entries_capacity", "Entries the allow map holds.")

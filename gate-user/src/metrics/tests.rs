@@ -60,6 +60,7 @@ fn status() -> Status {
         flows: Flows {
             tracked: 7,
             capacity: 262_144,
+            cut: 3,
         },
         engines: vec![EngineStatus {
             engine: "docker".into(),
@@ -222,6 +223,7 @@ fn exposition_is_openmetrics_with_portgate_names() {
         ("portgate_datapath_events", "counter"),
         ("portgate_tracked_connections", "gauge"),
         ("portgate_tracked_connections_capacity", "gauge"),
+        ("portgate_connections_cut", "counter"),
         ("portgate_allow_entries", "gauge"),
         ("portgate_allow_entries_capacity", "gauge"),
         ("portgate_allow_entries_not_fitted", "gauge"),
@@ -296,6 +298,7 @@ fn values_and_labels() {
 
     let new_allowed = 100 + u64::from(counters::PASS_NEW_ALLOWED);
     assert_eq!(v("portgate_connections_accepted_total", &[]), new_allowed);
+    assert_eq!(v("portgate_connections_cut_total", &[]), 3);
     assert_eq!(
         v(
             "portgate_packets_total",

@@ -70,6 +70,16 @@ pub enum Admission {
 }
 
 impl Admission {
+    /// Whether `source` may connect on some interface.
+    pub fn admits_from(&self, source: IpAddr) -> bool {
+        match self {
+            Self::Any(_) => true,
+            Self::Restricted(list) => list
+                .iter()
+                .any(|r| r.prefixes.is_empty() || r.prefixes.iter().any(|p| p.contains(source))),
+        }
+    }
+
     /// The rule counted for the destination as a whole: the admitting one, or the lowest id.
     pub fn rule_id(&self) -> u32 {
         match self {

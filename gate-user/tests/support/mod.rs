@@ -3,6 +3,8 @@
 // Each test binary uses its own part of this module.
 #![allow(dead_code)]
 
+pub mod fragmented;
+
 pub use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -100,9 +102,22 @@ impl Gate {
         self.sync();
     }
 
-    pub fn block(&mut self, prefixes: &[&str]) {
+    /// Replaces the block list; returns the connections it ended.
+    pub fn block(&mut self, prefixes: &[&str]) -> usize {
         let blocks = prefixes.iter().map(|p| prefix(p)).collect();
-        self.datapath.sync_blocks(&blocks).expect("block list");
+        self.datapath.sync_blocks(&blocks).expect("block list")
+    }
+
+    /// Binds the test container's addresses to bridge port `ifindex` instead: test runs
+    /// (on [`TEST_RUN_IFINDEX`]) then stand for a neighbour's port.
+    pub fn bind_container_to(&mut self, ifindex: u32) {
+        let bindings = [ipv4_mapped(CONTAINER4), CONTAINER6]
+            .into_iter()
+            .map(|addr| PortAddrKey { addr, ifindex })
+            .collect();
+        self.datapath
+            .sync_port_addrs(&bindings)
+            .expect("bind the container's addresses");
     }
 
     pub fn deny(&mut self, address: &str, ports: &str) {
@@ -160,10 +175,36 @@ impl Gate {
         self.run(program_names::TOWARD_CONTAINERS, frame, FORWARDED + 1)
     }
 
-    /// A packet a container sends; the ingress program never drops.
+    /// A packet a container sends, which passes: the ingress program drops only packets of
+    /// connections the agent ended ([`Gate::from_container`]).
     pub fn sent_by_container(&self, frame: &[u8]) {
-        let verdict = self.run(program_names::FROM_CONTAINERS, frame, FORWARDED);
-        assert_eq!(verdict, Verdict::Pass, "from_containers must never drop");
+        assert_eq!(self.from_container(frame), Verdict::Pass);
+    }
+
+    /// A packet a container sends, and its verdict.
+    pub fn from_container(&self, frame: &[u8]) -> Verdict {
+        self.run(program_names::FROM_CONTAINERS, frame, FORWARDED)
+    }
+
+    /// The tracked flow of `key`, replied or not.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowState> {
+        use aya::maps::{HashMap, Map, MapData};
+        [
+            gate_common::map_names::FLOWS,
+            gate_common::map_names::NEW_FLOWS,
+        ]
+        .into_iter()
+        .find_map(|name| {
+            let path = self
+                .dir
+                .join(datapath::LAYOUT_VERSION)
+                .join("maps")
+                .join(name);
+            let data = MapData::from_pin(&path).expect("open a pinned flow table");
+            let flows: HashMap<_, FlowKey, FlowState> =
+                HashMap::try_from(Map::LruHashMap(data)).expect("flow table");
+            flows.get(key, 0).ok()
+        })
     }
 
     /// Runs `host_ports` on a socket lookup.
@@ -319,21 +360,29 @@ pub fn tcp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, flags: Flags) 
 }
 
 pub fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    udp4_carrying(src, dst, sport, dport, b"query")
+}
+
+pub fn udp4_carrying(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
     let mut frame = Vec::new();
     PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ipv4(src, dst, 64)
         .udp(sport, dport)
-        .write(&mut frame, b"query")
+        .write(&mut frame, data)
         .expect("build frame");
     frame
 }
 
 pub fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> Vec<u8> {
+    udp6_carrying(src, dst, sport, dport, b"query")
+}
+
+pub fn udp6_carrying(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
     let mut frame = Vec::new();
     PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ipv6(src, dst, 64)
         .udp(sport, dport)
-        .write(&mut frame, b"query")
+        .write(&mut frame, data)
         .expect("build frame");
     frame
 }
