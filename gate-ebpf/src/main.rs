@@ -2,11 +2,14 @@
 //!
 //! - `toward_containers` (bridge egress) decides what enters the bridge: tracked flows and
 //!   ICMP errors about them pass, new connections pass only to an allowed (address,
-//!   protocol, port), everything else is dropped and counted.
+//!   protocol, port), everything else is dropped and counted. A connection request is
+//!   judged by the rules in force even where a flow is tracked; the later fragments of a
+//!   datagram follow its first fragment.
 //! - `from_containers` (ingress of each bridge port, a container's veth) tracks the
 //!   connections containers open from their own addresses, so that their replies pass. It
-//!   never drops. Bound to the port, so that a container cannot open a flow in the name of
-//!   another container (a forged source would otherwise admit that flow's replies).
+//!   drops only packets of connections the agent ended (cut). Bound to the port, so that a
+//!   container cannot open, answer or end a flow in the name of another container (a forged
+//!   source would otherwise admit that flow's replies).
 //! - `host_ports` (socket lookup in the host's network namespace) gates new connections to
 //!   published host ports that reach a local socket instead of being DNATed: Docker's
 //!   userland proxy (IPv6 on IPv4-only networks, hairpin), which relays them from the host's
@@ -520,7 +523,7 @@ fn remember_fragment(packet: &Transport, rule_id: u32, now: u64) {
         rule_id,
         _pad: 0,
     };
-    if FRAGMENTS.insert(&fragment_key(packet), &state, 0).is_err() {
+    if FRAGMENTS.insert(fragment_key(packet), state, 0).is_err() {
         count(FLOW_INSERT_FAILED);
     }
 }
@@ -532,7 +535,7 @@ fn remember_fragment(packet: &Transport, rule_id: u32, now: u64) {
 fn later_fragment(packet: &Transport, len: u32) -> Verdict {
     let now = now_ns();
     // SAFETY: the value is copied out at once.
-    match unsafe { FRAGMENTS.get(&fragment_key(packet)) }.copied() {
+    match unsafe { FRAGMENTS.get(fragment_key(packet)) }.copied() {
         Some(first) if now.saturating_sub(first.first_seen_ns) <= FRAGMENT_TIMEOUT_NS => {
             add_rule_stats(first.rule_id, len);
             Verdict::Pass(PASS_FRAGMENT)

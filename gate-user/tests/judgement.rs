@@ -137,7 +137,7 @@ fn a_block_ends_live_connections_both_ways() {
         Verdict::Drop
     );
     assert_eq!(
-        gate.from_container(&tcp4(CONTAINER4, REMOTE4, 80, 42000, ACK)),
+        gate.verdict_on_container_packet(&tcp4(CONTAINER4, REMOTE4, 80, 42000, ACK)),
         Verdict::Drop
     );
     assert_eq!(
@@ -145,7 +145,7 @@ fn a_block_ends_live_connections_both_ways() {
         Verdict::Drop
     );
     assert_eq!(
-        gate.from_container(&udp4(CONTAINER4, REMOTE4, 40000, 53)),
+        gate.verdict_on_container_packet(&udp4(CONTAINER4, REMOTE4, 40000, 53)),
         Verdict::Drop
     );
     assert_eq!(
@@ -193,7 +193,7 @@ fn a_cut_connection_passes_neither_way_until_a_new_one_is_admitted() {
         Verdict::Drop
     );
     assert_eq!(
-        gate.from_container(&tcp4(CONTAINER4, REMOTE4, 80, 43000, ACK)),
+        gate.verdict_on_container_packet(&tcp4(CONTAINER4, REMOTE4, 80, 43000, ACK)),
         Verdict::Drop
     );
     assert_eq!(

@@ -197,10 +197,22 @@ pub fn tcp_connect_from(
     addr: SocketAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
+    tcp_connect_bound(sandbox, ns, SocketAddr::new(from, 0), addr, timeout)
+}
+
+/// Opens a TCP connection from namespace `ns`, from local address and port `local`.
+pub fn tcp_connect_bound(
+    sandbox: &Sandbox,
+    ns: &str,
+    local: SocketAddr,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let stream = sandbox.in_netns(ns, || -> io::Result<TcpStream> {
         let domain = socket2::Domain::for_address(addr);
         let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-        socket.bind(&SocketAddr::new(from, 0).into())?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&local.into())?;
         socket.connect_timeout(&addr.into(), timeout)?;
         Ok(socket.into())
     })?;
@@ -395,6 +407,12 @@ pub fn send_syns_to_many(sandbox: &Sandbox, ns: &str, from: std::net::Ipv4Addr, 
         let port = 20_000 + (i % 40_000) as u16;
         (from, port, SocketAddrV4::new(flood_address(i), 443))
     });
+}
+
+/// Sends one TCP SYN over IPv4 from `ns`, from `from` (not through a socket: the kernel
+/// knows nothing of it and answers a SYN-ACK with a reset, unless something drops that).
+pub fn send_syn(sandbox: &Sandbox, ns: &str, from: SocketAddrV4, to: SocketAddrV4) {
+    send_syns(sandbox, ns, 1, |_| (*from.ip(), from.port(), to));
 }
 
 /// The `i`-th address of 100.64.0.0/10.

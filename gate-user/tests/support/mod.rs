@@ -176,13 +176,13 @@ impl Gate {
     }
 
     /// A packet a container sends, which passes: the ingress program drops only packets of
-    /// connections the agent ended ([`Gate::from_container`]).
+    /// connections the agent ended ([`Gate::verdict_on_container_packet`]).
     pub fn sent_by_container(&self, frame: &[u8]) {
-        assert_eq!(self.from_container(frame), Verdict::Pass);
+        assert_eq!(self.verdict_on_container_packet(frame), Verdict::Pass);
     }
 
     /// A packet a container sends, and its verdict.
-    pub fn from_container(&self, frame: &[u8]) -> Verdict {
+    pub fn verdict_on_container_packet(&self, frame: &[u8]) -> Verdict {
         self.run(program_names::FROM_CONTAINERS, frame, FORWARDED)
     }
 
