@@ -12,3 +12,4 @@ pub mod netfilter;
 pub mod policy;
 pub mod ports;
 pub mod runtime;
+pub mod units;

@@ -97,6 +97,68 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// `podman generate systemd --new --name db` (Podman 4.3), trimmed.
+const GENERATED_UNIT: &str = "[Unit]\nDescription=Podman container-db.service\nWants=network-online.target\nAfter=network-online.target\n\n[Service]\nEnvironment=PODMAN_SYSTEMD_UNIT=%n\nRestart=on-failure\nExecStart=/usr/bin/podman run --cidfile=%t/%n.ctr-id --rm --sdnotify=conmon -d --replace --name db -p 5432:5432 localhost/db\nExecStop=/usr/bin/podman stop --ignore -t 10 --cidfile=%t/%n.ctr-id\nType=notify\nNotifyAccess=all\n\n[Install]\nWantedBy=default.target\n";
+
+/// The package's systemd generator, run as systemd runs it, on a Quadlet file and a
+/// `podman generate systemd` unit: each gets a drop-in ordering it after portgate.service,
+/// which systemd-analyze accepts with no cycle in a boot that wants them all.
+fn container_units_wait_for_the_gate(dir: &Path) {
+    let generator = "/lib/systemd/system-generators/portgate";
+    let quadlet = dir.join("quadlet");
+    let units = dir.join("units");
+    let out = dir.join("generator");
+    for d in [&quadlet, &units, &out] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(
+        quadlet.join("web.container"),
+        "[Container]\nImage=localhost/web\nPublishPort=8080:80\n",
+    )
+    .unwrap();
+    std::fs::write(units.join("container-db.service"), GENERATED_UNIT).unwrap();
+    let listed = ok(Command::new(generator)
+        .arg(&out)
+        .arg(dir.join("early"))
+        .arg(dir.join("late"))
+        .arg("--quadlet-dir")
+        .arg(&quadlet)
+        .arg("--unit-dir")
+        .arg(&units));
+    assert!(
+        listed.contains("web.service") && listed.contains("container-db.service"),
+        "{listed}"
+    );
+    for unit in ["web.service", "container-db.service"] {
+        let drop_in = std::fs::read_to_string(out.join(format!("{unit}.d/portgate.conf")))
+            .unwrap_or_else(|e| panic!("no drop-in for {unit}: {e}"));
+        assert!(
+            drop_in.contains("After=portgate.service")
+                && drop_in.contains("Wants=portgate.service"),
+            "{unit}'s drop-in:\n{drop_in}"
+        );
+    }
+    // The generated service with its drop-in, found through the unit path as systemd would.
+    let target = dir.join("pgt-containers.target");
+    std::fs::write(
+        &target,
+        "[Unit]\nWants=portgate.service container-db.service\n",
+    )
+    .unwrap();
+    let path = format!("{}:{}:{}:", units.display(), out.display(), dir.display());
+    let (verified, text) = output(
+        Command::new("systemd-analyze")
+            .env("SYSTEMD_UNIT_PATH", &path)
+            .arg("verify")
+            .arg(units.join("container-db.service"))
+            .arg(&target),
+    );
+    assert!(
+        verified && !text.contains("cycle") && !text.contains("portgate.conf"),
+        "systemd-analyze verify of a container unit with its drop-in:\n{text}"
+    );
+}
+
 #[test]
 fn deb_installs_gates_once_ready_and_removes_cleanly() {
     if !require_root() {
@@ -192,6 +254,7 @@ fn deb_installs_gates_once_ready_and_removes_cleanly() {
         verified && !text.contains("cycle") && !text.contains("portgate"),
         "systemd-analyze verify of a boot with portgate and the engines:\n{text}"
     );
+    container_units_wait_for_the_gate(boot.path());
     eprintln!("package test: unit verified after {:?}", started.elapsed());
 
     // The installed agent, as the unit runs it, on a sandbox's host with FORWARD policy DROP.

@@ -119,6 +119,11 @@ pub enum Command {
     /// Write shell completions and man pages (for packaging).
     #[command(hide = true)]
     Generate(super::generate::GenerateArgs),
+    /// The systemd generator (/lib/systemd/system-generators/portgate): a drop-in that makes
+    /// each unit that starts containers itself (Quadlet files, `podman generate systemd`
+    /// units) wait for the gate at boot.
+    #[command(hide = true)]
+    SystemdGenerator(super::generate::GeneratorArgs),
     /// Detach the gate from every bridge and remove its pins (run with the agent stopped).
     Uninstall {
         /// The bpffs directory holding the pins.

@@ -7,6 +7,8 @@ use anyhow::Context as _;
 use clap::{Args, CommandFactory as _};
 use clap_complete::Shell;
 
+use gate_user::units;
+
 use super::Cli;
 
 #[derive(Debug, Args)]
@@ -14,6 +16,44 @@ pub struct GenerateArgs {
     /// Where to write `completions/` (bash, zsh, fish) and `man/` (portgate.1 and one page per
     /// command).
     pub out_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct GeneratorArgs {
+    /// The generator's output directory (systemd passes normal, early and late; the
+    /// drop-ins go to the first).
+    pub normal_dir: PathBuf,
+    pub early_dir: Option<PathBuf>,
+    pub late_dir: Option<PathBuf>,
+    /// Where Quadlet files are (repeatable; default: Quadlet's system directories).
+    #[arg(long)]
+    pub quadlet_dir: Vec<PathBuf>,
+    /// Where unit files are (repeatable; default: /etc/systemd/system, /run/systemd/system).
+    #[arg(long)]
+    pub unit_dir: Vec<PathBuf>,
+}
+
+/// Writes a drop-in for each container unit (`gate_user::units`); lists them.
+pub fn systemd_generator(args: &GeneratorArgs) -> anyhow::Result<()> {
+    let or_default = |given: &[PathBuf], default: &[&str]| -> Vec<PathBuf> {
+        if given.is_empty() {
+            default.iter().map(PathBuf::from).collect()
+        } else {
+            given.to_vec()
+        }
+    };
+    let quadlet = or_default(&args.quadlet_dir, &units::QUADLET_DIRS);
+    let unit_dirs = or_default(&args.unit_dir, &units::UNIT_DIRS);
+    let found = units::generate(&args.normal_dir, &quadlet, &unit_dirs).with_context(|| {
+        format!(
+            "writing the container units' drop-ins to {}",
+            args.normal_dir.display()
+        )
+    })?;
+    for unit in found {
+        println!("{} ({})", unit.name, unit.source.display());
+    }
+    Ok(())
 }
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {

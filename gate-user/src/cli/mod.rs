@@ -107,6 +107,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check { file } => check::run(&cli.socket, file.as_deref()),
         Command::Doctor(args) => doctor::run(&cli.socket, &args),
         Command::Generate(args) => generate::run(&args),
+        Command::SystemdGenerator(args) => generate::systemd_generator(&args),
     }
 }
 
