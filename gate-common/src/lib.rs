@@ -29,6 +29,7 @@ pub mod map_names {
     pub const BLOCKED: &str = "BLOCKED";
     pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const MACVLAN_PARENTS: &str = "MACVLAN_PARENTS";
     /// Maps pinned so that they outlive the agent (the ring buffer and its budget are not:
     /// a new agent reads events from its own programs).
     pub const PINNED: [&str; 12] = [
@@ -60,6 +61,11 @@ pub mod program_names {
     /// Ingress of the interfaces traffic arrives on (`--uplink`): refuses new connections
     /// to published host ports that the policy does not admit, before conntrack sees them.
     pub const FROM_UPLINKS: &str = "from_uplinks";
+    /// Ingress of the parent interface of macvlan networks: what arrives for a macvlan
+    /// container (a frame to another MAC than the parent's) is judged as on a bridge.
+    pub const TOWARD_MACVLAN: &str = "toward_macvlan";
+    /// Egress of a macvlan parent: tracks what macvlan containers open, as `from_containers`.
+    pub const FROM_MACVLAN: &str = "from_macvlan";
 }
 
 /// Capacity of the allow map: one entry per (address, protocol, port).
@@ -93,6 +99,8 @@ pub const FRAGMENTS_CAPACITY: u32 = 8_192;
 /// How long the later fragments of an admitted datagram may follow its first one (Linux
 /// gives up reassembling after 30 s, `ipfrag_time`).
 pub const FRAGMENT_TIMEOUT_NS: u64 = secs(30);
+/// Capacity of the macvlan parents' table (ifindex -> the parent's own MAC address).
+pub const MACVLAN_PARENTS_CAPACITY: u32 = 256;
 /// Capacity of the per-bridge drop counters: (bridge, reason) pairs.
 pub const BRIDGE_DROPS_CAPACITY: u32 = 4_096;
 /// Size of the drop-event ring buffer.

@@ -165,6 +165,13 @@ fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
     ctx.load::<T>(offset).map_err(|_| ParseError::Malformed)
 }
 
+/// The frame's destination and source MAC addresses.
+#[inline(always)]
+pub fn macs(ctx: &TcContext) -> Option<([u8; 6], [u8; 6])> {
+    let eth: EthHdr = load(ctx, 0).ok()?;
+    Some((eth.dst_addr, eth.src_addr))
+}
+
 /// Parses the frame in `ctx` into `t`; `notes` collects `NOTE_*` bits. A function of its own
 /// (not inlined) so its stack frame is separate from the decision's.
 #[inline(never)]

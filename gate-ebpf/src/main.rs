@@ -41,12 +41,14 @@ use gate_common::{
     BRIDGE_DROPS_CAPACITY, BlockKey, BridgeDropKey, CONFIG_AUDIT, CONFIG_GATE_HOST, Config,
     DROP_EVENTS_BYTES, DROP_EVENTS_PER_SECOND, DropEvent, EventBudget, FLOW_CAPACITY, FLOW_CUT,
     FLOW_REPLIED, FRAGMENT_TIMEOUT_NS, FRAGMENTS_CAPACITY, FlowKey, FlowState, FragmentKey,
-    FragmentState, HOST_PORTS_CAPACITY, LOCAL_ADDRS_CAPACITY, MAX_RULES, NEW_FLOW_SHARE, NO_RULE,
-    ORIGIN_CONTAINER, ORIGIN_REMOTE, PORT_ADDRS_CAPACITY, PROTO_TCP, PROTO_UDP, PortAddrKey,
-    RuleStats, SOURCE_KEY_BITS, SOURCES_CAPACITY, SourceKey, SourceValue, counters::*, ipv4_mapped,
-    tcp,
+    FragmentState, HOST_PORTS_CAPACITY, LOCAL_ADDRS_CAPACITY, MACVLAN_PARENTS_CAPACITY, MAX_RULES,
+    NEW_FLOW_SHARE, NO_RULE, ORIGIN_CONTAINER, ORIGIN_REMOTE, PORT_ADDRS_CAPACITY, PROTO_TCP,
+    PROTO_UDP, PortAddrKey, RuleStats, SOURCE_KEY_BITS, SOURCES_CAPACITY, SourceKey, SourceValue,
+    counters::*, ipv4_mapped, tcp,
 };
-use gate_ebpf::{Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Part, Transport, parse};
+use gate_ebpf::{
+    Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Part, Transport, macs, parse,
+};
 
 #[map]
 static ALLOW: HashMap<AllowKey, AllowValue> = HashMap::with_max_entries(ALLOW_CAPACITY, 0);
@@ -151,10 +153,63 @@ fn config() -> Config {
 
 #[classifier]
 pub fn toward_containers(ctx: TcContext) -> i32 {
+    gate_toward(&ctx)
+}
+
+/// The parent interfaces of macvlan networks, by ifindex: their own MAC address (padded to
+/// 8 bytes). A frame to another unicast MAC is for a macvlan container; the parent's own
+/// frames are the host's. Written by the agent before it attaches the programs; not pinned
+/// (a new agent writes its own before it takes the links over).
+#[map]
+static MACVLAN_PARENTS: HashMap<u32, [u8; 8]> =
+    HashMap::with_max_entries(MACVLAN_PARENTS_CAPACITY, 0);
+
+/// Whether the frame on macvlan parent `ifindex` is a macvlan container's: `mac` (the
+/// destination on ingress, the source on egress) is unicast and not the parent's own. On a
+/// parent the agent did not describe, every unicast frame is (fail closed).
+#[inline(always)]
+fn is_macvlan_containers(mac: &[u8; 6], ifindex: u32) -> bool {
+    if mac[0] & 1 != 0 {
+        return false; // broadcast, multicast
+    }
+    // SAFETY: the value is copied out at once.
+    match unsafe { MACVLAN_PARENTS.get(ifindex) }.copied() {
+        Some(own) => own[..6] != mac[..],
+        None => true,
+    }
+}
+
+/// Ingress of a macvlan parent: frames for its macvlan containers meet the gate as on a
+/// bridge; the host's own traffic on that interface passes untouched.
+#[classifier]
+pub fn toward_macvlan(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match macs(&ctx) {
+        Some((dst, _)) if is_macvlan_containers(&dst, ifindex) => gate_toward(&ctx),
+        _ => PASS,
+    }
+}
+
+/// Egress of a macvlan parent: what its macvlan containers send is tracked as from a bridge
+/// port; the host's own traffic passes untouched.
+#[classifier]
+pub fn from_macvlan(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match macs(&ctx) {
+        Some((_, src)) if is_macvlan_containers(&src, ifindex) => track_from_container(&ctx),
+        _ => PASS,
+    }
+}
+
+/// The bridge gate's decision on a frame entering toward containers.
+#[inline(always)]
+fn gate_toward(ctx: &TcContext) -> i32 {
     let config = config();
     let flags = config.flags;
     let mut packet = Transport::new();
-    match try_toward_containers(&ctx, &config, &mut packet) {
+    match try_toward_containers(ctx, &config, &mut packet) {
         Verdict::Pass(counter) => {
             count(counter);
             PASS
@@ -322,8 +377,14 @@ fn refused_before_conntrack(config: &Config, packet: &Transport, ifindex: u32) -
 
 #[classifier]
 pub fn from_containers(ctx: TcContext) -> i32 {
+    track_from_container(&ctx)
+}
+
+/// Tracks what a container sends; drops only packets of connections the agent ended.
+#[inline(always)]
+fn track_from_container(ctx: &TcContext) -> i32 {
     let mut packet = Transport::new();
-    let Some(reason) = try_from_containers(&ctx, &mut packet) else {
+    let Some(reason) = try_from_containers(ctx, &mut packet) else {
         count(PASS_FROM_CONTAINER);
         return PASS;
     };

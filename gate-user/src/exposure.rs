@@ -1,5 +1,6 @@
-//! Which container ports the gate sees. The gate sits on bridges: a container on the host
-//! network, on a macvlan or ipvlan network, or on a bridge the agent does not gate, is
+//! Which container ports the gate sees. The gate sits on bridges and on macvlan networks'
+//! parent interfaces: a container on the host network, on an ipvlan network, on a macvlan
+//! network without a parent the agent knows, or on a bridge the agent does not gate, is
 //! reachable without passing it. `status` names those containers with their ports, `list`
 //! says per rule whether its addresses are behind a gated bridge.
 
@@ -11,12 +12,15 @@ use crate::{
     runtime::{Attachment, Container},
 };
 
-/// Whether traffic to a container's addresses on this network crosses a gated bridge.
+/// Whether traffic to a container's addresses on this network crosses a gated bridge (or
+/// a gated macvlan parent: `gated_bridges` names both).
 fn is_gated(attachment: &Attachment, gated_bridges: &BTreeSet<String>) -> bool {
-    attachment
+    let macvlan = attachment.driver.as_deref() == Some("macvlan");
+    let gate_at = attachment
         .bridge
         .as_ref()
-        .is_some_and(|bridge| gated_bridges.contains(bridge))
+        .or(attachment.parent.as_ref().filter(|_| macvlan));
+    gate_at.is_some_and(|name| gated_bridges.contains(name))
 }
 
 /// Why the gate does not see this network's traffic.
@@ -172,6 +176,7 @@ mod tests {
             network_id: None,
             driver: Some(driver.to_owned()),
             bridge: bridge.map(str::to_owned),
+            parent: None,
             addresses: if address.is_empty() {
                 Vec::new()
             } else {

@@ -100,7 +100,7 @@ impl Agent {
             return Ok(());
         }
         let addresses = ports::port_addresses(&ports);
-        let bindings: BTreeSet<PortAddrKey> = addresses
+        let mut bindings: BTreeSet<PortAddrKey> = addresses
             .iter()
             .flat_map(|(ifindex, addrs)| {
                 addrs.iter().map(|addr| PortAddrKey {
@@ -109,6 +109,7 @@ impl Agent {
                 })
             })
             .collect();
+        bindings.extend(self.macvlan_bindings());
         self.datapath
             .sync_port_addrs(&bindings)
             .context("binding bridge ports to their containers' addresses")?;
@@ -129,6 +130,7 @@ impl Agent {
             }
         }
         self.datapath.forget_ports(&(&known - &current))?;
+        self.sync_macvlan()?;
         // A port whose container was not found yet is looked at again on the next round.
         self.ports_stale = ports.iter().any(|p| !addresses.contains_key(&p.ifindex));
         Ok(())

@@ -10,6 +10,7 @@
 mod bridges;
 mod cut;
 mod explain;
+mod macvlan;
 mod reconcile;
 mod requests;
 mod service;

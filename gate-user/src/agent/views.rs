@@ -74,13 +74,16 @@ impl Agent {
         self.view_input(filter).build(filter)
     }
 
-    /// The bridges the gate is attached to now.
+    /// The bridges and macvlan parents the gate is attached to now.
     pub(super) fn gated_bridges(&self) -> BTreeSet<String> {
-        self.datapath
+        let bridges = self
+            .datapath
             .bridges()
             .iter()
             .filter(|b| self.datapath.is_attached(b))
-            .map(|b| b.name.clone())
+            .map(|b| b.name.clone());
+        bridges
+            .chain(self.datapath.macvlan_parents().values().cloned())
             .collect()
     }
 

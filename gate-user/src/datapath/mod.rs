@@ -9,12 +9,15 @@
 //!   v4/links/<port>-port         from_containers on each bridge port's TC ingress
 //!   v4/links/host-ports          host_ports on the host's network namespace (socket lookup)
 //!   v4/links/<iface>-uplink      from_uplinks on each --uplink interface's TC ingress
+//!   v4/links/<parent>-macvlan-in  toward_macvlan on each macvlan parent's TC ingress
+//!   v4/links/<parent>-macvlan-out from_macvlan on each macvlan parent's TC egress
 //! The links keep the programs attached after the agent exits (fail closed). While the agent
 //! runs it also holds each link open, so removing a pin detaches nothing; it pins it again.
 //! The directories are root-only (0700); `uninstall` removes these names only, never other
 //! tools' pins.
 
 mod flows;
+mod macvlan;
 mod sources;
 pub mod sys;
 
@@ -202,11 +205,13 @@ fn uplink_link(iface: &str) -> String {
 const HOST_PORTS_LINK: &str = "host-ports";
 
 /// Every program of the object, pinned under `programs/` by name.
-const PROGRAMS: [&str; 4] = [
+const PROGRAMS: [&str; 6] = [
     program_names::TOWARD_CONTAINERS,
     program_names::FROM_CONTAINERS,
     program_names::HOST_PORTS,
     program_names::FROM_UPLINKS,
+    program_names::TOWARD_MACVLAN,
+    program_names::FROM_MACVLAN,
 ];
 
 /// Sizes of the maps that grow with the host: set at load time.
@@ -378,6 +383,8 @@ pub struct Datapath {
     ports: BTreeMap<u32, String>,
     /// Uplinks with `from_uplinks` attached, by ifindex.
     uplinks: BTreeMap<u32, String>,
+    /// Macvlan parents with `toward_macvlan` and `from_macvlan` attached, by ifindex.
+    macvlan_parents: BTreeMap<u32, String>,
     local_addrs_written: Option<BTreeMap<gate_common::Addr, u8>>,
     capacities: Capacities,
     /// The allow map's content as last written, so a sync costs only its differences.
@@ -437,6 +444,8 @@ impl Datapath {
             program_names::TOWARD_CONTAINERS,
             program_names::FROM_CONTAINERS,
             program_names::FROM_UPLINKS,
+            program_names::TOWARD_MACVLAN,
+            program_names::FROM_MACVLAN,
         ] {
             let program = classifier(&mut ebpf, name)?;
             program
@@ -463,6 +472,7 @@ impl Datapath {
             bridges: Vec::new(),
             ports: BTreeMap::new(),
             uplinks: BTreeMap::new(),
+            macvlan_parents: BTreeMap::new(),
             local_addrs_written: None,
             capacities,
             allow_written: None,
@@ -1291,7 +1301,7 @@ pub struct Uninstalled {
 /// Whether a link pin's file name is one of portgate's (`<bridge>-egress`, v1's
 /// `<bridge>-ingress`, `<port>-port`, `host-ports`), and the bridge it names, if any.
 fn link_pin_owner(name: &str) -> Option<Option<&str>> {
-    let per_interface = ["-port", "-uplink"]
+    let per_interface = ["-port", "-uplink", macvlan::IN_SUFFIX, macvlan::OUT_SUFFIX]
         .iter()
         .any(|suffix| name.strip_suffix(suffix).is_some_and(|p| !p.is_empty()));
     if name == HOST_PORTS_LINK || per_interface {

@@ -23,6 +23,17 @@ pub fn ifindex(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
+/// The MAC address of interface `name` (from sysfs).
+pub fn mac_address(name: &str) -> Option<[u8; 6]> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).ok()?;
+    let mut mac = [0u8; 6];
+    let mut parts = text.trim().split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 /// The filesystem magic number of `path`'s filesystem.
 pub fn fs_type(path: &Path) -> Option<i64> {
     let path = c_path(path).ok()?;

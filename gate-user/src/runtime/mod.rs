@@ -64,6 +64,8 @@ pub struct Attachment {
     pub driver: Option<String>,
     /// The Linux bridge behind a bridge network.
     pub bridge: Option<String>,
+    /// The parent interface of a macvlan network (its `parent` option).
+    pub parent: Option<String>,
     /// The container's addresses on this network.
     pub addresses: Vec<IpAddr>,
 }
@@ -396,18 +398,25 @@ pub fn label_origin(
     })
 }
 
-/// An engine's networks: driver and bridge, by ID and by name.
+/// What a network says about itself: driver, bridge, macvlan parent.
+type NetworkFacts = (Option<String>, Option<String>, Option<String>);
+
+/// An engine's networks' facts, by ID and by name.
 #[derive(Debug, Default)]
 struct NetworkIndex {
-    by_id: HashMap<String, (Option<String>, Option<String>)>,
-    by_name: HashMap<String, (Option<String>, Option<String>)>,
+    by_id: HashMap<String, NetworkFacts>,
+    by_name: HashMap<String, NetworkFacts>,
 }
 
 impl NetworkIndex {
     fn new(engine: Engine, podman: &PodmanBridges, networks: &[Network]) -> Self {
         let mut index = Self::default();
         for network in networks {
-            let facts = (network.driver.clone(), bridge_of(engine, podman, network));
+            let facts = (
+                network.driver.clone(),
+                bridge_of(engine, podman, network),
+                macvlan_parent(network),
+            );
             if let Some(id) = &network.id {
                 index.by_id.insert(id.clone(), facts.clone());
             }
@@ -424,7 +433,7 @@ impl NetworkIndex {
             .by_name
             .values()
             .chain(self.by_id.values())
-            .filter_map(|(_, bridge)| bridge.clone())
+            .filter_map(|(_, bridge, _)| bridge.clone())
             .collect();
         bridges.sort();
         bridges.dedup();
@@ -439,9 +448,10 @@ impl NetworkIndex {
                 .as_ref()
                 .and_then(|id| self.by_id.get(id))
                 .or_else(|| self.by_name.get(&attachment.network));
-            if let Some((driver, bridge)) = facts {
+            if let Some((driver, bridge, parent)) = facts {
                 attachment.driver.clone_from(driver);
                 attachment.bridge.clone_from(bridge);
+                attachment.parent.clone_from(parent);
             }
         }
     }
@@ -454,6 +464,14 @@ struct PodmanBridges {
     cni: bool,
     /// `network_interface` by network name, from Podman's own API.
     by_network: HashMap<String, String>,
+}
+
+/// The parent interface of a macvlan network, as both engines take it (`-o parent=eth0`).
+fn macvlan_parent(network: &Network) -> Option<String> {
+    if network.driver.as_deref() != Some("macvlan") {
+        return None;
+    }
+    network.options.as_ref()?.get("parent").cloned()
 }
 
 /// The Linux bridge behind a bridge network, as each engine names it.
@@ -559,6 +577,7 @@ fn container_facts(engine: Engine, inspect: ContainerInspectResponse) -> Option<
                 network_id: endpoint.network_id.filter(|id| !id.is_empty()),
                 driver: None,
                 bridge: None,
+                parent: None,
                 addresses,
             }
         })
@@ -752,6 +771,7 @@ mod tests {
                 network_id: Some("aa11bb22cc33dd44".to_owned()),
                 driver: Some("macvlan".to_owned()),
                 bridge: None,
+                parent: None,
                 addresses: vec!["192.168.1.50".parse().unwrap()],
             }]
         );
