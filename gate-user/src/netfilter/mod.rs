@@ -287,7 +287,7 @@ impl Delegation {
             let mut kept = vec![false; survey.own.len()];
             for target in &survey.targets {
                 let chain = target.location.display();
-                for bridge in &self.bridges {
+                for bridge in self.bridges.iter().filter(|b| target.scope.holds(b)) {
                     let here: Vec<usize> = (0..survey.own.len())
                         .filter(|&i| {
                             survey.own[i].location == target.location
@@ -540,6 +540,27 @@ struct Target {
     placed: Vec<usize>,
     /// Our rules after the terminal rule, which no packet reaches.
     unreachable: Vec<usize>,
+    /// Which bridges' rules belong in this chain.
+    scope: Scope,
+}
+
+/// The bridges whose rules a target chain holds (by bridge name, replies rules included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scope {
+    All,
+    Only(BTreeSet<String>),
+    Except(BTreeSet<String>),
+}
+
+impl Scope {
+    fn holds(&self, key: &str) -> bool {
+        let bridge = split_key(key).0;
+        match self {
+            Scope::All => true,
+            Scope::Only(bridges) => bridges.contains(bridge),
+            Scope::Except(bridges) => !bridges.contains(bridge),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
