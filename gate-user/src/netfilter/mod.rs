@@ -98,9 +98,11 @@
 mod exec;
 mod keeper;
 mod nft;
+mod saved;
 mod xtables;
 
 pub use keeper::NetfilterKeeper;
+pub use saved::{LiveRule, SAVED_RULESETS, SavedRule, live_rules, saved_rules};
 // The runtime asks nft whether netavark keeps its rules there.
 pub(crate) use exec::find_binary;
 

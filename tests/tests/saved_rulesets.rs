@@ -1,0 +1,172 @@
+//! A ruleset saved while the agent runs (`iptables-save > rules.v4`, `nft list ruleset >
+//! nftables.conf`) holds the delegation rule and brings it back at the next boot, without a
+//! gate: then the published port answers anyone through FORWARD DROP. `portgate doctor`
+//! flags the saved rules (file and line) and, once restored without a gate, the live rule;
+//! `portgate uninstall` says where the saved rulesets still hold one and leaves them as
+//! they are. The host state is real: a sandbox's host namespace, real rules, real files in a
+//! temporary directory (`--saved-ruleset`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use portgate_tests::net::{assert_tcp_answers, assert_tcp_times_out};
+use portgate_tests::sandbox::{BRIDGE, CONTAINER_V4, HOST_V4};
+use portgate_tests::{Agent, Sandbox, TcpEchoServer, require_root, run_ok};
+use serde_json::Value;
+
+const COMMENT: &str = "portgate: delegate pgbr0 to the eBPF gate";
+
+/// `portgate doctor --json` in the agent's namespace, with the saved rulesets given.
+fn doctor(agent: &Agent<'_>, saved: &str) -> (Option<i32>, Value) {
+    let bpffs = agent.bpffs.to_string_lossy().into_owned();
+    let out = agent.cli(&[
+        "doctor",
+        "--json",
+        "--bpffs",
+        &bpffs,
+        "--saved-ruleset",
+        saved,
+    ]);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor --json ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), report)
+}
+
+/// The doctor's netfilter findings about `pgbr0`, as (level, detail).
+fn netfilter_findings(report: &Value) -> Vec<(String, String)> {
+    report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| f["check"] == "netfilter" && f["subject"] == BRIDGE)
+        .map(|f| {
+            (
+                f["level"].as_str().unwrap_or_default().to_owned(),
+                f["detail"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `file:line` of the line holding the delegation comment.
+fn where_saved(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("read the saved ruleset");
+    let line = text
+        .lines()
+        .position(|l| l.contains(COMMENT))
+        .unwrap_or_else(|| panic!("{} holds no delegation rule:\n{text}", path.display()));
+    format!("{}:{}", path.display(), line + 1)
+}
+
+#[test]
+fn saved_rulesets_are_flagged_by_doctor_and_named_by_uninstall() {
+    if !require_root() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let host = |args: &[&str]| run_ok(sb.command_in(&sb.host, args[0]).args(&args[1..]));
+    host(&["iptables-nft", "-P", "FORWARD", "DROP"]);
+    host(&[
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        HOST_V4,
+        "-p",
+        "tcp",
+        "--dport",
+        "8080",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &format!("{CONTAINER_V4}:80"),
+    ]);
+    let _server = TcpEchoServer::start(&sb, &sb.container, format!("{CONTAINER_V4}:80").parse().expect("address"));
+    let published: SocketAddr = format!("{HOST_V4}:8080").parse().expect("address");
+
+    let mut agent = Agent::start(&sb);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !host(&["iptables-nft", "-S", "FORWARD"]).contains(COMMENT) {
+        assert!(Instant::now() < deadline, "the agent installed no delegation rule");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.allow(CONTAINER_V4, "80/tcp");
+    assert_tcp_answers(&sb, &sb.client, published);
+
+    // The operator saves the rulesets while the agent runs.
+    let rules_v4 = agent.dir.path().join("rules.v4");
+    let nftables_conf = agent.dir.path().join("nftables.conf");
+    std::fs::write(&rules_v4, host(&["iptables-nft-save"])).expect("write rules.v4");
+    std::fs::write(&nftables_conf, host(&["nft", "list", "ruleset"])).expect("write nftables.conf");
+    let saved = format!("{}:{}", rules_v4.display(), nftables_conf.display());
+    let (in_v4, in_nft) = (where_saved(&rules_v4), where_saved(&nftables_conf));
+
+    // Agent running: the live rule is fine, the saved ones are named.
+    let (_, report) = doctor(&agent, &saved);
+    let findings = netfilter_findings(&report);
+    for place in [&in_v4, &in_nft] {
+        assert!(
+            findings
+                .iter()
+                .any(|(level, detail)| level == "warning" && detail.contains(place.as_str())),
+            "doctor should name {place}: {findings:#?}"
+        );
+    }
+    assert!(
+        !findings.iter().any(|(level, _)| level == "unprotected"),
+        "the gated bridge's live rule is no finding: {findings:#?}"
+    );
+
+    // Uninstall: the live rule goes, the files stay as they are, and it says where they hold it.
+    agent.stop();
+    let before = (
+        std::fs::read_to_string(&rules_v4).expect("read"),
+        std::fs::read_to_string(&nftables_conf).expect("read"),
+    );
+    let bpffs = agent.bpffs.to_string_lossy().into_owned();
+    let out = agent.cli(&["uninstall", "--bpffs", &bpffs, "--saved-ruleset", &saved]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "uninstall: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for place in [&in_v4, &in_nft] {
+        assert!(stdout.contains(place.as_str()), "uninstall should name {place}:\n{stdout}");
+    }
+    assert_eq!(
+        (
+            std::fs::read_to_string(&rules_v4).expect("read"),
+            std::fs::read_to_string(&nftables_conf).expect("read")
+        ),
+        before,
+        "uninstall must not edit saved rulesets"
+    );
+    assert!(!host(&["iptables-nft", "-S", "FORWARD"]).contains(COMMENT));
+    assert_tcp_times_out(&sb, &sb.client, published);
+
+    // The next boot restores rules.v4: the rule is back without a gate, and the published
+    // port answers anyone. The doctor flags exactly that.
+    let mut restore = sb.command_in(&sb.host, "iptables-nft-restore");
+    let mut child = restore
+        .stdin(std::fs::File::open(&rules_v4).expect("open rules.v4"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run iptables-nft-restore");
+    assert!(child.wait().expect("wait").success(), "iptables-nft-restore");
+    assert_tcp_answers(&sb, &sb.client, published);
+    let (code, report) = doctor(&agent, &saved);
+    let findings = netfilter_findings(&report);
+    assert!(
+        findings.iter().any(|(level, detail)| level == "unprotected"
+            && detail.contains("no gate is attached")
+            && detail.contains("FORWARD")),
+        "doctor should flag the restored rule of a bridge without a gate: {findings:#?}"
+    );
+    assert_eq!(code, Some(2), "doctor's exit status with something unprotected");
+}
