@@ -426,7 +426,6 @@ fn forward_rule_follows_the_operators_rules_iptables_legacy() {
     forward_rule_follows_the_operators_rules("iptables-legacy");
 }
 
-
 #[test]
 fn native_nftables_drop_chain() {
     let Some(ns) = Netns::new() else { return };
@@ -491,7 +490,6 @@ table inet pgfw {
     assert_eq!(nft_rules(&ns, "inet", "pgfw", "forward"), [foreign]);
     assert!(ns.rules("iptables-nft", "FORWARD").is_empty());
 }
-
 
 #[test]
 fn native_nftables_rule_goes_after_the_operators_rules() {
@@ -575,7 +573,6 @@ fn invalid_bridge_names_are_refused_before_anything_changes() {
     }
     assert!(ns.rules("iptables-nft", "FORWARD").is_empty());
 }
-
 
 #[test]
 fn dnat_traffic_passes_a_forward_drop_router_only_with_the_rule() {

@@ -741,8 +741,18 @@ fn replies_rule_lets_no_podman_container_through_a_port_forward() {
         "iptables",
         "PREROUTING",
         &[
-            "-t", "nat", "-d", &host, "-p", "tcp", "--dport", &forward_port, "-j", "DNAT",
-            "--to-destination", &target,
+            "-t",
+            "nat",
+            "-d",
+            &host,
+            "-p",
+            "tcp",
+            "--dport",
+            &forward_port,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &target,
         ],
     );
     let agent = EngineAgent::start(engines, &[]);

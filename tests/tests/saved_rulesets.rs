@@ -90,13 +90,20 @@ fn saved_rulesets_are_flagged_by_doctor_and_named_by_uninstall() {
         "--to-destination",
         &format!("{CONTAINER_V4}:80"),
     ]);
-    let _server = TcpEchoServer::start(&sb, &sb.container, format!("{CONTAINER_V4}:80").parse().expect("address"));
+    let _server = TcpEchoServer::start(
+        &sb,
+        &sb.container,
+        format!("{CONTAINER_V4}:80").parse().expect("address"),
+    );
     let published: SocketAddr = format!("{HOST_V4}:8080").parse().expect("address");
 
     let mut agent = Agent::start(&sb);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !host(&["iptables-nft", "-S", "FORWARD"]).contains(COMMENT) {
-        assert!(Instant::now() < deadline, "the agent installed no delegation rule");
+        assert!(
+            Instant::now() < deadline,
+            "the agent installed no delegation rule"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     agent.allow(CONTAINER_V4, "80/tcp");
@@ -135,9 +142,16 @@ fn saved_rulesets_are_flagged_by_doctor_and_named_by_uninstall() {
     let bpffs = agent.bpffs.to_string_lossy().into_owned();
     let out = agent.cli(&["uninstall", "--bpffs", &bpffs, "--saved-ruleset", &saved]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "uninstall: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "uninstall: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for place in [&in_v4, &in_nft] {
-        assert!(stdout.contains(place.as_str()), "uninstall should name {place}:\n{stdout}");
+        assert!(
+            stdout.contains(place.as_str()),
+            "uninstall should name {place}:\n{stdout}"
+        );
     }
     assert_eq!(
         (
@@ -158,7 +172,10 @@ fn saved_rulesets_are_flagged_by_doctor_and_named_by_uninstall() {
         .stdout(Stdio::null())
         .spawn()
         .expect("run iptables-nft-restore");
-    assert!(child.wait().expect("wait").success(), "iptables-nft-restore");
+    assert!(
+        child.wait().expect("wait").success(),
+        "iptables-nft-restore"
+    );
     assert_tcp_answers(&sb, &sb.client, published);
     let (code, report) = doctor(&agent, &saved);
     let findings = netfilter_findings(&report);
@@ -168,5 +185,9 @@ fn saved_rulesets_are_flagged_by_doctor_and_named_by_uninstall() {
             && detail.contains("FORWARD")),
         "doctor should flag the restored rule of a bridge without a gate: {findings:#?}"
     );
-    assert_eq!(code, Some(2), "doctor's exit status with something unprotected");
+    assert_eq!(
+        code,
+        Some(2),
+        "doctor's exit status with something unprotected"
+    );
 }

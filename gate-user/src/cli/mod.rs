@@ -279,11 +279,7 @@ fn print_changed(reply: Reply) -> anyhow::Result<()> {
     }
 }
 
-fn uninstall(
-    socket: &Path,
-    bpffs: &Path,
-    saved: &leftovers::SavedRulesets,
-) -> anyhow::Result<()> {
+fn uninstall(socket: &Path, bpffs: &Path, saved: &leftovers::SavedRulesets) -> anyhow::Result<()> {
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
         anyhow::bail!(
             "an agent is serving {}; stop it first, or it would run without a gate",

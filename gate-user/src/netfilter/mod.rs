@@ -19,8 +19,9 @@
 //!
 //! * iptables, legacy and nft (`iptables-legacy`/`iptables-nft`, and `ip6tables-*` for
 //!   IPv6; plain `iptables`/`ip6tables` on hosts that have neither variant), table
-//!   `filter`, in `DOCKER-USER` when Docker owns FORWARD (that chain exists and FORWARD
-//!   jumps to it), else in `FORWARD`:
+//!   `filter`: for Docker's own bridges (those Docker's rules send to its `DOCKER` chain) in
+//!   `DOCKER-USER` when Docker owns FORWARD (that chain exists and FORWARD jumps to it);
+//!   for every other bridge, and on hosts without Docker, in `FORWARD`:
 //!
 //!   ```text
 //!   -o <bridge> -m conntrack --ctstate DNAT \
@@ -49,9 +50,14 @@
 //! allows. So the rule goes after every rule of the host's and only before the rule that ends
 //! the chain unconditionally, which is what it stands in for:
 //!
-//! * `DOCKER-USER`: just before Docker's unconditional `-j RETURN` (Docker 20.10 creates the
-//!   chain with only that; Docker 28 may leave it empty, then at the end). A DROP or REJECT
-//!   there is the host's own rule (Docker adds none) and comes before ours.
+//! * `DOCKER-USER` (Docker's bridges): just before Docker's unconditional `-j RETURN`
+//!   (Docker 20.10 creates the chain with only that; Docker 28 may leave it empty, then at the
+//!   end). A DROP or REJECT there is the host's own rule (Docker adds none) and comes before
+//!   ours. A DROP appended to FORWARD never held for Docker's published ports (Docker's own
+//!   ACCEPTs precede it), so Docker's documented place is the one that counts for them.
+//! * Every other bridge (Podman's, hand-made) goes in FORWARD even where DOCKER-USER exists:
+//!   FORWARD jumps to DOCKER-USER first, so a rule there would skip an operator's DROP in
+//!   FORWARD (or ufw's chains) for a bridge Docker's ACCEPTs never covered.
 //! * `FORWARD`: just before an unconditional DROP/REJECT (firewalld's final REJECT), else at
 //!   the end (a DROP policy).
 //! * nftables: just before the first rule that drops or rejects everything, else at the end
@@ -87,8 +93,9 @@
 //!   rule gets it back, logged as "restored" at warn level. If the right place changes
 //!   (Docker started and created DOCKER-USER, the operator added a rule after ours, the
 //!   policy went back to ACCEPT, a bridge is no longer gated) the rule moves or goes.
-//! * `portgate uninstall` removes every rule carrying a portgate delegation comment, in
-//!   every backend.
+//! * `portgate uninstall` removes the rules of the bridges its gate was attached to, in
+//!   every backend. Saved rulesets that hold one (restored at boot without a gate) are only
+//!   reported, by `portgate doctor` and `uninstall` (`saved.rs`), never edited.
 //! * The comment is the only mark of ownership: rules without it are never modified or
 //!   deleted. iptables rules are deleted by their full specification (comment included),
 //!   never by position; nftables rules by the handle read in the listing just before.
@@ -131,13 +138,15 @@ const REPLIES_WORD: &str = " replies";
 /// replies of the connections the gate admitted, so they need a rule of their own:
 ///
 /// ```text
-/// -i <bridge> -m conntrack --ctstate DNAT -m comment --comment "portgate: delegate <bridge> replies to the eBPF gate" -j ACCEPT
-/// iifname "<bridge>" ct status dnat accept comment "..."
+/// -i <bridge> -m conntrack --ctstate DNAT --ctdir REPLY -m comment --comment "portgate: delegate <bridge> replies to the eBPF gate" -j ACCEPT
+/// iifname "<bridge>" ct status dnat ct direction reply accept comment "..."
 /// ```
 ///
-/// `--ctstate DNAT` holds for every packet of a connection whose destination was rewritten,
-/// that is of a connection to a published port that came in from outside: a container cannot
-/// create one by sending, so the rule lets nothing out that was not let in.
+/// Replies only: `--ctstate DNAT` alone holds for both directions of any DNATed connection,
+/// also one a container opens to a port forward of the host's that leads elsewhere, which it
+/// would let through a dropping FORWARD. In the reply direction it holds only for connections
+/// to published ports that came in from outside, so the rule lets nothing out that was not let
+/// in.
 pub fn replies_key(bridge: &str) -> String {
     format!("{bridge}{REPLIES_KEY}")
 }

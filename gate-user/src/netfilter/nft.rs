@@ -6,8 +6,7 @@ use tracing::debug;
 
 use super::{
     Location, NetfilterError, OwnRule, Position, RuleId, Scope, Slot, Survey, Target,
-    bridge_of_comment,
-    comment_for,
+    bridge_of_comment, comment_for,
     exec::{Invocation, find_binary},
     layout, split_key,
 };
@@ -609,6 +608,10 @@ table inet fw { # handle 2
 "#;
         let (targets, own) = place(&parse_text(text).expect("parse"));
         assert_eq!(own.len(), 2);
-        assert_eq!(targets[0].placed, [1], "only the current form stays in place");
+        assert_eq!(
+            targets[0].placed,
+            [1],
+            "only the current form stays in place"
+        );
     }
 }

@@ -8,7 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Backend, COMMENT_PREFIX, COMMENT_SUFFIX, NetfilterError, bridge_of_comment, split_key};
+use super::{
+    Backend, COMMENT_PREFIX, COMMENT_SUFFIX, NetfilterError, bridge_of_comment, split_key,
+};
 
 /// Where the usual services keep the rulesets they restore at boot: Debian's
 /// netfilter-persistent (`rules.v4`, `rules.v6`), the nftables service, Red Hat's

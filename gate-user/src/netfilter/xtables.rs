@@ -7,8 +7,7 @@ use tracing::{debug, warn};
 
 use super::{
     Location, NetfilterError, OwnRule, Position, RuleId, Scope, Slot, Survey, Target,
-    bridge_of_comment,
-    comment_for,
+    bridge_of_comment, comment_for,
     exec::{Invocation, find_binary},
     layout, split_key,
 };

@@ -344,5 +344,13 @@ impl Router {
 pub fn docker_owns(ns: &Netns, bridge: &str) {
     ns.exec(&["iptables-nft", "-N", "DOCKER-USER"]);
     ns.exec(&["iptables-nft", "-N", "DOCKER"]);
-    ns.exec(&["iptables-nft", "-A", "FORWARD", "-o", bridge, "-j", "DOCKER"]);
+    ns.exec(&[
+        "iptables-nft",
+        "-A",
+        "FORWARD",
+        "-o",
+        bridge,
+        "-j",
+        "DOCKER",
+    ]);
 }
