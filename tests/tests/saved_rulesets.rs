@@ -4,11 +4,11 @@
 //! flags the saved rules (file and line) and, once restored without a gate, the live rule;
 //! `portgate uninstall` says where the saved rulesets still hold one and leaves them as
 //! they are. The host state is real: a sandbox's host namespace, real rules, real files in a
-//! temporary directory (`--saved-ruleset`).
+//! temporary directory (`PORTGATE_SAVED_RULESETS`).
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use portgate_tests::net::{assert_tcp_answers, assert_tcp_times_out};
@@ -18,17 +18,25 @@ use serde_json::Value;
 
 const COMMENT: &str = "portgate: delegate pgbr0 to the eBPF gate";
 
-/// `portgate doctor --json` in the agent's namespace, with the saved rulesets given.
-fn doctor(agent: &Agent<'_>, saved: &str) -> (Option<i32>, Value) {
-    let bpffs = agent.bpffs.to_string_lossy().into_owned();
-    let out = agent.cli(&[
-        "doctor",
-        "--json",
-        "--bpffs",
-        &bpffs,
-        "--saved-ruleset",
-        saved,
-    ]);
+/// `portgate ARGS...` in the agent's namespace, the saved rulesets named by
+/// `PORTGATE_SAVED_RULESETS` (a binary without that option ignores it).
+fn portgate(agent: &Agent<'_>, sb: &Sandbox, saved: &str, args: &[&str]) -> Output {
+    sb.command_in(&sb.host, &agent.bin)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(args)
+        .arg("--bpffs")
+        .arg(&agent.bpffs)
+        .env("PORTGATE_SAVED_RULESETS", saved)
+        .env_remove("PORTGATE_SOCKET")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run portgate")
+}
+
+/// `portgate doctor --json`: its exit status and report.
+fn doctor(agent: &Agent<'_>, sb: &Sandbox, saved: &str) -> (Option<i32>, Value) {
+    let out = portgate(agent, sb, saved, &["doctor", "--json"]);
     let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "doctor --json ({e}): {}{}",
@@ -118,7 +126,7 @@ fn saved_rulesets_are_flagged_by_doctor_and_named_by_uninstall() {
     let (in_v4, in_nft) = (where_saved(&rules_v4), where_saved(&nftables_conf));
 
     // Agent running: the live rule is fine, the saved ones are named.
-    let (_, report) = doctor(&agent, &saved);
+    let (_, report) = doctor(&agent, &sb, &saved);
     let findings = netfilter_findings(&report);
     for place in [&in_v4, &in_nft] {
         assert!(
@@ -139,8 +147,7 @@ fn saved_rulesets_are_flagged_by_doctor_and_named_by_uninstall() {
         std::fs::read_to_string(&rules_v4).expect("read"),
         std::fs::read_to_string(&nftables_conf).expect("read"),
     );
-    let bpffs = agent.bpffs.to_string_lossy().into_owned();
-    let out = agent.cli(&["uninstall", "--bpffs", &bpffs, "--saved-ruleset", &saved]);
+    let out = portgate(&agent, &sb, &saved, &["uninstall"]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -177,7 +184,7 @@ fn saved_rulesets_are_flagged_by_doctor_and_named_by_uninstall() {
         "iptables-nft-restore"
     );
     assert_tcp_answers(&sb, &sb.client, published);
-    let (code, report) = doctor(&agent, &saved);
+    let (code, report) = doctor(&agent, &sb, &saved);
     let findings = netfilter_findings(&report);
     assert!(
         findings.iter().any(|(level, detail)| level == "unprotected"
