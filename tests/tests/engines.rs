@@ -798,6 +798,17 @@ fn replies_rule_lets_no_podman_container_through_a_port_forward() {
         iptables_rules("iptables", "FORWARD")
     );
     assert_eq!(server.accepted(), 1, "only Docker's container got through");
+    // Where the rules are: Docker's bridge in DOCKER-USER, Podman's at the end of FORWARD
+    // (after the operator's rules there, which DOCKER-USER would skip).
+    let status = agent.status_json();
+    for entry in status["netfilter"].as_array().into_iter().flatten() {
+        let wanted = match entry["bridge"].as_str() {
+            Some("docker0") => "DOCKER-USER",
+            Some(b) if b == bridge => "FORWARD",
+            _ => continue,
+        };
+        assert_eq!(entry["chain"], wanted, "{entry}");
+    }
 }
 
 /// A host firewall written for nftables: a forward chain of the operator's own with policy
