@@ -63,6 +63,21 @@ fn netfilter_findings(report: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The operator's nftables firewall: a forward chain with policy drop that lets the bridge's
+/// own traffic out.
+const NFT_TABLE: &str = r#"table inet pgfw {
+    chain forward {
+        type filter hook forward priority 0; policy drop;
+        iifname "pgbr0" accept
+    }
+}
+"#;
+
+/// `nft -f FILE` in the sandbox's host namespace.
+fn nft_file(sb: &Sandbox, file: &Path) {
+    run_ok(sb.command_in(&sb.host, "nft").arg("-f").arg(file));
+}
+
 /// `file:line` of the line holding the delegation comment.
 fn where_saved(path: &Path) -> String {
     let text = std::fs::read_to_string(path).expect("read the saved ruleset");
@@ -80,7 +95,21 @@ fn saved_rulesets_are_flagged_by_doctor_and_named_by_uninstall() {
     }
     let sb = Sandbox::new();
     let host = |args: &[&str]| run_ok(sb.command_in(&sb.host, args[0]).args(&args[1..]));
+    // Two firewalls that drop forwarded traffic, each accepting the bridge's own traffic out
+    // (as the engines' rules do): iptables, and an nftables table of the operator's.
     host(&["iptables-nft", "-P", "FORWARD", "DROP"]);
+    host(&[
+        "iptables-nft",
+        "-A",
+        "FORWARD",
+        "-i",
+        BRIDGE,
+        "-j",
+        "ACCEPT",
+    ]);
+    let script = tempfile::NamedTempFile::new().expect("temporary file");
+    std::fs::write(script.path(), NFT_TABLE).expect("write the nft script");
+    nft_file(&sb, script.path());
     host(&[
         "iptables-nft",
         "-t",
@@ -121,7 +150,11 @@ fn saved_rulesets_are_flagged_by_doctor_and_named_by_uninstall() {
     let rules_v4 = agent.dir.path().join("rules.v4");
     let nftables_conf = agent.dir.path().join("nftables.conf");
     std::fs::write(&rules_v4, host(&["iptables-nft-save"])).expect("write rules.v4");
-    std::fs::write(&nftables_conf, host(&["nft", "list", "ruleset"])).expect("write nftables.conf");
+    std::fs::write(
+        &nftables_conf,
+        host(&["nft", "list", "table", "inet", "pgfw"]),
+    )
+    .expect("write nftables.conf");
     let saved = format!("{}:{}", rules_v4.display(), nftables_conf.display());
     let (in_v4, in_nft) = (where_saved(&rules_v4), where_saved(&nftables_conf));
 
@@ -171,27 +204,26 @@ fn saved_rulesets_are_flagged_by_doctor_and_named_by_uninstall() {
     assert!(!host(&["iptables-nft", "-S", "FORWARD"]).contains(COMMENT));
     assert_tcp_times_out(&sb, &sb.client, published);
 
-    // The next boot restores rules.v4: the rule is back without a gate, and the published
+    // The next boot restores both: the rules are back without a gate, and the published
     // port answers anyone. The doctor flags exactly that.
-    let mut restore = sb.command_in(&sb.host, "iptables-nft-restore");
-    let mut child = restore
-        .stdin(std::fs::File::open(&rules_v4).expect("open rules.v4"))
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("run iptables-nft-restore");
-    assert!(
-        child.wait().expect("wait").success(),
-        "iptables-nft-restore"
+    host(&["nft", "delete", "table", "inet", "pgfw"]);
+    run_ok(
+        sb.command_in(&sb.host, "iptables-nft-restore")
+            .stdin(std::fs::File::open(&rules_v4).expect("open rules.v4")),
     );
+    nft_file(&sb, &nftables_conf);
     assert_tcp_answers(&sb, &sb.client, published);
     let (code, report) = doctor(&agent, &sb, &saved);
     let findings = netfilter_findings(&report);
-    assert!(
-        findings.iter().any(|(level, detail)| level == "unprotected"
-            && detail.contains("no gate is attached")
-            && detail.contains("FORWARD")),
-        "doctor should flag the restored rule of a bridge without a gate: {findings:#?}"
-    );
+    for chain in ["FORWARD", "inet pgfw forward"] {
+        assert!(
+            findings.iter().any(|(level, detail)| level == "unprotected"
+                && detail.contains("no gate is attached")
+                && detail.contains(chain)),
+            "doctor should flag the restored rule in {chain} of a bridge without a gate: \
+             {findings:#?}"
+        );
+    }
     assert_eq!(
         code,
         Some(2),
