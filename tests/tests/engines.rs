@@ -755,22 +755,10 @@ fn replies_rule_lets_no_podman_container_through_a_port_forward() {
             &target,
         ],
     );
-    let agent = EngineAgent::start(engines, &[]);
-    agent.wait_engines_connected(&["docker", "podman"]);
-    // The keeper adds the replies rule after Podman's first sync.
-    let bridge = engines.set.podman_bridge();
-    let deadline = Instant::now() + FOLLOW_TIMEOUT;
-    while !iptables_rules("iptables", "FORWARD")
-        .iter()
-        .any(|rule| rule.contains(&format!("\"{}\"", replies_comment(bridge))))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no replies rule for {bridge}: {:?}",
-            iptables_rules("iptables", "FORWARD")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // A Podman container with a published port: netavark sets up its nftables table, which
+    // tells the agent that Podman's bridge needs the replies rule.
+    let (pport, pname) = (free_port(), unique("fwd-web-p"));
+    let _podman = engines.run_httpd(Engine::Podman, &pname, pport, &[]);
     let reach = |engine: Engine| {
         let script = format!(
             "echo hello-from-{} | /bin/busybox nc -w 5 {host} {forward_port}",
@@ -785,6 +773,31 @@ fn replies_rule_lets_no_podman_container_through_a_port_forward() {
         );
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     };
+    // The control: without the agent, nothing lets a Podman container's connection through
+    // FORWARD DROP (a leftover NETAVARK_FORWARD of Podman 4.3 would).
+    assert_ne!(
+        reach(Engine::Podman),
+        "pong hello-from-podman",
+        "without the agent, a Podman 5 container should not get through FORWARD DROP: \
+         another rule accepts it ({:?})",
+        iptables_rules("iptables", "FORWARD")
+    );
+    let agent = EngineAgent::start(engines, &[]);
+    agent.wait_engines_connected(&["docker", "podman"]);
+    // The keeper adds the replies rule after Podman's sync that saw netavark's table.
+    let bridge = engines.set.podman_bridge();
+    let deadline = Instant::now() + FOLLOW_TIMEOUT;
+    while !iptables_rules("iptables", "FORWARD")
+        .iter()
+        .any(|rule| rule.contains(&format!("\"{}\"", replies_comment(bridge))))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no replies rule for {bridge}: {:?}",
+            iptables_rules("iptables", "FORWARD")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(
         reach(Engine::Docker),
         "pong hello-from-docker",
