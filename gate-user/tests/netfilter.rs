@@ -9,161 +9,10 @@
 //! nft processes it starts inherit that thread's namespace (checked on every call), so the
 //! host's own firewall is never touched. Needs root; skipped with a message otherwise.
 
-use std::{
-    fs::File,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
-    process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
-    },
-    time::Duration,
-};
+mod netns;
 
 use gate_user::netfilter::{self, Delegation, DelegationStatus};
-
-const BR: &str = "pgbr0";
-/// The client address the operator's own rules drop, in the tests that have one.
-const BLOCKED: &str = "10.97.0.2";
-
-/// A network namespace of this test process, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    /// None when the test cannot run here, after saying so (a failure in CI instead: see
-    /// `portgate_test_support::skip`).
-    fn new() -> Option<Self> {
-        if !portgate_test_support::require_root("network namespaces, iptables, nft") {
-            return None;
-        }
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "pgnf-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let ns = Netns { name };
-        run(Command::new("ip").args(["netns", "add", &ns.name]));
-        Some(ns)
-    }
-
-    /// Runs `f` on a thread inside this namespace (and checks that the processes it starts
-    /// are inside it too).
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        let handle = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        let inode = handle.metadata().expect("stat netns").ino();
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    // SAFETY: setns on a valid namespace fd; it affects only this thread,
-                    // which ends with the scope.
-                    if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        panic!("setns({}): {}", self.name, std::io::Error::last_os_error());
-                    }
-                    let child = run(Command::new("readlink").arg("/proc/self/ns/net"));
-                    assert_eq!(
-                        child.trim(),
-                        format!("net:[{inode}]"),
-                        "a child of the setns thread must be in the test's namespace"
-                    );
-                    f()
-                })
-                .join()
-                .unwrap_or_else(|e| std::panic::resume_unwind(e))
-        })
-    }
-
-    /// `ip netns exec NS ARGS...`; panics on failure; returns stdout.
-    fn exec(&self, args: &[&str]) -> String {
-        run(Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args))
-    }
-
-    /// Feeds `input` to `ip netns exec NS ARGS...`.
-    fn exec_stdin(&self, args: &[&str], input: &str) {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write");
-        let status = child.wait().expect("wait");
-        assert!(status.success(), "{args:?} <<< {input}: {status}");
-    }
-
-    /// The `-A` lines of `TOOL -S CHAIN`.
-    fn rules(&self, tool: &str, chain: &str) -> Vec<String> {
-        self.exec(&[tool, "-w", "-S", chain])
-            .lines()
-            .filter(|line| line.starts_with("-A "))
-            .map(str::to_owned)
-            .collect()
-    }
-
-    fn ensure(&self, delegation: &mut Delegation, bridges: &[&str]) -> Vec<DelegationStatus> {
-        let bridges: Vec<String> = bridges.iter().map(|b| (*b).to_owned()).collect();
-        self.run(|| delegation.ensure(&bridges)).expect("ensure")
-    }
-
-    fn check_and_restore(&self, delegation: &mut Delegation) -> usize {
-        self.run(|| delegation.check_and_restore())
-            .expect("check_and_restore")
-    }
-
-    fn remove_all(&self) -> usize {
-        self.run(netfilter::remove_all).expect("remove_all")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .output();
-    }
-}
-
-fn run(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?}: {}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// Our rule as `iptables -S` prints it.
-fn ours(chain: &str, bridge: &str) -> String {
-    format!(
-        "-A {chain} -o {bridge} -m conntrack --ctstate DNAT -m comment --comment \"portgate: delegate {bridge} to the eBPF gate\" -j ACCEPT"
-    )
-}
-
-fn status(bridge: &str, backend: &str, chain: &str) -> DelegationStatus {
-    DelegationStatus {
-        bridge: bridge.to_owned(),
-        backend: backend.to_owned(),
-        chain: chain.to_owned(),
-        installed: true,
-        replies: false,
-    }
-}
+use netns::*;
 
 #[test]
 fn accept_policy_needs_nothing_and_creates_nothing() {
@@ -212,9 +61,9 @@ fn iptables_nft_drop_policy_gets_one_rule_at_the_end_of_forward() {
 fn docker_user_gets_the_rule_when_docker_owns_forward() {
     let Some(ns) = Netns::new() else { return };
     ns.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
-    ns.exec(&["iptables-nft", "-N", "DOCKER-USER"]);
+    docker_owns(&ns, BR);
     ns.exec(&["iptables-nft", "-A", "DOCKER-USER", "-j", "RETURN"]);
-    ns.exec(&["iptables-nft", "-A", "FORWARD", "-j", "DOCKER-USER"]);
+    ns.exec(&["iptables-nft", "-I", "FORWARD", "1", "-j", "DOCKER-USER"]);
     let mut delegation = Delegation::new();
     let statuses = ns.ensure(&mut delegation, &[BR]);
     assert_eq!(statuses, [status(BR, "iptables-nft", "DOCKER-USER")]);
@@ -227,7 +76,10 @@ fn docker_user_gets_the_rule_when_docker_owns_forward() {
     );
     assert_eq!(
         ns.rules("iptables-nft", "FORWARD"),
-        ["-A FORWARD -j DOCKER-USER"]
+        [
+            "-A FORWARD -j DOCKER-USER".to_owned(),
+            format!("-A FORWARD -o {BR} -j DOCKER")
+        ]
     );
 }
 
@@ -241,7 +93,7 @@ fn moves_into_docker_user_when_docker_starts_later() {
         [status(BR, "iptables-nft", "FORWARD")]
     );
     // Docker starts: DOCKER-USER, jumped to first.
-    ns.exec(&["iptables-nft", "-N", "DOCKER-USER"]);
+    docker_owns(&ns, BR);
     ns.exec(&["iptables-nft", "-I", "FORWARD", "1", "-j", "DOCKER-USER"]);
     assert_eq!(ns.check_and_restore(&mut delegation), 1);
     assert_eq!(
@@ -254,7 +106,10 @@ fn moves_into_docker_user_when_docker_starts_later() {
     );
     assert_eq!(
         ns.rules("iptables-nft", "FORWARD"),
-        ["-A FORWARD -j DOCKER-USER"]
+        [
+            "-A FORWARD -j DOCKER-USER".to_owned(),
+            format!("-A FORWARD -o {BR} -j DOCKER")
+        ]
     );
 }
 
@@ -262,7 +117,7 @@ fn moves_into_docker_user_when_docker_starts_later() {
 fn a_reload_that_removes_the_rule_is_repaired() {
     let Some(ns) = Netns::new() else { return };
     ns.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
-    ns.exec(&["iptables-nft", "-N", "DOCKER-USER"]);
+    docker_owns(&ns, BR);
     ns.exec(&["iptables-nft", "-A", "DOCKER-USER", "-j", "RETURN"]);
     ns.exec(&["iptables-nft", "-A", "FORWARD", "-j", "DOCKER-USER"]);
     let mut delegation = Delegation::new();
@@ -435,7 +290,7 @@ fn firewalld_style_final_reject_counts_as_dropping() {
 fn docker_user_rule_goes_after_the_operators_rules() {
     let Some(ns) = Netns::new() else { return };
     ns.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
-    ns.exec(&["iptables-nft", "-N", "DOCKER-USER"]);
+    docker_owns(&ns, BR);
     ns.exec(&["iptables-nft", "-A", "DOCKER-USER", "-j", "RETURN"]);
     ns.exec(&["iptables-nft", "-A", "FORWARD", "-j", "DOCKER-USER"]);
     // Docker's documented way: the operator's restriction inserted at the top.
@@ -490,7 +345,7 @@ fn empty_docker_user_gets_the_rule_appended() {
     let Some(ns) = Netns::new() else { return };
     // Docker 28 may create DOCKER-USER without the RETURN.
     ns.exec(&["iptables-nft", "-P", "FORWARD", "DROP"]);
-    ns.exec(&["iptables-nft", "-N", "DOCKER-USER"]);
+    docker_owns(&ns, BR);
     ns.exec(&["iptables-nft", "-A", "FORWARD", "-j", "DOCKER-USER"]);
     let mut delegation = Delegation::new();
     ns.ensure(&mut delegation, &[BR]);
@@ -571,22 +426,6 @@ fn forward_rule_follows_the_operators_rules_iptables_legacy() {
     forward_rule_follows_the_operators_rules("iptables-legacy");
 }
 
-/// The chain's rules as `nft -a` prints them, without handles.
-fn nft_rules(ns: &Netns, family: &str, table: &str, chain: &str) -> Vec<String> {
-    ns.exec(&["nft", "list", "chain", family, table, chain])
-        .lines()
-        .map(str::trim)
-        .filter(|line| {
-            !line.is_empty()
-                && !line.starts_with("table ")
-                && !line.starts_with("chain ")
-                && !line.starts_with("type ")
-                && *line != "}"
-        })
-        .map(str::to_owned)
-        .collect()
-}
-
 #[test]
 fn native_nftables_drop_chain() {
     let Some(ns) = Netns::new() else { return };
@@ -650,12 +489,6 @@ table inet pgfw {
     assert_eq!(ns.remove_all(), 2);
     assert_eq!(nft_rules(&ns, "inet", "pgfw", "forward"), [foreign]);
     assert!(ns.rules("iptables-nft", "FORWARD").is_empty());
-}
-
-fn ours_nft(bridge: &str) -> String {
-    format!(
-        "oifname \"{bridge}\" ct status dnat accept comment \"portgate: delegate {bridge} to the eBPF gate\""
-    )
 }
 
 #[test]
@@ -741,160 +574,6 @@ fn invalid_bridge_names_are_refused_before_anything_changes() {
     assert!(ns.rules("iptables-nft", "FORWARD").is_empty());
 }
 
-/// A TCP server in a namespace that answers "hello" to every connection.
-struct Server {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(ns: &Netns, addr: SocketAddr) -> Self {
-        let listener = ns.run(|| TcpListener::bind(addr)).expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((mut stream, _)) => {
-                        let _ = stream.set_nonblocking(false);
-                        let _ = stream.write_all(b"hello");
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
-        Server {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Connects from the client namespace: Ok(greeting), or the error (a timeout when dropped).
-fn connect(client: &Netns, addr: &str) -> std::io::Result<String> {
-    let addr: SocketAddr = addr.parse().expect("address");
-    client.run(|| {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(1500))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut greeting = String::new();
-        stream.read_to_string(&mut greeting)?;
-        Ok(greeting)
-    })
-}
-
-fn timed_out(result: &std::io::Result<String>) -> bool {
-    matches!(result, Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock))
-}
-
-/// A router namespace with bridge `pgbr0` (10.99.0.1) and a container (10.99.0.2, port 80
-/// answers "hello") published as 10.98.0.1:8080 by DNAT, and two clients routed through
-/// it: 10.98.0.2 and `BLOCKED` (10.97.0.2). Its filter rules are up to each test.
-struct Router {
-    _server: Server,
-    router: Netns,
-    client: Netns,
-    blocked: Netns,
-    _container: Netns,
-}
-
-const PUBLISHED: &str = "10.98.0.1:8080";
-
-impl Router {
-    fn new() -> Option<Self> {
-        let router = Netns::new()?;
-        let (client, blocked, container) = (Netns::new()?, Netns::new()?, Netns::new()?);
-        let ip = |args: &[&str]| run(Command::new("ip").args(args));
-        let (r, k) = (router.name.as_str(), container.name.as_str());
-        ip(&["-n", r, "link", "add", BR, "type", "bridge"]);
-        ip(&["-n", r, "addr", "add", "10.99.0.1/24", "dev", BR]);
-        ip(&["-n", r, "link", "set", BR, "up"]);
-        ip(&[
-            "-n", r, "link", "add", "vk", "type", "veth", "peer", "name", "eth0", "netns", k,
-        ]);
-        ip(&["-n", r, "link", "set", "vk", "master", BR, "up"]);
-        ip(&["-n", k, "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
-        ip(&["-n", k, "link", "set", "eth0", "up"]);
-        ip(&["-n", k, "link", "set", "lo", "up"]);
-        ip(&["-n", k, "route", "add", "default", "via", "10.99.0.1"]);
-        for (peer, link, net) in [(&client, "vc", "10.98.0"), (&blocked, "vb", "10.97.0")] {
-            let c = peer.name.as_str();
-            ip(&[
-                "-n", r, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", c,
-            ]);
-            ip(&["-n", r, "addr", "add", &format!("{net}.1/24"), "dev", link]);
-            ip(&["-n", r, "link", "set", link, "up"]);
-            ip(&[
-                "-n",
-                c,
-                "addr",
-                "add",
-                &format!("{net}.2/24"),
-                "dev",
-                "eth0",
-            ]);
-            ip(&["-n", c, "link", "set", "eth0", "up"]);
-            ip(&[
-                "-n",
-                c,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("{net}.1"),
-            ]);
-        }
-        router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        router.exec(&[
-            "iptables-nft",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            "10.98.0.1",
-            "-p",
-            "tcp",
-            "--dport",
-            "8080",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "10.99.0.2:80",
-        ]);
-        let server = Server::start(&container, "10.99.0.2:80".parse().expect("address"));
-        Some(Router {
-            _server: server,
-            router,
-            client,
-            blocked,
-            _container: container,
-        })
-    }
-
-    /// After `ensure`: the client reaches the published port, the blocked client does not.
-    fn assert_only_the_operators_drop_holds(&self) {
-        assert_eq!(
-            connect(&self.client, PUBLISHED).expect("published port from the client"),
-            "hello"
-        );
-        let blocked = connect(&self.blocked, PUBLISHED);
-        assert!(
-            timed_out(&blocked),
-            "the operator's DROP for {BLOCKED} must still drop it, got {blocked:?}"
-        );
-    }
-}
-
 #[test]
 fn dnat_traffic_passes_a_forward_drop_router_only_with_the_rule() {
     let Some(net) = Router::new() else { return };
@@ -952,6 +631,8 @@ fn an_operators_drop_in_docker_user_still_drops_published_ports() {
     for args in [
         &["-P", "FORWARD", "DROP"][..],
         &["-N", "DOCKER-USER"],
+        &["-N", "DOCKER"],
+        &["-A", "FORWARD", "-o", BR, "-j", "DOCKER"],
         &["-A", "DOCKER-USER", "-j", "RETURN"],
         &["-A", "FORWARD", "-j", "DOCKER-USER"],
         &["-A", "FORWARD", "-i", BR, "-j", "ACCEPT"],
@@ -1047,7 +728,7 @@ fn replies_rule_only_for_the_bridges_that_need_it() {
         ]
     );
     let replies_rule = format!(
-        "-A FORWARD -i {BR} -m conntrack --ctstate DNAT -m comment --comment \"portgate: delegate {BR} replies to the eBPF gate\" -j ACCEPT"
+        "-A FORWARD -i {BR} -m conntrack --ctstate DNAT --ctdir REPLY -m comment --comment \"portgate: delegate {BR} replies to the eBPF gate\" -j ACCEPT"
     );
     assert_eq!(
         ns.rules("iptables-nft", "FORWARD"),
@@ -1062,7 +743,7 @@ fn replies_rule_only_for_the_bridges_that_need_it() {
         [
             ours_nft(BR),
             format!(
-                "iifname \"{BR}\" ct status dnat accept comment \"portgate: delegate {BR} replies to the eBPF gate\""
+                "iifname \"{BR}\" ct status dnat ct direction reply accept comment \"portgate: delegate {BR} replies to the eBPF gate\""
             ),
             ours_nft(OTHER)
         ]
@@ -1080,6 +761,8 @@ fn replies_rule_only_for_the_bridges_that_need_it() {
         "conntrack",
         "--ctstate",
         "DNAT",
+        "--ctdir",
+        "REPLY",
         "-m",
         "comment",
         "--comment",

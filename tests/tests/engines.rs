@@ -714,6 +714,116 @@ fn containers_reach_the_outside_with_no_rule() {
     );
 }
 
+/// The replies rule a Podman 5 bridge gets (netavark's nftables driver) lets replies out and
+/// nothing else: a Podman container cannot reach an operator's port forward (a DNAT on the
+/// host to the client namespace, outside the gated bridges) through the iptables FORWARD
+/// DROP, while a Docker container, which Docker's own rules let out, can (the forward works).
+#[test]
+fn replies_rule_lets_no_podman_container_through_a_port_forward() {
+    let (_serial, engines) = setup!();
+    if engines.set != EngineSet::Sid {
+        eprintln!(
+            "note: engine set {}: its Podman keeps its rules in iptables, so the agent adds no \
+             replies rule; nothing to test here",
+            engines.set.name()
+        );
+        return;
+    }
+    let sc = Scenario::new();
+    let server = PongServer::start(
+        &sc.client,
+        std::net::SocketAddr::from((sc.client_addr, 9000)),
+    );
+    let forward_port = free_port().to_string();
+    let target = format!("{}:9000", sc.client_addr);
+    let host = sc.host_addr.to_string();
+    let _forward = OperatorRule::insert(
+        "iptables",
+        "PREROUTING",
+        &[
+            "-t",
+            "nat",
+            "-d",
+            &host,
+            "-p",
+            "tcp",
+            "--dport",
+            &forward_port,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &target,
+        ],
+    );
+    // A Podman container with a published port: netavark sets up its nftables table, which
+    // tells the agent that Podman's bridge needs the replies rule.
+    let (pport, pname) = (free_port(), unique("fwd-web-p"));
+    let _podman = engines.run_httpd(Engine::Podman, &pname, pport, &[]);
+    let reach = |engine: Engine| {
+        let script = format!(
+            "echo hello-from-{} | /bin/busybox nc -w 5 {host} {forward_port}",
+            engine.name()
+        );
+        let name = unique(&format!("fwd-{}", engine.name()));
+        let output = engines.run_to_completion(
+            engine,
+            &name,
+            &[IMAGE, "/bin/sh", "-c", &script],
+            Duration::from_secs(60),
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    // The control: without the agent, nothing lets a Podman container's connection through
+    // FORWARD DROP (a leftover NETAVARK_FORWARD of Podman 4.3 would).
+    assert_ne!(
+        reach(Engine::Podman),
+        "pong hello-from-podman",
+        "without the agent, a Podman 5 container should not get through FORWARD DROP: \
+         another rule accepts it ({:?})",
+        iptables_rules("iptables", "FORWARD")
+    );
+    let agent = EngineAgent::start(engines, &[]);
+    agent.wait_engines_connected(&["docker", "podman"]);
+    // The keeper adds the replies rule after Podman's sync that saw netavark's table.
+    let bridge = engines.set.podman_bridge();
+    let deadline = Instant::now() + FOLLOW_TIMEOUT;
+    while !iptables_rules("iptables", "FORWARD")
+        .iter()
+        .any(|rule| rule.contains(&format!("\"{}\"", replies_comment(bridge))))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no replies rule for {bridge}: {:?}",
+            iptables_rules("iptables", "FORWARD")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        reach(Engine::Docker),
+        "pong hello-from-docker",
+        "a Docker container through the port forward (Docker's rules let it out)"
+    );
+    assert_ne!(
+        reach(Engine::Podman),
+        "pong hello-from-podman",
+        "a Podman container reached the port forward {host}:{forward_port} -> {target} \
+         through FORWARD DROP: the replies rule must match replies only ({:?})",
+        iptables_rules("iptables", "FORWARD")
+    );
+    assert_eq!(server.accepted(), 1, "only Docker's container got through");
+    // Where the rules are: Docker's bridge in DOCKER-USER, Podman's at the end of FORWARD
+    // (after the operator's rules there, which DOCKER-USER would skip).
+    let status = agent.status_json();
+    for entry in status["netfilter"].as_array().into_iter().flatten() {
+        let wanted = match entry["bridge"].as_str() {
+            Some("docker0") => "DOCKER-USER",
+            Some(b) if b == bridge => "FORWARD",
+            _ => continue,
+        };
+        assert_eq!(entry["chain"], wanted, "{entry}");
+    }
+}
+
 /// A host firewall written for nftables: a forward chain of the operator's own with policy
 /// drop (netavark#977's situation), on top of the scenario's iptables FORWARD DROP. An accept
 /// in another base chain (Docker's iptables rules, netavark's own table) does not skip it, so

@@ -129,6 +129,8 @@ pub enum Command {
         /// The bpffs directory holding the pins.
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
+        #[command(flatten)]
+        saved: super::leftovers::SavedRulesets,
     },
 }
 

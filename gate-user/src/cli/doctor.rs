@@ -33,6 +33,8 @@ pub struct DoctorArgs {
     /// The bpffs directory holding the pins (looked at when no agent answers).
     #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
     pub bpffs: PathBuf,
+    #[command(flatten)]
+    pub saved: super::leftovers::SavedRulesets,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -77,7 +79,7 @@ pub struct Report {
 }
 
 pub fn run(socket: &Path, args: &DoctorArgs) -> anyhow::Result<()> {
-    let report = examine(socket, &args.bpffs);
+    let report = examine(socket, args);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -90,7 +92,8 @@ pub fn run(socket: &Path, args: &DoctorArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn examine(socket: &Path, bpffs: &Path) -> Report {
+fn examine(socket: &Path, args: &DoctorArgs) -> Report {
+    let bpffs = args.bpffs.as_path();
     let mut findings = Vec::new();
     let mut push = |check, subject: &str, level, detail: String, advice: Option<String>| {
         findings.push(Finding {
@@ -475,6 +478,8 @@ fn examine(socket: &Path, bpffs: &Path) -> Report {
         );
     }
 
+    // Delegation rules without a gate, now or after the next boot.
+    findings.extend(super::leftovers::findings(&gated, &args.saved));
     findings.sort_by_key(|f| std::cmp::Reverse(f.level));
     let unprotected = findings
         .iter()

@@ -7,6 +7,7 @@ mod check;
 mod colour;
 mod doctor;
 mod generate;
+mod leftovers;
 mod output;
 
 use std::path::{Path, PathBuf};
@@ -102,7 +103,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 audit: mode == Mode::Audit,
             },
         )?),
-        Command::Uninstall { bpffs } => uninstall(&cli.socket, &bpffs),
+        Command::Uninstall { bpffs, saved } => uninstall(&cli.socket, &bpffs, &saved),
         Command::Reload => print_changed(client::call(&cli.socket, &Request::Reload)?),
         Command::Check { file } => check::run(&cli.socket, file.as_deref()),
         Command::Doctor(args) => doctor::run(&cli.socket, &args),
@@ -280,7 +281,7 @@ fn print_changed(reply: Reply) -> anyhow::Result<()> {
     }
 }
 
-fn uninstall(socket: &Path, bpffs: &Path) -> anyhow::Result<()> {
+fn uninstall(socket: &Path, bpffs: &Path, saved: &leftovers::SavedRulesets) -> anyhow::Result<()> {
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
         anyhow::bail!(
             "an agent is serving {}; stop it first, or it would run without a gate",
@@ -314,6 +315,7 @@ fn uninstall(socket: &Path, bpffs: &Path) -> anyhow::Result<()> {
             foreign.join(", ")
         );
     }
+    print!("{}", leftovers::uninstall_notes(saved));
     Ok(())
 }
 

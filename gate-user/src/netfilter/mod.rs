@@ -19,8 +19,9 @@
 //!
 //! * iptables, legacy and nft (`iptables-legacy`/`iptables-nft`, and `ip6tables-*` for
 //!   IPv6; plain `iptables`/`ip6tables` on hosts that have neither variant), table
-//!   `filter`, in `DOCKER-USER` when Docker owns FORWARD (that chain exists and FORWARD
-//!   jumps to it), else in `FORWARD`:
+//!   `filter`: for Docker's own bridges (those Docker's rules send to its `DOCKER` chain) in
+//!   `DOCKER-USER` when Docker owns FORWARD (that chain exists and FORWARD jumps to it);
+//!   for every other bridge, and on hosts without Docker, in `FORWARD`:
 //!
 //!   ```text
 //!   -o <bridge> -m conntrack --ctstate DNAT \
@@ -49,9 +50,14 @@
 //! allows. So the rule goes after every rule of the host's and only before the rule that ends
 //! the chain unconditionally, which is what it stands in for:
 //!
-//! * `DOCKER-USER`: just before Docker's unconditional `-j RETURN` (Docker 20.10 creates the
-//!   chain with only that; Docker 28 may leave it empty, then at the end). A DROP or REJECT
-//!   there is the host's own rule (Docker adds none) and comes before ours.
+//! * `DOCKER-USER` (Docker's bridges): just before Docker's unconditional `-j RETURN`
+//!   (Docker 20.10 creates the chain with only that; Docker 28 may leave it empty, then at the
+//!   end). A DROP or REJECT there is the host's own rule (Docker adds none) and comes before
+//!   ours. A DROP appended to FORWARD never held for Docker's published ports (Docker's own
+//!   ACCEPTs precede it), so Docker's documented place is the one that counts for them.
+//! * Every other bridge (Podman's, hand-made) goes in FORWARD even where DOCKER-USER exists:
+//!   FORWARD jumps to DOCKER-USER first, so a rule there would skip an operator's DROP in
+//!   FORWARD (or ufw's chains) for a bridge Docker's ACCEPTs never covered.
 //! * `FORWARD`: just before an unconditional DROP/REJECT (firewalld's final REJECT), else at
 //!   the end (a DROP policy).
 //! * nftables: just before the first rule that drops or rejects everything, else at the end
@@ -87,8 +93,9 @@
 //!   rule gets it back, logged as "restored" at warn level. If the right place changes
 //!   (Docker started and created DOCKER-USER, the operator added a rule after ours, the
 //!   policy went back to ACCEPT, a bridge is no longer gated) the rule moves or goes.
-//! * `portgate uninstall` removes every rule carrying a portgate delegation comment, in
-//!   every backend.
+//! * `portgate uninstall` removes the rules of the bridges its gate was attached to, in
+//!   every backend. Saved rulesets that hold one (restored at boot without a gate) are only
+//!   reported, by `portgate doctor` and `uninstall` (`saved.rs`), never edited.
 //! * The comment is the only mark of ownership: rules without it are never modified or
 //!   deleted. iptables rules are deleted by their full specification (comment included),
 //!   never by position; nftables rules by the handle read in the listing just before.
@@ -98,14 +105,18 @@
 mod exec;
 mod keeper;
 mod nft;
+mod place;
+mod saved;
 mod xtables;
 
 pub use keeper::NetfilterKeeper;
+pub use saved::{LiveRule, SAVED_RULESETS, SavedRule, live_rules, saved_rules};
 // The runtime asks nft whether netavark keeps its rules there.
 pub(crate) use exec::find_binary;
 
 use std::{collections::BTreeSet, io};
 
+use place::{Location, OwnRule, Plan, Position, RuleId, Scope, Slot, Survey, Target, layout};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -129,13 +140,15 @@ const REPLIES_WORD: &str = " replies";
 /// replies of the connections the gate admitted, so they need a rule of their own:
 ///
 /// ```text
-/// -i <bridge> -m conntrack --ctstate DNAT -m comment --comment "portgate: delegate <bridge> replies to the eBPF gate" -j ACCEPT
-/// iifname "<bridge>" ct status dnat accept comment "..."
+/// -i <bridge> -m conntrack --ctstate DNAT --ctdir REPLY -m comment --comment "portgate: delegate <bridge> replies to the eBPF gate" -j ACCEPT
+/// iifname "<bridge>" ct status dnat ct direction reply accept comment "..."
 /// ```
 ///
-/// `--ctstate DNAT` holds for every packet of a connection whose destination was rewritten,
-/// that is of a connection to a published port that came in from outside: a container cannot
-/// create one by sending, so the rule lets nothing out that was not let in.
+/// Replies only: `--ctstate DNAT` alone holds for both directions of any DNATed connection,
+/// also one a container opens to a port forward of the host's that leads elsewhere, which it
+/// would let through a dropping FORWARD. In the reply direction it holds only for connections
+/// to published ports that came in from outside, so the rule lets nothing out that was not let
+/// in.
 pub fn replies_key(bridge: &str) -> String {
     format!("{bridge}{REPLIES_KEY}")
 }
@@ -287,7 +300,7 @@ impl Delegation {
             let mut kept = vec![false; survey.own.len()];
             for target in &survey.targets {
                 let chain = target.location.display();
-                for bridge in &self.bridges {
+                for bridge in self.bridges.iter().filter(|b| target.scope.holds(b)) {
                     let here: Vec<usize> = (0..survey.own.len())
                         .filter(|&i| {
                             survey.own[i].location == target.location
@@ -473,122 +486,6 @@ struct Outcome {
     statuses: Vec<DelegationStatus>,
     inserted: usize,
     errors: Vec<NetfilterError>,
-}
-
-/// A chain, as a backend names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Location {
-    /// An iptables chain in the filter table.
-    Chain(String),
-    Nft {
-        family: String,
-        table: String,
-        chain: String,
-    },
-}
-
-impl Location {
-    fn display(&self) -> String {
-        match self {
-            Location::Chain(chain) => chain.clone(),
-            Location::Nft {
-                family,
-                table,
-                chain,
-            } => format!("{family} {table} {chain}"),
-        }
-    }
-}
-
-/// How to delete a rule: its specification (iptables) or its handle (nftables).
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum RuleId {
-    Spec(Vec<String>),
-    Handle(u64),
-}
-
-/// A rule carrying one of our comments.
-#[derive(Debug, Clone)]
-struct OwnRule {
-    location: Location,
-    bridge: String,
-    id: RuleId,
-}
-
-/// One backend's state, read just before acting on it.
-#[derive(Debug)]
-struct Survey {
-    tool: std::path::PathBuf,
-    /// nftables: whether `nft` speaks JSON (commands are sent as JSON then).
-    json: bool,
-    /// The chains where each gated bridge needs its rule (empty: FORWARD would not drop).
-    targets: Vec<Target>,
-    own: Vec<OwnRule>,
-}
-
-/// A chain that needs the rule, and where in it the rule belongs: after every rule of the
-/// host's own, just before the chain's terminal rule (the one that ends it unconditionally)
-/// or at the end when it has none. The host's rules thus decide first; the gate can only
-/// narrow what they let through.
-#[derive(Debug)]
-struct Target {
-    location: Location,
-    /// Where a new rule is put.
-    position: Position,
-    /// Our rules (indexes into `Survey::own`) already in that place: only rules of ours
-    /// between them and the terminal rule (or the end).
-    placed: Vec<usize>,
-    /// Our rules after the terminal rule, which no packet reaches.
-    unreachable: Vec<usize>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Position {
-    End,
-    /// iptables: before the rule with this number (1-based).
-    BeforeNumber(usize),
-    /// nftables: before the rule with this handle.
-    BeforeHandle(u64),
-}
-
-/// One rule of a target chain, in the chain's order, as far as placement is concerned.
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    /// Index into `Survey::own` when the rule carries one of our comments.
-    own: Option<usize>,
-    /// Ends the chain unconditionally (a RETURN, DROP or REJECT, whichever count there).
-    terminal: bool,
-}
-
-/// Where the rule belongs among `slots`: the index of the terminal rule (None: the end),
-/// our rules already in place and our rules past the terminal rule.
-fn layout(slots: &[Slot]) -> (Option<usize>, Vec<usize>, Vec<usize>) {
-    let terminal = slots.iter().position(|slot| slot.terminal);
-    let end = terminal.unwrap_or(slots.len());
-    let start = slots[..end]
-        .iter()
-        .rposition(|slot| slot.own.is_none())
-        .map_or(0, |i| i + 1);
-    let placed = slots[start..end]
-        .iter()
-        .filter_map(|slot| slot.own)
-        .collect();
-    let unreachable = slots
-        .get(end + 1..)
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|slot| slot.own)
-        .collect();
-    (terminal, placed, unreachable)
-}
-
-/// What to do about one bridge's rule in one target chain.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Plan {
-    /// Put a new rule at the target's position (the one there is missing or misplaced).
-    insert: bool,
-    /// Our rules there (indexes into `Survey::own`) to leave alone; the others are deleted.
-    keep: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]

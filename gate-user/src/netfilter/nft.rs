@@ -5,8 +5,8 @@ use serde_json::{Value, json};
 use tracing::debug;
 
 use super::{
-    Location, NetfilterError, OwnRule, Position, RuleId, Slot, Survey, Target, bridge_of_comment,
-    comment_for,
+    Location, NetfilterError, OwnRule, Position, RuleId, Scope, Slot, Survey, Target,
+    bridge_of_comment, comment_for,
     exec::{Invocation, find_binary},
     layout, split_key,
 };
@@ -41,6 +41,9 @@ pub(super) struct Rule {
     pub(super) comment: Option<String>,
     /// Nothing but an optional counter and a drop or reject verdict.
     pub(super) drops_everything: bool,
+    /// Matches `ct direction reply`: a replies rule of an earlier release lacks it and is
+    /// replaced.
+    pub(super) reply_only: bool,
 }
 
 impl Chain {
@@ -131,6 +134,7 @@ pub(super) fn parse_json(text: &str) -> Result<Vec<Chain>, String> {
                     .and_then(Value::as_str)
                     .map(str::to_owned),
                 drops_everything,
+                reply_only: exprs.contains(&reply_direction()),
             };
             // Rules follow their chain in a listing; look from the end.
             match chains
@@ -199,6 +203,7 @@ pub(super) fn parse_text(text: &str) -> Result<Vec<Chain>, String> {
                         handle,
                         comment: text_comment(code),
                         drops_everything: text_drops_everything(&words),
+                        reply_only: code.contains(" ct direction reply "),
                     });
                 }
             }
@@ -259,18 +264,27 @@ fn text_drops_everything(words: &[&str]) -> bool {
     matches!(rest, ["drop"]) || rest.first() == Some(&"reject")
 }
 
+/// `ct direction reply`, as nft JSON (and as `nft -j` prints it back).
+fn reply_direction() -> Value {
+    json!({"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "reply"}})
+}
+
 /// The rule as nft JSON: `oifname "<bridge>" ct status dnat accept comment "..."`; with
 /// `before`, the handle of the rule an "insert" puts it in front of.
 fn rule_json(family: &str, table: &str, chain: &str, key: &str, before: Option<u64>) -> Value {
     let (bridge, replies) = split_key(key);
     let interface = if replies { "iifname" } else { "oifname" };
+    let mut expr = vec![
+        json!({"match": {"op": "==", "left": {"meta": {"key": interface}}, "right": bridge}}),
+        json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
+    ];
+    if replies {
+        expr.push(reply_direction());
+    }
+    expr.push(json!({"accept": null}));
     let mut rule = json!({
         "family": family, "table": table, "chain": chain,
-        "expr": [
-            {"match": {"op": "==", "left": {"meta": {"key": interface}}, "right": bridge}},
-            {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
-            {"accept": null}
-        ],
+        "expr": expr,
         "comment": comment_for(key),
     });
     if let (Some(handle), Some(fields)) = (before, rule.as_object_mut()) {
@@ -283,6 +297,8 @@ fn rule_json(family: &str, table: &str, chain: &str, key: &str, before: Option<u
 fn place(chains: &[Chain]) -> (Vec<Target>, Vec<OwnRule>) {
     let mut own = Vec::new();
     let mut targets = Vec::new();
+    // Our rules whose match is not what we would write now: deleted, never kept in place.
+    let mut outdated = Vec::new();
     for chain in chains {
         let slots: Vec<Slot> = chain
             .rules
@@ -290,6 +306,9 @@ fn place(chains: &[Chain]) -> (Vec<Target>, Vec<OwnRule>) {
             .map(|rule| {
                 let bridge = rule.comment.as_deref().and_then(bridge_of_comment);
                 let own = bridge.map(|bridge| {
+                    if split_key(&bridge).1 && !rule.reply_only {
+                        outdated.push(own.len());
+                    }
                     own.push(OwnRule {
                         location: chain.location(),
                         bridge,
@@ -305,7 +324,8 @@ fn place(chains: &[Chain]) -> (Vec<Target>, Vec<OwnRule>) {
             .collect();
         if chain.drops_forwarded() {
             // Before the first unconditional drop/reject, else at the end (policy drop).
-            let (at, placed, unreachable) = layout(&slots);
+            let (at, mut placed, unreachable) = layout(&slots);
+            placed.retain(|i| !outdated.contains(i));
             targets.push(Target {
                 location: chain.location(),
                 position: at
@@ -313,6 +333,7 @@ fn place(chains: &[Chain]) -> (Vec<Target>, Vec<OwnRule>) {
                     .map_or(Position::End, |rule| Position::BeforeHandle(rule.handle)),
                 placed,
                 unreachable,
+                scope: Scope::All,
             });
         }
     }
@@ -413,19 +434,16 @@ pub(super) fn insert(
             args.extend(["position".to_owned(), handle.to_string()]);
         }
         let (name, replies) = split_key(bridge);
-        args.extend(
-            [
-                if replies { "iifname" } else { "oifname" },
-                &format!("\"{name}\""),
-                "ct",
-                "status",
-                "dnat",
-                "accept",
-                "comment",
-                &format!("\"{}\"", comment_for(bridge)),
-            ]
-            .map(str::to_owned),
-        );
+        let interface = if replies { "iifname" } else { "oifname" };
+        let mut words = vec![interface, "ct", "status", "dnat"];
+        if replies {
+            words.extend(["ct", "direction", "reply"]);
+        }
+        words.extend(["accept", "comment"]);
+        args.push(interface.to_owned());
+        args.push(format!("\"{name}\""));
+        args.extend(words[1..].iter().map(|word| (*word).to_owned()));
+        args.push(format!("\"{}\"", comment_for(bridge)));
         Invocation::new(&survey.tool, args)
     };
     invocation.run().map(drop)
@@ -576,5 +594,24 @@ table inet fw { # handle 2
         assert_eq!(targets[0].position, Position::BeforeHandle(5));
         assert!(targets[0].placed.is_empty());
         assert_eq!(targets[0].unreachable, [0]);
+    }
+
+    #[test]
+    fn a_replies_rule_without_the_direction_is_replaced() {
+        let text = r#"table inet fw { # handle 2
+	chain forward { # handle 1
+		type filter hook forward priority filter; policy drop;
+		iifname "br0" ct status dnat accept comment "portgate: delegate br0 replies to the eBPF gate" # handle 3
+		iifname "br1" ct status dnat ct direction reply accept comment "portgate: delegate br1 replies to the eBPF gate" # handle 4
+	}
+}
+"#;
+        let (targets, own) = place(&parse_text(text).expect("parse"));
+        assert_eq!(own.len(), 2);
+        assert_eq!(
+            targets[0].placed,
+            [1],
+            "only the current form stays in place"
+        );
     }
 }

@@ -1,13 +1,13 @@
 //! The iptables backends: `iptables-legacy`, `iptables-nft` and their ip6tables twins, always
 //! in the `filter` table.
 
-use std::path::Path;
+use std::{collections::BTreeSet, path::Path};
 
 use tracing::{debug, warn};
 
 use super::{
-    Location, NetfilterError, OwnRule, Position, RuleId, Slot, Survey, Target, bridge_of_comment,
-    comment_for,
+    Location, NetfilterError, OwnRule, Position, RuleId, Scope, Slot, Survey, Target,
+    bridge_of_comment, comment_for,
     exec::{Invocation, find_binary},
     layout, split_key,
 };
@@ -70,25 +70,25 @@ const FORWARD: &str = "FORWARD";
 const WAIT_SECONDS: &str = "5";
 
 /// The rule's match and target, after `-I CHAIN N` / `-C CHAIN` / `-D CHAIN`; also exactly
-/// how `-S` prints it back.
+/// how `-S` prints it back. The replies rule matches the reply direction only
+/// (`--ctdir REPLY`): `--ctstate DNAT` alone would also accept a container's own connection
+/// to a port forward of the host's that leads elsewhere.
 pub(super) fn rule_spec(key: &str) -> Vec<String> {
     let (bridge, replies) = split_key(key);
-    [
+    let comment = comment_for(key);
+    let mut spec = vec![
         if replies { "-i" } else { "-o" },
         bridge,
         "-m",
         "conntrack",
         "--ctstate",
         "DNAT",
-        "-m",
-        "comment",
-        "--comment",
-        &comment_for(key),
-        "-j",
-        "ACCEPT",
-    ]
-    .map(str::to_owned)
-    .to_vec()
+    ];
+    if replies {
+        spec.extend(["--ctdir", "REPLY"]);
+    }
+    spec.extend(["-m", "comment", "--comment", &comment, "-j", "ACCEPT"]);
+    spec.into_iter().map(str::to_owned).collect()
 }
 
 fn invocation<'a>(tool: &'a Path, args: impl IntoIterator<Item = String>) -> Invocation<'a> {
@@ -221,15 +221,45 @@ impl Listing {
         }
     }
 
-    /// The target chain and where the rule goes in it. DOCKER-USER ends in Docker's
-    /// unconditional `-j RETURN` (Docker 28 may leave it empty); a DROP or REJECT there is
-    /// the host's own rule and comes first. In FORWARD the final DROP/REJECT stands for the
-    /// policy (firewalld), which is what the rule replaces for published ports.
+    /// The bridges Docker's own rules send to its `DOCKER` chain (`-o <bridge> -j DOCKER`:
+    /// in FORWARD for Docker 20.10, in DOCKER-BRIDGE for Docker 28): Docker's bridges, whose
+    /// published ports Docker accepts before any rule an operator appends to FORWARD.
+    pub(super) fn docker_bridges(&self) -> BTreeSet<String> {
+        self.rules
+            .iter()
+            .filter(|(_, spec, _)| spec.ends_with(&["-j".to_owned(), "DOCKER".to_owned()]))
+            .filter_map(|(_, spec, _)| {
+                let at = spec.iter().position(|word| word == "-o")?;
+                let negated = at > 0 && spec[at - 1] == "!";
+                (!negated).then(|| spec.get(at + 1).cloned()).flatten()
+            })
+            .collect()
+    }
+
+    /// The target chains and where the rule goes in each. Docker's bridges get it in
+    /// DOCKER-USER (Docker's place for a host's rules: Docker's own ACCEPTs precede anything
+    /// appended to FORWARD anyway); every other bridge in FORWARD, after every rule of the
+    /// host's, so that an operator's DROP in FORWARD (or ufw's chains) still holds for
+    /// Podman's or hand-made bridges on a host that also runs Docker.
     fn targets(&self) -> Vec<Target> {
         if !self.forward_drops() {
             return Vec::new();
         }
-        let chain = self.target_chain();
+        if self.target_chain() == FORWARD {
+            return vec![self.target(FORWARD, Scope::All)];
+        }
+        let docker = self.docker_bridges();
+        vec![
+            self.target(DOCKER_USER, Scope::Only(docker.clone())),
+            self.target(FORWARD, Scope::Except(docker)),
+        ]
+    }
+
+    /// Where the rule goes in `chain`. DOCKER-USER ends in Docker's unconditional
+    /// `-j RETURN` (Docker 28 may leave it empty); a DROP or REJECT there is the host's own
+    /// rule and comes first. In FORWARD the final DROP/REJECT stands for the policy
+    /// (firewalld), which is what the rule replaces for published ports.
+    fn target(&self, chain: &str, scope: Scope) -> Target {
         let terminal: &[&str] = if chain == DOCKER_USER {
             &["RETURN"]
         } else {
@@ -245,12 +275,13 @@ impl Listing {
             })
             .collect();
         let (at, placed, unreachable) = layout(&slots);
-        vec![Target {
+        Target {
             location: Location::Chain(chain.to_owned()),
             position: at.map_or(Position::End, |i| Position::BeforeNumber(i + 1)),
             placed,
             unreachable,
-        }]
+            scope,
+        }
     }
 }
 
@@ -414,15 +445,37 @@ mod tests {
         assert_eq!(listing.own[0].id, RuleId::Spec(rule_spec("docker0")));
         // Ours is before someone else's rule: misplaced; it belongs before the RETURN.
         let targets = listing.targets();
-        assert_eq!(targets.len(), 1);
+        assert_eq!(targets.len(), 2);
         assert_eq!(targets[0].location, Location::Chain(DOCKER_USER.to_owned()));
         assert_eq!(targets[0].position, Position::BeforeNumber(3));
         assert!(targets[0].placed.is_empty());
+        // Docker's bridge there, every other bridge in FORWARD (after the host's rules).
+        assert!(targets[0].scope.holds("docker0"));
+        assert!(!targets[0].scope.holds("podman0"));
+        assert_eq!(targets[1].location, Location::Chain(FORWARD.to_owned()));
+        assert!(targets[1].scope.holds("podman0"));
+        assert!(targets[1].scope.holds("podman0/replies"));
+        assert!(!targets[1].scope.holds("docker0"));
+        assert_eq!(targets[1].position, Position::End);
     }
 
+    #[test]
+    fn docker_bridges_are_those_docker_routes_to_its_chain() {
+        let text = "-P FORWARD DROP\n-N DOCKER\n-N DOCKER-BRIDGE\n-N DOCKER-USER\n\
+-A FORWARD -j DOCKER-USER\n-A FORWARD -o docker0 -j DOCKER\n\
+-A DOCKER-BRIDGE -o br-0123456789ab -j DOCKER\n-A FORWARD ! -o podman0 -j DOCKER\n\
+-A FORWARD -o podman0 -j ACCEPT\n";
+        let listing = parse_listing(text).expect("parse");
+        assert_eq!(
+            listing.docker_bridges(),
+            BTreeSet::from(["docker0".to_owned(), "br-0123456789ab".to_owned()])
+        );
+    }
+
+    /// The first target: DOCKER-USER where Docker owns FORWARD, else FORWARD.
     fn target_of(text: &str) -> Target {
         let mut targets = parse_listing(text).expect("parse").targets();
-        assert_eq!(targets.len(), 1, "{text}");
+        assert!(!targets.is_empty(), "{text}");
         targets.remove(0)
     }
 
