@@ -235,7 +235,7 @@ mod tests {
                 unit.name
             );
             assert!(
-                waits_for_gate(unit, &[out.clone()]),
+                waits_for_gate(unit, std::slice::from_ref(&out)),
                 "{} waits with it",
                 unit.name
             );

@@ -31,6 +31,9 @@ macro_rules! setup {
     }};
 }
 
+#[path = "engines/macvlan.rs"]
+mod macvlan;
+
 /// The comment of the delegation rule for `bridge` (docs-contract.md).
 fn delegation_comment(bridge: &str) -> String {
     format!("portgate: delegate {bridge} to the eBPF gate")

@@ -109,14 +109,15 @@ fn container_units_wait_for_the_gate(dir: &Path) {
     let units = dir.join("units");
     let out = dir.join("generator");
     for d in [&quadlet, &units, &out] {
-        std::fs::create_dir_all(d).unwrap();
+        std::fs::create_dir_all(d).expect("write the test units");
     }
     std::fs::write(
         quadlet.join("web.container"),
         "[Container]\nImage=localhost/web\nPublishPort=8080:80\n",
     )
-    .unwrap();
-    std::fs::write(units.join("container-db.service"), GENERATED_UNIT).unwrap();
+    .expect("write the test units");
+    std::fs::write(units.join("container-db.service"), GENERATED_UNIT)
+        .expect("write the test units");
     let listed = ok(Command::new(generator)
         .arg(&out)
         .arg(dir.join("early"))
@@ -144,7 +145,7 @@ fn container_units_wait_for_the_gate(dir: &Path) {
         &target,
         "[Unit]\nWants=portgate.service container-db.service\n",
     )
-    .unwrap();
+    .expect("write the test units");
     let path = format!("{}:{}:{}:", units.display(), out.display(), dir.display());
     let (verified, text) = output(
         Command::new("systemd-analyze")

@@ -342,6 +342,17 @@ fn examine(socket: &Path, args: &DoctorArgs) -> Report {
     // docker-proxy.
     let proxies = processes_named("docker-proxy");
     if proxies > 0 {
+        // Without an agent, the pinned gate knows only the ports the last agent saw; with
+        // one, every TCP and UDP port: what is left is a protocol the lookup does not see.
+        let mut proxied = super::proxies::proxied_ports();
+        if status.is_ok() || !pins.host_ports {
+            proxied.retain(|p| !matches!(p.proto.as_str(), "tcp" | "udp"));
+        }
+        for f in super::proxies::unknown_to_the_gate(bpffs, &proxied) {
+            push(f.check, &f.subject, f.level, f.detail, f.advice);
+        }
+    }
+    if proxies > 0 {
         let gated = status.is_ok() || pins.host_ports;
         push(
             "docker_proxy",
@@ -477,6 +488,9 @@ fn examine(socket: &Path, args: &DoctorArgs) -> Report {
             None,
         );
     }
+
+    // Units that start containers themselves, and whether they wait for the gate.
+    findings.extend(super::boot_units::findings());
 
     // Delegation rules without a gate, now or after the next boot.
     findings.extend(super::leftovers::findings(&gated, &args.saved));

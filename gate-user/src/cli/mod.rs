@@ -3,12 +3,14 @@
 //! here.
 
 mod args;
+mod boot_units;
 mod check;
 mod colour;
 mod doctor;
 mod generate;
 mod leftovers;
 mod output;
+mod proxies;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,146 @@
+//! docker-proxy's ports while no agent runs. The pinned gate keeps enforcing, but the
+//! socket lookup only knows the host ports the last agent wrote (`HOST_PORTS`): a container
+//! published while no agent ran answers through docker-proxy (IPv6 clients, hairpin) until
+//! the agent is back. `doctor` names each such port `unprotected`.
+
+use std::{net::IpAddr, path::Path};
+
+use aya::maps::{HashMap, Map, MapData};
+use gate_common::{AllowKey, AllowValue, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, map_names};
+use gate_user::policy::map_addr;
+
+use super::doctor::{Finding, Level};
+
+/// A port docker-proxy relays: its host address, protocol and host port.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct ProxiedPort {
+    pub host_ip: IpAddr,
+    pub proto: String,
+    pub port: u16,
+}
+
+/// The ports of every running docker-proxy, from their command lines.
+pub(super) fn proxied_ports() -> Vec<ProxiedPort> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter_map(|cmdline| parse_cmdline(&cmdline))
+        .collect()
+}
+
+/// `docker-proxy -proto tcp -host-ip 0.0.0.0 -host-port 8080 -container-ip ... ...`.
+fn parse_cmdline(cmdline: &[u8]) -> Option<ProxiedPort> {
+    let args: Vec<&str> = cmdline
+        .split(|b| *b == 0)
+        .filter_map(|a| std::str::from_utf8(a).ok())
+        .collect();
+    if !args.first()?.ends_with("docker-proxy") {
+        return None;
+    }
+    let value = |flag: &str| {
+        let at = args
+            .iter()
+            .position(|a| *a == flag || *a == format!("-{flag}"))?;
+        args.get(at + 1).copied()
+    };
+    Some(ProxiedPort {
+        host_ip: value("-host-ip")?.parse().ok()?,
+        proto: value("-proto")?.to_owned(),
+        port: value("-host-port")?.parse().ok()?,
+    })
+}
+
+/// Findings for the proxied ports the pinned gate under `bpffs` does not know (called when
+/// no agent answers).
+pub(super) fn unknown_to_the_gate(bpffs: &Path, ports: &[ProxiedPort]) -> Vec<Finding> {
+    let path = bpffs
+        .join(LAYOUT_VERSION)
+        .join("maps")
+        .join(map_names::HOST_PORTS);
+    let known: Option<HashMap<MapData, AllowKey, AllowValue>> = MapData::from_pin(&path)
+        .ok()
+        .and_then(|data| HashMap::try_from(Map::HashMap(data)).ok());
+    ports
+        .iter()
+        .filter(|p| {
+            let proto = match p.proto.as_str() {
+                "tcp" => PROTO_TCP,
+                "udp" => PROTO_UDP,
+                // SCTP and the rest: the socket lookup never sees them.
+                _ => return true,
+            };
+            let addr = if p.host_ip.is_unspecified() {
+                [0; 16]
+            } else {
+                map_addr(p.host_ip)
+            };
+            !known.as_ref().is_some_and(|map| {
+                map.get(&AllowKey::new(addr, proto, p.port), 0).is_ok()
+                    || map.get(&AllowKey::new([0; 16], proto, p.port), 0).is_ok()
+            })
+        })
+        .map(|p| Finding {
+            check: "docker_proxy",
+            subject: format!("{}:{}/{}", p.host_ip, p.port, p.proto),
+            level: Level::Unprotected,
+            detail: format!(
+                "docker-proxy relays host port {}/{}, which the pinned gate does not know (published while no agent ran, or a protocol the socket lookup does not see): IPv6 clients and hairpin connections reach it",
+                p.port, p.proto
+            ),
+            advice: Some("start the agent (`systemctl start portgate`): it closes the port until a rule allows it".to_owned()),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_proxy_command_lines_give_their_ports() {
+        let cmdline = [
+            "/usr/bin/docker-proxy",
+            "-proto",
+            "tcp",
+            "-host-ip",
+            "::",
+            "-host-port",
+            "8080",
+            "-container-ip",
+            "172.17.0.2",
+            "-container-port",
+            "80",
+        ]
+        .join("\0");
+        assert_eq!(
+            parse_cmdline(cmdline.as_bytes()),
+            Some(ProxiedPort {
+                host_ip: "::".parse().unwrap(),
+                proto: "tcp".to_owned(),
+                port: 8080
+            })
+        );
+        assert_eq!(parse_cmdline(b"/usr/sbin/sshd\0-D\0"), None);
+    }
+
+    #[test]
+    fn an_sctp_port_is_never_known_to_the_gate() {
+        let sctp = ProxiedPort {
+            host_ip: "0.0.0.0".parse().unwrap(),
+            proto: "sctp".to_owned(),
+            port: 9999,
+        };
+        let findings = unknown_to_the_gate(Path::new("/nonexistent"), &[sctp]);
+        assert_eq!(findings.len(), 1);
+        assert_eq!(findings[0].level, Level::Unprotected);
+    }
+}
