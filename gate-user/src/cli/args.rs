@@ -216,11 +216,16 @@ pub struct AgentArgs {
     /// ports (Docker's own behaviour, as an explicit choice).
     #[arg(long, value_enum, default_value_t = DefaultPolicy::Deny)]
     pub default_policy: DefaultPolicy,
-    /// on: a container's `portgate.allow` label opens its ports while it runs (also a label
-    /// its image carries: `list` tells which); off: labels are ignored, only saved rules
-    /// and the default policy open ports.
-    #[arg(long, value_enum, default_value_t = Switch::On)]
-    pub labels: Switch,
+    /// Which `portgate.allow` labels open their container's ports while it runs. container:
+    /// labels set on the container itself (`docker run --label`, compose `labels:`); `on`
+    /// means the same. image: also labels its image carries (a `LABEL` in the image's
+    /// Dockerfile: whoever built the image decides what it opens). off: none; only saved
+    /// rules, the policy file and the default policy open ports. A label equal to its
+    /// image's counts as the image's. `list` says where each label came from; `status` and
+    /// `doctor` name the containers whose image label opens nothing. `portgate deny` closes
+    /// what a label opens.
+    #[arg(long, value_enum, default_value_t = Labels::Container)]
+    pub labels: Labels,
     /// Do not install the netfilter rules that hand published ports to the gate where the
     /// FORWARD policy would drop them.
     #[arg(long)]
@@ -305,9 +310,25 @@ pub enum RuntimeChoice {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Switch {
-    On,
+pub enum Labels {
+    /// No label opens ports.
     Off,
+    /// Labels set on the container itself (`on`, which once meant image labels too, is
+    /// taken for this).
+    #[value(alias = "on")]
+    Container,
+    /// Labels set on the container and labels its image carries.
+    Image,
+}
+
+impl From<Labels> for gate_user::policy::LabelPolicy {
+    fn from(labels: Labels) -> Self {
+        match labels {
+            Labels::Off => Self::Off,
+            Labels::Container => Self::Container,
+            Labels::Image => Self::Image,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

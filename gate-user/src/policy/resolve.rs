@@ -59,6 +59,11 @@ impl ResolvedRule {
     pub fn is_active(&self) -> bool {
         !self.addresses.is_empty() && !self.specs.is_empty() && self.problem.is_none()
     }
+
+    /// Whether the rule's destinations include one of `keys`.
+    pub fn opens_any_of(&self, keys: &BTreeSet<AllowKey>) -> bool {
+        allow_keys(self).any(|key| keys.contains(&key))
+    }
 }
 
 /// Who may open connections to one destination (address, protocol, port).
