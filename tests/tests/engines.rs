@@ -31,6 +31,10 @@ macro_rules! setup {
     }};
 }
 
+// After `setup!`, which it uses.
+#[path = "engines/labels.rs"]
+mod labels;
+
 /// The comment of the delegation rule for `bridge` (docs-contract.md).
 fn delegation_comment(bridge: &str) -> String {
     format!("portgate: delegate {bridge} to the eBPF gate")

@@ -342,3 +342,33 @@ pub enum Mode {
     Enforce,
     Audit,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn labels(extra: &[&str]) -> Result<Labels, String> {
+        let mut argv = vec!["portgate", "agent", "--bridge", "docker0"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+            Command::Agent(args) => Ok(args.labels),
+            other => Err(format!("parsed as {other:?}")),
+        }
+    }
+
+    #[test]
+    fn labels_default_to_the_containers_own_and_on_means_the_same() {
+        assert_eq!(labels(&[]), Ok(Labels::Container));
+        assert_eq!(labels(&["--labels", "on"]), Ok(Labels::Container));
+        assert_eq!(labels(&["--labels", "container"]), Ok(Labels::Container));
+        assert_eq!(labels(&["--labels", "image"]), Ok(Labels::Image));
+        assert_eq!(labels(&["--labels", "off"]), Ok(Labels::Off));
+        let err = labels(&["--labels", "yes"]).expect_err("not a choice");
+        assert!(
+            err.contains("off") && err.contains("container") && err.contains("image"),
+            "{err}"
+        );
+    }
+}
