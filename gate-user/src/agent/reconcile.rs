@@ -133,7 +133,8 @@ impl Agent {
             .iter()
             .map(|i| i.container_id.as_str())
             .collect();
-        self.warned_labels.retain(|id| current.contains(id.as_str()));
+        self.warned_labels
+            .retain(|id| current.contains(id.as_str()));
         for ignored in &resolved.ignored_labels {
             if self.warned_labels.insert(ignored.container_id.clone()) {
                 warn!("{}", ignored.warning());

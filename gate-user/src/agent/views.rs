@@ -10,8 +10,8 @@ use gate_common::{RuleStats, counters};
 use super::Agent;
 use crate::{
     api::{
-        BridgeDrops, BridgeStatus, EngineStatus, Fill, Flows, IgnoredLabelView, LabelError, NetfilterStatus,
-        PolicyFileView, RuleList, RuleView, Status,
+        BridgeDrops, BridgeStatus, EngineStatus, Fill, Flows, IgnoredLabelView, LabelError,
+        NetfilterStatus, PolicyFileView, RuleList, RuleView, Status,
     },
     exposure,
     policy::{Ports, Prefix, Resolved, ResolvedRule, SourceSets},

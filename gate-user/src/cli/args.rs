@@ -352,7 +352,10 @@ mod tests {
     fn labels(extra: &[&str]) -> Result<Labels, String> {
         let mut argv = vec!["portgate", "agent", "--bridge", "docker0"];
         argv.extend_from_slice(extra);
-        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
             Command::Agent(args) => Ok(args.labels),
             other => Err(format!("parsed as {other:?}")),
         }

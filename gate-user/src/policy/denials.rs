@@ -91,7 +91,9 @@ impl Denials {
         let mut keys = BTreeSet::new();
         for denial in &self.0 {
             match (&denial.target, denial.ports) {
-                (Target::Address(address), Ports::Spec(spec)) => add_keys(&mut keys, *address, spec),
+                (Target::Address(address), Ports::Spec(spec)) => {
+                    add_keys(&mut keys, *address, spec)
+                }
                 (Target::Address(_), Ports::Published) => {}
                 (Target::Container(name), ports) => {
                     for container in containers.iter().filter(|c| c.is_named(name)) {
@@ -237,7 +239,10 @@ mod tests {
         let web = Workload {
             id: format!("{:0>64}", "web"),
             name: "web".into(),
-            addresses: vec!["172.17.0.2".parse().expect("ip"), "fd00::2".parse().expect("ip")],
+            addresses: vec![
+                "172.17.0.2".parse().expect("ip"),
+                "fd00::2".parse().expect("ip"),
+            ],
             published: vec![Published {
                 host_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
                 host_port: 8080,

@@ -11,9 +11,7 @@ use gate_common::{AllowKey, MAX_RULES};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use super::{
-    ALLOW_LABEL, Denials, IgnoredLabel, LabelOrigin, LabelPolicy, PolicyError, Workload,
-};
+use super::{ALLOW_LABEL, Denials, IgnoredLabel, LabelOrigin, LabelPolicy, PolicyError, Workload};
 use super::{
     Access, DEFAULT_SAVED_RULES, FileRule, PortSpec, Ports, Restriction, Rule, RuleSet, SourceSets,
     Target, expand, map_addr,
@@ -898,9 +896,15 @@ mod tests {
             .collect();
         assert_eq!(label_rules.len(), 1);
         assert_eq!(label_rules[0].label_origin, Some(LabelOrigin::Image));
-        assert_eq!(image.rules[0].label_origin, None, "a saved rule has no label");
+        assert_eq!(
+            image.rules[0].label_origin, None,
+            "a saved rule has no label"
+        );
         assert_eq!(image.entries.len(), 2);
-        assert!(image.ignored_labels.is_empty(), "--labels image ignores none");
+        assert!(
+            image.ignored_labels.is_empty(),
+            "--labels image ignores none"
+        );
 
         let off = Resolver::new(LabelPolicy::Off).resolve(&set, &[from_image], &context(false));
         assert!(
@@ -935,7 +939,11 @@ mod tests {
             .keys()
             .map(|k| crate::policy::addr_from_map(k.addr).to_string())
             .collect();
-        assert_eq!(opened, ["10.88.0.5"], "only the container's own label opens");
+        assert_eq!(
+            opened,
+            ["10.88.0.5"],
+            "only the container's own label opens"
+        );
         let ignored: Vec<(&str, Option<LabelOrigin>)> = resolved
             .ignored_labels
             .iter()
@@ -965,7 +973,8 @@ mod tests {
             "web".parse().expect("target"),
             Ports::Spec("81".parse().expect("spec")),
         );
-        ctx.denials.add("db".parse().expect("target"), Ports::Published);
+        ctx.denials
+            .add("db".parse().expect("target"), Ports::Published);
         let saved = rules(&[("172.17.0.3", "5432")]);
         let resolved = Resolver::default().resolve(&saved, &[web, db], &ctx);
         let open: Vec<(String, u16)> = resolved

@@ -202,7 +202,10 @@ mod tests {
         store.save(&saved).expect("save");
         assert_eq!(store.load().expect("load"), saved);
         let text = fs::read_to_string(store.path()).expect("read");
-        assert!(text.contains("\"version\": 2"), "no denials: version 2\n{text}");
+        assert!(
+            text.contains("\"version\": 2"),
+            "no denials: version 2\n{text}"
+        );
         // A denial makes it version 3, which an older portgate refuses rather than ignore.
         saved.denials.add(
             "web".parse::<Target>().expect("target"),

@@ -38,7 +38,9 @@ impl LabelledImage {
         let dockerfile = format!("{inner}/Dockerfile");
         for engine in [Engine::Docker, Engine::Podman] {
             let mut command = engines.cli(engine);
-            command.arg("build").args(["-t", &image.tag, "-f", &dockerfile]);
+            command
+                .arg("build")
+                .args(["-t", &image.tag, "-f", &dockerfile]);
             match engine {
                 // The classic builder needs no buildx and takes the local base image as is.
                 Engine::Docker => command.env("DOCKER_BUILDKIT", "0"),
@@ -104,7 +106,10 @@ fn wait_log(agent: &portgate_tests::agent::Agent<'_>, needle: &str) {
     let deadline = Instant::now() + FOLLOW_TIMEOUT;
     while !agent.log_text().contains(needle) {
         if Instant::now() > deadline {
-            panic!("the agent's log never said {needle:?}:\n{}", agent.log_text());
+            panic!(
+                "the agent's log never said {needle:?}:\n{}",
+                agent.log_text()
+            );
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
@@ -138,7 +143,9 @@ fn an_image_label_opens_nothing_unless_the_agent_runs_with_labels_image() {
     for (port, engine) in [(idport, "Docker"), (ipport, "Podman")] {
         sc.assert_times_out(
             sc.published(port),
-            &format!("{engine} container whose image has LABEL portgate.allow=80/tcp, default --labels"),
+            &format!(
+                "{engine} container whose image has LABEL portgate.allow=80/tcp, default --labels"
+            ),
         );
     }
     // ... and says so, naming the container and the flag: log, status, list, doctor.
@@ -160,9 +167,9 @@ fn an_image_label_opens_nothing_unless_the_agent_runs_with_labels_image() {
     let doctor = agent.cli(&["doctor", "--json"]);
     let report: Value = serde_json::from_slice(&doctor.stdout).expect("doctor --json");
     let flagged = report["findings"].as_array().is_some_and(|findings| {
-        findings.iter().any(|f| {
-            f["check"] == "label" && f["subject"] == *ipname && f["level"] == "warning"
-        })
+        findings
+            .iter()
+            .any(|f| f["check"] == "label" && f["subject"] == *ipname && f["level"] == "warning")
     });
     assert!(flagged, "doctor names {ipname}'s image label: {report}");
     let list = agent.list_json();
@@ -177,7 +184,10 @@ fn an_image_label_opens_nothing_unless_the_agent_runs_with_labels_image() {
     let (newport, newname) = (free_port(), unique("img-new"));
     let _img_new = image.run_httpd(Engine::Docker, &newname, newport);
     wait_log(&agent, &format!("container {newname}: its image's label"));
-    sc.assert_times_out(sc.published(newport), "a new container from the labelled image");
+    sc.assert_times_out(
+        sc.published(newport),
+        "a new container from the labelled image",
+    );
     drop(agent);
 
     // --labels image: the image's author decides, as before.
@@ -241,8 +251,14 @@ fn deny_closes_a_port_a_label_opened_while_the_deny_stands() {
     // It stands across a restart of the agent (it is saved with the rules).
     agent.restart();
     agent.wait_engines_connected(&["docker", "podman"]);
-    sc.assert_times_out(sc.published(dport), "Docker denied container after a restart");
-    sc.assert_times_out(sc.published(pport), "Podman denied container after a restart");
+    sc.assert_times_out(
+        sc.published(dport),
+        "Docker denied container after a restart",
+    );
+    sc.assert_times_out(
+        sc.published(pport),
+        "Podman denied container after a restart",
+    );
 
     // An allow for anyone lifts it.
     let said = agent.cli_ok(&["allow", &dname, "80/tcp"]);
