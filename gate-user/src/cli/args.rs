@@ -35,11 +35,15 @@ pub enum Command {
     /// Allow new connections to TARGET (an address or a container) on PORTS, from anyone or
     /// from the sources and interface given.
     #[command(
-        after_help = "Examples:\n  portgate allow 172.17.0.2 80\n  portgate allow fd00::2 53/udp\n  portgate allow web 8000-8010/tcp     (container by name; follows it across restarts)\n  portgate allow --published web      (exactly the ports `web` publishes)\n  portgate allow --host-port 8080/tcp (the container port host port 8080 maps to)\n  portgate allow 172.17.0.2 icmp\n  portgate allow db 5432/tcp --from 10.0.0.0/8 --from 2001:db8::/32\n  portgate allow web 443 --from office (a set: portgate set office 192.0.2.0/24 ...)\n  portgate allow web 8080 --via wg0    (only connections that came in on wg0)\n  portgate allow web 22 --from 192.0.2.7 --for 2h   (ends by itself)\n\nSeveral --from are a union; with --via, both must hold. Rules add up: a port is open to\nthe union of what its rules admit. The block list (portgate block) overrides every rule.\n\nContainers can also allow themselves: --label 'portgate.allow=80/tcp, 5432/tcp from 10.0.0.0/8'"
+        after_help = "Examples:\n  portgate allow 172.17.0.2 80\n  portgate allow fd00::2 53/udp\n  portgate allow web 8000-8010/tcp     (container by name; follows it across restarts)\n  portgate allow --published web      (exactly the ports `web` publishes)\n  portgate allow --host-port 8080/tcp (the container port host port 8080 maps to)\n  portgate allow 172.17.0.2 icmp\n  portgate allow db 5432/tcp --from 10.0.0.0/8 --from 2001:db8::/32\n  portgate allow web 443 --from office (a set: portgate set office 192.0.2.0/24 ...)\n  portgate allow web 8080 --via wg0    (only connections that came in on wg0)\n  portgate allow web 22 --from 192.0.2.7 --for 2h   (ends by itself)\n\nSeveral --from are a union; with --via, both must hold. Rules add up: a port is open to\nthe union of what its rules admit. The block list (portgate block) overrides every rule.\n\nContainers can also allow themselves: --label 'portgate.allow=80/tcp, 5432/tcp from 10.0.0.0/8'\n(a label in the image opens nothing unless the agent runs with --labels image)."
     )]
     Allow(AllowArgs),
     /// Stop allowing new connections to TARGET on PORTS (established ones continue). Removes
-    /// every rule on them, whatever its sources.
+    /// every rule on them, whatever its sources; where a container's `portgate.allow` label
+    /// (or the default policy) opens them, closes them while the deny stands.
+    #[command(
+        after_help = "The deny of what a label opens is saved with the rules (`portgate list`: denied: ...)\nand stands across restarts and for a new container of that name, until\n`portgate allow TARGET PORTS` (for anyone, with no --for) lifts it. It does not close\nwhat saved rules or the policy file open."
+    )]
     Deny(RuleArgs),
     /// Create or replace a named set of sources, for `allow --from NAME`; every rule that
     /// names it follows at once (established connections continue).
