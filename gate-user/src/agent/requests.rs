@@ -15,7 +15,7 @@ use crate::{
     api::{Changed, Reply, Request, Response},
     datapath::GateConfig,
     policy::{
-        Access, Denial, Denials, LabelOrigin, Origin, PolicyError, Ports, Prefix, Saved,
+        Access, Admission, Denial, Denials, LabelOrigin, Origin, PolicyError, Ports, Prefix, Saved,
         SourceSpec, Target, Workload, check_interface, is_set_name, rule_target,
     },
     runtime::Container,
@@ -291,6 +291,9 @@ impl Agent {
             self.deny(&mut next, &target, ports)?
         };
         self.commit_adding(next, added)?;
+        if !allow {
+            message.push_str(&self.still_open(&target, ports));
+        }
         info!("{message}");
         let rules = self.views(|r| r.target == target);
         if allow && !matches!(target, Target::Address(_)) && !rules.iter().any(|r| r.active) {
@@ -345,6 +348,44 @@ impl Agent {
         }
         message.push_str("; established connections continue");
         Ok(message)
+    }
+
+    /// After a deny: the rules that still open some of `ports` on `target` (another
+    /// target's saved rule, the policy file), as a note for the reply; empty when none.
+    fn still_open(&self, target: &Target, ports: Ports) -> String {
+        let workloads: Vec<Workload> = self.containers().iter().map(Container::workload).collect();
+        let denial = Denial {
+            target: target.clone(),
+            ports,
+        };
+        let ids: BTreeSet<u32> = Denials::new(vec![denial])
+            .keys(&workloads)
+            .iter()
+            .filter_map(|key| self.resolved.entries.get(key))
+            .flat_map(|admission| match admission {
+                Admission::Any(id) => vec![*id],
+                Admission::Restricted(list) => list.iter().map(|r| r.rule_id).collect(),
+            })
+            .collect();
+        let rules: Vec<String> = self
+            .resolved
+            .rules
+            .iter()
+            .filter(|r| ids.contains(&r.id))
+            .map(|r| {
+                let what = match r.source {
+                    Origin::Cli => "saved: deny it too",
+                    Origin::File => "the policy file's: edit it",
+                    Origin::Label => "a label",
+                    Origin::DefaultPolicy => "the default policy",
+                };
+                format!("rule {} ({} {}, {what})", r.id, r.target, r.ports)
+            })
+            .collect();
+        if rules.is_empty() {
+            return String::new();
+        }
+        format!("; still open by {}", rules.join(", "))
     }
 
     /// What opens some of `ports` on `target` now that a container brings by itself (its
