@@ -331,7 +331,7 @@ impl Agent {
             Err(PolicyError::NotAllowed(_)) if !derived.is_empty() => {}
             Err(PolicyError::NotAllowed(what)) if next.denials.covers(target, ports) => {
                 bail!(
-                    "{what} is denied already: labels and the default policy open none of it (`portgate allow {target} {ports}` lifts the deny)"
+                    "{what} is denied already (`portgate allow {target} {ports}` lifts the deny)"
                 );
             }
             result => {
