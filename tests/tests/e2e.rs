@@ -845,23 +845,30 @@ fn labels_say_where_they_come_from_and_status_names_what_the_gate_cannot_see() {
     let status = agent.wait_engines_connected(&["docker"]);
     assert_eq!(status["engines"][0]["containers"], 4, "{status}");
 
-    // The labels: web's is its image's, svc's was set on the container.
+    // The labels: web's is its image's, which the default does not honour (and says so);
+    // svc's was set on the container.
     let list = agent.list_json();
-    let label_rule = |name: &str| {
-        rules(&list)
+    let label_rule = |list: &serde_json::Value, name: &str| {
+        rules(list)
             .iter()
             .find(|r| r["source"] == "label" && r["container"] == name)
-            .unwrap_or_else(|| panic!("no label rule for {name}: {list}"))
-            .clone()
+            .cloned()
     };
-    let web = label_rule("web");
-    assert_eq!(web["label_origin"], "image", "{web}");
-    assert_eq!(web["active"], true, "{web}");
-    assert_eq!(web["gated"], true, "web is on the gated bridge: {web}");
-    assert_eq!(label_rule("svc")["label_origin"], "container", "{list}");
-    let text = agent.cli_ok(&["list"]);
-    assert!(text.contains("active (image label)"), "{text}");
-    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
+    assert!(label_rule(&list, "web").is_none(), "{list}");
+    let svc = label_rule(&list, "svc").unwrap_or_else(|| panic!("no label rule for svc: {list}"));
+    assert_eq!(svc["label_origin"], "container", "{list}");
+    assert_eq!(status["label_policy"], "container", "{status}");
+    assert_eq!(status["ignored_labels"][0]["container"], "web", "{status}");
+    assert_eq!(status["ignored_labels"][0]["origin"], "image", "{status}");
+    assert_eq!(list["ignored_labels"][0]["container"], "web", "{list}");
+    assert!(
+        agent
+            .log_text()
+            .contains("container web: its image's label portgate.allow=80/tcp opens nothing"),
+        "{}",
+        agent.log_text()
+    );
+    assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
     // One image inspect for the image web and svc share, per snapshot.
     let requests = docker.requests();
     let count = |prefix: &str| requests.iter().filter(|r| r.starts_with(prefix)).count();
@@ -911,6 +918,22 @@ fn labels_say_where_they_come_from_and_status_names_what_the_gate_cannot_see() {
         .find(|r| r["target"] == "dns")
         .unwrap_or_else(|| panic!("no rule for dns: {list}"));
     assert_eq!(dns["gated"], false, "{dns}");
+    drop(agent);
+
+    // --labels image: the image's label opens its port, and list says whose it is.
+    let mut image = args.to_vec();
+    image.extend(["--labels", "image"]);
+    let agent = Agent::start_with(&sb, &image);
+    let status = agent.wait_engines_connected(&["docker"]);
+    assert_eq!(status["label_policy"], "image", "{status}");
+    let list = agent.list_json();
+    let web = label_rule(&list, "web").unwrap_or_else(|| panic!("no label rule for web: {list}"));
+    assert_eq!(web["label_origin"], "image", "{web}");
+    assert_eq!(web["active"], true, "{web}");
+    assert_eq!(web["gated"], true, "web is on the gated bridge: {web}");
+    let text = agent.cli_ok(&["list"]);
+    assert!(text.contains("active (image label)"), "{text}");
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
     drop(agent);
 
     // --labels off: the label opens nothing.

@@ -31,6 +31,9 @@ macro_rules! setup {
     }};
 }
 
+// After `setup!`, which they use.
+#[path = "engines/labels.rs"]
+mod labels;
 #[path = "engines/macvlan.rs"]
 mod macvlan;
 

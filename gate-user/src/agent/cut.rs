@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use gate_common::{AllowKey, FlowKey, ORIGIN_REMOTE, PROTO_ICMP, PROTO_ICMPV6};
 
 use super::Agent;
-use crate::policy::{Admission, RuleSet, addr_from_map};
+use crate::policy::{Admission, Resolved, ResolvedRule, addr_from_map};
 
 impl Agent {
     /// Ends the connections from outside that the rules `ids` admitted and that no rule in
@@ -28,13 +28,20 @@ impl Agent {
     }
 }
 
-/// The ids of the rules in `before` that `after` no longer holds as they were (removed, or
-/// narrowed by a deny that split their ports).
-pub(super) fn changed_rules(before: &RuleSet, after: &RuleSet) -> BTreeSet<u32> {
+/// The ids of the rules, saved or derived (labels, the default policy), that the resolution
+/// `after` no longer holds as `before` did: removed, narrowed by a deny that split their
+/// ports, or closed by a denial of what a label opened.
+pub(super) fn changed_rules(before: &Resolved, after: &Resolved) -> BTreeSet<u32> {
+    let shape = |r: &ResolvedRule| (r.specs.clone(), r.addresses.clone(), r.access.clone());
     before
-        .rules()
+        .rules
         .iter()
-        .filter(|rule| !after.rules().contains(rule))
+        .filter(|old| {
+            !after
+                .rules
+                .iter()
+                .any(|new| new.id == old.id && new.is_active() && shape(new) == shape(old))
+        })
         .map(|rule| rule.id)
         .collect()
 }

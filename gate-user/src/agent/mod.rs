@@ -18,7 +18,7 @@ mod uplinks;
 mod views;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::PathBuf,
     time::{Duration, SystemTime},
@@ -46,7 +46,7 @@ use crate::{
     lock::{self, Lock},
     metrics,
     netfilter::NetfilterKeeper,
-    policy::{FilePolicy, Resolved, Resolver, RuleStore, Saved, addr_from_map},
+    policy::{FilePolicy, LabelPolicy, Resolved, Resolver, RuleStore, Saved, addr_from_map},
     runtime::{self, Engine, RuntimeEvent, Snapshot},
 };
 
@@ -81,8 +81,8 @@ pub struct AgentOptions {
     pub engines_later: Vec<(Engine, PathBuf)>,
     /// Allow every container's published ports (Docker's old behaviour, chosen explicitly).
     pub default_published: bool,
-    /// Honour containers' `portgate.allow` labels.
-    pub labels: bool,
+    /// Which containers' `portgate.allow` labels open ports (`--labels`).
+    pub labels: LabelPolicy,
     /// Install the netfilter delegation rules where FORWARD would drop.
     pub netfilter: bool,
     /// Where to serve Prometheus metrics; none: not at all.
@@ -145,6 +145,8 @@ pub struct Agent {
     watchers: broadcast::Sender<WatchEvent>,
     /// The bridge ports must be looked at again (containers changed, or one was not found).
     ports_stale: bool,
+    /// Containers whose image label the log already said opens nothing (by ID).
+    warned_labels: BTreeSet<String>,
     /// `--runtime auto` engines whose socket does not exist yet, checked on each tick.
     engines_later: Vec<(Engine, PathBuf)>,
     /// The state and pin directories are this agent's while it runs.
@@ -222,6 +224,7 @@ impl Agent {
             drop_events: DropEventStats::default(),
             watchers: broadcast::channel(256).0,
             ports_stale: true,
+            warned_labels: BTreeSet::new(),
             engines_later,
             _locks: locks,
         };

@@ -71,6 +71,7 @@ impl Agent {
             interfaces: self.interfaces(),
             now: unix_now(),
             file_rules: self.file.rules.clone(),
+            denials: self.saved.denials.clone(),
         };
         let resolved = self
             .resolver
@@ -130,10 +131,31 @@ impl Agent {
             }
         }
         self.allow_sync = sync;
+        self.warn_ignored_labels(&resolved);
         self.resolved = std::sync::Arc::new(resolved);
         // Containers changed: look at the bridge ports again.
         self.ports_stale = true;
         Ok(())
+    }
+}
+
+impl Agent {
+    /// Says in the log, once per container (at start, then as each new one appears), that
+    /// its image's label opens nothing: such a label opened ports before `--labels container`
+    /// became the default, and a port must not close without a word.
+    fn warn_ignored_labels(&mut self, resolved: &crate::policy::Resolved) {
+        let current: BTreeSet<&str> = resolved
+            .ignored_labels
+            .iter()
+            .map(|i| i.container_id.as_str())
+            .collect();
+        self.warned_labels
+            .retain(|id| current.contains(id.as_str()));
+        for ignored in &resolved.ignored_labels {
+            if self.warned_labels.insert(ignored.container_id.clone()) {
+                warn!("{}", ignored.warning());
+            }
+        }
     }
 }
 

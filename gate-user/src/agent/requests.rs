@@ -15,9 +15,10 @@ use crate::{
     api::{Changed, Reply, Request, Response},
     datapath::GateConfig,
     policy::{
-        Access, PolicyError, Prefix, Saved, SourceSpec, Target, check_interface, is_set_name,
-        rule_target,
+        Access, Admission, Denial, Denials, LabelOrigin, Origin, PolicyError, Ports, Prefix, Saved,
+        SourceSpec, Target, Workload, check_interface, is_set_name, rule_target,
     },
+    runtime::Container,
 };
 
 /// The access of an allow request: its sources parsed, its interface checked, its
@@ -282,31 +283,28 @@ impl Agent {
                     )
                 })
                 .unwrap_or_default();
-            format!("allowed {target} {ports}{access}{until} (rule {id})")
+            let mut message = format!("allowed {target} {ports}{access}{until} (rule {id})");
+            // An allow for anyone, for good, is the operator's word on those ports again; a
+            // narrower one leaves the denial closing what labels would open to everyone.
+            if access == Access::default() && next.denials.lift(&target, ports) {
+                added = None;
+                message.push_str(&format!("; lifted the deny of {target} {ports}"));
+            }
+            message
         } else {
-            let in_file = self
-                .file
-                .rules
-                .iter()
-                .any(|r| r.target == target && r.ports == ports);
-            match next.rules.deny(&target, ports) {
-                Err(PolicyError::NotAllowed(_)) if in_file => {
-                    return Err(self.owned_by_file(&format!("the rule for {target} {ports}")));
-                }
-                result => result?,
-            };
-            format!("denied {target} {ports}")
+            self.deny(&mut next, &target, ports)?
         };
-        let before = self.saved.rules.clone();
+        let before = std::sync::Arc::clone(&self.resolved);
         self.commit_adding(next, added)?;
         if !allow {
-            let removed = super::cut::changed_rules(&before, &self.saved.rules);
+            let changed = super::cut::changed_rules(&before, &self.resolved);
             if cut {
-                let ended = self.cut_unadmitted(&removed)?;
+                let ended = self.cut_unadmitted(&changed)?;
                 message.push_str(&format!("; {ended} established connections ended"));
             } else {
                 message.push_str("; established connections continue (--cut ends them)");
             }
+            message.push_str(&self.still_open(&target, ports));
         }
         info!("{message}");
         let rules = self.views(|r| r.target == target);
@@ -326,6 +324,114 @@ impl Agent {
             rules,
             warnings,
         }))
+    }
+
+    /// A deny in `next`: removes the saved rules that cover the ports, and where a label or
+    /// the default policy opens them, saves a denial that closes them while it stands. The
+    /// message, or why nothing changed.
+    fn deny(&self, next: &mut Saved, target: &Target, ports: Ports) -> anyhow::Result<String> {
+        let derived = self.derived_opening(target, ports);
+        let in_file = self
+            .file
+            .rules
+            .iter()
+            .any(|r| r.target == *target && r.ports == ports);
+        match next.rules.deny(target, ports) {
+            Err(PolicyError::NotAllowed(_)) if in_file => {
+                return Err(self.owned_by_file(&format!("the rule for {target} {ports}")));
+            }
+            Err(PolicyError::NotAllowed(_)) if !derived.is_empty() => {}
+            Err(PolicyError::NotAllowed(what)) if next.denials.covers(target, ports) => {
+                bail!(
+                    "{what} is denied already (`portgate allow {target} {ports}` lifts the deny)"
+                );
+            }
+            result => {
+                result?;
+            }
+        }
+        let mut message = format!("denied {target} {ports}");
+        if !derived.is_empty() {
+            next.denials.add(target.clone(), ports);
+            message.push_str(&format!(
+                ": closes what {} opened, while the deny stands (`portgate allow {target} {ports}` lifts it)",
+                derived.join(", ")
+            ));
+        }
+        Ok(message)
+    }
+
+    /// After a deny: the rules that still open some of `ports` on `target` (another
+    /// target's saved rule, the policy file), as a note for the reply; empty when none.
+    fn still_open(&self, target: &Target, ports: Ports) -> String {
+        let workloads: Vec<Workload> = self.containers().iter().map(Container::workload).collect();
+        let denial = Denial {
+            target: target.clone(),
+            ports,
+        };
+        let ids: BTreeSet<u32> = Denials::new(vec![denial])
+            .keys(&workloads)
+            .iter()
+            .filter_map(|key| self.resolved.entries.get(key))
+            .flat_map(|admission| match admission {
+                Admission::Any(id) => vec![*id],
+                Admission::Restricted(list) => list.iter().map(|r| r.rule_id).collect(),
+            })
+            .collect();
+        let rules: Vec<String> = self
+            .resolved
+            .rules
+            .iter()
+            .filter(|r| ids.contains(&r.id))
+            .map(|r| {
+                let what = match r.source {
+                    Origin::Cli => "saved: deny it too",
+                    Origin::File => "the policy file's: edit it",
+                    Origin::Label => "a label",
+                    Origin::DefaultPolicy => "the default policy",
+                };
+                format!("rule {} ({} {}, {what})", r.id, r.target, r.ports)
+            })
+            .collect();
+        if rules.is_empty() {
+            return String::new();
+        }
+        format!("; still open by {}", rules.join(", "))
+    }
+
+    /// What opens some of `ports` on `target` now that a container brings by itself (its
+    /// label, the default policy), in words: "the image label of web".
+    fn derived_opening(&self, target: &Target, ports: Ports) -> Vec<String> {
+        let workloads: Vec<Workload> = self.containers().iter().map(Container::workload).collect();
+        let denial = Denial {
+            target: target.clone(),
+            ports,
+        };
+        let denied = self.saved.denials.keys(&workloads);
+        let keys: BTreeSet<AllowKey> = Denials::new(vec![denial])
+            .keys(&workloads)
+            .difference(&denied)
+            .copied()
+            .collect();
+        let mut opening: Vec<String> = self
+            .resolved
+            .rules
+            .iter()
+            .filter(|r| matches!(r.source, Origin::Label | Origin::DefaultPolicy))
+            .filter(|r| r.problem.is_none() && r.opens_any_of(&keys))
+            .map(|r| {
+                let container = r.containers.join(", ");
+                match (r.source, r.label_origin) {
+                    (Origin::Label, Some(LabelOrigin::Image)) => {
+                        format!("the image label of {container}")
+                    }
+                    (Origin::Label, _) => format!("the label of {container}"),
+                    _ => format!("--default-policy published for {container}"),
+                }
+            })
+            .collect();
+        opening.dedup();
+        opening
     }
 
     /// Creates, replaces or deletes a named set; every rule that names it follows at once.

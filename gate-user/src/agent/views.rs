@@ -10,8 +10,8 @@ use gate_common::{RuleStats, counters};
 use super::Agent;
 use crate::{
     api::{
-        BridgeDrops, BridgeStatus, EngineStatus, Fill, Flows, LabelError, NetfilterStatus,
-        PolicyFileView, RuleList, RuleView, Status,
+        BridgeDrops, BridgeStatus, EngineStatus, Fill, Flows, IgnoredLabelView, LabelError,
+        NetfilterStatus, PolicyFileView, RuleList, RuleView, Status,
     },
     exposure,
     policy::{Ports, Prefix, Resolved, ResolvedRule, SourceSets},
@@ -108,6 +108,14 @@ impl Agent {
             sets: sets(&all_sets),
             blocks: texts(&self.saved.blocks.union(&file.blocks).copied().collect()),
             label_errors: self.label_errors(),
+            ignored_labels: self.ignored_labels(),
+            denials: self
+                .saved
+                .denials
+                .list()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             policy_file,
         };
         (list, self.view_input(|_| true))
@@ -120,6 +128,19 @@ impl Agent {
             .map(|(container, error)| LabelError {
                 container: container.clone(),
                 error: error.clone(),
+            })
+            .collect()
+    }
+
+    fn ignored_labels(&self) -> Vec<IgnoredLabelView> {
+        self.resolved
+            .ignored_labels
+            .iter()
+            .map(|ignored| IgnoredLabelView {
+                container: ignored.container.clone(),
+                label: ignored.label.clone(),
+                origin: ignored.origin,
+                warning: ignored.warning(),
             })
             .collect()
     }
@@ -203,7 +224,9 @@ impl Agent {
                 .collect(),
             drop_events: self.drop_events,
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            labels: self.options.labels,
+            labels: self.options.labels != crate::policy::LabelPolicy::Off,
+            label_policy: self.options.labels,
+            ignored_labels: self.ignored_labels(),
             published_ports: exposure::published_ports(&containers, &gated_bridges),
             ungated: containers
                 .iter()

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{LabelOrigin, Origin};
+use crate::policy::{LabelOrigin, LabelPolicy, Origin};
 
 pub const DEFAULT_SOCKET: &str = "/run/portgate/portgate.sock";
 /// The largest request: a block list of some 300 000 entries; anything larger is refused.
@@ -135,6 +135,12 @@ pub struct RuleList {
     /// Containers whose `portgate.allow` label does not parse (it opens nothing).
     #[serde(default)]
     pub label_errors: Vec<LabelError>,
+    /// Containers whose label is their image's, which `--labels container` ignores.
+    #[serde(default)]
+    pub ignored_labels: Vec<IgnoredLabelView>,
+    /// What `portgate deny` closed that labels or the default policy open, e.g. "web 80/tcp".
+    #[serde(default)]
+    pub denials: Vec<String>,
     /// What of the sets and blocks comes from the policy file (its rules are listed with
     /// source "file").
     #[serde(default)]
@@ -152,6 +158,19 @@ pub struct PolicyFileView {
 pub struct LabelError {
     pub container: String,
     pub error: String,
+}
+
+/// A container whose `portgate.allow` label opens nothing because it is (or may be) its
+/// image's (`agent --labels container`, the default).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IgnoredLabelView {
+    pub container: String,
+    /// The label's value, e.g. "80/tcp".
+    pub label: String,
+    /// "image", or null when the image could not be inspected.
+    pub origin: Option<LabelOrigin>,
+    /// What the agent logs: the container, and `--labels image`.
+    pub warning: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -225,9 +244,16 @@ pub struct Status {
     /// Drop events read from the kernel, and those the kernel's rate limit suppressed.
     pub drop_events: DropEventStats,
     pub version: String,
-    /// Whether containers' `portgate.allow` labels open ports (`agent --labels`).
+    /// Whether containers' `portgate.allow` labels open ports (`agent --labels` not off).
     #[serde(default = "labels_default")]
     pub labels: bool,
+    /// Which labels open ports: "off", "container" (set on the container) or "image" (also
+    /// the image's).
+    #[serde(default)]
+    pub label_policy: LabelPolicy,
+    /// Containers whose label is their image's and opens nothing (`--labels container`).
+    #[serde(default)]
+    pub ignored_labels: Vec<IgnoredLabelView>,
     /// Published ports of the running containers, by whether the gate sees them.
     #[serde(default)]
     pub published_ports: PublishedPorts,

@@ -35,12 +35,17 @@ pub enum Command {
     /// Allow new connections to TARGET (an address or a container) on PORTS, from anyone or
     /// from the sources and interface given.
     #[command(
-        after_help = "Examples:\n  portgate allow 172.17.0.2 80\n  portgate allow fd00::2 53/udp\n  portgate allow web 8000-8010/tcp     (container by name; follows it across restarts)\n  portgate allow --published web      (exactly the ports `web` publishes)\n  portgate allow --host-port 8080/tcp (the container port host port 8080 maps to)\n  portgate allow 172.17.0.2 icmp\n  portgate allow db 5432/tcp --from 10.0.0.0/8 --from 2001:db8::/32\n  portgate allow web 443 --from office (a set: portgate set office 192.0.2.0/24 ...)\n  portgate allow web 8080 --via wg0    (only connections that came in on wg0)\n  portgate allow web 22 --from 192.0.2.7 --for 2h   (ends by itself)\n\nSeveral --from are a union; with --via, both must hold. Rules add up: a port is open to\nthe union of what its rules admit. The block list (portgate block) overrides every rule.\n\nContainers can also allow themselves: --label 'portgate.allow=80/tcp, 5432/tcp from 10.0.0.0/8'"
+        after_help = "Examples:\n  portgate allow 172.17.0.2 80\n  portgate allow fd00::2 53/udp\n  portgate allow web 8000-8010/tcp     (container by name; follows it across restarts)\n  portgate allow --published web      (exactly the ports `web` publishes)\n  portgate allow --host-port 8080/tcp (the container port host port 8080 maps to)\n  portgate allow 172.17.0.2 icmp\n  portgate allow db 5432/tcp --from 10.0.0.0/8 --from 2001:db8::/32\n  portgate allow web 443 --from office (a set: portgate set office 192.0.2.0/24 ...)\n  portgate allow web 8080 --via wg0    (only connections that came in on wg0)\n  portgate allow web 22 --from 192.0.2.7 --for 2h   (ends by itself)\n\nSeveral --from are a union; with --via, both must hold. Rules add up: a port is open to\nthe union of what its rules admit. The block list (portgate block) overrides every rule.\n\nContainers can also allow themselves: --label 'portgate.allow=80/tcp, 5432/tcp from 10.0.0.0/8'\n(a label in the image opens nothing unless the agent runs with --labels image)."
     )]
     Allow(AllowArgs),
     /// Stop allowing new connections to TARGET on PORTS. Removes every rule on them, whatever
-    /// its sources. Established connections continue (as with ufw and nftables) unless
-    /// --cut is given; every new connection, even over an old one's ports, is judged anew.
+    /// its sources; where a container's `portgate.allow` label (or the default policy) opens
+    /// them, closes them while the deny stands. Established connections continue (as with ufw
+    /// and nftables) unless --cut is given; every new connection, even over an old one's
+    /// ports, is judged anew.
+    #[command(
+        after_help = "The deny of what a label opens is saved with the rules (`portgate list`: denied: ...)\nand stands across restarts and for a new container of that name, until\n`portgate allow TARGET PORTS` (for anyone, with no --for) lifts it. It does not close\nwhat saved rules or the policy file open."
+    )]
     Deny(DenyArgs),
     /// Create or replace a named set of sources, for `allow --from NAME`; every rule that
     /// names it follows at once (established connections continue).
@@ -235,11 +240,16 @@ pub struct AgentArgs {
     /// ports (Docker's own behaviour, as an explicit choice).
     #[arg(long, value_enum, default_value_t = DefaultPolicy::Deny)]
     pub default_policy: DefaultPolicy,
-    /// on: a container's `portgate.allow` label opens its ports while it runs (also a label
-    /// its image carries: `list` tells which); off: labels are ignored, only saved rules
-    /// and the default policy open ports.
-    #[arg(long, value_enum, default_value_t = Switch::On)]
-    pub labels: Switch,
+    /// Which `portgate.allow` labels open their container's ports while it runs. container:
+    /// labels set on the container itself (`docker run --label`, compose `labels:`); `on`
+    /// means the same. image: also labels its image carries (a `LABEL` in the image's
+    /// Dockerfile: whoever built the image decides what it opens). off: none; only saved
+    /// rules, the policy file and the default policy open ports. A label equal to its
+    /// image's counts as the image's. `list` says where each label came from; `status` and
+    /// `doctor` name the containers whose image label opens nothing. `portgate deny` closes
+    /// what a label opens.
+    #[arg(long, value_enum, default_value_t = Labels::Container)]
+    pub labels: Labels,
     /// Do not install the netfilter rules that hand published ports to the gate where the
     /// FORWARD policy would drop them.
     #[arg(long)]
@@ -324,9 +334,25 @@ pub enum RuntimeChoice {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Switch {
-    On,
+pub enum Labels {
+    /// No label opens ports.
     Off,
+    /// Labels set on the container itself (`on`, which once meant image labels too, is
+    /// taken for this).
+    #[value(alias = "on")]
+    Container,
+    /// Labels set on the container and labels its image carries.
+    Image,
+}
+
+impl From<Labels> for gate_user::policy::LabelPolicy {
+    fn from(labels: Labels) -> Self {
+        match labels {
+            Labels::Off => Self::Off,
+            Labels::Container => Self::Container,
+            Labels::Image => Self::Image,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -339,4 +365,37 @@ pub enum DefaultPolicy {
 pub enum Mode {
     Enforce,
     Audit,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn labels(extra: &[&str]) -> Result<Labels, String> {
+        let mut argv = vec!["portgate", "agent", "--bridge", "docker0"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Agent(args) => Ok(args.labels),
+            other => Err(format!("parsed as {other:?}")),
+        }
+    }
+
+    #[test]
+    fn labels_default_to_the_containers_own_and_on_means_the_same() {
+        assert_eq!(labels(&[]), Ok(Labels::Container));
+        assert_eq!(labels(&["--labels", "on"]), Ok(Labels::Container));
+        assert_eq!(labels(&["--labels", "container"]), Ok(Labels::Container));
+        assert_eq!(labels(&["--labels", "image"]), Ok(Labels::Image));
+        assert_eq!(labels(&["--labels", "off"]), Ok(Labels::Off));
+        let err = labels(&["--labels", "yes"]).expect_err("not a choice");
+        assert!(
+            err.contains("off") && err.contains("container") && err.contains("image"),
+            "{err}"
+        );
+    }
 }

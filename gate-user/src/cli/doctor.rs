@@ -59,7 +59,7 @@ impl Level {
 
 #[derive(Debug, Serialize)]
 pub struct Finding {
-    /// agent, bridge, engine, netfilter, container, docker_proxy, ipv6, kernel, service.
+    /// agent, bridge, engine, netfilter, label, container, docker_proxy, ipv6, kernel, service.
     pub check: &'static str,
     /// What the finding is about: a bridge, an engine, a container, ...
     pub subject: String,
@@ -323,6 +323,22 @@ fn examine(socket: &Path, args: &DoctorArgs) -> Report {
                 ),
             };
             push("netfilter", &rule.bridge, level, detail, advice);
+        }
+    }
+
+    // Image labels that opened ports before `--labels container` became the default.
+    if let Ok(status) = &status {
+        for ignored in &status.ignored_labels {
+            push(
+                "label",
+                &ignored.container,
+                Level::Warning,
+                ignored.warning.clone(),
+                Some(format!(
+                    "if the image's author should decide what it opens: run the agent with --labels image; else `portgate allow {} PORTS`, or `docker run --label portgate.allow=...` with a value of your own",
+                    ignored.container
+                )),
+            );
         }
     }
 

@@ -144,7 +144,7 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         engines,
         engines_later,
         default_published: args.default_policy == DefaultPolicy::Published,
-        labels: args.labels == Switch::On,
+        labels: args.labels.into(),
         netfilter: !args.no_netfilter,
         metrics_addr: args.metrics_addr.0,
         capacities: Capacities {

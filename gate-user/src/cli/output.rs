@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use gate_user::{
     api::{Explanation, RuleList, RuleView, Status, UngatedContainer, WatchEvent},
     netfilter,
-    policy::{LabelOrigin, Origin},
+    policy::{LabelOrigin, LabelPolicy, Origin},
 };
 
 /// The rules, then the sets, the block list and the labels that do not parse.
@@ -37,6 +37,15 @@ pub fn format_list(list: &RuleList) -> String {
             out,
             "label of {} opens nothing: {}",
             error.container, error.error
+        );
+    }
+    for ignored in &list.ignored_labels {
+        let _ = writeln!(out, "WARNING: {}", ignored.warning);
+    }
+    for denial in &list.denials {
+        let _ = writeln!(
+            out,
+            "denied: {denial} (closes what labels and the default policy open; `portgate allow {denial}` lifts it)"
         );
     }
     out
@@ -281,12 +290,20 @@ pub fn format_status(status: &Status) -> String {
             rule.bridge, rule.backend, rule.chain
         );
     }
-    let labels = if status.labels {
-        "on (portgate.allow labels open ports)"
-    } else {
-        "off (portgate.allow labels are ignored)"
+    let labels = match status.label_policy {
+        _ if !status.labels => "off (portgate.allow labels are ignored)",
+        LabelPolicy::Off => "off (portgate.allow labels are ignored)",
+        LabelPolicy::Container => {
+            "container (portgate.allow labels set on the container open ports; image labels do not)"
+        }
+        LabelPolicy::Image => {
+            "image (portgate.allow labels open ports, also those the image carries)"
+        }
     };
     let _ = writeln!(out, "labels:   {labels}");
+    for ignored in &status.ignored_labels {
+        let _ = writeln!(out, "WARNING:  {}", ignored.warning);
+    }
     for error in &status.label_errors {
         let _ = writeln!(
             out,

@@ -100,6 +100,8 @@ fn status() -> Status {
         },
         version: "1.2.3".into(),
         labels: true,
+        label_policy: crate::policy::LabelPolicy::Container,
+        ignored_labels: Vec::new(),
         published_ports: crate::api::PublishedPorts {
             gated: 3,
             ungated: 1,

@@ -1,5 +1,6 @@
 //! The desired state: allow rules, their validation, and what they mean for the allow map.
 
+mod denials;
 mod file;
 mod resolve;
 mod sources;
@@ -13,11 +14,12 @@ use gate_common::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use denials::{Denial, Denials};
 pub use file::{FileError, FilePolicy, FileRule};
 pub use resolve::{Admission, Context, Origin, Resolved, ResolvedRule, Resolver};
 pub use sources::{AccessList, Prefix, Restriction, SourceSets, SourceSpec, expand, is_set_name};
 pub use store::{RuleStore, Saved, StoreError};
-pub use workload::{ALLOW_LABEL, LabelOrigin, Published, Workload};
+pub use workload::{ALLOW_LABEL, IgnoredLabel, LabelOrigin, LabelPolicy, Published, Workload};
 
 /// Saved rules an agent holds by default (`agent --max-rules`): rule ids below the limit are
 /// saved rules; as many again are for the rules the agent derives (labels, the default

@@ -11,7 +11,7 @@ use gate_common::{AllowKey, MAX_RULES};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use super::{ALLOW_LABEL, LabelOrigin, PolicyError, Workload};
+use super::{ALLOW_LABEL, Denials, IgnoredLabel, LabelOrigin, LabelPolicy, PolicyError, Workload};
 use super::{
     Access, DEFAULT_SAVED_RULES, FileRule, PortSpec, Ports, Restriction, Rule, RuleSet, SourceSets,
     Target, expand, map_addr,
@@ -56,6 +56,11 @@ impl ResolvedRule {
     /// A rule is active when it opens at least one port on at least one address.
     pub fn is_active(&self) -> bool {
         !self.addresses.is_empty() && !self.specs.is_empty() && self.problem.is_none()
+    }
+
+    /// Whether the rule's destinations include one of `keys`.
+    pub fn opens_any_of(&self, keys: &BTreeSet<AllowKey>) -> bool {
+        allow_keys(self).any(|key| keys.contains(&key))
     }
 }
 
@@ -105,6 +110,8 @@ pub struct Context {
     pub now: u64,
     /// The policy file's rules.
     pub file_rules: Vec<FileRule>,
+    /// What `portgate deny` closed that labels or the default policy open.
+    pub denials: Denials,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -115,6 +122,9 @@ pub struct Resolved {
     pub entries: BTreeMap<AllowKey, Admission>,
     /// Containers whose `portgate.allow` label does not parse (it opens nothing), and why.
     pub label_errors: Vec<(String, String)>,
+    /// Containers whose label is (or may be) their image's, which `--labels container`
+    /// does not honour.
+    pub ignored_labels: Vec<IgnoredLabel>,
     /// Ids given to derived rules in this round: their counters must start from zero.
     pub new_ids: BTreeSet<u32>,
 }
@@ -124,22 +134,22 @@ pub struct Resolved {
 #[derive(Debug)]
 pub struct Resolver {
     derived_ids: BTreeMap<(String, Origin, Ports, Access), u32>,
-    /// Whether containers' `portgate.allow` labels open ports (`agent --labels on|off`).
-    labels: bool,
+    /// Which containers' `portgate.allow` labels open ports (`agent --labels`).
+    labels: LabelPolicy,
     /// The rule ids derived rules take (those above the saved rules').
     slots: std::ops::Range<u32>,
 }
 
 impl Default for Resolver {
-    /// Labels honoured.
+    /// Labels set on the container honoured, the image's not (the agent's default).
     fn default() -> Self {
-        Self::new(true)
+        Self::new(LabelPolicy::default())
     }
 }
 
 impl Resolver {
-    /// A resolver that honours `portgate.allow` labels, or ignores them.
-    pub fn new(labels: bool) -> Self {
+    /// A resolver that honours the `portgate.allow` labels `labels` says.
+    pub fn new(labels: LabelPolicy) -> Self {
         Self {
             derived_ids: BTreeMap::new(),
             labels,
@@ -189,6 +199,17 @@ impl Resolver {
             }
             if let Some(error) = label_error {
                 resolved.label_errors.push((container.name.clone(), error));
+            }
+            if let Some(label) = &container.allow_label
+                && self.labels == LabelPolicy::Container
+                && !self.labels.honours(container.allow_label_origin)
+            {
+                resolved.ignored_labels.push(IgnoredLabel {
+                    container_id: container.id.clone(),
+                    container: container.name.clone(),
+                    label: label.clone(),
+                    origin: container.allow_label_origin,
+                });
             }
         }
         self.derived_ids.retain(|key, _| wanted.contains(key));
@@ -247,6 +268,8 @@ impl Resolver {
             );
         }
         resolved.rules.sort_by_key(|r| r.id);
+        // The operator's denials close what containers bring by themselves.
+        let denied = context.denials.keys(containers);
         for rule in &mut resolved.rules {
             let restriction = match restriction(rule, context) {
                 Ok(restriction) => restriction,
@@ -255,8 +278,17 @@ impl Resolver {
                     continue;
                 }
             };
+            let closable = matches!(rule.source, Origin::Label | Origin::DefaultPolicy);
+            let mut closed = false;
             for key in allow_keys(rule) {
+                if closable && denied.contains(&key) {
+                    closed = true;
+                    continue;
+                }
                 admit(&mut resolved.entries, key, rule.id, restriction.as_ref());
+            }
+            if closed {
+                super::denials::narrow(rule, &denied);
             }
         }
         resolved
@@ -373,11 +405,12 @@ fn admit(
 fn derived_rules(
     container: &Workload,
     default_published: bool,
-    labels: bool,
+    labels: LabelPolicy,
 ) -> (Vec<(Origin, Ports, Access)>, Option<String>) {
     let mut derived = Vec::new();
     let mut label_error = None;
-    if let Some(label) = container.allow_label.as_ref().filter(|_| labels) {
+    let honoured = labels.honours(container.allow_label_origin);
+    if let Some(label) = container.allow_label.as_ref().filter(|_| honoured) {
         match parse_label(label) {
             Ok(items) => derived.extend(
                 items
@@ -861,30 +894,138 @@ mod tests {
         let mut from_image = container("app", "10.88.0.7", &[], Some("22/tcp"));
         from_image.allow_label_origin = Some(LabelOrigin::Image);
         let set = rules(&[("app", "80")]);
-        let on =
-            Resolver::default().resolve(&set, std::slice::from_ref(&from_image), &context(false));
-        let label_rules: Vec<&ResolvedRule> = on
+        let image = Resolver::new(LabelPolicy::Image).resolve(
+            &set,
+            std::slice::from_ref(&from_image),
+            &context(false),
+        );
+        let label_rules: Vec<&ResolvedRule> = image
             .rules
             .iter()
             .filter(|r| r.source == Origin::Label)
             .collect();
         assert_eq!(label_rules.len(), 1);
         assert_eq!(label_rules[0].label_origin, Some(LabelOrigin::Image));
-        assert_eq!(on.rules[0].label_origin, None, "a saved rule has no label");
-        assert_eq!(on.entries.len(), 2);
+        assert_eq!(
+            image.rules[0].label_origin, None,
+            "a saved rule has no label"
+        );
+        assert_eq!(image.entries.len(), 2);
+        assert!(
+            image.ignored_labels.is_empty(),
+            "--labels image ignores none"
+        );
 
-        let off = Resolver::new(false).resolve(&set, &[from_image], &context(false));
+        let off = Resolver::new(LabelPolicy::Off).resolve(&set, &[from_image], &context(false));
         assert!(
             off.rules.iter().all(|r| r.source != Origin::Label),
             "--labels off: no label rules"
         );
+        assert!(off.ignored_labels.is_empty(), "off says so once, in status");
         let ports: Vec<u16> = off.entries.keys().map(|k| k.port).collect();
         assert_eq!(ports, [80], "saved rules still apply");
         // The default policy does not depend on labels.
         let web = container("web", "10.88.0.6", &[(8081, 80)], Some("443"));
-        let policy = Resolver::new(false).resolve(&RuleSet::default(), &[web], &context(true));
+        let policy =
+            Resolver::new(LabelPolicy::Off).resolve(&RuleSet::default(), &[web], &context(true));
         let sources: Vec<Origin> = policy.rules.iter().map(|r| r.source).collect();
         assert_eq!(sources, [Origin::DefaultPolicy]);
+    }
+
+    #[test]
+    fn by_default_only_labels_set_on_the_container_open_ports() {
+        let own = container("own", "10.88.0.5", &[], Some("80/tcp"));
+        let mut image = container("img", "10.88.0.6", &[], Some("80/tcp"));
+        image.allow_label_origin = Some(LabelOrigin::Image);
+        let mut unknown = container("unk", "10.88.0.7", &[], Some("80/tcp"));
+        unknown.allow_label_origin = None;
+        let resolved = Resolver::default().resolve(
+            &RuleSet::default(),
+            &[own, image, unknown],
+            &context(false),
+        );
+        let opened: Vec<String> = resolved
+            .entries
+            .keys()
+            .map(|k| crate::policy::addr_from_map(k.addr).to_string())
+            .collect();
+        assert_eq!(
+            opened,
+            ["10.88.0.5"],
+            "only the container's own label opens"
+        );
+        let ignored: Vec<(&str, Option<LabelOrigin>)> = resolved
+            .ignored_labels
+            .iter()
+            .map(|i| (i.container.as_str(), i.origin))
+            .collect();
+        assert_eq!(
+            ignored,
+            [("img", Some(LabelOrigin::Image)), ("unk", None)],
+            "each one the agent warns about"
+        );
+        let warning = resolved.ignored_labels[0].warning();
+        assert!(
+            warning.contains("container img")
+                && warning.contains("--labels image")
+                && warning.contains("portgate.allow=80/tcp")
+                && !warning.contains('\n'),
+            "{warning}"
+        );
+    }
+
+    #[test]
+    fn a_denial_closes_label_and_default_policy_ports_but_not_saved_rules() {
+        let web = container("web", "172.17.0.2", &[(8080, 80)], Some("80-82/tcp"));
+        let db = container("db", "172.17.0.3", &[(5432, 5432)], None);
+        let mut ctx = context(true);
+        ctx.denials.add(
+            "web".parse().expect("target"),
+            Ports::Spec("81".parse().expect("spec")),
+        );
+        ctx.denials
+            .add("db".parse().expect("target"), Ports::Published);
+        let saved = rules(&[("172.17.0.3", "5432")]);
+        let resolved = Resolver::default().resolve(&saved, &[web, db], &ctx);
+        let open: Vec<(String, u16)> = resolved
+            .entries
+            .keys()
+            .map(|k| (crate::policy::addr_from_map(k.addr).to_string(), k.port))
+            .collect();
+        assert_eq!(
+            open,
+            [
+                ("172.17.0.2".to_owned(), 80),
+                ("172.17.0.2".to_owned(), 82),
+                ("172.17.0.3".to_owned(), 5432),
+            ],
+            "81 closed; db's published port stays open by the saved rule"
+        );
+        let label = resolved
+            .rules
+            .iter()
+            .find(|r| r.source == Origin::Label)
+            .expect("label rule");
+        let specs: Vec<String> = label.specs.iter().map(ToString::to_string).collect();
+        assert_eq!(specs, ["80/tcp", "82/tcp"], "the label lists what is open");
+        assert!(label.is_active());
+        let db_policy = resolved
+            .rules
+            .iter()
+            .find(|r| r.source == Origin::DefaultPolicy && r.containers == ["db"])
+            .expect("db's default-policy rule");
+        assert!(!db_policy.is_active());
+        assert!(
+            db_policy
+                .problem
+                .as_deref()
+                .is_some_and(|p| p.contains("portgate deny")),
+            "{db_policy:?}"
+        );
+        assert_eq!(
+            resolved.entries[&AllowKey::new(ipv4_mapped([172, 17, 0, 3]), PROTO_TCP, 5432)],
+            Admission::Any(0)
+        );
     }
 
     #[test]

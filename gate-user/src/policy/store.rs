@@ -10,14 +10,18 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{Prefix, Rule, RuleSet, SourceSets};
+use super::{Denials, Prefix, Rule, RuleSet, SourceSets};
 
 /// Version 2 added sources, interfaces, expiry, sets and blocks. An older portgate would read
 /// a rule with sources as one without (unknown fields are ignored) and open it to everyone,
-/// so it must refuse the file instead: every save writes version 2.
+/// so it must refuse the file instead: every save writes version 2 or later.
 const FORMAT_VERSION: u32 = 2;
+/// Version 3 added denials (`portgate deny` of what a label opens). An older portgate would
+/// ignore them and open what the operator closed, so a file with denials is version 3; one
+/// without stays version 2, which an older portgate still reads.
+const DENIALS_VERSION: u32 = 3;
 /// Versions this portgate reads (1: rules only).
-const READABLE_VERSIONS: [u32; 2] = [1, 2];
+const READABLE_VERSIONS: [u32; 3] = [1, 2, 3];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -31,7 +35,7 @@ pub enum StoreError {
         source: serde_json::Error,
     },
     #[error(
-        "rules file {path} has format version {found}; this portgate reads versions 1 and {FORMAT_VERSION}"
+        "rules file {path} has format version {found}; this portgate reads versions 1 to {DENIALS_VERSION}"
     )]
     Version { path: PathBuf, found: u32 },
     #[error("cannot write rules to {path}")]
@@ -46,6 +50,8 @@ struct RulesFile {
     sets: SourceSets,
     #[serde(default)]
     blocks: BTreeSet<Prefix>,
+    #[serde(default, skip_serializing_if = "Denials::is_empty")]
+    denials: Denials,
 }
 
 /// What `portgate allow`, `set` and `block` saved.
@@ -55,6 +61,8 @@ pub struct Saved {
     pub sets: SourceSets,
     /// Sources never admitted.
     pub blocks: BTreeSet<Prefix>,
+    /// What `portgate deny` closed that containers' labels or the default policy open.
+    pub denials: Denials,
 }
 
 /// The rules file in a state directory.
@@ -100,6 +108,7 @@ impl RuleStore {
             rules: RuleSet::new(file.rules),
             sets: file.sets,
             blocks: file.blocks,
+            denials: file.denials,
         })
     }
 
@@ -111,10 +120,15 @@ impl RuleStore {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(write_err)?;
         let file = RulesFile {
-            version: FORMAT_VERSION,
+            version: if saved.denials.is_empty() {
+                FORMAT_VERSION
+            } else {
+                DENIALS_VERSION
+            },
             rules: saved.rules.rules().to_vec(),
             sets: saved.sets.clone(),
             blocks: saved.blocks.clone(),
+            denials: saved.denials.clone(),
         };
         let mut text = serde_json::to_vec_pretty(&file).map_err(|e| write_err(e.into()))?;
         text.push(b'\n');
@@ -187,6 +201,20 @@ mod tests {
             .insert("203.0.113.0/24".parse().expect("prefix"));
         store.save(&saved).expect("save");
         assert_eq!(store.load().expect("load"), saved);
+        let text = fs::read_to_string(store.path()).expect("read");
+        assert!(
+            text.contains("\"version\": 2"),
+            "no denials: version 2\n{text}"
+        );
+        // A denial makes it version 3, which an older portgate refuses rather than ignore.
+        saved.denials.add(
+            "web".parse::<Target>().expect("target"),
+            Ports::Spec("80/tcp".parse().expect("spec")),
+        );
+        store.save(&saved).expect("save");
+        assert_eq!(store.load().expect("load"), saved);
+        let text = fs::read_to_string(store.path()).expect("read");
+        assert!(text.contains("\"version\": 3"), "{text}");
     }
 
     #[test]
