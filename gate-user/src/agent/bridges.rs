@@ -136,7 +136,8 @@ impl Agent {
         Ok(())
     }
 
-    /// The name of a gated bridge or uplink (drops are counted per interface).
+    /// The name of a gated bridge, uplink, macvlan parent or bridge port (drops are counted
+    /// per interface).
     pub(super) fn bridge_name(&self, ifindex: u32) -> String {
         self.datapath
             .bridges()
@@ -144,6 +145,9 @@ impl Agent {
             .find(|b| b.ifindex == ifindex)
             .map(|b| b.name.clone())
             .or_else(|| self.datapath.uplinks().get(&ifindex).cloned())
+            .or_else(|| self.datapath.macvlan_parents().get(&ifindex).cloned())
+            // A bridge port: its container's packets of a cut connection.
+            .or_else(|| self.datapath.ports().get(&ifindex).cloned())
             .unwrap_or_else(|| format!("ifindex {ifindex}"))
     }
 }
