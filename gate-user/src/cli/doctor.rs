@@ -505,6 +505,9 @@ fn examine(socket: &Path, args: &DoctorArgs) -> Report {
         );
     }
 
+    // Rootless engines' published ports, which nothing follows.
+    findings.extend(super::rootless::findings(&super::rootless::relayed_ports()));
+
     // Units that start containers themselves, and whether they wait for the gate.
     findings.extend(super::boot_units::findings());
 

@@ -11,6 +11,7 @@ mod generate;
 mod leftovers;
 mod output;
 mod proxies;
+mod rootless;
 
 use std::path::{Path, PathBuf};
 
