@@ -186,9 +186,29 @@ pub fn toward_macvlan(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     match macs(&ctx) {
-        Some((dst, _)) if is_macvlan_containers(&dst, ifindex) => gate_toward(&ctx),
+        Some((dst, _)) if is_macvlan_containers(&dst, ifindex) && !is_this_hosts(&ctx, true) => {
+            gate_toward(&ctx)
+        }
         _ => PASS,
     }
+}
+
+/// Whether a frame of another MAC than a macvlan parent's is the host's own, to (`incoming`)
+/// or from one of its addresses ([`LOCAL_ADDRS`]): a macvlan interface of the host itself on
+/// that parent, the usual way for the host to reach its macvlan containers. Incoming frames
+/// are told by their destination, so a forged source admits nothing.
+#[inline(never)]
+fn is_this_hosts(ctx: &TcContext, incoming: bool) -> bool {
+    let mut packet = Transport::new();
+    let mut notes = 0;
+    let own = match parse(ctx, &mut packet, &mut notes) {
+        // The embedded packet's sender is the error's destination.
+        Parsed::IcmpErrorToSender if incoming => packet.src,
+        _ if incoming => packet.dst,
+        _ => packet.src,
+    };
+    // SAFETY: plain map lookup.
+    unsafe { LOCAL_ADDRS.get(own) }.is_some()
 }
 
 /// Egress of a macvlan parent: what its macvlan containers send is tracked as from a bridge
@@ -198,7 +218,9 @@ pub fn from_macvlan(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     match macs(&ctx) {
-        Some((_, src)) if is_macvlan_containers(&src, ifindex) => track_from_container(&ctx),
+        Some((_, src)) if is_macvlan_containers(&src, ifindex) && !is_this_hosts(&ctx, false) => {
+            track_from_container(&ctx)
+        }
         _ => PASS,
     }
 }

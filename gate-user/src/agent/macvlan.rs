@@ -56,6 +56,10 @@ impl Agent {
     pub(super) fn sync_macvlan(&mut self) -> anyhow::Result<()> {
         let wanted = self.macvlan_parents();
         let attached = self.datapath.macvlan_parents().clone();
+        if !wanted.is_empty() {
+            // The host's own macvlan interfaces on a parent are not containers.
+            self.sync_local_addrs()?;
+        }
         for (ifindex, (parent, _)) in &wanted {
             if attached.get(ifindex) == Some(parent) {
                 continue;

@@ -25,13 +25,9 @@ impl Agent {
         wanted
     }
 
-    /// Writes the host's addresses, attaches `from_uplinks` where it is wanted and not yet
-    /// attached, and detaches it where it is no longer wanted. With `strict`, an uplink
-    /// that fails to attach is an error (start-up); later it is logged and retried.
-    pub(super) fn sync_uplinks(&mut self, strict: bool) -> anyhow::Result<()> {
-        if self.options.uplinks.is_empty() && !self.options.auto_uplinks {
-            return Ok(());
-        }
+    /// Writes the host's own addresses, which the early drop and the macvlan gate need to
+    /// tell what is addressed to this host.
+    pub(super) fn sync_local_addrs(&mut self) -> anyhow::Result<()> {
         let addresses: BTreeSet<_> = sys::local_addresses()
             .context("reading the host's addresses")?
             .into_iter()
@@ -39,7 +35,21 @@ impl Agent {
             .collect();
         self.datapath
             .sync_local_addrs(&addresses)
-            .context("writing the host's addresses")?;
+            .context("writing the host's addresses")
+    }
+
+    /// Writes the host's addresses, attaches `from_uplinks` where it is wanted and not yet
+    /// attached, and detaches it where it is no longer wanted. With `strict`, an uplink
+    /// that fails to attach is an error (start-up); later it is logged and retried.
+    pub(super) fn sync_uplinks(&mut self, strict: bool) -> anyhow::Result<()> {
+        if self.options.uplinks.is_empty() && !self.options.auto_uplinks {
+            // The macvlan gate needs them too, kept fresh on every tick.
+            if !self.datapath.macvlan_parents().is_empty() {
+                self.sync_local_addrs()?;
+            }
+            return Ok(());
+        }
+        self.sync_local_addrs()?;
         let wanted = self.wanted_uplinks();
         let attached = self.datapath.uplinks().clone();
         for (ifindex, name) in &wanted {

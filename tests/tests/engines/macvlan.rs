@@ -1,10 +1,53 @@
 //! Containers on macvlan networks: gated on the parent interface, where their traffic
 //! crosses the host's TC hooks without a bridge or netfilter.
 
-use std::net::SocketAddr;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use portgate_tests::run_ok;
+
 use super::*;
+
+/// A macvlan interface of the host itself on `parent` (the usual way for a host to reach its
+/// macvlan containers), with `address`; deleted on drop.
+struct HostShim(String);
+
+impl HostShim {
+    fn create(parent: &str, address: &str) -> Self {
+        let name = format!("pgsh{}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| run_ok(Command::new("ip").args(args));
+        ip(&[
+            "link", "add", &name, "link", parent, "type", "macvlan", "mode", "bridge",
+        ]);
+        let shim = HostShim(name);
+        ip(&["addr", "add", &format!("{address}/32"), "dev", &shim.0]);
+        ip(&["link", "set", &shim.0, "up"]);
+        shim
+    }
+}
+
+impl Drop for HostShim {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "delete", &self.0])
+            .status();
+    }
+}
+
+/// A one-line echo server of the host's, on `addr`, answering connections until dropped.
+fn host_echo(addr: SocketAddr) -> std::thread::JoinHandle<()> {
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("listen on {addr}: {e}"));
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut buf = [0u8; 64];
+            if let Ok(n) = stream.read(&mut buf) {
+                let _ = stream.write_all(&buf[..n]);
+            }
+        }
+    })
+}
 
 #[test]
 fn macvlan_containers_are_closed_until_allowed() {
@@ -75,6 +118,37 @@ fn macvlan_containers_are_closed_until_allowed() {
     agent.allow(&name, "80/tcp");
     sc.assert_answers(web, &body, "macvlan after allow");
     sc.assert_times_out(other, "macvlan port 81, not allowed");
+
+    // The host's own macvlan interface on the same parent is the host's, not a container's.
+    let shim_address = format!("10.98.{x}.60");
+    let _shim = HostShim::create(&sc.host_if, &shim_address);
+    // Only the shim answers for its address (else the parent would, with its own MAC, and
+    // the frames would never be the shim's).
+    run_ok(
+        Command::new("sysctl").args(["-qw", &format!("net.ipv4.conf.{}.arp_ignore=1", sc.host_if)]),
+    );
+    let shim: SocketAddr = format!("{shim_address}:18099").parse().expect("address");
+    let _echo = host_echo(shim);
+    let start = Instant::now();
+    let answered = loop {
+        let reply = sc.in_client(|| -> std::io::Result<String> {
+            let mut stream = std::net::TcpStream::connect_timeout(&shim, Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            stream.write_all(b"host")?;
+            let mut buf = [0u8; 8];
+            let n = stream.read(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        });
+        match reply {
+            Ok(text) => break text,
+            // The agent reads the host's addresses on its next tick.
+            Err(_) if start.elapsed() < FOLLOW_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(300))
+            }
+            Err(e) => panic!("the host's own macvlan address {shim} must answer: {e}"),
+        }
+    };
+    assert_eq!(answered, "host");
     let status = agent.status_json();
     assert!(
         status["counters"]["drop"]["not_allowed"].as_u64() > Some(0),
