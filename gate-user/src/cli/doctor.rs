@@ -642,10 +642,16 @@ fn is_engine_bridge(name: &str) -> bool {
 
 /// How many processes run the program `name` (by /proc/PID/comm).
 fn processes_named(name: &str) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
+    process_dirs()
+        .filter(|dir| read_trimmed(dir.join("comm")).as_deref() == Some(name))
+        .count()
+}
+
+/// Every process's /proc/PID directory.
+pub(super) fn process_dirs() -> impl Iterator<Item = std::path::PathBuf> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
         .filter_map(Result::ok)
         .filter(|e| {
             e.file_name()
@@ -653,8 +659,7 @@ fn processes_named(name: &str) -> usize {
                 .bytes()
                 .all(|b| b.is_ascii_digit())
         })
-        .filter(|e| read_trimmed(e.path().join("comm")).as_deref() == Some(name))
-        .count()
+        .map(|e| e.path())
 }
 
 fn read_trimmed(path: impl AsRef<Path>) -> Option<String> {

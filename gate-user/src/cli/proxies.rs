@@ -21,18 +21,8 @@ pub(super) struct ProxiedPort {
 
 /// The ports of every running docker-proxy, from their command lines.
 pub(super) fn proxied_ports() -> Vec<ProxiedPort> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+    super::doctor::process_dirs()
+        .filter_map(|dir| std::fs::read(dir.join("cmdline")).ok())
         .filter_map(|cmdline| parse_cmdline(&cmdline))
         .collect()
 }

@@ -29,11 +29,7 @@ pub(super) struct RelayedPort {
 pub(super) fn relayed_ports() -> Vec<RelayedPort> {
     let listening = listening_sockets();
     let mut ports = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return ports;
-    };
-    for entry in entries.flatten() {
-        let dir = entry.path();
+    for dir in super::doctor::process_dirs() {
         let Some(comm) = std::fs::read_to_string(dir.join("comm")).ok() else {
             continue;
         };
