@@ -153,7 +153,20 @@ fn config() -> Config {
 
 #[classifier]
 pub fn toward_containers(ctx: TcContext) -> i32 {
-    gate_toward(&ctx)
+    let config = config();
+    // Sent by the host itself (no receiving interface): not forwarded from outside.
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ingress_ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if ingress_ifindex == 0 && config.flags & CONFIG_GATE_HOST == 0 {
+        count(PASS_HOST);
+        return PASS;
+    }
+    let mut packet = Transport::new();
+    let mut notes = 0;
+    let parsed = parse(&ctx, &mut packet, &mut notes);
+    note(notes);
+    let verdict = decide(&ctx, &config, parsed, &packet);
+    conclude(&ctx, &config, &packet, verdict)
 }
 
 /// The parent interfaces of macvlan networks, by ifindex: their own MAC address (padded to
@@ -185,27 +198,32 @@ fn is_macvlan_containers(mac: &[u8; 6], ifindex: u32) -> bool {
 pub fn toward_macvlan(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match macs(&ctx) {
-        Some((dst, _)) if is_macvlan_containers(&dst, ifindex) && !is_this_hosts(&ctx, true) => {
-            gate_toward(&ctx)
-        }
-        _ => PASS,
+    if !macs(&ctx).is_some_and(|(dst, _)| is_macvlan_containers(&dst, ifindex)) {
+        return PASS;
     }
+    let mut packet = Transport::new();
+    let mut notes = 0;
+    let parsed = parse(&ctx, &mut packet, &mut notes);
+    if is_this_hosts(parsed, &packet, true) {
+        return PASS;
+    }
+    note(notes);
+    let config = config();
+    let verdict = decide(&ctx, &config, parsed, &packet);
+    conclude(&ctx, &config, &packet, verdict)
 }
 
 /// Whether a frame of another MAC than a macvlan parent's is the host's own, to (`incoming`)
 /// or from one of its addresses ([`LOCAL_ADDRS`]): a macvlan interface of the host itself on
 /// that parent, the usual way for the host to reach its macvlan containers. Incoming frames
 /// are told by their destination, so a forged source admits nothing.
-#[inline(never)]
-fn is_this_hosts(ctx: &TcContext, incoming: bool) -> bool {
-    let mut packet = Transport::new();
-    let mut notes = 0;
-    let own = match parse(ctx, &mut packet, &mut notes) {
+#[inline(always)]
+fn is_this_hosts(parsed: Parsed, packet: &Transport, incoming: bool) -> bool {
+    let own = match parsed {
         // The embedded packet's sender is the error's destination.
-        Parsed::IcmpErrorToSender if incoming => packet.src,
-        _ if incoming => packet.dst,
-        _ => packet.src,
+        Parsed::IcmpErrorToSender if incoming => &packet.src,
+        _ if incoming => &packet.dst,
+        _ => &packet.src,
     };
     // SAFETY: plain map lookup.
     unsafe { LOCAL_ADDRS.get(own) }.is_some()
@@ -217,21 +235,22 @@ fn is_this_hosts(ctx: &TcContext, incoming: bool) -> bool {
 pub fn from_macvlan(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match macs(&ctx) {
-        Some((_, src)) if is_macvlan_containers(&src, ifindex) && !is_this_hosts(&ctx, false) => {
-            track_from_container(&ctx)
-        }
-        _ => PASS,
+    if !macs(&ctx).is_some_and(|(_, src)| is_macvlan_containers(&src, ifindex)) {
+        return PASS;
     }
+    let mut packet = Transport::new();
+    let mut notes = 0;
+    let parsed = parse(&ctx, &mut packet, &mut notes);
+    if is_this_hosts(parsed, &packet, false) {
+        return PASS;
+    }
+    track_from_container(&ctx, parsed, &packet)
 }
 
-/// The bridge gate's decision on a frame entering toward containers.
+/// Counts a verdict on a frame toward containers, and reports a drop.
 #[inline(always)]
-fn gate_toward(ctx: &TcContext) -> i32 {
-    let config = config();
-    let flags = config.flags;
-    let mut packet = Transport::new();
-    match try_toward_containers(ctx, &config, &mut packet) {
+fn conclude(ctx: &TcContext, config: &Config, packet: &Transport, verdict: Verdict) -> i32 {
+    match verdict {
         Verdict::Pass(counter) => {
             count(counter);
             PASS
@@ -239,7 +258,7 @@ fn gate_toward(ctx: &TcContext) -> i32 {
         Verdict::Drop(reason) => {
             // SAFETY: the context pointer is valid for the whole program run.
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            if dropped(ifindex, &packet, reason, flags) {
+            if dropped(ifindex, packet, reason, config.flags) {
                 DROP
             } else {
                 PASS
@@ -399,36 +418,32 @@ fn refused_before_conntrack(config: &Config, packet: &Transport, ifindex: u32) -
 
 #[classifier]
 pub fn from_containers(ctx: TcContext) -> i32 {
-    track_from_container(&ctx)
+    let mut packet = Transport::new();
+    let mut notes = 0;
+    let parsed = parse(&ctx, &mut packet, &mut notes);
+    track_from_container(&ctx, parsed, &packet)
 }
 
 /// Tracks what a container sends; drops only packets of connections the agent ended.
 #[inline(always)]
-fn track_from_container(ctx: &TcContext) -> i32 {
-    let mut packet = Transport::new();
-    let Some(reason) = try_from_containers(ctx, &mut packet) else {
+fn track_from_container(ctx: &TcContext, parsed: Parsed, packet: &Transport) -> i32 {
+    let Some(reason) = try_from_containers(ctx, parsed, packet) else {
         count(PASS_FROM_CONTAINER);
         return PASS;
     };
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if dropped(ifindex, &packet, reason, config().flags) {
+    if dropped(ifindex, packet, reason, config().flags) {
         DROP
     } else {
         PASS
     }
 }
 
-fn try_toward_containers(ctx: &TcContext, config: &Config, packet: &mut Transport) -> Verdict {
-    // Sent by the host itself (no receiving interface): not forwarded from outside.
+/// The verdict on a parsed frame entering toward containers.
+fn decide(ctx: &TcContext, config: &Config, parsed: Parsed, packet: &Transport) -> Verdict {
     // SAFETY: the context pointer is valid for the whole program run.
     let ingress_ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    if ingress_ifindex == 0 && config.flags & CONFIG_GATE_HOST == 0 {
-        return Verdict::Pass(PASS_HOST);
-    }
-    let mut notes = 0;
-    let parsed = parse(ctx, packet, &mut notes);
-    note(notes);
     match parsed {
         Parsed::NotIp => Verdict::Pass(PASS_NOT_IP),
         Parsed::Packet => toward_container(ctx, config, ingress_ifindex, packet),
@@ -675,9 +690,8 @@ fn admits(config: &Config, allow: &AllowValue, src: &Addr, ifindex: u32) -> Resu
 
 /// Tracks what a container opens; the drop reason of a packet of a connection the agent
 /// ended, None for everything else (what cannot be parsed passes untracked).
-fn try_from_containers(ctx: &TcContext, packet: &mut Transport) -> Option<u32> {
-    let mut notes = 0;
-    if parse(ctx, packet, &mut notes) != Parsed::Packet {
+fn try_from_containers(ctx: &TcContext, parsed: Parsed, packet: &Transport) -> Option<u32> {
+    if parsed != Parsed::Packet {
         return None;
     }
     let key = container_sent(packet);
