@@ -18,11 +18,15 @@ pub const QUADLET_DIRS: [&str; 3] = [
 ];
 /// Where administrators and `podman generate systemd --files` put units.
 pub const UNIT_DIRS: [&str; 2] = ["/etc/systemd/system", "/run/systemd/system"];
-/// Where generators' output lives once systemd ran them.
-pub const GENERATED_DIRS: [&str; 3] = [
+/// Where a unit's drop-ins may be: the generators' output once systemd ran them, and the
+/// unit directories.
+pub const DROP_IN_DIRS: [&str; 6] = [
     "/run/systemd/generator",
     "/run/systemd/generator.early",
     "/run/systemd/generator.late",
+    "/etc/systemd/system",
+    "/run/systemd/system",
+    "/lib/systemd/system",
 ];
 /// The engines' own units, which the package's static drop-ins cover.
 const ENGINE_UNITS: [&str; 4] = [

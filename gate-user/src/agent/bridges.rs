@@ -109,7 +109,8 @@ impl Agent {
                 })
             })
             .collect();
-        bindings.extend(self.macvlan_bindings());
+        let macvlan_parents = self.macvlan_parents();
+        bindings.extend(super::macvlan::bindings(&macvlan_parents));
         self.datapath
             .sync_port_addrs(&bindings)
             .context("binding bridge ports to their containers' addresses")?;
@@ -130,7 +131,7 @@ impl Agent {
             }
         }
         self.datapath.forget_ports(&(&known - &current))?;
-        self.sync_macvlan()?;
+        self.sync_macvlan(&macvlan_parents)?;
         // A port whose container was not found yet is looked at again on the next round.
         self.ports_stale = ports.iter().any(|p| !addresses.contains_key(&p.ifindex));
         Ok(())

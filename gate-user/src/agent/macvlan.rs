@@ -10,13 +10,26 @@ use gate_common::PortAddrKey;
 use tracing::warn;
 
 use super::Agent;
+
+/// Macvlan parents by ifindex: name, and the addresses of the containers behind it.
+pub(super) type MacvlanParents = BTreeMap<u32, (String, Vec<std::net::IpAddr>)>;
+
+/// Each macvlan container's addresses, bound to its parent interface.
+pub(super) fn bindings(parents: &MacvlanParents) -> impl Iterator<Item = PortAddrKey> + '_ {
+    parents.iter().flat_map(|(ifindex, (_, addresses))| {
+        addresses.iter().map(|addr| PortAddrKey {
+            addr: map_addr(*addr),
+            ifindex: *ifindex,
+        })
+    })
+}
 use crate::{datapath::sys, policy::map_addr};
 
 impl Agent {
     /// The parents of the running containers' macvlan networks that exist here, by ifindex,
     /// with the addresses of the containers behind each.
-    fn macvlan_parents(&self) -> BTreeMap<u32, (String, Vec<std::net::IpAddr>)> {
-        let mut parents: BTreeMap<u32, (String, Vec<std::net::IpAddr>)> = BTreeMap::new();
+    pub(super) fn macvlan_parents(&self) -> MacvlanParents {
+        let mut parents = MacvlanParents::new();
         for container in self.containers() {
             for attachment in &container.networks {
                 if attachment.driver.as_deref() != Some("macvlan") {
@@ -37,33 +50,19 @@ impl Agent {
         parents
     }
 
-    /// Each macvlan container's addresses, bound to its parent interface.
-    pub(super) fn macvlan_bindings(&self) -> BTreeSet<PortAddrKey> {
-        self.macvlan_parents()
-            .into_iter()
-            .flat_map(|(ifindex, (_, addresses))| {
-                addresses.into_iter().map(move |addr| PortAddrKey {
-                    addr: map_addr(addr),
-                    ifindex,
-                })
-            })
-            .collect()
-    }
-
-    /// Attaches the gate to the macvlan parents that running containers use and detaches it
-    /// from those no container uses any more. Called after the bindings are written: a
-    /// parent is gated from the first frame, and its containers' connections tracked.
-    pub(super) fn sync_macvlan(&mut self) -> anyhow::Result<()> {
-        let wanted = self.macvlan_parents();
+    /// Attaches the gate to the macvlan parents that running containers use (`wanted`) and
+    /// detaches it from those no container uses any more. Called after the bindings are
+    /// written: a parent is gated from the first frame, and its containers' connections
+    /// tracked.
+    pub(super) fn sync_macvlan(&mut self, wanted: &MacvlanParents) -> anyhow::Result<()> {
         let attached = self.datapath.macvlan_parents().clone();
-        if !wanted.is_empty() {
-            // The host's own macvlan interfaces on a parent are not containers.
-            self.sync_local_addrs()?;
-        }
-        for (ifindex, (parent, _)) in &wanted {
+        for (ifindex, (parent, _)) in wanted {
             if attached.get(ifindex) == Some(parent) {
                 continue;
             }
+            // The host's own macvlan interfaces on the parent are not containers: the
+            // program must know the host's addresses from its first frame.
+            self.sync_local_addrs()?;
             let Some(mac) = sys::mac_address(parent) else {
                 warn!("macvlan parent {parent}: no MAC address; retrying");
                 continue;

@@ -7,20 +7,10 @@ use gate_user::units;
 
 use super::doctor::{Finding, Level};
 
-/// Where a unit's drop-ins may be: the generators' output and the unit directories.
-const DROP_IN_DIRS: [&str; 6] = [
-    "/run/systemd/generator",
-    "/run/systemd/generator.early",
-    "/run/systemd/generator.late",
-    "/etc/systemd/system",
-    "/run/systemd/system",
-    "/lib/systemd/system",
-];
-
 /// One finding per container unit: whether it waits for the gate.
 pub(super) fn findings() -> Vec<Finding> {
     let paths = |dirs: &[&str]| dirs.iter().map(PathBuf::from).collect::<Vec<_>>();
-    let drop_in_dirs = paths(&DROP_IN_DIRS);
+    let drop_in_dirs = paths(&units::DROP_IN_DIRS);
     units::find(&paths(&units::QUADLET_DIRS), &paths(&units::UNIT_DIRS))
         .into_iter()
         .map(|unit| {

@@ -92,7 +92,7 @@ impl Denials {
         for denial in &self.0 {
             match (&denial.target, denial.ports) {
                 (Target::Address(address), Ports::Spec(spec)) => {
-                    add_keys(&mut keys, *address, spec)
+                    keys.extend(spec.allow_keys(*address))
                 }
                 (Target::Address(_), Ports::Published) => {}
                 (Target::Container(name), ports) => {
@@ -106,7 +106,7 @@ impl Denials {
                                 .collect(),
                         };
                         for (address, spec) in container_destinations(container, &specs) {
-                            add_keys(&mut keys, address, spec);
+                            keys.extend(spec.allow_keys(address));
                         }
                     }
                 }
@@ -119,7 +119,7 @@ impl Denials {
                             .map(|p| single(p.protocol, p.container_port))
                             .collect();
                         for (address, spec) in container_destinations(container, &specs) {
-                            add_keys(&mut keys, address, spec);
+                            keys.extend(spec.allow_keys(address));
                         }
                     }
                 }
@@ -193,12 +193,6 @@ fn container_destinations<'a>(
         .addresses
         .iter()
         .flat_map(move |address| specs.iter().map(move |spec| (*address, *spec)))
-}
-
-fn add_keys(keys: &mut BTreeSet<AllowKey>, address: IpAddr, spec: PortSpec) {
-    let addr = map_addr(address);
-    let proto = spec.protocol.number(address);
-    keys.extend(spec.ports().map(|port| AllowKey::new(addr, proto, port)));
 }
 
 #[cfg(test)]

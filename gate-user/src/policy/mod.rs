@@ -135,6 +135,13 @@ impl PortSpec {
         self.port_start..=self.port_end
     }
 
+    /// The allow-map keys of these ports on `address`.
+    pub fn allow_keys(&self, address: IpAddr) -> impl Iterator<Item = gate_common::AllowKey> {
+        let (addr, proto) = (map_addr(address), self.protocol.number(address));
+        self.ports()
+            .map(move |port| gate_common::AllowKey::new(addr, proto, port))
+    }
+
     fn len(&self) -> usize {
         usize::from(self.port_end - self.port_start) + 1
     }

@@ -14,7 +14,7 @@ use tracing::warn;
 use super::{ALLOW_LABEL, Denials, IgnoredLabel, LabelOrigin, LabelPolicy, PolicyError, Workload};
 use super::{
     Access, DEFAULT_SAVED_RULES, FileRule, PortSpec, Ports, Restriction, Rule, RuleSet, SourceSets,
-    Target, expand, map_addr,
+    Target, expand,
 };
 
 /// Where a rule comes from.
@@ -327,14 +327,9 @@ impl Resolved {
 
 /// The destinations (allow-map keys) a resolved rule opens.
 fn allow_keys(rule: &ResolvedRule) -> impl Iterator<Item = AllowKey> + '_ {
-    rule.addresses.iter().flat_map(move |address| {
-        let addr = map_addr(*address);
-        rule.specs.iter().flat_map(move |spec| {
-            let proto = spec.protocol.number(*address);
-            spec.ports()
-                .map(move |port| AllowKey::new(addr, proto, port))
-        })
-    })
+    rule.addresses
+        .iter()
+        .flat_map(move |address| rule.specs.iter().flat_map(|spec| spec.allow_keys(*address)))
 }
 
 /// The running containers a rule's target names.
