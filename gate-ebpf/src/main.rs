@@ -198,13 +198,24 @@ fn is_macvlan_containers(mac: &[u8; 6], ifindex: u32) -> bool {
 pub fn toward_macvlan(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if !macs(&ctx).is_some_and(|(dst, _)| is_macvlan_containers(&dst, ifindex)) {
+    let Some((dst, _)) = macs(&ctx) else {
         return PASS;
+    };
+    let group = dst[0] & 1 != 0;
+    if !group && !is_macvlan_containers(&dst, ifindex) {
+        return PASS; // the parent's own
     }
     let mut packet = Transport::new();
     let mut notes = 0;
     let parsed = parse(&ctx, &mut packet, &mut notes);
-    if is_this_hosts(parsed, &packet, true) {
+    // A broadcast or multicast frame is the host's too, unless it carries a datagram for a
+    // container's own address (Linux's UDP and ICMP accept those whatever the frame).
+    let theirs = if group {
+        is_bound(&packet.dst, ifindex)
+    } else {
+        !is_this_hosts(parsed, &packet, true)
+    };
+    if !theirs {
         return PASS;
     }
     note(notes);

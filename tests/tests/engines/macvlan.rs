@@ -36,6 +36,45 @@ impl Drop for HostShim {
     }
 }
 
+/// Sends, from the client namespace, an ICMP echo request to `to` inside an Ethernet
+/// broadcast frame (as any host on the segment can), and says whether it was answered.
+fn broadcast_ping_answered(client_ns: &str, from: &str, to: &str) -> bool {
+    const SCRIPT: &str = r#"
+import socket, struct, sys, time
+ifname, src, dst = sys.argv[1:4]
+def csum(b):
+    if len(b) % 2: b += bytes(1)
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+ident = 0x5047
+icmp = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"portgate"
+icmp = icmp[:2] + struct.pack("!H", csum(icmp)) + icmp[4:]
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0, 64, 1, 0, socket.inet_aton(src), socket.inet_aton(dst))
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+mac = bytes.fromhex(open("/sys/class/net/%s/address" % ifname).read().strip().replace(":", ""))
+replies = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+replies.settimeout(0.5)
+out = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+out.bind((ifname, 0))
+out.send(b"\xff" * 6 + mac + b"\x08\x00" + ip + icmp)
+end = time.time() + 2
+while time.time() < end:
+    try:
+        data, addr = replies.recvfrom(2048)
+    except socket.timeout:
+        continue
+    at = (data[0] & 15) * 4
+    if addr[0] == dst and data[at] == 0 and struct.unpack("!H", data[at + 4:at + 6])[0] == ident:
+        print("answered"); sys.exit(0)
+print("silent")
+"#;
+    let out = run_ok(Command::new("ip").args([
+        "netns", "exec", client_ns, "python3", "-c", SCRIPT, "eth0", from, to,
+    ]));
+    out.trim() == "answered"
+}
+
 /// A one-line echo server of the host's, on `addr`, answering connections until dropped.
 fn host_echo(addr: SocketAddr) -> std::thread::JoinHandle<()> {
     let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("listen on {addr}: {e}"));
@@ -94,6 +133,10 @@ fn macvlan_containers_are_closed_until_allowed() {
     let body = body_of(&name);
     // The control: without the gate, the segment reaches every port.
     sc.assert_answers_within(web, &body, Duration::from_secs(20), "macvlan, no agent");
+    assert!(
+        broadcast_ping_answered(&sc.client, &sc.client_addr.to_string(), &ip),
+        "the control: without the gate, a ping inside a broadcast frame is answered"
+    );
     sc.assert_answers(other, &body, "macvlan port 81, no agent");
 
     let agent = EngineAgent::start(engines, &[]);
@@ -108,6 +151,13 @@ fn macvlan_containers_are_closed_until_allowed() {
     }
     sc.assert_times_out(web, "macvlan, no rule");
     sc.assert_times_out(other, "macvlan port 81, no rule");
+    // A ping for the container's address inside a broadcast frame: the host needs such
+    // frames, the container's stack would answer it.
+    let client = sc.client_addr.to_string();
+    assert!(
+        !broadcast_ping_answered(&sc.client, &client, &ip),
+        "a ping to the macvlan container inside a broadcast frame must not be answered"
+    );
     let status = agent.status_json();
     let ungated = status["ungated"].as_array().cloned().unwrap_or_default();
     assert!(
