@@ -583,6 +583,7 @@ pub fn measure_all(
             let config = Config {
                 flags: 0,
                 block_generation: generation,
+                ..Config::default()
             };
             update_all(&config_map, &[0u32], &[config])?;
             gate.new_connections(per_round, &mut by_case[i])?;

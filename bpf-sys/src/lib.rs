@@ -18,12 +18,17 @@ pub const BPF_OBJ_PIN: libc::c_long = 6;
 pub const BPF_OBJ_GET: libc::c_long = 7;
 pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
 pub const BPF_PROG_QUERY: libc::c_long = 16;
+pub const BPF_LINK_CREATE: libc::c_long = 28;
 pub const BPF_LINK_UPDATE: libc::c_long = 29;
 pub const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// TCX attach points (`enum bpf_attach_type`), for [`tcx_programs`].
 pub const BPF_TCX_INGRESS: u32 = 46;
 pub const BPF_TCX_EGRESS: u32 = 47;
+/// Cgroup attach points, for [`link_create`].
+pub const BPF_CGROUP_INET4_POST_BIND: u32 = 12;
+pub const BPF_CGROUP_INET6_POST_BIND: u32 = 13;
+pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 
 /// Size of the kernel's `struct __sk_buff`, the context of a TC program's test run.
 const SK_BUFF_CTX_WORDS: usize = 48;
@@ -213,6 +218,34 @@ struct LinkUpdateAttr {
     new_prog_fd: u32,
     flags: u32,
     old_prog_fd: u32,
+}
+
+/// `bpf_attr` of BPF_LINK_CREATE, up to the fields a cgroup link uses.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// Attaches `program` to `target` (a cgroup's directory) at `attach_type` as a new link
+/// (BPF_LINK_CREATE), beside whatever else is attached there.
+pub fn link_create(
+    program: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+    };
+    let fd = sys_bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: BPF_LINK_CREATE returned a new file descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Swaps the program behind `link` for `program` in one step (BPF_LINK_UPDATE): the hook

@@ -77,6 +77,10 @@ counters! {
     /// A packet of a connection the agent ended (a block, `deny --cut`, a rule's `--for`
     /// end), either way.
     DROP_CUT = 25, "cut", Drop;
+    /// New connection to a port a container relay (docker-proxy, rootlessport, pasta...)
+    /// listens on that no engine the agent follows has published: a container started
+    /// while no agent ran, or before the agent's first sync.
+    DROP_RELAY_UNPUBLISHED = 26, "relay_unpublished", Drop;
 }
 
 #[cfg(test)]

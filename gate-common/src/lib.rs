@@ -9,7 +9,7 @@ pub mod tcp;
 
 /// Directory of the pins under the agent's bpffs directory; bumped whenever a map's layout or
 /// the set of links changes, so an old agent's pins are never misread.
-pub const LAYOUT_VERSION: &str = "v4";
+pub const LAYOUT_VERSION: &str = "v5";
 
 /// Names of the maps in the eBPF object; also the file names of their pins.
 pub mod map_names {
@@ -30,9 +30,11 @@ pub mod map_names {
     pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const MACVLAN_PARENTS: &str = "MACVLAN_PARENTS";
+    pub const RELAY_COMMS: &str = "RELAY_COMMS";
+    pub const RELAY_PORTS: &str = "RELAY_PORTS";
     /// Maps pinned so that they outlive the agent (the ring buffer and its budget are not:
     /// a new agent reads events from its own programs).
-    pub const PINNED: [&str; 12] = [
+    pub const PINNED: [&str; 14] = [
         ALLOW,
         FLOWS,
         NEW_FLOWS,
@@ -45,6 +47,8 @@ pub mod map_names {
         SOURCES,
         BLOCKED,
         LOCAL_ADDRS,
+        RELAY_COMMS,
+        RELAY_PORTS,
     ];
 }
 
@@ -66,6 +70,15 @@ pub mod program_names {
     pub const TOWARD_MACVLAN: &str = "toward_macvlan";
     /// Egress of a macvlan parent: tracks what macvlan containers open, as `from_containers`.
     pub const FROM_MACVLAN: &str = "from_macvlan";
+    /// After an IPv4 bind anywhere on the host (the cgroup v2 root): records the ports a
+    /// container relay (docker-proxy, rootlessport, pasta...) listens on in the host's
+    /// network namespace, so that `host_ports` refuses them until an engine publishes them.
+    pub const RELAY_BOUND4: &str = "relay_bound4";
+    /// The same after an IPv6 bind.
+    pub const RELAY_BOUND6: &str = "relay_bound6";
+    /// On getsockopt anywhere on the host: records the port of a listener a relay adopted
+    /// from another process (Docker 28's daemon binds, docker-proxy relays).
+    pub const RELAY_ADOPTED: &str = "relay_adopted";
 }
 
 /// Capacity of the allow map: one entry per (address, protocol, port).
@@ -101,6 +114,14 @@ pub const FRAGMENTS_CAPACITY: u32 = 8_192;
 pub const FRAGMENT_TIMEOUT_NS: u64 = secs(30);
 /// Capacity of the macvlan parents' table (ifindex -> the parent's own MAC address).
 pub const MACVLAN_PARENTS_CAPACITY: u32 = 256;
+/// Capacity of the container relays' process names (`comm`, 16 bytes with its NUL).
+pub const RELAY_COMMS_CAPACITY: u32 = 64;
+/// Capacity of the ports container relays have taken (protocol, port): every port of both
+/// protocols fits.
+pub const RELAY_PORTS_CAPACITY: u32 = 131_072;
+/// Length of a process name in the kernel (`TASK_COMM_LEN`), NUL included.
+pub const COMM_LEN: usize = 16;
+
 /// Capacity of the per-bridge drop counters: (bridge, reason) pairs.
 pub const BRIDGE_DROPS_CAPACITY: u32 = 4_096;
 /// Size of the drop-event ring buffer.
@@ -346,6 +367,30 @@ pub struct Config {
     /// The block list in force: its entries' [`BlockKey::generation`]; 0 when there is none
     /// (new connections then skip the lookup).
     pub block_generation: u32,
+    /// The network namespace `host_ports` gates (the host's): the only one whose relay
+    /// binds are recorded. 0 until the agent writes it.
+    pub netns_cookie: u64,
+}
+
+/// A port a container relay has taken (any address, either family): `host_ports` refuses
+/// it unless an engine has published it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RelayPort {
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl RelayPort {
+    pub const fn new(proto: u8, port: u16) -> Self {
+        Self {
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
 }
 
 /// Key of the per-bridge drop counters.
@@ -406,6 +451,8 @@ mod pod {
     unsafe impl aya::Pod for super::RuleStats {}
     // SAFETY: see above; `Config` is such a type.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: see above; `RelayPort` is such a type.
+    unsafe impl aya::Pod for super::RelayPort {}
     // SAFETY: see above; `BridgeDropKey` is such a type.
     unsafe impl aya::Pod for super::BridgeDropKey {}
     // SAFETY: see above; `DropEvent` is such a type.
@@ -441,7 +488,8 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<FlowState>(), 8 + 4 + 4);
         assert_eq!(size_of::<RuleStats>(), 16);
-        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<RelayPort>(), 2 + 1 + 1);
         assert_eq!(size_of::<BridgeDropKey>(), 8);
         assert_eq!(
             size_of::<DropEvent>(),

@@ -1,4 +1,5 @@
-//! The port gate: two TC programs on each container bridge.
+//! The port gate: TC programs on each container bridge, its ports, uplinks and macvlan
+//! parents; a socket lookup and socket hooks in the host's network namespace.
 //!
 //! - `toward_containers` (bridge egress) decides what enters the bridge: tracked flows and
 //!   ICMP errors about them pass, new connections pass only to an allowed (address,
@@ -14,6 +15,10 @@
 //!   published host ports that reach a local socket instead of being DNATed: Docker's
 //!   userland proxy (IPv6 on IPv4-only networks, hairpin), which relays them from the host's
 //!   own stack, where `toward_containers` would take them for host traffic.
+//!
+//! - `relay_bound4`, `relay_bound6`, `relay_adopted` (cgroup socket hooks, see [`relays`])
+//!   record the ports container relays listen on, so that `host_ports` refuses one that no
+//!   engine has published: a container started while no agent runs is closed on that path too.
 //!
 //! - `from_uplinks` (ingress of the interfaces traffic arrives on, `--uplink`) refuses new
 //!   connections to published host ports that the policy does not admit, before netfilter
@@ -46,6 +51,8 @@ use gate_common::{
     PROTO_UDP, PortAddrKey, RuleStats, SOURCE_KEY_BITS, SOURCES_CAPACITY, SourceKey, SourceValue,
     counters::*, ipv4_mapped, tcp,
 };
+mod relays;
+
 use gate_ebpf::{
     Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Part, Transport, macs, parse,
 };
@@ -148,6 +155,7 @@ fn config() -> Config {
     CONFIG.get(0).copied().unwrap_or(Config {
         flags: 0,
         block_generation: 0,
+        netns_cookie: 0,
     })
 }
 
@@ -325,13 +333,13 @@ pub fn host_ports(ctx: SkLookupContext) -> u32 {
             .or_else(|| HOST_PORTS.get(AllowKey::new([0; 16], proto, port)))
             .copied()
     };
-    let Some(published) = published else {
-        return SK_PASS; // not a published port
-    };
-    let verdict = if published.rule_id == NO_RULE {
-        Err(DROP_NOT_ALLOWED)
-    } else {
-        admits(&config, &published, &remote, lookup.ingress_ifindex)
+    let verdict = match published {
+        Some(published) if published.rule_id == NO_RULE => Err(DROP_NOT_ALLOWED),
+        Some(published) => admits(&config, &published, &remote, lookup.ingress_ifindex),
+        // A relay into a container that no engine has published (yet): closed until the
+        // agent knows which container it leads to and what admits it.
+        None if relays::is_relay_port(proto, port) => Err(DROP_RELAY_UNPUBLISHED),
+        None => return SK_PASS, // not a published port
     };
     let reason = match verdict {
         Ok(rule_id) => {

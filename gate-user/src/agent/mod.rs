@@ -242,6 +242,10 @@ impl Agent {
             .datapath
             .attach_host_ports()
             .context("gating published host ports that reach local sockets")?;
+        agent
+            .datapath
+            .attach_relay_hooks()
+            .context("recording the ports container relays bind")?;
         agent.sync_ports()?;
         agent.sync_uplinks(true)?;
         agent.adopt_older_flows();
@@ -502,6 +506,9 @@ impl Agent {
         }
         if let Err(err) = self.sync_uplinks(false) {
             warn!("{err:#}");
+        }
+        if let Err(err) = self.datapath.sync_relay_ports() {
+            warn!("forgetting the ports container relays no longer hold: {err:#}");
         }
     }
 }

@@ -647,20 +647,7 @@ fn processes_named(name: &str) -> usize {
         .count()
 }
 
-/// Every process's /proc/PID directory.
-pub(super) fn process_dirs() -> impl Iterator<Item = std::path::PathBuf> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .map(|e| e.path())
-}
+pub(super) use gate_user::procfs::process_dirs;
 
 fn read_trimmed(path: impl AsRef<Path>) -> Option<String> {
     std::fs::read_to_string(path)

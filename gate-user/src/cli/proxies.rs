@@ -1,13 +1,16 @@
 //! docker-proxy's ports while no agent runs. The pinned gate keeps enforcing, but the
-//! socket lookup only knows the host ports the last agent wrote (`HOST_PORTS`): a container
-//! published while no agent ran answers through docker-proxy (IPv6 clients, hairpin) until
-//! the agent is back. `doctor` names each such port `unprotected`.
+//! socket lookup only knows the host ports the last agent wrote (`HOST_PORTS`). A port
+//! docker-proxy bound itself (Docker up to 27) was recorded by the gate's relay hooks and is
+//! refused until the agent is back; one Docker's daemon bound and handed over (Docker 28,
+//! `-use-listen-fd`), or a protocol the socket lookup does not see (SCTP), answers IPv6
+//! clients and hairpin connections: `doctor` names each such port `unprotected`.
 
 use std::{net::IpAddr, path::Path};
 
 use aya::maps::{HashMap, Map, MapData};
+use gate_common::RelayPort;
 use gate_common::{AllowKey, AllowValue, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, map_names};
-use gate_user::policy::map_addr;
+use gate_user::{datapath::recorded_relay_ports, policy::map_addr};
 
 use super::doctor::{Finding, Level};
 
@@ -59,7 +62,28 @@ pub(super) fn unknown_to_the_gate(bpffs: &Path, ports: &[ProxiedPort]) -> Vec<Fi
     let known: Option<HashMap<MapData, AllowKey, AllowValue>> = MapData::from_pin(&path)
         .ok()
         .and_then(|data| HashMap::try_from(Map::HashMap(data)).ok());
-    ports
+    let recorded = recorded_relay_ports(bpffs).unwrap_or_default();
+    let mut findings = Vec::new();
+    for p in ports {
+        let proto = match p.proto.as_str() {
+            "tcp" => Some(PROTO_TCP),
+            "udp" => Some(PROTO_UDP),
+            _ => None,
+        };
+        if proto.is_some_and(|proto| recorded.contains(&RelayPort::new(proto, p.port))) {
+            findings.push(Finding {
+                check: "docker_proxy",
+                subject: format!("{}:{}/{}", p.host_ip, p.port, p.proto),
+                level: Level::Ok,
+                detail: format!(
+                    "docker-proxy relays host port {}/{}, which no agent has published: the gate refuses it until the agent knows its container",
+                    p.port, p.proto
+                ),
+                advice: None,
+            });
+        }
+    }
+    let unknown = ports
         .iter()
         .filter(|p| {
             let proto = match p.proto.as_str() {
@@ -73,22 +97,24 @@ pub(super) fn unknown_to_the_gate(bpffs: &Path, ports: &[ProxiedPort]) -> Vec<Fi
             } else {
                 map_addr(p.host_ip)
             };
-            !known.as_ref().is_some_and(|map| {
+            let published = known.as_ref().is_some_and(|map| {
                 map.get(&AllowKey::new(addr, proto, p.port), 0).is_ok()
                     || map.get(&AllowKey::new([0; 16], proto, p.port), 0).is_ok()
-            })
+            });
+            !published && !recorded.contains(&RelayPort::new(proto, p.port))
         })
         .map(|p| Finding {
             check: "docker_proxy",
             subject: format!("{}:{}/{}", p.host_ip, p.port, p.proto),
             level: Level::Unprotected,
             detail: format!(
-                "docker-proxy relays host port {}/{}, which the pinned gate does not know (published while no agent ran, or a protocol the socket lookup does not see): IPv6 clients and hairpin connections reach it",
+                "docker-proxy relays host port {}/{}, which the pinned gate does not know (published while no agent ran by a Docker whose daemon binds the port itself, or a protocol the socket lookup does not see): IPv6 clients and hairpin connections reach it",
                 p.port, p.proto
             ),
             advice: Some("start the agent (`systemctl start portgate`): it closes the port until a rule allows it".to_owned()),
-        })
-        .collect()
+        });
+    findings.extend(unknown);
+    findings
 }
 
 #[cfg(test)]

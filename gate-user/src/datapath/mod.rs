@@ -1,16 +1,17 @@
 //! The kernel side as the agent sees it: load the programs, reuse or create the pinned maps,
 //! attach (or atomically replace) the programs, and read and write the maps.
 //!
-//! Pin layout under the bpffs directory (default /sys/fs/bpf/portgate):
-//!   v4/maps/{ALLOW,FLOWS,NEW_FLOWS,RULE_STATS,COUNTERS,CONFIG,BRIDGE_DROPS,HOST_PORTS,PORT_ADDRS,
-//!            SOURCES,BLOCKED,LOCAL_ADDRS}
-//!   v4/programs/{toward_containers,from_containers,host_ports,from_uplinks}
-//!   v4/links/<bridge>-egress     toward_containers on each bridge's TC egress
-//!   v4/links/<port>-port         from_containers on each bridge port's TC ingress
-//!   v4/links/host-ports          host_ports on the host's network namespace (socket lookup)
-//!   v4/links/<iface>-uplink      from_uplinks on each --uplink interface's TC ingress
-//!   v4/links/<parent>-macvlan-in  toward_macvlan on each macvlan parent's TC ingress
-//!   v4/links/<parent>-macvlan-out from_macvlan on each macvlan parent's TC egress
+//! Pin layout under the bpffs directory (default /sys/fs/bpf/portgate), `vN` being
+//! [`LAYOUT_VERSION`]:
+//!   vN/maps/<every name in map_names::PINNED>
+//!   vN/programs/<every program of the object>
+//!   vN/links/<bridge>-egress     toward_containers on each bridge's TC egress
+//!   vN/links/<port>-port         from_containers on each bridge port's TC ingress
+//!   vN/links/host-ports          host_ports on the host's network namespace (socket lookup)
+//!   vN/links/relay-{bound4,bound6,adopted}  the relay hooks on the cgroup v2 root
+//!   vN/links/<iface>-uplink      from_uplinks on each --uplink interface's TC ingress
+//!   vN/links/<parent>-macvlan-in  toward_macvlan on each macvlan parent's TC ingress
+//!   vN/links/<parent>-macvlan-out from_macvlan on each macvlan parent's TC egress
 //! The links keep the programs attached after the agent exits (fail closed). While the agent
 //! runs it also holds each link open, so removing a pin detaches nothing; it pins it again.
 //! The directories are root-only (0700); `uninstall` removes these names only, never other
@@ -18,9 +19,11 @@
 
 mod flows;
 mod macvlan;
+mod relays;
 mod sources;
 pub mod sys;
 
+pub use relays::{RELAY_PROCESSES, recorded_relay_ports};
 pub use sources::Lookup;
 
 use std::{
@@ -205,13 +208,16 @@ fn uplink_link(iface: &str) -> String {
 const HOST_PORTS_LINK: &str = "host-ports";
 
 /// Every program of the object, pinned under `programs/` by name.
-const PROGRAMS: [&str; 6] = [
+const PROGRAMS: [&str; 9] = [
     program_names::TOWARD_CONTAINERS,
     program_names::FROM_CONTAINERS,
     program_names::HOST_PORTS,
     program_names::FROM_UPLINKS,
     program_names::TOWARD_MACVLAN,
     program_names::FROM_MACVLAN,
+    program_names::RELAY_BOUND4,
+    program_names::RELAY_BOUND6,
+    program_names::RELAY_ADOPTED,
 ];
 
 /// Sizes of the maps that grow with the host: set at load time.
@@ -266,7 +272,7 @@ impl Default for Capacities {
 }
 
 /// What each pinned map must look like: (name, type, key size, value size, capacity).
-fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usize, u32); 12] {
+fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usize, u32); 14] {
     use std::mem::size_of;
     [
         (
@@ -348,6 +354,20 @@ fn expected_maps(capacities: Capacities) -> [(&'static str, MapType, usize, usiz
             size_of::<u8>(),
             LOCAL_ADDRS_CAPACITY,
         ),
+        (
+            map_names::RELAY_COMMS,
+            MapType::Hash,
+            gate_common::COMM_LEN,
+            size_of::<u8>(),
+            gate_common::RELAY_COMMS_CAPACITY,
+        ),
+        (
+            map_names::RELAY_PORTS,
+            MapType::Hash,
+            size_of::<gate_common::RelayPort>(),
+            size_of::<u8>(),
+            gate_common::RELAY_PORTS_CAPACITY,
+        ),
     ]
 }
 
@@ -404,6 +424,8 @@ pub struct Datapath {
     links: BTreeMap<PathBuf, OwnedFd>,
     /// The sockets `host_ports` sends refused connections to, so that they get no answer.
     black_holes: Vec<OwnedFd>,
+    /// Recorded relay ports no socket held at the last sync (see [`Datapath::sync_relay_ports`]).
+    relay_ports_unheld: BTreeSet<gate_common::RelayPort>,
 }
 
 impl Datapath {
@@ -456,6 +478,7 @@ impl Datapath {
         sk_lookup(&mut ebpf, name)?
             .load()
             .map_err(|source| DatapathError::Program { name, source })?;
+        Self::load_relay_hooks(&mut ebpf)?;
         for name in PROGRAMS {
             // Replace the previous agent's program pin, for inspection with bpftool.
             let pin = pins.programs().join(name);
@@ -484,9 +507,13 @@ impl Datapath {
             config: Config::default(),
             links: BTreeMap::new(),
             black_holes: Vec::new(),
+            relay_ports_unheld: BTreeSet::new(),
         };
         // Keep the block list the previous agent left in force.
-        datapath.config = datapath.read_config()?;
+        datapath.config = Config {
+            netns_cookie: sys::netns_cookie().map_err(io_err(Path::new("/proc/self/ns/net")))?,
+            ..datapath.read_config()?
+        };
         datapath.set_config(config)?;
         Ok(datapath)
     }
@@ -1118,26 +1145,37 @@ fn take_over_or_create(
     program: BorrowedFd<'_>,
     create: impl FnOnce() -> Result<FdLink>,
 ) -> Result<OwnedFd> {
-    let link_io = |source| DatapathError::LinkIo {
-        path: pin.to_owned(),
-        source,
-    };
-    match sys::obj_get(pin) {
-        Ok(link) => match sys::update_link(link.as_fd(), program) {
-            Ok(()) => return Ok(link),
-            Err(err) => {
-                warn!(pin = %pin.display(), "cannot reuse pinned link ({err}); attaching anew");
-                remove_if_present(pin)?;
-            }
-        },
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-        Err(err) => return Err(link_io(err)),
+    if let Some(link) = take_over(pin, program)? {
+        return Ok(link);
     }
     create()?.pin(pin).map_err(|source| DatapathError::Pin {
         path: pin.to_owned(),
         source,
     })?;
-    sys::obj_get(pin).map_err(link_io)
+    sys::obj_get(pin).map_err(|source| DatapathError::LinkIo {
+        path: pin.to_owned(),
+        source,
+    })
+}
+
+/// The link pinned at `pin`, now running `program`; `None` when there is none or it is
+/// defunct (its pin is then removed).
+fn take_over(pin: &Path, program: BorrowedFd<'_>) -> Result<Option<OwnedFd>> {
+    match sys::obj_get(pin) {
+        Ok(link) => match sys::update_link(link.as_fd(), program) {
+            Ok(()) => Ok(Some(link)),
+            Err(err) => {
+                warn!(pin = %pin.display(), "cannot reuse pinned link ({err}); attaching anew");
+                remove_if_present(pin)?;
+                Ok(None)
+            }
+        },
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(DatapathError::LinkIo {
+            path: pin.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// A descriptor of its own for program `name`'s fd, kept while the program is borrowed to
@@ -1304,7 +1342,8 @@ fn link_pin_owner(name: &str) -> Option<Option<&str>> {
     let per_interface = ["-port", "-uplink", macvlan::IN_SUFFIX, macvlan::OUT_SUFFIX]
         .iter()
         .any(|suffix| name.strip_suffix(suffix).is_some_and(|p| !p.is_empty()));
-    if name == HOST_PORTS_LINK || per_interface {
+    let relay_hook = relays::LINKS.iter().any(|(_, link, _)| *link == name);
+    if name == HOST_PORTS_LINK || per_interface || relay_hook {
         return Some(None);
     }
     ["-egress", "-ingress"]

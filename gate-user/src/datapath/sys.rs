@@ -12,8 +12,8 @@ use std::{
 
 use portgate_bpf_sys::c_path;
 pub use portgate_bpf_sys::{
-    SkLookupRun, TestRun, count_entries, detach_pinned_link, lookup_array_batch, obj_get, obj_pin,
-    test_run, test_run_sk_lookup, update_link,
+    SkLookupRun, TestRun, count_entries, detach_pinned_link, link_create, lookup_array_batch,
+    obj_get, obj_pin, test_run, test_run_sk_lookup, update_link,
 };
 
 pub fn ifindex(name: &str) -> Option<u32> {
@@ -61,6 +61,33 @@ pub fn mount_bpffs(target: &Path) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// The cookie of this thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14), as the
+/// eBPF helper `bpf_get_netns_cookie` names it.
+pub fn netns_cookie() -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: a socket created and closed here, read into a buffer of the option's size.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let socket = OwnedFd::from_raw_fd(fd);
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let ret = libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        );
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cookie)
     }
 }
 
