@@ -36,6 +36,8 @@ macro_rules! setup {
 mod labels;
 #[path = "engines/macvlan.rs"]
 mod macvlan;
+#[path = "engines/proxy.rs"]
+mod proxy;
 
 /// The comment of the delegation rule for `bridge` (docs-contract.md).
 fn delegation_comment(bridge: &str) -> String {
@@ -1164,108 +1166,6 @@ fn status_names_the_engines_and_podman_networks_are_gated() {
             network.name
         ),
     );
-}
-
-/// Docker's userland proxy relays a published port from the host's own stack, which the
-/// bridge gate takes for host traffic: over IPv6 (Docker without IPv6 on the network) and
-/// for hairpin traffic from another container. Both stay closed until the port is allowed;
-/// the host itself keeps reaching it.
-#[test]
-fn docker_proxy_paths_stay_closed_until_allowed() {
-    let (_serial, engines) = setup!();
-    let sc = Scenario::new();
-    let port = free_port();
-    let name = unique("web-proxy");
-    let _web = engines.run_httpd(Engine::Docker, &name, port, &[]);
-    // docker0's own address: where a container reaches the host's published ports.
-    let gateway = docker0_address();
-    let hairpin = |what: &str| {
-        let script =
-            format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {gateway} {port}");
-        let output = engines.run_to_completion(
-            Engine::Docker,
-            &unique("hairpin"),
-            &[IMAGE, "/bin/sh", "-c", &script],
-            Duration::from_secs(60),
-        );
-        let answered = String::from_utf8_lossy(&output.stdout).contains(&body_of(&name));
-        eprintln!("hairpin {what}: answered={answered}");
-        answered
-    };
-    let from_host = || {
-        portgate_tests::engines::http_get_from_host(
-            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            "/",
-            Duration::from_secs(3),
-        )
-    };
-    // Without the agent, the proxy answers IPv6 and hairpin connections.
-    sc.assert_answers(
-        sc.published6(port),
-        &body_of(&name),
-        "IPv6 through docker-proxy, no agent",
-    );
-    assert!(
-        hairpin("without the agent"),
-        "hairpin without the agent should answer"
-    );
-
-    let agent = EngineAgent::start(engines, &[]);
-    agent.wait_engines_connected(&["docker", "podman"]);
-    // Host ports are written once the engine has reported.
-    let start = Instant::now();
-    while sc
-        .get(sc.published6(port), Duration::from_millis(500))
-        .is_ok()
-    {
-        assert!(
-            start.elapsed() < FOLLOW_TIMEOUT,
-            "IPv6 through docker-proxy still answers {FOLLOW_TIMEOUT:?} after the agent synced"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    sc.assert_times_out(sc.published6(port), "IPv6 through docker-proxy, no rule");
-    sc.assert_times_out(sc.published(port), "IPv4 (DNAT), no rule");
-    assert!(
-        !hairpin("with no rule"),
-        "hairpin through docker-proxy must not answer without a rule"
-    );
-    assert!(
-        from_host().is_ok_and(|body| body.trim_end() == body_of(&name)),
-        "the host itself should still reach 127.0.0.1:{port}: {:?}",
-        from_host()
-    );
-    let status = agent.status_json();
-    assert!(
-        status["counters"]["drop"]["not_allowed"].as_u64() > Some(0),
-        "the proxied attempts should count as not_allowed: {status}"
-    );
-
-    agent.allow(&name, "80/tcp");
-    sc.assert_answers(sc.published6(port), &body_of(&name), "IPv6 after allow");
-    sc.assert_answers(sc.published(port), &body_of(&name), "IPv4 after allow");
-    assert!(hairpin("after allow"), "hairpin should answer once allowed");
-    let status = agent.status_json();
-    assert!(
-        status["counters"]["pass"]["host_port_allowed"].as_u64() > Some(0),
-        "admitted proxied connections should count as host_port_allowed: {status}"
-    );
-}
-
-/// docker0's IPv4 address (Docker's default network's gateway). Panics when it has none, so
-/// that no test ever sends to a made-up address.
-fn docker0_address() -> std::net::Ipv4Addr {
-    let output = std::process::Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "dev", "docker0"])
-        .output()
-        .expect("run ip addr show docker0");
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|cidr| cidr.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("docker0 has no IPv4 address: {text:?}"))
 }
 
 /// `--host-port` names the container port a host port maps to, on both engines, and labels
