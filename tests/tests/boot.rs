@@ -4,8 +4,9 @@
 //! reboot); the agent starts first (`--bridge auto`, as the unit runs it), then containerd
 //! and dockerd, and Podman's service and podman-restart's
 //! `podman start --all --filter restart-policy=always`, bring the containers back while a
-//! client probes each published port every 20 ms. Not one connection may be answered
-//! before `portgate allow`; afterwards they are.
+//! client probes each published port every 20 ms, over IPv4 and (docker-proxy) IPv6. Not
+//! one connection may be answered before `portgate allow`, nor a hairpin one from docker0;
+//! afterwards they are.
 //!
 //! It stops and starts the machine's engines: its own test binary, so no other engine test
 //! runs meanwhile.
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use portgate_tests::engines::{
     Engine, EngineAgent, Engines, FOLLOW_TIMEOUT, IMAGE, Scenario, body_of, boot, free_port,
-    httpd_script, unique,
+    hairpin_answers, httpd_script, unique,
 };
 use portgate_tests::{sandbox::in_netns, skip};
 
@@ -225,10 +226,14 @@ fn containers_restarted_at_boot_never_answer_before_allow() {
     let booted = Instant::now();
     // No metrics: another agent on this machine may serve the default address.
     let agent = EngineAgent::start(engines, &["--metrics-addr", "off"]);
+    // IPv4 meets the bridge gate; IPv6 (the networks are IPv4-only) meets docker-proxy,
+    // which binds before the agent's first sync has published anything.
     let probes = [
         Probe::start(&sc.client, sc.published(dport)),
         Probe::start(&sc.client, sc.published(pport)),
         Probe::start(&sc.client, sc.published(nport)),
+        Probe::start(&sc.client, sc.published6(dport)),
+        Probe::start(&sc.client, sc.published6(nport)),
     ];
     boot::start_docker(engines).unwrap();
     boot::start_podman(engines).unwrap();
@@ -256,6 +261,10 @@ fn containers_restarted_at_boot_never_answer_before_allow() {
         );
     }
     let before: Vec<u64> = probes.iter().map(Probe::attempts).collect();
+    assert!(
+        !hairpin_answers(engines, dport, &body_of(&dname)),
+        "a hairpin connection from docker0 answered before `portgate allow`"
+    );
 
     // Allowed, both answer (the probes, and a full GET).
     agent.allow(&dname, "80/tcp");
@@ -278,6 +287,10 @@ fn containers_restarted_at_boot_never_answer_before_allow() {
         &body_of(&nname),
         FOLLOW_TIMEOUT,
         "the container on a user-defined Docker network after allow",
+    );
+    assert!(
+        hairpin_answers(engines, dport, &body_of(&dname)),
+        "a hairpin connection from docker0 should answer after allow"
     );
     std::thread::sleep(Duration::from_millis(500));
     for probe in &probes {

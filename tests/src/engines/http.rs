@@ -185,3 +185,35 @@ impl Drop for PongServer {
         }
     }
 }
+
+/// docker0's IPv4 address (Docker's default network's gateway: where a container reaches the
+/// host's published ports). Panics when it has none, so that no test ever sends to a
+/// made-up address.
+pub fn docker0_address() -> std::net::Ipv4Addr {
+    let output = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", "docker0"])
+        .output()
+        .expect("run ip addr show docker0");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("docker0 has no IPv4 address: {text:?}"))
+}
+
+/// Whether a hairpin connection (through docker-proxy) from a new container on docker0 to
+/// [`docker0_address`] at `port` gets `body`.
+pub fn hairpin_answers(engines: &'static Engines, port: u16, body: &str) -> bool {
+    let gateway = docker0_address();
+    let script =
+        format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {gateway} {port}");
+    let output = engines.run_to_completion(
+        Engine::Docker,
+        &unique("hairpin"),
+        &[IMAGE, "/bin/sh", "-c", &script],
+        Duration::from_secs(60),
+    );
+    String::from_utf8_lossy(&output.stdout).contains(body)
+}

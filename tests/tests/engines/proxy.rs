@@ -1,6 +1,8 @@
 //! Docker's userland proxy: published ports relayed from the host's own stack (IPv6 clients
 //! on IPv4-only networks, hairpin), gated by the socket lookup, with and without an agent.
 
+use portgate_tests::engines::hairpin_answers;
+
 use super::*;
 
 /// Docker's userland proxy relays a published port from the host's own stack, which the
@@ -15,7 +17,11 @@ fn docker_proxy_paths_stay_closed_until_allowed() {
     let name = unique("web-proxy");
     let _web = engines.run_httpd(Engine::Docker, &name, port, &[]);
     let body = body_of(&name);
-    let hairpin = |what: &str| hairpin_answers(engines, port, &body, what);
+    let hairpin = |what: &str| {
+        let answered = hairpin_answers(engines, port, &body);
+        eprintln!("hairpin {what}: answered={answered}");
+        answered
+    };
     let from_host = || {
         portgate_tests::engines::http_get_from_host(
             std::net::SocketAddr::from(([127, 0, 0, 1], port)),
@@ -76,39 +82,6 @@ fn docker_proxy_paths_stay_closed_until_allowed() {
     );
 }
 
-/// docker0's IPv4 address (Docker's default network's gateway). Panics when it has none, so
-/// that no test ever sends to a made-up address.
-fn docker0_address() -> std::net::Ipv4Addr {
-    let output = std::process::Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "dev", "docker0"])
-        .output()
-        .expect("run ip addr show docker0");
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|cidr| cidr.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("docker0 has no IPv4 address: {text:?}"))
-}
-
-/// Whether a hairpin connection from a new container on docker0 to docker0's own address
-/// (where a container reaches the host's published ports) at `port` gets `body`.
-fn hairpin_answers(engines: &'static Engines, port: u16, body: &str, what: &str) -> bool {
-    let gateway = docker0_address();
-    let script =
-        format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {gateway} {port}");
-    let output = engines.run_to_completion(
-        Engine::Docker,
-        &unique("hairpin"),
-        &[IMAGE, "/bin/sh", "-c", &script],
-        Duration::from_secs(60),
-    );
-    let answered = String::from_utf8_lossy(&output.stdout).contains(body);
-    eprintln!("hairpin {what}: answered={answered}");
-    answered
-}
-
 /// A container started while no agent runs (stopped, upgrading, at boot before the first
 /// sync): the pinned gate's relay hooks saw docker-proxy take its port (binding it up to
 /// Docker 27, adopting the daemon's listener in Docker 28), so IPv6 and hairpin connections
@@ -133,7 +106,7 @@ fn a_container_started_while_no_agent_runs_is_closed_on_every_path() {
     );
     assert!(!answers(sc.published(port)), "IPv4 (DNAT) with no agent");
     assert!(
-        !hairpin_answers(engines, port, &body, "with no agent"),
+        !hairpin_answers(engines, port, &body),
         "hairpin through docker-proxy answered a container started while no agent runs"
     );
     let doctor = agent.cli(&[
@@ -167,14 +140,14 @@ fn a_container_started_while_no_agent_runs_is_closed_on_every_path() {
         "IPv6 through docker-proxy, agent back, no rule",
     );
     assert!(
-        !hairpin_answers(engines, port, &body, "agent back, no rule"),
+        !hairpin_answers(engines, port, &body),
         "hairpin must not answer without a rule"
     );
     agent.allow(&name, "80/tcp");
     sc.assert_answers(sc.published6(port), &body, "IPv6 after allow");
     sc.assert_answers(sc.published(port), &body, "IPv4 after allow");
     assert!(
-        hairpin_answers(engines, port, &body, "after allow"),
+        hairpin_answers(engines, port, &body),
         "hairpin should answer once allowed"
     );
 }
