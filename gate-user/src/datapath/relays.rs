@@ -56,19 +56,6 @@ pub(super) const LINKS: [(&str, &str, u32); 3] = [
 ];
 
 impl Datapath {
-    /// Loads the relay hooks (with the other programs: loading is all or nothing, see
-    /// [`Datapath::load_with`]).
-    pub(super) fn load_relay_hooks(ebpf: &mut aya::Ebpf) -> Result<()> {
-        let loaded = |name, result: std::result::Result<(), _>| {
-            result.map_err(|source| DatapathError::Program { name, source })
-        };
-        for name in [program_names::RELAY_BOUND4, program_names::RELAY_BOUND6] {
-            loaded(name, cgroup_sock(ebpf, name)?.load())?;
-        }
-        let name = program_names::RELAY_ADOPTED;
-        loaded(name, cgroup_sockopt(ebpf, name)?.load())
-    }
-
     /// Names the relays, then attaches the hooks to the cgroup v2 root (taking over the
     /// previous agent's links), so that the ports relays take from now on are recorded.
     pub fn attach_relay_hooks(&mut self) -> Result<()> {
