@@ -22,10 +22,10 @@
 mod engine;
 mod filters;
 mod flood;
-mod inpath;
 mod noise;
-mod progrun;
 mod report;
+mod run_time_stats;
+mod test_run;
 mod topo;
 mod traffic;
 
@@ -281,7 +281,7 @@ fn program_cost(
     let pid = std::process::id();
     heading("program cost per packet (BPF_PROG_TEST_RUN)");
     let topo = Topology::create(&format!("pgb-{pid}-prog"))?;
-    (results.prog, results.sources) = progrun::measure_all(
+    (results.prog, results.sources) = test_run::measure_all(
         &topo,
         setup,
         &format!("pgb-{pid}-prog"),
@@ -415,7 +415,7 @@ fn data_path(plan: &Plan, setup: &Setup, results: &mut Results, pacer: &mut Pace
     heading("the gate in the real data path (BPF run-time statistics)");
     let n = *plan.ns.last().unwrap_or(&10);
     proc::check_interrupted()?;
-    let inpath = inpath::measure(plan, setup, &format!("pgb-{pid}-inpath"), n)
+    let inpath = run_time_stats::measure(plan, setup, &format!("pgb-{pid}-inpath"), n)
         .context("measuring the programs' run time in the data path")?;
     for load in &inpath {
         println!(
@@ -849,7 +849,7 @@ fn meta(plan: &Plan, setup: &Setup, elapsed: Duration) -> Meta {
             ("nftables (host ns)".into(), "nft -f rules   # set allowed { type ipv4_addr . inet_proto . inet_service; N elements }; forward: policy drop; ct state established,related accept; oifname pgbr0 ip daddr . meta l4proto . th dport @allowed accept".into()),
             ("portgate (host ns, entered with setns; rules.json written first)".into(), "portgate agent --bridge pgbr0 --runtime none --no-netfilter --metrics-addr off --bpffs /sys/fs/bpf/pgb-PID-CELL --state-dir DIR/state --socket DIR/portgate.sock".into()),
             ("allow → first packet".into(), format!("{}\nnft add element ip pgb allowed {{ 10.99.0.2 . udp . 9100 }}\nportgate allow 10.99.0.2 9100/udp", Installed::command_line(Filter::Iptables, setup))),
-            ("program cost (agent with a larger flow table on a bridge without traffic, then stopped)".into(), format!("portgate agent --bridge pgbr1 --max-flows {} ...; BPF_PROG_TEST_RUN on the pinned toward_containers program", progrun::PROG_FLOW_CAPACITY)),
+            ("program cost (agent with a larger flow table on a bridge without traffic, then stopped)".into(), format!("portgate agent --bridge pgbr1 --max-flows {} ...; BPF_PROG_TEST_RUN on the pinned toward_containers program", test_run::PROG_FLOW_CAPACITY)),
         ],
         notes: vec![
             "Topology of the end-to-end tests, built anew for every cell: client namespace 10.98.0.2 → host namespace 10.98.0.1 (routes; the filter under test) → bridge pgbr0 10.99.0.1 → server namespace 10.99.0.2. Traffic from the client is forwarded by the host and leaves through the bridge, as traffic from outside to a published container port does.".into(),

@@ -17,8 +17,8 @@ use portgate_bpf_sys::sys_bpf;
 use super::{
     Plan, WRK_CONNECTIONS, WRK_THREADS,
     filters::{self, Filter, Setup},
-    progrun::obj_get,
     report::Metric,
+    test_run::obj_get,
     topo::Topology,
     traffic,
 };
