@@ -51,7 +51,15 @@ use gate_common::{
     PROTO_UDP, PortAddrKey, RuleStats, SOURCE_KEY_BITS, SOURCES_CAPACITY, SourceKey, SourceValue,
     counters::*, ipv4_mapped, tcp,
 };
+mod fragments;
+mod host_ports;
+mod macvlan;
+mod observe;
 mod relays;
+mod uplinks;
+
+use fragments::*;
+use observe::*;
 
 use gate_ebpf::{
     Icmp, NOTE_IP_OPTIONS, NOTE_IPV6_EXTENSIONS, Parsed, Part, Transport, macs, parse,
@@ -71,25 +79,8 @@ static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(FLOW
 static NEW_FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(FLOW_CAPACITY / NEW_FLOW_SHARE, 0);
 
-/// Datagrams whose first fragment passed: their later fragments, which carry no ports,
-/// follow it for [`FRAGMENT_TIMEOUT_NS`] (as Cilium's fragment tracking does). Not pinned:
-/// an agent restart loses at most the datagrams in flight.
-#[map]
-static FRAGMENTS: LruHashMap<FragmentKey, FragmentState> =
-    LruHashMap::with_max_entries(FRAGMENTS_CAPACITY, 0);
-
-#[map]
-static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
-
-#[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNT, 0);
-
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
-
-#[map]
-static BRIDGE_DROPS: PerCpuHashMap<BridgeDropKey, u64> =
-    PerCpuHashMap::with_max_entries(BRIDGE_DROPS_CAPACITY, 0);
 
 /// Published host ports, keyed by (host address or all-zero for every address, protocol,
 /// host port): the rule that admits the container port they map to, or [`NO_RULE`].
@@ -119,12 +110,6 @@ static BLOCKED: LpmTrie<BlockKey, u8> = LpmTrie::with_max_entries(BLOCKED_CAPACI
 /// The host's own addresses: where a published host port is a destination.
 #[map]
 static LOCAL_ADDRS: HashMap<Addr, u8> = HashMap::with_max_entries(LOCAL_ADDRS_CAPACITY, 0);
-
-#[map]
-static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(DROP_EVENTS_BYTES, 0);
-
-#[map]
-static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
 const NS_PER_SECOND: u64 = 1_000_000_000;
 
@@ -177,95 +162,6 @@ pub fn toward_containers(ctx: TcContext) -> i32 {
     conclude(&ctx, &config, &packet, verdict)
 }
 
-/// The parent interfaces of macvlan networks, by ifindex: their own MAC address (padded to
-/// 8 bytes). A frame to another unicast MAC is for a macvlan container; the parent's own
-/// frames are the host's. Written by the agent before it attaches the programs; not pinned
-/// (a new agent writes its own before it takes the links over).
-#[map]
-static MACVLAN_PARENTS: HashMap<u32, [u8; 8]> =
-    HashMap::with_max_entries(MACVLAN_PARENTS_CAPACITY, 0);
-
-/// Whether the frame on macvlan parent `ifindex` is a macvlan container's: `mac` (the
-/// destination on ingress, the source on egress) is unicast and not the parent's own. On a
-/// parent the agent did not describe, every unicast frame is (fail closed).
-#[inline(always)]
-fn is_macvlan_containers(mac: &[u8; 6], ifindex: u32) -> bool {
-    if mac[0] & 1 != 0 {
-        return false; // broadcast, multicast
-    }
-    // SAFETY: the value is copied out at once.
-    match unsafe { MACVLAN_PARENTS.get(ifindex) }.copied() {
-        Some(own) => own[..6] != mac[..],
-        None => true,
-    }
-}
-
-/// Ingress of a macvlan parent: frames for its macvlan containers meet the gate as on a
-/// bridge; the host's own traffic on that interface passes untouched.
-#[classifier]
-pub fn toward_macvlan(ctx: TcContext) -> i32 {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some((dst, _)) = macs(&ctx) else {
-        return PASS;
-    };
-    let group = dst[0] & 1 != 0;
-    if !group && !is_macvlan_containers(&dst, ifindex) {
-        return PASS; // the parent's own
-    }
-    let mut packet = Transport::new();
-    let mut notes = 0;
-    let parsed = parse(&ctx, &mut packet, &mut notes);
-    // A broadcast or multicast frame is the host's too, unless it carries a datagram for a
-    // container's own address (Linux's UDP and ICMP accept those whatever the frame).
-    let theirs = if group {
-        is_bound(&packet.dst, ifindex)
-    } else {
-        !is_this_hosts(parsed, &packet, true)
-    };
-    if !theirs {
-        return PASS;
-    }
-    note(notes);
-    let config = config();
-    let verdict = decide(&ctx, &config, parsed, &packet);
-    conclude(&ctx, &config, &packet, verdict)
-}
-
-/// Whether a frame of another MAC than a macvlan parent's is the host's own, to (`incoming`)
-/// or from one of its addresses ([`LOCAL_ADDRS`]): a macvlan interface of the host itself on
-/// that parent, the usual way for the host to reach its macvlan containers. Incoming frames
-/// are told by their destination, so a forged source admits nothing.
-#[inline(always)]
-fn is_this_hosts(parsed: Parsed, packet: &Transport, incoming: bool) -> bool {
-    let own = match parsed {
-        // The embedded packet's sender is the error's destination.
-        Parsed::IcmpErrorToSender if incoming => &packet.src,
-        _ if incoming => &packet.dst,
-        _ => &packet.src,
-    };
-    // SAFETY: plain map lookup.
-    unsafe { LOCAL_ADDRS.get(own) }.is_some()
-}
-
-/// Egress of a macvlan parent: what its macvlan containers send is tracked as from a bridge
-/// port; the host's own traffic passes untouched.
-#[classifier]
-pub fn from_macvlan(ctx: TcContext) -> i32 {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if !macs(&ctx).is_some_and(|(_, src)| is_macvlan_containers(&src, ifindex)) {
-        return PASS;
-    }
-    let mut packet = Transport::new();
-    let mut notes = 0;
-    let parsed = parse(&ctx, &mut packet, &mut notes);
-    if is_this_hosts(parsed, &packet, false) {
-        return PASS;
-    }
-    track_from_container(&ctx, parsed, &packet)
-}
-
 /// Counts a verdict on a frame toward containers, and reports a drop.
 #[inline(always)]
 fn conclude(ctx: &TcContext, config: &Config, packet: &Transport, verdict: Verdict) -> i32 {
@@ -296,143 +192,6 @@ fn dropped(ifindex: u32, packet: &Transport, reason: u32, flags: u32) -> bool {
         count(AUDIT_PASSED);
     }
     !audit
-}
-
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
-const LOOPBACK_IFINDEX: u32 = 1;
-
-#[sk_lookup]
-pub fn host_ports(ctx: SkLookupContext) -> u32 {
-    let config = config();
-    let flags = config.flags;
-    // SAFETY: the context pointer is valid for the whole program run.
-    let lookup = unsafe { &*ctx.lookup };
-    // From the host itself (through lo): as for any host traffic, not gated here; with
-    // --gate-host-traffic the relayed connection meets `toward_containers` instead.
-    if lookup.ingress_ifindex == LOOPBACK_IFINDEX {
-        return SK_PASS;
-    }
-    let proto = lookup.protocol as u8;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return SK_PASS;
-    }
-    let (local, remote) = match lookup.family {
-        AF_INET => (
-            ipv4_mapped(lookup.local_ip4.to_ne_bytes()),
-            ipv4_mapped(lookup.remote_ip4.to_ne_bytes()),
-        ),
-        AF_INET6 => (ipv6(&lookup.local_ip6), ipv6(&lookup.remote_ip6)),
-        _ => return SK_PASS,
-    };
-    let port = lookup.local_port as u16;
-    // SAFETY: plain map lookups; values are copied out at once.
-    let published = unsafe {
-        HOST_PORTS
-            .get(AllowKey::new(local, proto, port))
-            .or_else(|| HOST_PORTS.get(AllowKey::new([0; 16], proto, port)))
-            .copied()
-    };
-    let verdict = match published {
-        Some(published) if published.rule_id == NO_RULE => Err(DROP_NOT_ALLOWED),
-        Some(published) => admits(&config, &published, &remote, lookup.ingress_ifindex),
-        // A relay into a container that no engine has published (yet): closed until the
-        // agent knows which container it leads to and what admits it.
-        None if relays::is_relay_port(proto, port) => Err(DROP_RELAY_UNPUBLISHED),
-        None => return SK_PASS, // not a published port
-    };
-    let reason = match verdict {
-        Ok(rule_id) => {
-            count(PASS_HOST_PORT);
-            add_rule_stats(rule_id, 0);
-            return SK_PASS;
-        }
-        Err(reason) => reason,
-    };
-    let packet = Transport {
-        src: remote,
-        dst: local,
-        proto,
-        src_port: u16::from_be(lookup.remote_port),
-        dst_port: port,
-        tcp_flags: 0,
-        icmp: Icmp::None,
-        part: Part::Whole,
-        fragment_id: 0,
-    };
-    if !dropped(lookup.ingress_ifindex, &packet, reason, flags) {
-        return SK_PASS;
-    }
-    let black_hole = if proto == PROTO_TCP { 0 } else { 1 };
-    match BLACK_HOLE.redirect_sk_lookup(&ctx, black_hole, 0) {
-        Ok(()) => SK_PASS,
-        Err(_) => SK_DROP,
-    }
-}
-
-/// An IPv6 address from the context's four words. Each is read at its constant offset: the
-/// verifier refuses context reads through a computed pointer.
-#[inline(always)]
-fn ipv6(words: &[u32; 4]) -> Addr {
-    // SAFETY: reads of the context's own fields.
-    let words = unsafe {
-        [
-            core::ptr::read_volatile(&words[0]),
-            core::ptr::read_volatile(&words[1]),
-            core::ptr::read_volatile(&words[2]),
-            core::ptr::read_volatile(&words[3]),
-        ]
-    };
-    let mut addr = [0u8; 16];
-    addr[0..4].copy_from_slice(&words[0].to_ne_bytes());
-    addr[4..8].copy_from_slice(&words[1].to_ne_bytes());
-    addr[8..12].copy_from_slice(&words[2].to_ne_bytes());
-    addr[12..16].copy_from_slice(&words[3].to_ne_bytes());
-    addr
-}
-
-#[classifier]
-pub fn from_uplinks(ctx: TcContext) -> i32 {
-    let config = config();
-    let mut packet = Transport::new();
-    let mut notes = 0;
-    // What does not parse is for the stack and the bridge gate to judge.
-    if parse(&ctx, &mut packet, &mut notes) != Parsed::Packet {
-        return PASS;
-    }
-    // SAFETY: the context pointer is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(reason) = refused_before_conntrack(&config, &packet, ifindex) else {
-        return PASS;
-    };
-    if dropped(ifindex, &packet, reason, config.flags) {
-        count(DROPPED_BEFORE_CONNTRACK);
-        DROP
-    } else {
-        PASS
-    }
-}
-
-/// The drop reason of a new connection to a published host port of this host that the
-/// policy refuses: the same decision the bridge gate and `host_ports` would make later.
-/// None for everything else (replies, tracked traffic, the host's own services).
-#[inline(always)]
-fn refused_before_conntrack(config: &Config, packet: &Transport, ifindex: u32) -> Option<u32> {
-    if packet.proto != PROTO_TCP && packet.proto != PROTO_UDP || !packet.opens_connection() {
-        return None;
-    }
-    // SAFETY: plain map lookups; values are copied out at once.
-    unsafe {
-        LOCAL_ADDRS.get(packet.dst)?;
-        let published = HOST_PORTS
-            .get(AllowKey::new(packet.dst, packet.proto, packet.dst_port))
-            .or_else(|| HOST_PORTS.get(AllowKey::new([0; 16], packet.proto, packet.dst_port)))
-            .copied()?;
-        if published.rule_id == NO_RULE {
-            return Some(DROP_NOT_ALLOWED);
-        }
-        admits(config, &published, &packet.src, ifindex).err()
-    }
 }
 
 #[classifier]
@@ -615,50 +374,6 @@ fn allowed(config: &Config, ingress_ifindex: u32, packet: &Transport) -> Result<
         return Err(DROP_NOT_ALLOWED);
     };
     admits(config, allow, &packet.src, ingress_ifindex)
-}
-
-/// The datagram a fragment belongs to.
-#[inline(always)]
-fn fragment_key(packet: &Transport) -> FragmentKey {
-    FragmentKey {
-        src: packet.src,
-        dst: packet.dst,
-        id: packet.fragment_id,
-        proto: packet.proto,
-        _pad: [0; 3],
-    }
-}
-
-/// After the first fragment of a datagram passed: lets its later fragments follow.
-#[inline(always)]
-fn remember_fragment(packet: &Transport, rule_id: u32, now: u64) {
-    if packet.part != Part::First {
-        return;
-    }
-    let state = FragmentState {
-        first_seen_ns: now,
-        rule_id,
-        _pad: 0,
-    };
-    if FRAGMENTS.insert(fragment_key(packet), state, 0).is_err() {
-        count(FLOW_INSERT_FAILED);
-    }
-}
-
-/// A later fragment passes if its datagram's first fragment passed, not long ago. One that
-/// comes before its first fragment is dropped (its datagram is lost, as with Cilium): the
-/// ports that decide are in the first.
-#[inline(always)]
-fn later_fragment(packet: &Transport, len: u32) -> Verdict {
-    let now = now_ns();
-    // SAFETY: the value is copied out at once.
-    match unsafe { FRAGMENTS.get(fragment_key(packet)) }.copied() {
-        Some(first) if now.saturating_sub(first.first_seen_ns) <= FRAGMENT_TIMEOUT_NS => {
-            add_rule_stats(first.rule_id, len);
-            Verdict::Pass(PASS_FRAGMENT)
-        }
-        _ => Verdict::Drop(DROP_FRAGMENT),
-    }
 }
 
 /// Whether a new connection from `src`, arrived on `ifindex`, may reach an allowed
@@ -855,87 +570,6 @@ fn open_flow(
             count(FLOW_INSERT_FAILED);
             warn!(ctx, "portgate: flow table insert failed: {}", err);
         }
-    }
-}
-
-/// Counts a drop for its bridge and reports it through the ring buffer, within this CPU's
-/// budget of events per second; what is over budget is counted and reported with the next
-/// event, so a flood cannot swamp the agent.
-#[inline(never)]
-fn record_drop(ifindex: u32, packet: &Transport, reason: u32, audit: bool) {
-    let key = BridgeDropKey { ifindex, reason };
-    match BRIDGE_DROPS.get_ptr_mut(key) {
-        // SAFETY: per-CPU slot, only this CPU writes it.
-        Some(value) => unsafe { *value += 1 },
-        None => {
-            let _ = BRIDGE_DROPS.insert(key, 1, 0);
-        }
-    }
-    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU slot, only this CPU writes it.
-    let budget = unsafe { &mut *budget };
-    let now = now_ns();
-    if now.wrapping_sub(budget.window_start_ns) >= NS_PER_SECOND {
-        budget.window_start_ns = now;
-        budget.sent = 0;
-    }
-    if budget.sent >= DROP_EVENTS_PER_SECOND {
-        budget.suppressed += 1;
-        return;
-    }
-    let Some(mut entry) = DROP_EVENTS.reserve::<DropEvent>(0) else {
-        // The agent is not keeping up (or not running): count it as suppressed.
-        budget.suppressed += 1;
-        return;
-    };
-    entry.write(DropEvent {
-        timestamp_ns: now,
-        src: packet.src,
-        dst: packet.dst,
-        ifindex,
-        suppressed: budget.suppressed,
-        src_port: packet.src_port,
-        dst_port: packet.dst_port,
-        reason: reason as u8,
-        proto: packet.proto,
-        audit: audit as u8,
-        _pad: [0; 9],
-    });
-    entry.submit(0);
-    budget.sent += 1;
-    budget.suppressed = 0;
-}
-
-#[inline(always)]
-fn add_rule_stats(rule_id: u32, len: u32) {
-    if rule_id == NO_RULE {
-        return;
-    }
-    if let Some(stats) = RULE_STATS.get_ptr_mut(rule_id) {
-        // SAFETY: per-CPU slot, only this CPU writes it.
-        let stats = unsafe { &mut *stats };
-        stats.packets += 1;
-        stats.bytes += len as u64;
-    }
-}
-
-#[inline(always)]
-fn count(counter: u32) {
-    if let Some(value) = COUNTERS.get_ptr_mut(counter) {
-        // SAFETY: per-CPU slot, only this CPU writes it.
-        unsafe { *value += 1 };
-    }
-}
-
-#[inline(always)]
-fn note(notes: u8) {
-    if notes & NOTE_IP_OPTIONS != 0 {
-        count(SEEN_IP_OPTIONS);
-    }
-    if notes & NOTE_IPV6_EXTENSIONS != 0 {
-        count(SEEN_IPV6_EXTENSIONS);
     }
 }
 
