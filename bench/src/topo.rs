@@ -16,8 +16,7 @@
 //! the filter.
 use std::{
     fs::File,
-    io,
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -51,7 +50,7 @@ pub const BLOCKED_PORT: u16 = 81;
 /// A network namespace this bench created, deleted on drop.
 pub struct Netns {
     pub name: String,
-    handle: File,
+    handle: std::sync::Arc<File>,
 }
 
 impl Netns {
@@ -61,37 +60,26 @@ impl Netns {
             .with_context(|| format!("opening network namespace {name}"))?;
         Ok(Self {
             name: name.to_owned(),
-            handle,
+            handle: std::sync::Arc::new(handle),
         })
     }
 
     /// `program` run inside this namespace: setns(2) just before exec and nothing else, so
     /// unlike `ip netns exec` the mount namespace (and /sys/fs/bpf) stays as it is.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let fd = self.handle.as_raw_fd();
         let mut cmd = Command::new(program);
-        // SAFETY: the closure only makes the async-signal-safe setns system call, on a
-        // descriptor that `self` keeps open until the command has been spawned (the command
-        // never outlives the topology that made it).
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        portgate_bpf_sys::netns::command_in(&mut cmd, self.handle.clone());
         cmd
     }
 
     /// Runs `f` on a fresh thread inside this namespace; sockets it creates belong here for
     /// their whole life, whichever thread uses them later.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let handle = self.handle.try_clone().context("dup of a netns handle")?;
+        let handle = &self.handle;
         std::thread::scope(|scope| {
             scope
                 .spawn(move || {
-                    enter(&handle)?;
+                    portgate_bpf_sys::netns::enter(handle.as_ref()).context("setns")?;
                     Ok(f())
                 })
                 .join()
@@ -125,14 +113,6 @@ impl Drop for Netns {
             .args(["netns", "delete", &self.name])
             .output();
     }
-}
-
-fn enter(handle: &File) -> Result<()> {
-    // SAFETY: setns on a valid namespace descriptor; it affects only the calling thread.
-    if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns: {}", io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// The CPU of the load generators and the CPU of the servers, on a machine with at least two:

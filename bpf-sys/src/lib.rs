@@ -1,7 +1,10 @@
 //! The BPF system calls portgate makes itself (aya 0.14 does not wrap them): BPF_OBJ_GET and
 //! BPF_OBJ_PIN, BPF_PROG_TEST_RUN (TC and socket-lookup programs), BPF_LINK_UPDATE and
-//! BPF_LINK_DETACH. Shared by the agent and the bench; no aya, so xtask can build it before
-//! setup has installed bpf-linker.
+//! BPF_LINK_DETACH, BPF_LINK_CREATE; and entering network namespaces (`netns`). Shared by the
+//! agent, the bench, xtask and the tests; no aya, so xtask can build it before setup has
+//! installed bpf-linker.
+
+pub mod netns;
 
 use std::{
     ffi::CString,

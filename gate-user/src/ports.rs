@@ -11,13 +11,14 @@
 //! pinned under /run/netns and /var/run/docker/netns) is listed once, and in each one
 //! `ip -j addr show` tells which interface is the peer of which host ifindex.
 
+use portgate_bpf_sys::netns;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
     net::IpAddr,
     os::{
         fd::{AsRawFd as _, FromRawFd as _},
-        unix::{fs::MetadataExt as _, process::CommandExt as _},
+        unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
     process::Command,
@@ -153,21 +154,9 @@ fn namespaces() -> Vec<PathBuf> {
 
 /// The interfaces of the namespace at `path`, as `ip -j addr show` run inside it lists them.
 fn interfaces_in(path: &Path) -> io::Result<Vec<Interface>> {
-    let namespace = fs::File::open(path)?;
-    let fd = namespace.as_raw_fd();
     let mut command = Command::new("ip");
     command.args(["-j", "addr", "show"]);
-    // SAFETY: runs in the child between fork and exec; setns is a plain system call on an fd
-    // the child inherited, and allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        });
-    }
+    netns::command_in(&mut command, fs::File::open(path)?);
     let output = command.output()?;
     if !output.status.success() {
         return Err(io::Error::other(

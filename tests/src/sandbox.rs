@@ -26,9 +26,6 @@
 //! between sandboxes running in parallel.
 
 use std::fs::File;
-use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Once;
@@ -336,23 +333,8 @@ fn addr(ns: &str, dev: &str, v4: &str, v6: &str) {
 /// Sockets created in `f` belong to that namespace for their whole life, whichever thread
 /// uses them later. A panic in `f` is propagated.
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let handle = File::open(Sandbox::netns_path(ns))
-        .unwrap_or_else(|e| panic!("open network namespace {ns}: {e}"));
-    std::thread::scope(|scope| {
-        let thread = scope.spawn(move || {
-            // SAFETY: setns on a valid namespace fd; it affects only this thread, which
-            // exists for `f` alone.
-            if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                panic!("setns({ns}): {}", io::Error::last_os_error());
-            }
-            drop(handle);
-            f()
-        });
-        match thread.join() {
-            Ok(value) => value,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
+    portgate_bpf_sys::netns::run_in(&Sandbox::netns_path(ns), f)
+        .unwrap_or_else(|e| panic!("enter network namespace {ns}: {e}"))
 }
 
 /// A command that runs `program` inside network namespace `ns`. It enters the namespace with
@@ -362,14 +344,6 @@ pub fn netns_command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command 
     let handle = File::open(Sandbox::netns_path(ns))
         .unwrap_or_else(|e| panic!("open network namespace {ns}: {e}"));
     let mut command = Command::new(program);
-    // SAFETY: the closure only makes the async-signal-safe setns system call.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    portgate_bpf_sys::netns::command_in(&mut command, handle);
     command
 }

@@ -13,7 +13,7 @@ use std::{
     fs::{self, File},
     io::{self, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -638,35 +638,11 @@ fn open_netns(ns: &str) -> Result<File> {
         .with_context(|| format!("cannot open the network namespace {}", path.display()))
 }
 
-fn setns(file: &File) -> io::Result<()> {
-    // SAFETY: setns only reads the fd, which `file` keeps open.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Spawns `cmd` inside the network namespace `ns` (and nothing else: mounts stay as they are).
 fn spawn_in_netns(ns: &str, cmd: &mut Command) -> Result<Child> {
-    let file = open_netns(ns)?;
-    let fd = file.as_raw_fd();
-    // SAFETY: the closure runs between fork and exec and only calls setns(2), which is
-    // async-signal-safe, on an fd that `file` keeps open until spawn has returned.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        });
-    }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start `{}` in {ns}", proc::display(cmd)));
-    drop(file);
-    child
+    portgate_bpf_sys::netns::command_in(cmd, open_netns(ns)?);
+    cmd.spawn()
+        .with_context(|| format!("cannot start `{}` in {ns}", proc::display(cmd)))
 }
 
 /// Runs `f` on a thread that has entered the network namespace `ns`: sockets it creates belong
@@ -677,7 +653,7 @@ fn in_netns_thread<T: Send + 'static>(
 ) -> Result<T> {
     let file = open_netns(ns)?;
     let handle = thread::spawn(move || -> io::Result<T> {
-        setns(&file)?;
+        portgate_bpf_sys::netns::enter(&file)?;
         Ok(f())
     });
     handle

@@ -11,7 +11,7 @@ use std::{
     fs::File,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    os::unix::fs::MetadataExt as _,
     process::Command,
     sync::{
         Arc,
@@ -58,11 +58,8 @@ impl Netns {
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    // SAFETY: setns on a valid namespace fd; it affects only this thread,
-                    // which ends with the scope.
-                    if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        panic!("setns({}): {}", self.name, std::io::Error::last_os_error());
-                    }
+                    portgate_bpf_sys::netns::enter(&handle)
+                        .unwrap_or_else(|e| panic!("setns({}): {e}", self.name));
                     let child = run(Command::new("readlink").arg("/proc/self/ns/net"));
                     assert_eq!(
                         child.trim(),
