@@ -235,16 +235,9 @@ pub struct Datapath {
     uplinks: BTreeMap<u32, String>,
     /// Macvlan parents with `toward_macvlan` and `from_macvlan` attached, by ifindex.
     macvlan_parents: BTreeMap<u32, String>,
-    local_addrs_written: Option<BTreeMap<gate_common::Addr, u8>>,
     capacities: Capacities,
-    /// The allow map's content as last written, so a sync costs only its differences.
-    allow_written: Option<BTreeMap<AllowKey, AllowValue>>,
-    host_ports_written: Option<BTreeMap<AllowKey, AllowValue>>,
-    port_addrs_written: Option<BTreeMap<PortAddrKey, u8>>,
-    /// The access lists in the trie, by id.
-    access_written: Option<BTreeMap<u32, crate::policy::AccessList>>,
-    /// The block list in force.
-    blocks_written: Option<BTreeSet<crate::policy::Prefix>>,
+    /// What this agent last wrote into the maps it owns.
+    written: sync::Written,
     /// Connections ended (marked cut) since this agent started.
     flows_cut: u64,
     /// The config map's content.
@@ -317,13 +310,8 @@ impl Datapath {
             ports: BTreeMap::new(),
             uplinks: BTreeMap::new(),
             macvlan_parents: BTreeMap::new(),
-            local_addrs_written: None,
             capacities,
-            allow_written: None,
-            host_ports_written: None,
-            port_addrs_written: None,
-            access_written: None,
-            blocks_written: None,
+            written: sync::Written::default(),
             flows_cut: 0,
             config: Config::default(),
             links: BTreeMap::new(),

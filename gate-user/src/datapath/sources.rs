@@ -23,7 +23,7 @@ impl Datapath {
         &mut self,
         entries: &BTreeMap<AllowKey, Admission>,
     ) -> Result<BTreeMap<AllowKey, AllowValue>> {
-        let mut written = match self.access_written.take() {
+        let mut written = match self.written.access.take() {
             Some(written) => written,
             None => self.read_access_lists()?,
         };
@@ -62,16 +62,16 @@ impl Datapath {
             };
             allow.insert(*key, value);
         }
-        self.access_written = Some(written);
+        self.written.access.set(written);
         Ok(allow)
     }
 
     /// Removes the access lists that neither the allow map nor the host-port map refers to.
     pub fn remove_unused_access_lists(&mut self) -> Result<()> {
-        let Some(mut written) = self.access_written.take() else {
+        let Some(mut written) = self.written.access.take() else {
             return Ok(());
         };
-        let in_use: BTreeSet<u32> = [&self.allow_written, &self.host_ports_written]
+        let in_use: BTreeSet<u32> = [self.written.allow.known(), self.written.host_ports.known()]
             .into_iter()
             .flatten()
             .flat_map(|map| map.values().map(|v| v.access))
@@ -92,7 +92,7 @@ impl Datapath {
                 }
             }
         }
-        self.access_written = Some(written);
+        self.written.access.set(written);
         Ok(())
     }
 
@@ -120,12 +120,12 @@ impl Datapath {
     /// switched to at once, then the old generation is removed. Then the connections from the
     /// newly blocked sources are ended ([`Datapath::cut_flows`]); returns how many.
     pub fn sync_blocks(&mut self, blocks: &BTreeSet<Prefix>) -> Result<usize> {
-        let current = match self.blocks_written.take() {
+        let current = match self.written.blocks.take() {
             Some(current) => current,
             None => self.read_blocks()?,
         };
         if &current == blocks {
-            self.blocks_written = Some(current);
+            self.written.blocks.set(current);
             return Ok(0);
         }
         let newly: Vec<Prefix> = blocks.difference(&current).copied().collect();
@@ -164,7 +164,7 @@ impl Datapath {
             })?;
             self.remove_blocks_except(next)?;
         }
-        self.blocks_written = Some(blocks.clone());
+        self.written.blocks.set(blocks.clone());
         // A ban ends the sessions from there too, both ways, whoever opened them.
         if newly.is_empty() {
             return Ok(0);
