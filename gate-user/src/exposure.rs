@@ -7,9 +7,9 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use crate::{
-    api::{PublishedPorts, UngatedContainer},
+    api::{PublishedPorts, RootlessContainer, UngatedContainer},
     policy::{Published, ResolvedRule},
-    runtime::{Attachment, Container},
+    runtime::{Attachment, Container, rootless::is_stand_in},
 };
 
 /// Whether traffic to a container's addresses on this network crosses a gated bridge (or
@@ -112,11 +112,13 @@ pub fn published_ports(
 ) -> PublishedPorts {
     let mut ports = PublishedPorts::default();
     for container in containers {
-        let gated = !container.is_host_network()
-            && container
-                .networks
-                .iter()
-                .any(|a| is_gated(a, gated_bridges));
+        // A rootless container's ports are host sockets: the socket lookup judges them.
+        let gated = container.is_rootless()
+            || (!container.is_host_network()
+                && container
+                    .networks
+                    .iter()
+                    .any(|a| is_gated(a, gated_bridges)));
         let count = container.published.len();
         if gated {
             ports.gated += count;
@@ -146,6 +148,9 @@ pub fn rule_gated(
         .addresses
         .iter()
         .map(|address| {
+            if is_stand_in(address) {
+                return Some(true); // a rootless container's: judged at the host's socket
+            }
             containers
                 .iter()
                 .flat_map(|c| &c.networks)
@@ -160,6 +165,28 @@ pub fn rule_gated(
     } else {
         None
     }
+}
+
+/// The rootless engines' containers, with their published ports: gated, since the agent's
+/// socket lookup judges every listening socket of the host whose port it lists.
+pub fn rootless(containers: &[Container]) -> Vec<RootlessContainer> {
+    containers
+        .iter()
+        .filter(|c| c.is_rootless())
+        .map(|c| RootlessContainer {
+            container: c.name.clone(),
+            user: c.user.clone().unwrap_or_default(),
+            engine: c.engine.to_string(),
+            id: c.id.clone(),
+            published: c.published.iter().map(published_text).collect(),
+            gated: true,
+            stand_in_address: c
+                .addresses
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -193,6 +220,7 @@ mod tests {
     ) -> Container {
         Container {
             engine: Engine::Docker,
+            user: None,
             id: format!("{name:0>64}"),
             name: name.to_owned(),
             addresses: networks.iter().flat_map(|n| n.addresses.clone()).collect(),

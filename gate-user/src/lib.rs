@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod netfilter;
 pub mod policy;
 pub mod ports;
+pub mod procfs;
 pub mod runtime;
 pub mod units;

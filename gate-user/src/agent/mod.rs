@@ -79,6 +79,8 @@ pub struct AgentOptions {
     /// Engines to watch once their socket exists (`--runtime auto` at boot, before the
     /// engines start).
     pub engines_later: Vec<(Engine, PathBuf)>,
+    /// Follow users' rootless Podman (how to run it), if at all.
+    pub rootless: Option<runtime::rootless::RootlessOptions>,
     /// Allow every container's published ports (Docker's old behaviour, chosen explicitly).
     pub default_published: bool,
     /// Which containers' `portgate.allow` labels open ports (`--labels`).
@@ -200,11 +202,17 @@ impl Agent {
         let file = read_policy_file(&options, &saved)?;
         let datapath = Datapath::load_with(&options.bpffs, options.gate, options.capacities)
             .with_context(|| format!("loading the gate under {}", options.bpffs.display()))?;
-        let engines = options
+        let mut engines: BTreeMap<Engine, EngineState> = options
             .engines
             .iter()
             .map(|(engine, socket)| (*engine, EngineState::new(socket.clone())))
             .collect();
+        if let Some(rootless) = &options.rootless {
+            engines.insert(
+                Engine::RootlessPodman,
+                EngineState::new(rootless.podman.clone()),
+            );
+        }
         let delegation = options.netfilter.then(NetfilterKeeper::start);
         let resolver = Resolver::new(options.labels).with_slots(options.capacities.derived_ids());
         let engines_later = options.engines_later.clone();
@@ -314,7 +322,13 @@ impl Agent {
             });
         }
         let (events_tx, mut events) = mpsc::channel(16);
+        if let Some(rootless) = self.options.rootless.clone() {
+            tasks.spawn(runtime::rootless::watch(rootless, events_tx.clone()));
+        }
         for (engine, state) in &self.engines {
+            if *engine == Engine::RootlessPodman {
+                continue;
+            }
             tasks.spawn(runtime::watch(
                 *engine,
                 state.socket.clone(),

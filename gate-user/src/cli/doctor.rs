@@ -505,8 +505,11 @@ fn examine(socket: &Path, args: &DoctorArgs) -> Report {
         );
     }
 
-    // Rootless engines' published ports, which nothing follows.
-    findings.extend(super::rootless::findings(&super::rootless::relayed_ports()));
+    // Rootless engines' published ports: each one's container, known to the agent or not.
+    findings.extend(super::rootless::findings(
+        &super::rootless::relayed_ports(),
+        status.as_ref().ok().map(|s| &**s),
+    ));
 
     // Units that start containers themselves, and whether they wait for the gate.
     findings.extend(super::boot_units::findings());

@@ -1,0 +1,569 @@
+//! Rootless Podman: each user's containers, read with that user's own `podman ps`.
+//!
+//! A rootless container publishes through a listening socket of the host, owned by the
+//! user's relay (`rootlessport` with slirp4netns, `pasta` with Podman 5, or `slirp4netns`'s
+//! own port handler). The gate's socket lookup judges every new connection to a host port
+//! listed in its host-port map, so following these containers is enough to gate them: their
+//! published ports become host-port entries like any other engine's.
+//!
+//! The users are found in /proc (processes of a uid other than 0 named as Podman's helpers).
+//! For each, the watcher runs `podman ps --format json` as that user (its uid, gid, HOME and
+//! XDG_RUNTIME_DIR) when the user's helper processes or their listening sockets change, and
+//! every [`RESYNC_EVERY`] besides. A published port is taken only while a relay of that user
+//! listens on it: what a user's Podman says cannot make the gate close a port of another
+//! program. A failure to read one user's Podman is a warning; that user's last snapshot
+//! stays in force and `status`/`doctor` say why.
+//!
+//! Each container gets a stand-in address, [`stand_in`], in a fixed ULA prefix: only a key
+//! for the allow map, so that rules resolve against it as against a container address. No
+//! traffic is ever sent to it; the ports are judged at the host's socket.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv6Addr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{Container, Engine, RuntimeEvent, Snapshot, label_origin};
+use crate::{
+    policy::{ALLOW_LABEL, Protocol, Published},
+    procfs,
+};
+
+/// Podman's helpers that run for a user's containers; a user running one is followed.
+const HELPERS: [&str; 5] = [
+    "conmon",
+    "rootlessport",
+    "pasta",
+    "pasta.avx2",
+    "slirp4netns",
+];
+/// The helpers that relay published ports from a listening socket of the host.
+const RELAYS: [&str; 4] = ["rootlessport", "pasta", "pasta.avx2", "slirp4netns"];
+/// Rootless Docker's relay: found, reported, not followed.
+pub const ROOTLESS_DOCKER: &str = "rootlesskit";
+/// How often /proc is looked at.
+const POLL: Duration = Duration::from_secs(1);
+/// A user's Podman is read again after this long even when nothing changed.
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
+/// How long one `podman ps` may take.
+const PODMAN_TIMEOUT: Duration = Duration::from_secs(20);
+/// The stand-in addresses' prefix: fd70:6f72:7467:6174::/64 ("portgate" in ASCII).
+pub const STAND_IN_PREFIX: [u16; 4] = [0xfd70, 0x6f72, 0x7467, 0x6174];
+
+/// How to run each user's Podman.
+#[derive(Clone, Debug)]
+pub struct RootlessOptions {
+    /// The `podman` program (as found in the root directory, if any).
+    pub podman: PathBuf,
+    /// A root directory to run it in (its own mount namespace, pivoted into the directory),
+    /// for a Podman installed in one; the users are then those of its /etc/passwd.
+    pub root: Option<PathBuf>,
+}
+
+/// What the watcher knows about one user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RootlessUser {
+    pub user: String,
+    pub uid: u32,
+    /// The helpers seen (program names), sorted.
+    pub helpers: Vec<String>,
+    /// The ports the user's relays listen on: (protocol, port).
+    pub listening: BTreeSet<(String, u16)>,
+    pub containers: usize,
+    /// Why the user's containers are not (or no longer) known, if they are not.
+    pub error: Option<String>,
+    /// Whether the agent follows it (false: rootless Docker).
+    pub followed: bool,
+}
+
+/// One pass over /proc: each user's helper processes and relay sockets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Seen {
+    /// (pid, program) of the helpers.
+    helpers: BTreeSet<(u32, String)>,
+    listening: BTreeSet<(String, u16)>,
+}
+
+fn scan() -> BTreeMap<u32, Seen> {
+    let sockets = procfs::listening_sockets();
+    let mut users: BTreeMap<u32, Seen> = BTreeMap::new();
+    for dir in procfs::process_dirs() {
+        let Some(comm) = procfs::comm(&dir) else {
+            continue;
+        };
+        let helper = HELPERS.contains(&comm.as_str()) || comm == ROOTLESS_DOCKER;
+        if !helper {
+            continue;
+        }
+        let Some(uid) = procfs::process_uid(&dir).filter(|uid| *uid != 0) else {
+            continue; // rootful Podman's helpers: the engine's API says what they serve
+        };
+        let pid = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let seen = users.entry(uid).or_default();
+        if RELAYS.contains(&comm.as_str()) || comm == ROOTLESS_DOCKER {
+            for inode in procfs::socket_inodes(&dir) {
+                if let Some((proto, port)) = sockets.get(&inode) {
+                    seen.listening.insert(((*proto).to_owned(), *port));
+                }
+            }
+        }
+        seen.helpers.insert((pid, comm));
+    }
+    users
+}
+
+/// A user's state in the watcher.
+#[derive(Debug)]
+struct Followed {
+    seen: Seen,
+    read_at: Option<Instant>,
+    containers: Vec<Container>,
+    error: Option<String>,
+}
+
+/// Follows every user's rootless Podman forever, sending a snapshot of all of them after
+/// each change. The first snapshot goes out after the first pass (each user's Podman read
+/// once), so that the agent does not wait for the rootless engine longer than that.
+pub async fn watch(options: RootlessOptions, events: mpsc::Sender<RuntimeEvent>) {
+    let mut users: BTreeMap<u32, Followed> = BTreeMap::new();
+    let mut image_labels: BTreeMap<(u32, String), Option<BTreeMap<String, String>>> =
+        BTreeMap::new();
+    let mut first = true;
+    loop {
+        let scanned = tokio::task::spawn_blocking(scan).await.unwrap_or_default();
+        let mut changed = first;
+        users.retain(|uid, _| {
+            let keep = scanned.contains_key(uid);
+            changed |= !keep;
+            keep
+        });
+        for (uid, seen) in scanned {
+            let docker = seen.helpers.iter().any(|(_, c)| c == ROOTLESS_DOCKER);
+            let state = users.entry(uid).or_insert_with(|| Followed {
+                seen: Seen::default(),
+                read_at: None,
+                containers: Vec::new(),
+                error: None,
+            });
+            let due = state.read_at.is_none_or(|at| at.elapsed() >= RESYNC_EVERY);
+            let podman = seen.helpers.iter().any(|(_, c)| c != ROOTLESS_DOCKER);
+            if state.seen == seen && !due {
+                continue;
+            }
+            changed |= state.seen != seen;
+            state.seen = seen;
+            state.read_at = Some(Instant::now());
+            if !podman && docker {
+                continue; // rootless Docker only: reported, not followed
+            }
+            match read_user(&options, uid, &state.seen, &mut image_labels).await {
+                Ok(containers) => {
+                    changed |= state.containers != containers || state.error.is_some();
+                    state.containers = containers;
+                    state.error = None;
+                }
+                Err(err) => {
+                    let error = format!("{err:#}");
+                    if state.error.as_ref() != Some(&error) {
+                        warn!(uid, "cannot read the rootless Podman of user {uid}; keeping its last containers: {error}");
+                        changed = true;
+                    }
+                    state.error = Some(error);
+                }
+            }
+        }
+        image_labels.retain(|(uid, _), _| users.contains_key(uid));
+        if changed {
+            let snapshot = snapshot_of(&options, &users);
+            if first {
+                info!(
+                    users = snapshot.rootless.len(),
+                    containers = snapshot.containers.len(),
+                    "rootless Podman followed"
+                );
+            }
+            let event = RuntimeEvent::Synced {
+                engine: Engine::RootlessPodman,
+                snapshot,
+                after_event: !first,
+            };
+            if events.send(event).await.is_err() {
+                return; // the agent is shutting down
+            }
+            first = false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn snapshot_of(options: &RootlessOptions, users: &BTreeMap<u32, Followed>) -> Snapshot {
+    let mut containers: Vec<Container> = users
+        .values()
+        .flat_map(|u| u.containers.iter().cloned())
+        .collect();
+    containers.sort_by(|a, b| a.name.cmp(&b.name));
+    let rootless = users
+        .iter()
+        .map(|(uid, state)| {
+            let helpers: BTreeSet<String> =
+                state.seen.helpers.iter().map(|(_, c)| c.clone()).collect();
+            let followed = helpers.iter().any(|c| c != ROOTLESS_DOCKER);
+            RootlessUser {
+                user: user_of(options, *uid).map_or_else(|| uid.to_string(), |u| u.name),
+                uid: *uid,
+                helpers: helpers.into_iter().collect(),
+                listening: state.seen.listening.clone(),
+                containers: state.containers.len(),
+                error: state.error.clone(),
+                followed,
+            }
+        })
+        .collect();
+    Snapshot {
+        containers,
+        rootless,
+        ..Snapshot::default()
+    }
+}
+
+/// Why a user's Podman could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RootlessError {
+    #[error("user {0} is not in /etc/passwd")]
+    NoSuchUser(u32),
+    #[error("running {program} as user {user}: {source}")]
+    Spawn {
+        program: String,
+        user: String,
+        source: std::io::Error,
+    },
+    #[error("`podman ps` as user {0} took longer than {PODMAN_TIMEOUT:?}")]
+    Timeout(String),
+    #[error("`podman ps` as user {user} failed ({status}): {stderr}")]
+    Failed {
+        user: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("`podman ps` as user {user} printed what is not its JSON: {source}")]
+    Parse {
+        user: String,
+        source: serde_json::Error,
+    },
+}
+
+/// One user's running containers, with their published ports as far as a relay of the user
+/// listens on them.
+async fn read_user(
+    options: &RootlessOptions,
+    uid: u32,
+    seen: &Seen,
+    image_labels: &mut BTreeMap<(u32, String), Option<BTreeMap<String, String>>>,
+) -> Result<Vec<Container>, RootlessError> {
+    let user = user_of(options, uid).ok_or(RootlessError::NoSuchUser(uid))?;
+    let out = run_as(options, &user, &["ps", "--format", "json"]).await?;
+    let entries: Vec<PsEntry> =
+        parse_ps(&out).map_err(|source| RootlessError::Parse {
+            user: user.name.clone(),
+            source,
+        })?;
+    let mut containers = Vec::new();
+    for entry in entries {
+        let Some(mut container) = entry.into_container(&user.name) else {
+            continue;
+        };
+        container
+            .published
+            .retain(|p| seen.listening.contains(&(p.protocol.to_string(), p.host_port)));
+        if let Some(image) = container
+            .image
+            .clone()
+            .filter(|_| container.labels.contains_key(ALLOW_LABEL))
+        {
+            let key = (uid, image.clone());
+            if !image_labels.contains_key(&key) {
+                let labels = match run_as(options, &user, &["image", "inspect", &image]).await {
+                    Ok(text) => parse_image_labels(&text),
+                    Err(err) => {
+                        warn!(user = user.name, image, "cannot inspect image; its labels' origin is unknown: {err}");
+                        None
+                    }
+                };
+                image_labels.insert(key.clone(), labels);
+            }
+            container.allow_label_origin = image_labels
+                .get(&key)
+                .and_then(Option::as_ref)
+                .and_then(|labels| {
+                    let labels = labels.clone().into_iter().collect();
+                    label_origin(&container.labels, &labels, ALLOW_LABEL)
+                });
+        }
+        containers.push(container);
+    }
+    containers.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(containers)
+}
+
+/// The user with `uid`, from the passwd file of the root Podman runs in.
+fn user_of(options: &RootlessOptions, uid: u32) -> Option<procfs::User> {
+    match &options.root {
+        Some(root) => procfs::user_in(&std::fs::read_to_string(root.join("etc/passwd")).ok()?, uid),
+        None => procfs::user(uid),
+    }
+}
+
+/// Runs the Podman program as `user` (in the root directory, if any): its stdout.
+async fn run_as(
+    options: &RootlessOptions,
+    user: &procfs::User,
+    args: &[&str],
+) -> Result<String, RootlessError> {
+    let mut command = tokio::process::Command::new(&options.podman);
+    command
+        .args(args)
+        .env_clear()
+        .env("HOME", &user.home)
+        .env("USER", &user.name)
+        .env("LOGNAME", &user.name)
+        .env("XDG_RUNTIME_DIR", format!("/run/user/{}", user.uid))
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("PODMAN_IGNORE_CGROUPSV1_WARNING", "1")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let (uid, gid, home) = (user.uid, user.gid, user.home.clone());
+    let root = options.root.clone();
+    // SAFETY: the closure runs in the child between fork and exec, and only makes
+    // async-signal-safe system calls on data prepared before the fork.
+    unsafe {
+        let root = root.map(|r| std::ffi::CString::new(r.into_os_string().into_encoded_bytes()));
+        let home = std::ffi::CString::new(home.into_os_string().into_encoded_bytes());
+        command.pre_exec(move || drop_to(root.as_ref(), home.as_ref().ok(), uid, gid));
+    }
+    let spawn_error = |source| RootlessError::Spawn {
+        program: options.podman.display().to_string(),
+        user: user.name.clone(),
+        source,
+    };
+    let child = command.output();
+    let output = tokio::time::timeout(PODMAN_TIMEOUT, child)
+        .await
+        .map_err(|_| RootlessError::Timeout(user.name.clone()))?
+        .map_err(spawn_error)?;
+    if !output.status.success() {
+        return Err(RootlessError::Failed {
+            user: user.name.clone(),
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// In the child: into the root directory, then the user's ids, then its home.
+///
+/// The root directory is entered with `pivot_root` in a mount namespace of the child's own,
+/// not `chroot`: the kernel refuses user namespaces (which rootless Podman creates and
+/// joins) to a process whose root is not its mount namespace's root.
+fn drop_to(
+    root: Option<&Result<std::ffi::CString, std::ffi::NulError>>,
+    home: Option<&std::ffi::CString>,
+    uid: u32,
+    gid: u32,
+) -> std::io::Result<()> {
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: plain system calls on NUL-terminated strings that outlive them.
+    unsafe {
+        if let Some(root) = root {
+            let root = root
+                .as_ref()
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+            let none = std::ptr::null::<libc::c_char>();
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                root.as_ptr(),
+                root.as_ptr(),
+                none,
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+            check(libc::chdir(root.as_ptr()))?;
+            // pivot_root(".", "."): the old root ends up on top of the new one, and goes.
+            check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
+            check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+            check(libc::chdir(c"/".as_ptr()))?;
+        }
+        check(libc::setgroups(0, std::ptr::null()))?;
+        check(libc::setgid(gid))?;
+        check(libc::setuid(uid))?;
+        if let Some(home) = home {
+            let _ = libc::chdir(home.as_ptr());
+        }
+    }
+    Ok(())
+}
+
+/// One container of `podman ps --format json` (Podman 4 and 5 print the same fields).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PsEntry {
+    id: String,
+    #[serde(default)]
+    names: Vec<String>,
+    #[serde(default, rename = "ImageID")]
+    image_id: Option<String>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    ports: Option<Vec<PsPort>>,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    networks: Option<Vec<String>>,
+}
+
+/// A port mapping as `podman ps` prints it: `range` consecutive ports from each start.
+#[derive(Debug, Deserialize)]
+struct PsPort {
+    #[serde(default)]
+    host_ip: String,
+    container_port: u16,
+    host_port: u16,
+    #[serde(default = "one")]
+    range: u16,
+    protocol: String,
+}
+
+fn one() -> u16 {
+    1
+}
+
+/// `podman ps --format json`'s output (an empty output is no container).
+pub fn parse_ps(text: &str) -> Result<Vec<PsEntry>, serde_json::Error> {
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(text)
+}
+
+/// The `Labels` of `podman image inspect`'s first image.
+fn parse_image_labels(text: &str) -> Option<BTreeMap<String, String>> {
+    #[derive(Deserialize)]
+    struct Image {
+        #[serde(rename = "Labels", default)]
+        labels: Option<BTreeMap<String, String>>,
+    }
+    let images: Vec<Image> = serde_json::from_str(text).ok()?;
+    Some(images.into_iter().next()?.labels.unwrap_or_default())
+}
+
+/// The stand-in address of a container: the prefix, then the first 64 bits of its ID.
+pub fn stand_in(id: &str) -> IpAddr {
+    let low = u64::from_str_radix(id.get(..16).unwrap_or(id), 16).unwrap_or_else(|_| {
+        id.bytes()
+            .fold(0xcbf2_9ce4_8422_2325, |h: u64, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            })
+    });
+    let [a, b, c, d] = STAND_IN_PREFIX;
+    let words = [
+        (low >> 48) as u16,
+        (low >> 32) as u16,
+        (low >> 16) as u16,
+        low as u16,
+    ];
+    IpAddr::V6(Ipv6Addr::new(
+        a, b, c, d, words[0], words[1], words[2], words[3],
+    ))
+}
+
+/// Whether `address` is a rootless container's stand-in (no traffic goes there).
+pub fn is_stand_in(address: &IpAddr) -> bool {
+    match address {
+        IpAddr::V6(v6) => v6.segments()[..4] == STAND_IN_PREFIX,
+        IpAddr::V4(_) => false,
+    }
+}
+
+impl PsEntry {
+    /// The container as the gate sees it, named `USER/NAME`; none when it is not running.
+    fn into_container(self, user: &str) -> Option<Container> {
+        if self.state.as_deref().is_some_and(|s| s != "running") {
+            return None;
+        }
+        let name = self.names.first()?;
+        let mut published = Vec::new();
+        for port in self.ports.unwrap_or_default() {
+            let protocol = match port.protocol.as_str() {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                _ => continue, // sctp: the gate does not judge it
+            };
+            let host_ip = port
+                .host_ip
+                .parse()
+                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+            for i in 0..port.range.max(1) {
+                let (Some(host_port), Some(container_port)) = (
+                    port.host_port.checked_add(i),
+                    port.container_port.checked_add(i),
+                ) else {
+                    break;
+                };
+                published.push(Published {
+                    host_ip,
+                    host_port,
+                    container_port,
+                    protocol,
+                });
+            }
+        }
+        published.sort();
+        published.dedup();
+        let network_mode = self
+            .networks
+            .as_ref()
+            .and_then(|n| n.first().cloned())
+            .unwrap_or_default();
+        Some(Container {
+            engine: Engine::RootlessPodman,
+            addresses: vec![stand_in(&self.id)],
+            name: format!("{user}/{name}"),
+            id: self.id,
+            published,
+            labels: self.labels.unwrap_or_default(),
+            image: self.image_id.filter(|i| !i.is_empty()),
+            allow_label_origin: None,
+            network_mode,
+            networks: Vec::new(),
+            exposed: Vec::new(),
+            user: Some(user.to_owned()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
