@@ -36,6 +36,8 @@ macro_rules! setup {
 mod labels;
 #[path = "engines/macvlan.rs"]
 mod macvlan;
+#[path = "engines/rootless.rs"]
+mod rootless;
 
 /// The comment of the delegation rule for `bridge` (docs-contract.md).
 fn delegation_comment(bridge: &str) -> String {
