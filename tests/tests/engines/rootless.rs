@@ -336,12 +336,17 @@ fn rootless_podman_ports_are_closed_until_allowed() {
     }
     let agent = EngineAgent::start(engines, &extra);
     // Until every engine has reported, the host ports stay as the last agent left them.
-    agent.wait_engines_connected(&["docker", "podman", "podman-rootless"]);
+    agent.wait_engines_connected(&["docker", "podman"]);
+    let start = Instant::now();
+    while start.elapsed() < FOLLOW_TIMEOUT && sc.get(sc.published(port), Duration::from_millis(500)).is_ok() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sc.assert_times_out(sc.published(port), "rootless, agent, no rule (IPv4)");
+    agent.wait_engines_connected(&["podman-rootless"]);
     let entry = wait_listed(&agent, &web, &format!("{port}->80/tcp"));
     assert_eq!(entry["user"], user.name.as_str(), "{entry}");
     assert_eq!(entry["engine"], "podman-rootless", "{entry}");
     assert_eq!(entry["gated"], true, "{entry}");
-    sc.assert_times_out(sc.published(port), "rootless, agent, no rule (IPv4)");
     sc.assert_times_out(sc.published6(port), "rootless, agent, no rule (IPv6)");
     sc.assert_times_out(sc.published(hport), "rootless, agent, no rule (host-port container)");
 
