@@ -365,7 +365,7 @@ impl Agent {
                         replies.spawn(async move {
                             server::reply_with(&mut stream, move || {
                                 list.rules = views.build(|_| true);
-                                Response::Ok(Reply::List(list))
+                                Response::Ok(Reply::List(Box::new(list)))
                             })
                             .await;
                         });

@@ -288,9 +288,10 @@ impl Agent {
                             .collect(),
                         containers: u.containers,
                         followed: u.followed,
-                        error: u.error.clone().or_else(|| {
-                            (!u.followed).then(|| ROOTLESS_DOCKER_ADVICE.to_owned())
-                        }),
+                        error: u
+                            .error
+                            .clone()
+                            .or_else(|| (!u.followed).then(|| ROOTLESS_DOCKER_ADVICE.to_owned())),
                     })
                     .collect()
             })

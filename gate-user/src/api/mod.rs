@@ -90,7 +90,7 @@ pub enum Response {
 #[serde(untagged)]
 pub enum Reply {
     Changed(Changed),
-    List(RuleList),
+    List(Box<RuleList>),
     Status(Box<Status>),
     Explained(Explanation),
 }

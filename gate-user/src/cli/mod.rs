@@ -139,7 +139,7 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
     };
     let rootless = (matches!(args.runtime, RuntimeChoice::Auto | RuntimeChoice::Podman)
         && args.rootless_podman.as_os_str() != "off")
-        .then(|| RootlessOptions {
+        .then_some(RootlessOptions {
             podman: args.rootless_podman,
             root: args.rootless_podman_root,
         });

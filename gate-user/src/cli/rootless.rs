@@ -4,11 +4,7 @@
 //! Podman and its socket lookup judges those ports; `doctor` checks, port by port, that the
 //! agent knows the container behind each relayed port, and names what nothing gates.
 
-use gate_user::{
-    api::Status,
-    procfs,
-    runtime::rootless::ROOTLESS_DOCKER,
-};
+use gate_user::{api::Status, procfs, runtime::rootless::ROOTLESS_DOCKER};
 
 use super::doctor::{Finding, Level};
 
@@ -25,9 +21,10 @@ const RELAYS: [&str; 5] = [
 const ROOTLESS_DOCKER_ADVICE: &str = "run the container with rootless Podman, rootful Podman or Docker, which the agent follows, or filter the port in the host's input firewall";
 
 /// A listening socket of a rootless relay.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct RelayedPort {
     pub user: String,
+    pub uid: u32,
     pub relay: String,
     pub proto: &'static str,
     pub port: u16,
@@ -54,6 +51,7 @@ pub(super) fn relayed_ports() -> Vec<RelayedPort> {
             if let Some((proto, port)) = listening.get(&inode) {
                 ports.push(RelayedPort {
                     user: procfs::user_name(uid),
+                    uid,
                     relay: comm.clone(),
                     proto,
                     port: *port,
@@ -78,8 +76,21 @@ fn host_port_of(published: &str) -> Option<(u16, &str)> {
 /// The doctor's findings: one per relayed port, and one per user whose rootless engine the
 /// agent cannot read. `status`: the agent's, when one answers.
 pub(super) fn findings(ports: &[RelayedPort], status: Option<&Status>) -> Vec<Finding> {
-    let mut findings: Vec<Finding> = ports.iter().map(|p| port_finding(p, status)).collect();
-    for user in status.map(|s| s.rootless_users.as_slice()).unwrap_or_default() {
+    let mut findings: Vec<Finding> = ports
+        .iter()
+        .map(|p| {
+            // The agent names the user as the passwd of the root its Podman runs in does
+            // (--rootless-podman-root): go by uid.
+            let user = status
+                .and_then(|s| s.rootless_users.iter().find(|u| u.uid == p.uid))
+                .map_or_else(|| p.user.clone(), |u| u.user.clone());
+            port_finding(&RelayedPort { user, ..p.clone() }, status)
+        })
+        .collect();
+    for user in status
+        .map(|s| s.rootless_users.as_slice())
+        .unwrap_or_default()
+    {
         let Some(error) = &user.error else { continue };
         findings.push(Finding {
             check: "rootless",

@@ -747,7 +747,14 @@ mod tests {
             target("_svc-1/my_app.1"),
             Target::Container("_svc-1/my_app.1".into())
         );
-        for bad in ["alice/", "/alice/", "alice//web", "a/b/c", "alice/-web", "_web"] {
+        for bad in [
+            "alice/",
+            "/alice/",
+            "alice//web",
+            "a/b/c",
+            "alice/-web",
+            "_web",
+        ] {
             assert!(
                 matches!(bad.parse::<Target>(), Err(PolicyError::Target(_))),
                 "{bad}"

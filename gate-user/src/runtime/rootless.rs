@@ -51,6 +51,11 @@ pub const ROOTLESS_DOCKER: &str = "rootlesskit";
 const POLL: Duration = Duration::from_secs(1);
 /// A user's Podman is read again after this long even when nothing changed.
 const RESYNC_EVERY: Duration = Duration::from_secs(30);
+/// How soon a user's Podman is read again while a relay listens on a port that no known
+/// container publishes.
+const UNACCOUNTED_EVERY: Duration = Duration::from_secs(1);
+/// How soon a user's Podman is read again after a failed read.
+const RETRY_EVERY: Duration = Duration::from_secs(5);
 /// How long one `podman ps` may take.
 const PODMAN_TIMEOUT: Duration = Duration::from_secs(20);
 /// The stand-in addresses' prefix: fd70:6f72:7467:6174::/64 ("portgate" in ASCII).
@@ -155,7 +160,17 @@ pub async fn watch(options: RootlessOptions, events: mpsc::Sender<RuntimeEvent>)
                 containers: Vec::new(),
                 error: None,
             });
-            let due = state.read_at.is_none_or(|at| at.elapsed() >= RESYNC_EVERY);
+            // A relay listening on a port no known container publishes: the container is
+            // still starting (pasta listens before Podman calls it running), so the port is
+            // not gated yet; read again soon rather than at the next resync.
+            let every = if state.unaccounted(&seen) {
+                UNACCOUNTED_EVERY
+            } else if state.error.is_some() {
+                RETRY_EVERY
+            } else {
+                RESYNC_EVERY
+            };
+            let due = state.read_at.is_none_or(|at| at.elapsed() >= every);
             let podman = seen.helpers.iter().any(|(_, c)| c != ROOTLESS_DOCKER);
             if state.seen == seen && !due {
                 continue;
@@ -175,7 +190,10 @@ pub async fn watch(options: RootlessOptions, events: mpsc::Sender<RuntimeEvent>)
                 Err(err) => {
                     let error = format!("{err:#}");
                     if state.error.as_ref() != Some(&error) {
-                        warn!(uid, "cannot read the rootless Podman of user {uid}; keeping its last containers: {error}");
+                        warn!(
+                            uid,
+                            "cannot read the rootless Podman of user {uid}; keeping its last containers: {error}"
+                        );
                         changed = true;
                     }
                     state.error = Some(error);
@@ -203,6 +221,20 @@ pub async fn watch(options: RootlessOptions, events: mpsc::Sender<RuntimeEvent>)
             first = false;
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+impl Followed {
+    /// Whether a relay of the user listens on a port that none of its known containers
+    /// publishes.
+    fn unaccounted(&self, seen: &Seen) -> bool {
+        seen.listening.iter().any(|(proto, port)| {
+            !self.containers.iter().any(|c| {
+                c.published
+                    .iter()
+                    .any(|p| p.host_port == *port && p.protocol.to_string() == *proto)
+            })
+        })
     }
 }
 
@@ -272,19 +304,19 @@ async fn read_user(
 ) -> Result<Vec<Container>, RootlessError> {
     let user = user_of(options, uid).ok_or(RootlessError::NoSuchUser(uid))?;
     let out = run_as(options, &user, &["ps", "--format", "json"]).await?;
-    let entries: Vec<PsEntry> =
-        parse_ps(&out).map_err(|source| RootlessError::Parse {
-            user: user.name.clone(),
-            source,
-        })?;
+    let entries: Vec<PsEntry> = parse_ps(&out).map_err(|source| RootlessError::Parse {
+        user: user.name.clone(),
+        source,
+    })?;
     let mut containers = Vec::new();
     for entry in entries {
         let Some(mut container) = entry.into_container(&user.name) else {
             continue;
         };
-        container
-            .published
-            .retain(|p| seen.listening.contains(&(p.protocol.to_string(), p.host_port)));
+        container.published.retain(|p| {
+            seen.listening
+                .contains(&(p.protocol.to_string(), p.host_port))
+        });
         if let Some(image) = container
             .image
             .clone()
@@ -295,7 +327,10 @@ async fn read_user(
                 let labels = match run_as(options, &user, &["image", "inspect", &image]).await {
                     Ok(text) => parse_image_labels(&text),
                     Err(err) => {
-                        warn!(user = user.name, image, "cannot inspect image; its labels' origin is unknown: {err}");
+                        warn!(
+                            user = user.name,
+                            image, "cannot inspect image; its labels' origin is unknown: {err}"
+                        );
                         None
                     }
                 };
@@ -337,7 +372,10 @@ async fn run_as(
         .env("USER", &user.name)
         .env("LOGNAME", &user.name)
         .env("XDG_RUNTIME_DIR", format!("/run/user/{}", user.uid))
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .env("PODMAN_IGNORE_CGROUPSV1_WARNING", "1")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
@@ -412,7 +450,9 @@ fn drop_to(
             ))?;
             check(libc::chdir(root.as_ptr()))?;
             // pivot_root(".", "."): the old root ends up on top of the new one, and goes.
-            check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
+            check(
+                libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
+            )?;
             check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
             check(libc::chdir(c"/".as_ptr()))?;
         }
@@ -483,10 +523,9 @@ fn parse_image_labels(text: &str) -> Option<BTreeMap<String, String>> {
 /// The stand-in address of a container: the prefix, then the first 64 bits of its ID.
 pub fn stand_in(id: &str) -> IpAddr {
     let low = u64::from_str_radix(id.get(..16).unwrap_or(id), 16).unwrap_or_else(|_| {
-        id.bytes()
-            .fold(0xcbf2_9ce4_8422_2325, |h: u64, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-            })
+        id.bytes().fold(0xcbf2_9ce4_8422_2325, |h: u64, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        })
     });
     let [a, b, c, d] = STAND_IN_PREFIX;
     let words = [

@@ -40,13 +40,21 @@ impl RootlessUser {
             Some(r) => r.join(p.trim_start_matches('/')),
             None => PathBuf::from(p),
         };
-        let podman_net = if root.is_some() { "/usr/bin/pasta" } else { "/usr/bin/slirp4netns" };
+        let podman_net = if root.is_some() {
+            "/usr/bin/pasta"
+        } else {
+            "/usr/bin/slirp4netns"
+        };
         for needed in ["/usr/bin/newuidmap", "/usr/bin/newgidmap", podman_net] {
             if !within(needed).is_file() {
                 portgate_tests::skip(format!(
                     "rootless Podman needs {} (apt-get install uidmap slirp4netns passt{}; `cargo xtask setup` does)",
                     within(needed).display(),
-                    if root.is_some() { " in the sid root" } else { "" }
+                    if root.is_some() {
+                        " in the sid root"
+                    } else {
+                        ""
+                    }
                 ));
                 return None;
             }
@@ -79,7 +87,10 @@ impl RootlessUser {
         for file in ["/etc/subuid", "/etc/subgid"] {
             let path = within(file);
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if !text.lines().any(|l| l.starts_with(&format!("{}:", user.name))) {
+            if !text
+                .lines()
+                .any(|l| l.starts_with(&format!("{}:", user.name)))
+            {
                 let start = 2_000_000 + (std::process::id() % 1000) * 65536;
                 let mut f = std::fs::OpenOptions::new()
                     .append(true)
@@ -91,7 +102,11 @@ impl RootlessUser {
         }
         let runtime_dir = within(&format!("/run/user/{uid}"));
         std::fs::create_dir_all(&runtime_dir).expect("XDG_RUNTIME_DIR");
-        portgate_tests::run_ok(Command::new("chown").arg(format!("{uid}:{uid}")).arg(&runtime_dir));
+        portgate_tests::run_ok(
+            Command::new("chown")
+                .arg(format!("{uid}:{uid}"))
+                .arg(&runtime_dir),
+        );
         portgate_tests::run_ok(Command::new("chmod").arg("700").arg(&runtime_dir));
         // Debian ships /dev/net/tun 0666; this machine has it 0600 (slirp4netns and pasta
         // open it as the user).
@@ -152,7 +167,7 @@ impl RootlessUser {
     }
 
     /// `podman run -d --name NAME -p PORT:80 ... IMAGE httpd` serving [`body_of`]`(label)`.
-    fn run_httpd(&self, name: &str, body: &str, port: u16, options: &[&str]) {
+    fn run_httpd(&self, name: &str, body: &str, port: u16, options: &[&str]) -> String {
         let publish = format!("{port}:80");
         let script = httpd_script(body, &[80], 0);
         let mut args = vec!["run", "-d", "--name", name];
@@ -160,8 +175,9 @@ impl RootlessUser {
         args.extend_from_slice(&["-p", &publish]);
         args.extend_from_slice(options);
         args.extend_from_slice(&[IMAGE, "/bin/sh", "-c", &script]);
-        self.podman_ok(&args);
+        let id = self.podman_ok(&args);
         wait_host_serving(port, &body_of(body));
+        id.lines().last().unwrap_or_default().to_owned()
     }
 }
 
@@ -179,7 +195,12 @@ fn remove_user(name: &str, uid: u32, root: Option<&Path>) {
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
             .filter(|e| {
                 std::fs::read_to_string(e.path().join("status")).is_ok_and(|s| {
                     s.lines()
@@ -267,8 +288,10 @@ fn wait_host_serving(port: u16, body: &str) {
 /// `GET /metrics` of the agent.
 fn metrics(port: u16) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("request");
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
     text
@@ -284,7 +307,11 @@ fn rootless_entry(json: &Value, container: &str) -> Option<Value> {
 }
 
 /// Waits until the agent lists `container` with `published` as a gated rootless port.
-fn wait_listed(agent: &portgate_tests::agent::Agent<'_>, container: &str, published: &str) -> Value {
+fn wait_listed(
+    agent: &portgate_tests::agent::Agent<'_>,
+    container: &str,
+    published: &str,
+) -> Value {
     let deadline = Instant::now() + FOLLOW_TIMEOUT;
     loop {
         let status = agent.status_json();
@@ -325,20 +352,40 @@ fn rootless_podman_ports_are_closed_until_allowed() {
     user.run_httpd("lab", "lab", lport, &["--label", "portgate.allow=80/tcp"]);
     user.run_httpd("hp", "hp", hport, &[]);
     // The control: without the agent, the relay's socket answers everyone, both families.
-    sc.assert_answers(sc.published(port), &body_of("web"), "rootless, no agent (IPv4)");
-    sc.assert_answers(sc.published6(port), &body_of("web"), "rootless, no agent (IPv6)");
+    sc.assert_answers(
+        sc.published(port),
+        &body_of("web"),
+        "rootless, no agent (IPv4)",
+    );
+    sc.assert_answers(
+        sc.published6(port),
+        &body_of("web"),
+        "rootless, no agent (IPv6)",
+    );
 
     let metrics_addr = format!("127.0.0.1:{mport}");
     let mut extra = vec!["--metrics-addr", &metrics_addr];
-    let root_text = engines.root.as_ref().map(|r| r.to_string_lossy().into_owned());
+    let root_text = engines
+        .root
+        .as_ref()
+        .map(|r| r.to_string_lossy().into_owned());
     if let Some(root) = &root_text {
-        extra.extend_from_slice(&["--rootless-podman-root", root, "--rootless-podman", "/usr/bin/podman"]);
+        extra.extend_from_slice(&[
+            "--rootless-podman-root",
+            root,
+            "--rootless-podman",
+            "/usr/bin/podman",
+        ]);
     }
     let agent = EngineAgent::start(engines, &extra);
     // Until every engine has reported, the host ports stay as the last agent left them.
     agent.wait_engines_connected(&["docker", "podman"]);
     let start = Instant::now();
-    while start.elapsed() < FOLLOW_TIMEOUT && sc.get(sc.published(port), Duration::from_millis(500)).is_ok() {
+    while start.elapsed() < FOLLOW_TIMEOUT
+        && sc
+            .get(sc.published(port), Duration::from_millis(500))
+            .is_ok()
+    {
         std::thread::sleep(Duration::from_millis(200));
     }
     sc.assert_times_out(sc.published(port), "rootless, agent, no rule (IPv4)");
@@ -348,26 +395,57 @@ fn rootless_podman_ports_are_closed_until_allowed() {
     assert_eq!(entry["engine"], "podman-rootless", "{entry}");
     assert_eq!(entry["gated"], true, "{entry}");
     sc.assert_times_out(sc.published6(port), "rootless, agent, no rule (IPv6)");
-    sc.assert_times_out(sc.published(hport), "rootless, agent, no rule (host-port container)");
+    sc.assert_times_out(
+        sc.published(hport),
+        "rootless, agent, no rule (host-port container)",
+    );
 
     // Its own label opens it.
-    sc.assert_answers_within(sc.published(lport), &body_of("lab"), FOLLOW_TIMEOUT, "rootless, label");
-    sc.assert_answers(sc.published6(lport), &body_of("lab"), "rootless, label (IPv6)");
+    sc.assert_answers_within(
+        sc.published(lport),
+        &body_of("lab"),
+        FOLLOW_TIMEOUT,
+        "rootless, label",
+    );
+    sc.assert_answers(
+        sc.published6(lport),
+        &body_of("lab"),
+        "rootless, label (IPv6)",
+    );
 
     // By name, with its user.
     agent.allow(&web, "80/tcp");
-    sc.assert_answers(sc.published(port), &body_of("web"), "rootless, allowed by name (IPv4)");
-    sc.assert_answers(sc.published6(port), &body_of("web"), "rootless, allowed by name (IPv6)");
+    sc.assert_answers(
+        sc.published(port),
+        &body_of("web"),
+        "rootless, allowed by name (IPv4)",
+    );
+    sc.assert_answers(
+        sc.published6(port),
+        &body_of("web"),
+        "rootless, allowed by name (IPv6)",
+    );
     let list = agent.list_json();
     let rules = container_rules(&list, &web);
     assert_eq!(rules.len(), 1, "{list}");
     assert_eq!(rules[0]["gated"], true, "{list}");
-    assert_eq!(host_ports(&rules), BTreeSet::from([u64::from(port)]), "{list}");
-    assert!(rootless_entry(&list, &web).is_some(), "list names the rootless container: {list}");
+    assert_eq!(
+        host_ports(&rules),
+        BTreeSet::from([u64::from(port)]),
+        "{list}"
+    );
+    assert!(
+        rootless_entry(&list, &web).is_some(),
+        "list names the rootless container: {list}"
+    );
 
     // By host port.
     agent.cli_ok(&["allow", "--host-port", &hport.to_string()]);
-    sc.assert_answers(sc.published(hport), &body_of("hp"), "rootless, allowed by --host-port");
+    sc.assert_answers(
+        sc.published(hport),
+        &body_of("hp"),
+        "rootless, allowed by --host-port",
+    );
 
     // The metrics name the user's ports.
     let text = metrics(mport);
@@ -380,31 +458,64 @@ fn rootless_podman_ports_are_closed_until_allowed() {
     // The rule follows the container across a restart and a re-create.
     user.podman_ok(&["restart", "-t", "0", "web"]);
     wait_host_serving(port, &body_of("web"));
-    sc.assert_answers_within(sc.published(port), &body_of("web"), FOLLOW_TIMEOUT, "rootless, after podman restart");
+    sc.assert_answers_within(
+        sc.published(port),
+        &body_of("web"),
+        FOLLOW_TIMEOUT,
+        "rootless, after podman restart",
+    );
     user.podman_ok(&["rm", "-f", "-t", "0", "web"]);
-    user.run_httpd("web", "web", port, &[]);
-    sc.assert_answers_within(sc.published(port), &body_of("web"), FOLLOW_TIMEOUT, "rootless, re-created");
-    sc.assert_answers(sc.published6(port), &body_of("web"), "rootless, re-created (IPv6)");
+    let id = user.run_httpd("web", "web", port, &[]);
+    // Until the agent has read the new container, its port is not in the host-port map
+    // (the relay listens before Podman calls the container running).
+    let entry = wait_listed(&agent, &web, &format!("{port}->80/tcp"));
+    let deadline = Instant::now() + FOLLOW_TIMEOUT;
+    let mut entry = entry;
+    while entry["id"] != id.as_str() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent lists {entry}, not the re-created {id}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        entry = wait_listed(&agent, &web, &format!("{port}->80/tcp"));
+    }
+    sc.assert_answers_within(
+        sc.published(port),
+        &body_of("web"),
+        FOLLOW_TIMEOUT,
+        "rootless, re-created",
+    );
+    sc.assert_answers(
+        sc.published6(port),
+        &body_of("web"),
+        "rootless, re-created (IPv6)",
+    );
 
     // deny closes it again; the other containers keep their rules.
     agent.deny(&web, "80/tcp");
     sc.assert_times_out(sc.published(port), "rootless, denied (IPv4)");
     sc.assert_times_out(sc.published6(port), "rootless, denied (IPv6)");
-    sc.assert_answers(sc.published(hport), &body_of("hp"), "rootless, --host-port after the deny");
+    sc.assert_answers(
+        sc.published(hport),
+        &body_of("hp"),
+        "rootless, --host-port after the deny",
+    );
 
     // doctor names the user's ports as gated, and nothing of the user's as unprotected.
     let doctor = agent.cli(&["doctor"]);
     let doctor = String::from_utf8_lossy(&doctor.stdout).into_owned();
     assert!(
         doctor.contains(&format!("{}:{port}/tcp", user.name))
-            && !doctor.lines().any(|l| l.starts_with("UNPROTECTED") && l.contains(&user.name)),
+            && !doctor
+                .lines()
+                .any(|l| l.starts_with("UNPROTECTED") && l.contains(&user.name)),
         "doctor:\n{doctor}"
     );
     let status = agent.status_json();
     assert!(
-        status["rootless_users"]
-            .as_array()
-            .is_some_and(|u| u.iter().any(|u| u["user"] == user.name.as_str() && u["error"].is_null())),
+        status["rootless_users"].as_array().is_some_and(|u| u
+            .iter()
+            .any(|u| u["user"] == user.name.as_str() && u["error"].is_null())),
         "{status}"
     );
 }

@@ -174,7 +174,10 @@ fn stand_ins_are_stable_distinct_and_in_their_prefix() {
         a,
         stand_in("77e5b7dfff342d86dc0ccfbb5870775afd04d790d7de4d74d95d57b3167c393e")
     );
-    assert_ne!(a, stand_in("19b86e470c8dd7294a18214cafa6ddbe55fbd704534f2f76992cec9f695af37d"));
+    assert_ne!(
+        a,
+        stand_in("19b86e470c8dd7294a18214cafa6ddbe55fbd704534f2f76992cec9f695af37d")
+    );
     assert!(is_stand_in(&stand_in("not-hex")));
     assert!(!is_stand_in(&"172.17.0.2".parse().expect("address")));
     assert!(!is_stand_in(&"fd00::1".parse().expect("address")));
@@ -186,9 +189,14 @@ fn no_container_and_stopped_ones_are_nothing() {
     assert!(parse_ps("[]").expect("none").is_empty());
     let stopped = PS_PODMAN_4_3.replace(r#""State": "running""#, r#""State": "exited""#);
     let entries = parse_ps(&stopped).expect("JSON");
-    assert!(entries.into_iter().all(|e| e.into_container("alice").is_none()));
+    assert!(
+        entries
+            .into_iter()
+            .all(|e| e.into_container("alice").is_none())
+    );
     // Podman prints null where a container has no ports or labels.
-    let bare = r#"[{"Id": "abc", "Names": ["x"], "Ports": null, "Labels": null, "State": "running"}]"#;
+    let bare =
+        r#"[{"Id": "abc", "Names": ["x"], "Ports": null, "Labels": null, "State": "running"}]"#;
     let c = parse_ps(bare)
         .expect("JSON")
         .into_iter()
