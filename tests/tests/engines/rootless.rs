@@ -364,7 +364,8 @@ fn rootless_podman_ports_are_closed_until_allowed() {
     );
 
     let metrics_addr = format!("127.0.0.1:{mport}");
-    let mut extra = vec!["--metrics-addr", &metrics_addr];
+    // The early drop on the client's link: it reads the same host-port map.
+    let mut extra = vec!["--metrics-addr", &metrics_addr, "--uplink", &sc.host_if];
     let root_text = engines
         .root
         .as_ref()
@@ -395,6 +396,12 @@ fn rootless_podman_ports_are_closed_until_allowed() {
     assert_eq!(entry["engine"], "podman-rootless", "{entry}");
     assert_eq!(entry["gated"], true, "{entry}");
     sc.assert_times_out(sc.published6(port), "rootless, agent, no rule (IPv6)");
+    let status = agent.status_json();
+    assert!(
+        status["counters"]["event"]["dropped_before_conntrack"].as_u64() > Some(0),
+        "the uplink refuses the rootless port before conntrack: {}",
+        status["counters"]
+    );
     sc.assert_times_out(
         sc.published(hport),
         "rootless, agent, no rule (host-port container)",
@@ -412,6 +419,14 @@ fn rootless_podman_ports_are_closed_until_allowed() {
         &body_of("lab"),
         "rootless, label (IPv6)",
     );
+
+    // Sources apply: a rule for other sources leaves it closed to this client.
+    agent.cli_ok(&["allow", &web, "80/tcp", "--from", "192.0.2.0/24"]);
+    sc.assert_times_out(
+        sc.published(port),
+        "rootless, allowed for other sources only",
+    );
+    agent.deny(&web, "80/tcp");
 
     // By name, with its user.
     agent.allow(&web, "80/tcp");
@@ -445,6 +460,16 @@ fn rootless_podman_ports_are_closed_until_allowed() {
         sc.published(hport),
         &body_of("hp"),
         "rootless, allowed by --host-port",
+    );
+    // The block list applies.
+    let client = format!("{}/32", sc.client_addr);
+    agent.cli_ok(&["block", &client]);
+    sc.assert_times_out(sc.published(hport), "rootless, client blocked");
+    agent.cli_ok(&["unblock", &client]);
+    sc.assert_answers(
+        sc.published(hport),
+        &body_of("hp"),
+        "rootless, client unblocked",
     );
 
     // The metrics name the user's ports.
