@@ -3,7 +3,9 @@
 //! -p 127.0.0.1:PORT+3:83/udp --label portgate.allow=80/tcp local/busybox:latest httpd ...`
 //! as an ordinary user.
 
+use super::ps::*;
 use super::*;
+use crate::policy::{Protocol, Published};
 
 const PS_PODMAN_4_3: &str = r#"[
   {
