@@ -10,6 +10,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use portgate_tests::agent::Agent;
 use portgate_tests::engines::{PODMAN_ULIMITS, httpd_script, run_timeout};
 use serde_json::Value;
 
@@ -332,6 +333,14 @@ fn wait_listed(
     }
 }
 
+/// The host ports of the test's three containers, and the agent's metrics port.
+struct Ports {
+    web: u16,
+    lab: u16,
+    hp: u16,
+    metrics: u16,
+}
+
 #[test]
 fn rootless_podman_ports_are_closed_until_allowed() {
     let (_serial, engines) = setup!();
@@ -346,8 +355,13 @@ fn rootless_podman_ports_are_closed_until_allowed() {
     let _ = std::fs::remove_file(user.within(&tar));
 
     let sc = Scenario::new();
-    let (port, lport, hport, mport) = (free_port(), free_port(), free_port(), free_port());
-    let web = format!("{}/web", user.name);
+    let ports = Ports {
+        web: free_port(),
+        lab: free_port(),
+        hp: free_port(),
+        metrics: free_port(),
+    };
+    let (port, lport, hport, mport) = (ports.web, ports.lab, ports.hp, ports.metrics);
     user.run_httpd("web", "web", port, &[]);
     user.run_httpd("lab", "lab", lport, &["--label", "portgate.allow=80/tcp"]);
     user.run_httpd("hp", "hp", hport, &[]);
@@ -379,6 +393,16 @@ fn rootless_podman_ports_are_closed_until_allowed() {
         ]);
     }
     let agent = EngineAgent::start(engines, &extra);
+    closed_without_rule(&sc, &user, &agent, &ports);
+    opened_by_rules(&sc, &user, &agent, &ports);
+    follows_the_container(&sc, &user, &agent, &ports);
+    reported(&user, &agent, &ports);
+}
+
+/// With the agent and no rule: closed over IPv4 and IPv6, refused already on the uplink.
+fn closed_without_rule(sc: &Scenario, user: &RootlessUser, agent: &Agent<'_>, ports: &Ports) {
+    let (port, hport) = (ports.web, ports.hp);
+    let web = format!("{}/web", user.name);
     // Until every engine has reported, the host ports stay as the last agent left them.
     agent.wait_engines_connected(&["docker", "podman"]);
     let start = Instant::now();
@@ -391,7 +415,7 @@ fn rootless_podman_ports_are_closed_until_allowed() {
     }
     sc.assert_times_out(sc.published(port), "rootless, agent, no rule (IPv4)");
     agent.wait_engines_connected(&["podman-rootless"]);
-    let entry = wait_listed(&agent, &web, &format!("{port}->80/tcp"));
+    let entry = wait_listed(agent, &web, &format!("{port}->80/tcp"));
     assert_eq!(entry["user"], user.name.as_str(), "{entry}");
     assert_eq!(entry["engine"], "podman-rootless", "{entry}");
     assert_eq!(entry["gated"], true, "{entry}");
@@ -406,7 +430,12 @@ fn rootless_podman_ports_are_closed_until_allowed() {
         sc.published(hport),
         "rootless, agent, no rule (host-port container)",
     );
+}
 
+/// Its own label, its name with its user, --host-port; sources and the block list apply.
+fn opened_by_rules(sc: &Scenario, user: &RootlessUser, agent: &Agent<'_>, ports: &Ports) {
+    let (port, lport, hport, mport) = (ports.web, ports.lab, ports.hp, ports.metrics);
+    let web = format!("{}/web", user.name);
     // Its own label opens it.
     sc.assert_answers_within(
         sc.published(lport),
@@ -479,8 +508,12 @@ fn rootless_podman_ports_are_closed_until_allowed() {
         user.name
     );
     assert!(text.contains(&line), "metrics lack {line}:\n{text}");
+}
 
-    // The rule follows the container across a restart and a re-create.
+/// The rule follows the container across `podman restart` and a re-create; deny closes it.
+fn follows_the_container(sc: &Scenario, user: &RootlessUser, agent: &Agent<'_>, ports: &Ports) {
+    let (port, hport) = (ports.web, ports.hp);
+    let web = format!("{}/web", user.name);
     user.podman_ok(&["restart", "-t", "0", "web"]);
     wait_host_serving(port, &body_of("web"));
     sc.assert_answers_within(
@@ -493,7 +526,7 @@ fn rootless_podman_ports_are_closed_until_allowed() {
     let id = user.run_httpd("web", "web", port, &[]);
     // Until the agent has read the new container, its port is not in the host-port map
     // (the relay listens before Podman calls the container running).
-    let entry = wait_listed(&agent, &web, &format!("{port}->80/tcp"));
+    let entry = wait_listed(agent, &web, &format!("{port}->80/tcp"));
     let deadline = Instant::now() + FOLLOW_TIMEOUT;
     let mut entry = entry;
     while entry["id"] != id.as_str() {
@@ -502,7 +535,7 @@ fn rootless_podman_ports_are_closed_until_allowed() {
             "the agent lists {entry}, not the re-created {id}"
         );
         std::thread::sleep(Duration::from_millis(250));
-        entry = wait_listed(&agent, &web, &format!("{port}->80/tcp"));
+        entry = wait_listed(agent, &web, &format!("{port}->80/tcp"));
     }
     sc.assert_answers_within(
         sc.published(port),
@@ -525,7 +558,11 @@ fn rootless_podman_ports_are_closed_until_allowed() {
         &body_of("hp"),
         "rootless, --host-port after the deny",
     );
+}
 
+/// doctor and status name the user's ports as gated.
+fn reported(user: &RootlessUser, agent: &Agent<'_>, ports: &Ports) {
+    let port = ports.web;
     // doctor names the user's ports as gated, and nothing of the user's as unprotected.
     let doctor = agent.cli(&["doctor"]);
     let doctor = String::from_utf8_lossy(&doctor.stdout).into_owned();
