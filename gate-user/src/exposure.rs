@@ -400,7 +400,11 @@ mod tests {
         assert_eq!(listed[0].user, "alice");
         assert_eq!(listed[0].published, ["8080->80/tcp"]);
         assert!(listed[0].gated);
-        assert!(listed[0].stand_in_address.starts_with("fd70:6f72:7467:6174:"));
+        assert!(
+            listed[0]
+                .stand_in_address
+                .starts_with("fd70:6f72:7467:6174:")
+        );
 
         let mut rules = RuleSet::default();
         rules
