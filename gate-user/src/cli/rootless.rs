@@ -144,6 +144,15 @@ fn port_finding(p: &RelayedPort, status: Option<&Status>) -> Finding {
             "start the agent (`--runtime auto` follows rootless Podman), or filter the port in the host's input firewall".to_owned(),
         );
     };
+    if !status.engines.iter().any(|e| e.engine == "podman-rootless") {
+        return unprotected(
+            format!(
+                "a rootless Podman of user {} publishes {}/{} through {}, a listening socket of the host, and the agent does not follow rootless Podman",
+                p.user, p.port, p.proto, p.relay
+            ),
+            "run the agent with `--runtime auto` or `--runtime podman`, without `--rootless-podman off`".to_owned(),
+        );
+    }
     let container = status.rootless.iter().find(|c| {
         c.user == p.user
             && c.published
