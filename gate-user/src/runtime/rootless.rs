@@ -129,6 +129,8 @@ struct Followed {
     read_at: Option<Instant>,
     containers: Vec<Container>,
     error: Option<String>,
+    /// Reads in a row that left a relay's port unaccounted for.
+    unaccounted_reads: u32,
 }
 
 /// Follows every user's rootless Podman forever, sending a snapshot of all of them after
@@ -154,12 +156,19 @@ pub async fn watch(options: RootlessOptions, events: mpsc::Sender<RuntimeEvent>)
                 read_at: None,
                 containers: Vec::new(),
                 error: None,
+                unaccounted_reads: 0,
             });
             // A relay listening on a port no known container publishes: the container is
             // still starting (pasta listens before Podman calls it running), so the port is
             // not gated yet; read again soon rather than at the next resync.
-            let every = if state.unaccounted(&seen) {
-                UNACCOUNTED_EVERY
+            let unaccounted = state.unaccounted(&seen);
+            if !unaccounted || state.seen != seen {
+                state.unaccounted_reads = 0;
+            }
+            let every = if unaccounted {
+                // Backing off: a port that stays unaccounted (another Podman of the same
+                // user, say) must not cost a `podman ps` every second.
+                (UNACCOUNTED_EVERY * 2u32.pow(state.unaccounted_reads.min(5))).min(RESYNC_EVERY)
             } else if state.error.is_some() {
                 RETRY_EVERY
             } else {
@@ -173,6 +182,7 @@ pub async fn watch(options: RootlessOptions, events: mpsc::Sender<RuntimeEvent>)
             changed |= state.seen != seen;
             state.seen = seen;
             state.read_at = Some(Instant::now());
+            state.unaccounted_reads += u32::from(unaccounted);
             if !podman && docker {
                 continue; // rootless Docker only: reported, not followed
             }
