@@ -286,6 +286,20 @@ pub fn format_status(status: &Status) -> String {
             .map(|b| format!(" on {b}"))
             .unwrap_or_default();
         let firewall = engine.firewall.as_deref().unwrap_or("unknown");
+        if engine.engine == "podman-rootless" {
+            // Each user's own Podman, read with `podman ps` as that user.
+            let _ = writeln!(
+                out,
+                "engine:   {} ({} as each user, {} users) {state}{error}, {} containers, {} syncs, {} events",
+                engine.engine,
+                engine.socket,
+                status.rootless_users.len(),
+                engine.containers,
+                engine.syncs,
+                engine.events
+            );
+            continue;
+        }
         let _ = writeln!(
             out,
             "engine:   {} {version}{backend} (firewall {firewall}) {state}{error}, {} containers, {} syncs, {} events, {}",
