@@ -480,7 +480,16 @@ impl Agent {
             .values()
             .filter_map(|s| s.snapshot.as_ref())
             .flat_map(|s| &s.containers)
-            .find(|c| c.addresses.contains(&destination));
+            .find(|c| {
+                c.addresses.contains(&destination)
+                    // A rootless container's port is a socket of the host: by host port.
+                    || (c.is_rootless()
+                        && c.published.iter().any(|p| {
+                            p.host_port == drop.dst_port
+                                && p.protocol.to_string() == protocol_name(drop.proto)
+                                && (p.host_ip.is_unspecified() || p.host_ip == destination)
+                        }))
+            });
         let event = WatchEvent {
             time: humantime::format_rfc3339_millis(wall_clock(drop.timestamp_ns)).to_string(),
             bridge: self.bridge_name(drop.ifindex),

@@ -286,6 +286,39 @@ fn wait_host_serving(port: u16, body: &str) {
     panic!("the rootless container on port {port} does not serve {body:?} on loopback: {last}");
 }
 
+/// What `portgate watch --json` reports while `during` runs (and a moment after).
+fn watch_events(agent: &Agent<'_>, during: impl FnOnce()) -> Vec<Value> {
+    let mut child = Command::new(portgate_tests::agent::portgate_bin())
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["watch", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start portgate watch");
+    let stdout = child.stdout.take().expect("watch stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(event) = serde_json::from_str::<Value>(&line)
+                && tx.send(event).is_err()
+            {
+                return;
+            }
+        }
+    });
+    // The agent subscribes the client when it reads the request.
+    std::thread::sleep(Duration::from_millis(300));
+    during();
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = child.kill();
+    let _ = child.wait();
+    rx.try_iter().collect()
+}
+
 /// `GET /metrics` of the agent.
 fn metrics(port: u16) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics");
@@ -551,7 +584,16 @@ fn follows_the_container(sc: &Scenario, user: &RootlessUser, agent: &Agent<'_>, 
 
     // deny closes it again; the other containers keep their rules.
     agent.deny(&web, "80/tcp");
-    sc.assert_times_out(sc.published(port), "rootless, denied (IPv4)");
+    // `watch` names the rootless container a refused attempt was for.
+    let events = watch_events(agent, || {
+        sc.assert_times_out(sc.published(port), "rootless, denied (IPv4)");
+    });
+    assert!(
+        events
+            .iter()
+            .any(|e| e["container"] == web.as_str() && e["destination_port"] == port),
+        "watch names {web} for the refused attempt on {port}: {events:?}"
+    );
     sc.assert_times_out(sc.published6(port), "rootless, denied (IPv6)");
     sc.assert_answers(
         sc.published(hport),
