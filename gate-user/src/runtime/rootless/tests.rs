@@ -220,3 +220,23 @@ fn image_labels_come_from_image_inspect() {
     );
     assert_eq!(parse_image_labels("not json"), None);
 }
+
+#[test]
+fn a_relay_port_no_container_publishes_is_unaccounted() {
+    let followed = Followed {
+        seen: Seen::default(),
+        read_at: None,
+        containers: vec![container_of(PS_PODMAN_4_3)],
+        error: None,
+        unaccounted_reads: 0,
+    };
+    let seen = |ports: &[(&str, u16)]| Seen {
+        helpers: BTreeSet::new(),
+        listening: ports.iter().map(|(p, n)| ((*p).to_owned(), *n)).collect(),
+    };
+    assert!(!followed.unaccounted(&seen(&[])));
+    assert!(!followed.unaccounted(&seen(&[("tcp", 18080), ("udp", 18083)])));
+    // A container still starting (pasta already listens), or another Podman's.
+    assert!(followed.unaccounted(&seen(&[("tcp", 18080), ("tcp", 18099)])));
+    assert!(followed.unaccounted(&seen(&[("udp", 18080)])));
+}
