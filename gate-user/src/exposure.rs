@@ -7,9 +7,9 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use crate::{
-    api::{PublishedPorts, UngatedContainer},
+    api::{PublishedPorts, RootlessContainer, UngatedContainer},
     policy::{Published, ResolvedRule},
-    runtime::{Attachment, Container},
+    runtime::{Attachment, Container, rootless::is_stand_in},
 };
 
 /// Whether traffic to a container's addresses on this network crosses a gated bridge (or
@@ -112,11 +112,13 @@ pub fn published_ports(
 ) -> PublishedPorts {
     let mut ports = PublishedPorts::default();
     for container in containers {
+        // A rootless container's ports are host sockets: the socket lookup judges them.
         let gated = !container.is_host_network()
-            && container
-                .networks
-                .iter()
-                .any(|a| is_gated(a, gated_bridges));
+            && (container.is_rootless()
+                || container
+                    .networks
+                    .iter()
+                    .any(|a| is_gated(a, gated_bridges)));
         let count = container.published.len();
         if gated {
             ports.gated += count;
@@ -146,6 +148,9 @@ pub fn rule_gated(
         .addresses
         .iter()
         .map(|address| {
+            if is_stand_in(address) {
+                return Some(true); // a rootless container's: judged at the host's socket
+            }
             containers
                 .iter()
                 .flat_map(|c| &c.networks)
@@ -160,6 +165,31 @@ pub fn rule_gated(
     } else {
         None
     }
+}
+
+/// The rootless engines' containers, with their published ports: gated (but on the host
+/// network), since the agent's socket lookup judges every listening socket of the host whose
+/// port it lists.
+pub fn rootless(containers: &[Container]) -> Vec<RootlessContainer> {
+    containers
+        .iter()
+        .filter(|c| c.is_rootless())
+        .map(|c| RootlessContainer {
+            container: c.name.clone(),
+            user: c.user.clone().unwrap_or_default(),
+            engine: c.engine.to_string(),
+            id: c.id.clone(),
+            published: c.published.iter().map(published_text).collect(),
+            // On the host network its programs listen themselves, as the user: no relay,
+            // nothing the agent knows as published (`ungated` names it).
+            gated: !c.is_host_network(),
+            stand_in_address: c
+                .addresses
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -193,6 +223,7 @@ mod tests {
     ) -> Container {
         Container {
             engine: Engine::Docker,
+            user: None,
             id: format!("{name:0>64}"),
             name: name.to_owned(),
             addresses: networks.iter().flat_map(|n| n.addresses.clone()).collect(),
@@ -340,6 +371,65 @@ mod tests {
         assert_eq!(published_text(&p("0.0.0.0")), "8080->80/tcp");
         assert_eq!(published_text(&p("127.0.0.1")), "127.0.0.1:8080->80/tcp");
         assert_eq!(published_text(&p("::1")), "[::1]:8080->80/tcp");
+    }
+
+    /// alice's rootless web, publishing 8080 -> 80 through its relay.
+    fn rootless_web() -> Container {
+        let id = "77e5b7dfff342d86dc0ccfbb5870775afd04d790d7de4d74d95d57b3167c393e";
+        Container {
+            engine: Engine::RootlessPodman,
+            user: Some("alice".to_owned()),
+            name: "alice/web".to_owned(),
+            addresses: vec![crate::runtime::rootless::stand_in(id)],
+            network_mode: String::new(),
+            networks: Vec::new(),
+            ..container("x", "", Vec::new(), &[80])
+        }
+    }
+
+    #[test]
+    fn rootless_containers_are_gated_at_the_host_socket() {
+        let web = rootless_web();
+        let containers = [web.clone()];
+        assert_eq!(ungated(&web, &BTreeSet::new()), None);
+        let ports = published_ports(&containers, &BTreeSet::new());
+        assert_eq!((ports.gated, ports.ungated), (1, 0));
+        let listed = rootless(&containers);
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].container, "alice/web");
+        assert_eq!(listed[0].user, "alice");
+        assert_eq!(listed[0].published, ["8080->80/tcp"]);
+        assert!(listed[0].gated);
+        assert!(
+            listed[0]
+                .stand_in_address
+                .starts_with("fd70:6f72:7467:6174:")
+        );
+
+        let mut rules = RuleSet::default();
+        rules
+            .allow(
+                "alice/web".parse::<Target>().expect("target"),
+                Ports::Spec("80".parse().expect("spec")),
+                crate::policy::Access::default(),
+            )
+            .expect("allow");
+        let workloads: Vec<_> = containers.iter().map(Container::workload).collect();
+        let resolved =
+            Resolver::default().resolve(&rules, &workloads, &crate::policy::Context::default());
+        assert_eq!(resolved.rules[0].containers, ["alice/web"]);
+        assert_eq!(
+            rule_gated(&resolved.rules[0], &containers, &BTreeSet::new()),
+            Some(true)
+        );
+
+        // On the host network its programs listen as the user: not gated.
+        let host = Container {
+            network_mode: "host".to_owned(),
+            ..rootless_web()
+        };
+        assert!(!rootless(std::slice::from_ref(&host))[0].gated);
+        assert_eq!(published_ports(&[host], &BTreeSet::new()).ungated, 1);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! What /proc says about processes and their sockets: the one reader for the agent (which
-//! relay holds which port) and `doctor` (which ports relays publish, with their users).
+//! What /proc and /etc/passwd say about processes, their sockets and their users: the one
+//! reader for the agent (rootless engines' relays and their users, which relay holds which
+//! port) and `doctor`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -8,7 +9,7 @@ use std::{
 
 use gate_common::{PROTO_TCP, PROTO_UDP};
 
-/// Every process's directory under /proc.
+/// Every process's /proc/PID directory.
 pub fn process_dirs() -> impl Iterator<Item = PathBuf> {
     std::fs::read_dir("/proc")
         .into_iter()
@@ -23,14 +24,15 @@ pub fn process_dirs() -> impl Iterator<Item = PathBuf> {
         .map(|e| e.path())
 }
 
-/// A process's name as the kernel holds it (`comm`).
+/// A process's program name (`comm`).
 pub fn comm(process: &Path) -> Option<String> {
-    let comm = std::fs::read_to_string(process.join("comm")).ok()?;
-    Some(comm.trim_end_matches('\n').to_owned())
+    std::fs::read_to_string(process.join("comm"))
+        .ok()
+        .map(|s| s.trim().to_owned())
 }
 
 /// The real uid of a process (`Uid:` in its status).
-pub fn uid(process: &Path) -> Option<u32> {
+pub fn process_uid(process: &Path) -> Option<u32> {
     let status = std::fs::read_to_string(process.join("status")).ok()?;
     status
         .lines()
@@ -85,8 +87,21 @@ pub fn sockets() -> BTreeMap<u64, Socket> {
     sockets
 }
 
-/// The local ports of the sockets that processes named one of `names` hold, in this network
-/// namespace.
+/// Listening TCP sockets and bound UDP sockets of this network namespace, by inode:
+/// (protocol, local port).
+pub fn listening_sockets() -> BTreeMap<u64, (&'static str, u16)> {
+    sockets()
+        .into_iter()
+        .filter(|(_, s)| s.listening)
+        .map(|(inode, s)| {
+            let proto = if s.proto == PROTO_TCP { "tcp" } else { "udp" };
+            (inode, (proto, s.port))
+        })
+        .collect()
+}
+
+/// The local ports of the sockets that processes named one of `names` hold (listening or
+/// not), in this network namespace.
 pub fn ports_held_by(names: &[&str]) -> BTreeSet<(u8, u16)> {
     let sockets = sockets();
     process_dirs()
@@ -117,6 +132,41 @@ fn parse_table<'a>(
     })
 }
 
+/// A user as /etc/passwd has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+/// The user with `uid` in the passwd file `passwd` (its text).
+pub fn user_in(passwd: &str, uid: u32) -> Option<User> {
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.get(2)?.parse::<u32>().ok()? != uid {
+            return None;
+        }
+        Some(User {
+            name: (*fields.first()?).to_owned(),
+            uid,
+            gid: fields.get(3)?.parse().ok()?,
+            home: PathBuf::from(fields.get(5)?),
+        })
+    })
+}
+
+/// The user with `uid` in /etc/passwd.
+pub fn user(uid: u32) -> Option<User> {
+    user_in(&std::fs::read_to_string("/etc/passwd").ok()?, uid)
+}
+
+/// The user's name from /etc/passwd, else the uid.
+pub fn user_name(uid: u32) -> String {
+    user(uid).map_or_else(|| uid.to_string(), |u| u.name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +184,20 @@ mod tests {
             found,
             [(4242, socket(8080, true)), (4343, socket(0x8871, false))]
         );
+    }
+
+    #[test]
+    fn users_are_read_from_passwd() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nalice:x:1001:1002:,,,:/home/alice:/bin/sh\n";
+        assert_eq!(
+            user_in(passwd, 1001),
+            Some(User {
+                name: "alice".to_owned(),
+                uid: 1001,
+                gid: 1002,
+                home: PathBuf::from("/home/alice"),
+            })
+        );
+        assert_eq!(user_in(passwd, 7), None);
     }
 }

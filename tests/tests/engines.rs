@@ -38,6 +38,8 @@ mod labels;
 mod macvlan;
 #[path = "engines/proxy.rs"]
 mod proxy;
+#[path = "engines/rootless.rs"]
+mod rootless;
 
 /// The comment of the delegation rule for `bridge` (docs-contract.md).
 fn delegation_comment(bridge: &str) -> String {

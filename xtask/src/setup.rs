@@ -65,6 +65,12 @@ const TOOL_PACKAGES: &[&str] = &[
     "busybox-static",
     // The `cni` engine set: Podman 4.3 on its CNI backend (bridge cni-podman0).
     "containernetworking-plugins",
+    // Rootless Podman (the rootless engine tests): newuidmap/newgidmap, and the two network
+    // helpers that publish a rootless container's ports from the host (Podman 4's
+    // slirp4netns with rootlessport, Podman 5's pasta).
+    "uidmap",
+    "slirp4netns",
+    "passt",
     // Builds the Debian sid root of the `sid` engine set (Docker 28, Podman 5).
     "debootstrap",
     // A real Prometheus server and promtool, for the metrics tests.

@@ -34,6 +34,10 @@ pub const PACKAGES: &[&str] = &[
     "busybox-static",
     "iproute2",
     "ca-certificates",
+    // Rootless Podman 5: newuidmap/newgidmap and pasta (its default network), slirp4netns.
+    "uidmap",
+    "passt",
+    "slirp4netns",
 ];
 /// The binaries the tests run from the root.
 const PROGRAMS: &[&str] = &[

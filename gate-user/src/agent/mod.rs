@@ -79,6 +79,8 @@ pub struct AgentOptions {
     /// Engines to watch once their socket exists (`--runtime auto` at boot, before the
     /// engines start).
     pub engines_later: Vec<(Engine, PathBuf)>,
+    /// Follow users' rootless Podman (how to run it), if at all.
+    pub rootless: Option<runtime::rootless::RootlessOptions>,
     /// Allow every container's published ports (Docker's old behaviour, chosen explicitly).
     pub default_published: bool,
     /// Which containers' `portgate.allow` labels open ports (`--labels`).
@@ -200,11 +202,17 @@ impl Agent {
         let file = read_policy_file(&options, &saved)?;
         let datapath = Datapath::load_with(&options.bpffs, options.gate, options.capacities)
             .with_context(|| format!("loading the gate under {}", options.bpffs.display()))?;
-        let engines = options
+        let mut engines: BTreeMap<Engine, EngineState> = options
             .engines
             .iter()
             .map(|(engine, socket)| (*engine, EngineState::new(socket.clone())))
             .collect();
+        if let Some(rootless) = &options.rootless {
+            engines.insert(
+                Engine::RootlessPodman,
+                EngineState::new(rootless.podman.clone()),
+            );
+        }
         let delegation = options.netfilter.then(NetfilterKeeper::start);
         let resolver = Resolver::new(options.labels).with_slots(options.capacities.derived_ids());
         let engines_later = options.engines_later.clone();
@@ -318,7 +326,13 @@ impl Agent {
             });
         }
         let (events_tx, mut events) = mpsc::channel(16);
+        if let Some(rootless) = self.options.rootless.clone() {
+            tasks.spawn(runtime::rootless::watch(rootless, events_tx.clone()));
+        }
         for (engine, state) in &self.engines {
+            if *engine == Engine::RootlessPodman {
+                continue;
+            }
             tasks.spawn(runtime::watch(
                 *engine,
                 state.socket.clone(),
@@ -355,7 +369,7 @@ impl Agent {
                         replies.spawn(async move {
                             server::reply_with(&mut stream, move || {
                                 list.rules = views.build(|_| true);
-                                Response::Ok(Reply::List(list))
+                                Response::Ok(Reply::List(Box::new(list)))
                             })
                             .await;
                         });
@@ -470,7 +484,16 @@ impl Agent {
             .values()
             .filter_map(|s| s.snapshot.as_ref())
             .flat_map(|s| &s.containers)
-            .find(|c| c.addresses.contains(&destination));
+            .find(|c| {
+                c.addresses.contains(&destination)
+                    // A rootless container's port is a socket of the host: by host port.
+                    || (c.is_rootless()
+                        && c.published.iter().any(|p| {
+                            p.host_port == drop.dst_port
+                                && p.protocol.to_string() == protocol_name(drop.proto)
+                                && (p.host_ip.is_unspecified() || p.host_ip == destination)
+                        }))
+            });
         let event = WatchEvent {
             time: humantime::format_rfc3339_millis(wall_clock(drop.timestamp_ns)).to_string(),
             bridge: self.bridge_name(drop.ifindex),

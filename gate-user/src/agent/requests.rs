@@ -103,7 +103,7 @@ impl Agent {
             Request::List => {
                 let (mut list, views) = self.list();
                 list.rules = views.build(|_| true);
-                Ok(Reply::List(list))
+                Ok(Reply::List(Box::new(list)))
             }
             Request::Status => self.status().map(|s| Reply::Status(Box::new(s))),
             Request::Mode { audit } => self.set_mode(audit),

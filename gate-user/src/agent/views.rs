@@ -11,7 +11,7 @@ use super::Agent;
 use crate::{
     api::{
         BridgeDrops, BridgeStatus, EngineStatus, Fill, Flows, IgnoredLabelView, LabelError,
-        NetfilterStatus, PolicyFileView, RuleList, RuleView, Status,
+        NetfilterStatus, PolicyFileView, RootlessUserView, RuleList, RuleView, Status,
     },
     exposure,
     policy::{Ports, Prefix, Resolved, ResolvedRule, SourceSets},
@@ -117,6 +117,7 @@ impl Agent {
                 .map(ToString::to_string)
                 .collect(),
             policy_file,
+            rootless: exposure::rootless(&self.containers()),
         };
         (list, self.view_input(|_| true))
     }
@@ -261,9 +262,45 @@ impl Agent {
                     attached: true,
                 })
                 .collect(),
+            rootless: exposure::rootless(&containers),
+            rootless_users: self.rootless_users(),
         })
     }
 }
+
+impl Agent {
+    /// The users whose rootless engines the watcher found, as it last saw them.
+    fn rootless_users(&self) -> Vec<RootlessUserView> {
+        self.engines
+            .get(&crate::runtime::Engine::RootlessPodman)
+            .and_then(|s| s.snapshot.as_ref())
+            .map(|s| {
+                s.rootless
+                    .iter()
+                    .map(|u| RootlessUserView {
+                        user: u.user.clone(),
+                        uid: u.uid,
+                        helpers: u.helpers.clone(),
+                        listening: u
+                            .listening
+                            .iter()
+                            .map(|(proto, port)| format!("{port}/{proto}"))
+                            .collect(),
+                        containers: u.containers,
+                        followed: u.followed,
+                        error: u
+                            .error
+                            .clone()
+                            .or_else(|| (!u.followed).then(|| ROOTLESS_DOCKER_ADVICE.to_owned())),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// What it would take to gate a rootless Docker's ports.
+pub const ROOTLESS_DOCKER_ADVICE: &str = "rootless Docker (rootlesskit) is not followed: its published ports are listening sockets of the host that nothing gates; run the containers with rootful Docker or Podman, or rootless Podman, which the agent follows, or filter the ports in the host's input firewall";
 
 fn rule_view(rule: &ResolvedRule, packets: u64, bytes: u64, gated: Option<bool>) -> RuleView {
     let (protocol, port_start, port_end) = match rule.ports {

@@ -90,7 +90,7 @@ pub enum Response {
 #[serde(untagged)]
 pub enum Reply {
     Changed(Changed),
-    List(RuleList),
+    List(Box<RuleList>),
     Status(Box<Status>),
     Explained(Explanation),
 }
@@ -145,6 +145,43 @@ pub struct RuleList {
     /// source "file").
     #[serde(default)]
     pub policy_file: Option<PolicyFileView>,
+    /// The running containers of users' rootless engines, with their published ports.
+    #[serde(default)]
+    pub rootless: Vec<RootlessContainer>,
+}
+
+/// A container of a user's rootless engine: its ports are listening sockets of the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootlessContainer {
+    /// `USER/NAME`, as rules name it.
+    pub container: String,
+    pub user: String,
+    pub engine: String,
+    pub id: String,
+    /// Published host ports, e.g. "8080->80/tcp", "127.0.0.1:5353->53/udp".
+    pub published: Vec<String>,
+    /// Whether the gate judges connections to them (the agent's socket lookup is attached).
+    pub gated: bool,
+    /// The allow map's key for the container's ports: a stand-in from
+    /// fd70:6f72:7467:6174::/64, never an address on the network.
+    pub stand_in_address: String,
+}
+
+/// A user whose rootless engine the agent found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootlessUserView {
+    pub user: String,
+    pub uid: u32,
+    /// The engine's helper programs running for the user (conmon, rootlessport, pasta, ...).
+    pub helpers: Vec<String>,
+    /// Ports its relays listen on, e.g. "8080/tcp".
+    pub listening: Vec<String>,
+    pub containers: usize,
+    /// Whether the agent follows this user's engine (false: rootless Docker).
+    pub followed: bool,
+    /// Why its containers are not known (or only as last read), if so; for an engine the
+    /// agent does not follow, what it would take.
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -270,6 +307,12 @@ pub struct Status {
     /// Interfaces with the early drop (`--uplink`).
     #[serde(default)]
     pub uplinks: Vec<BridgeStatus>,
+    /// The running containers of users' rootless engines, with their published ports.
+    #[serde(default)]
+    pub rootless: Vec<RootlessContainer>,
+    /// The users whose rootless engines the agent found.
+    #[serde(default)]
+    pub rootless_users: Vec<RootlessUserView>,
 }
 
 fn labels_default() -> bool {

@@ -236,6 +236,13 @@ pub struct AgentArgs {
     /// Podman's Docker-compatible API socket (`podman system service`).
     #[arg(long, default_value = DEFAULT_PODMAN_SOCKET)]
     pub podman_socket: PathBuf,
+    /// The `podman` the agent runs as each user whose rootless Podman it finds (`podman ps`),
+    /// with `--runtime auto` or `podman`; `off`: rootless Podman is not followed.
+    #[arg(long, value_name = "PROGRAM", default_value = "podman")]
+    pub rootless_podman: PathBuf,
+    /// A root directory to run that `podman` in (chroot), for a Podman installed there.
+    #[arg(long, value_name = "DIR")]
+    pub rootless_podman_root: Option<PathBuf>,
     /// deny: only what rules and labels allow; published: also every container's published
     /// ports (Docker's own behaviour, as an explicit choice).
     #[arg(long, value_enum, default_value_t = DefaultPolicy::Deny)]

@@ -18,7 +18,7 @@ pub fn run(socket: &Path, file: Option<&Path>) -> anyhow::Result<()> {
     // The sets defined by `portgate set` (not the file's own: the file may drop them), for
     // the rules that name them.
     let list = match client::call(socket, &Request::List) {
-        Ok(Reply::List(list)) => Some(list),
+        Ok(Reply::List(list)) => Some(*list),
         _ => None,
     };
     let known: SourceSets = list

@@ -356,7 +356,7 @@ fn examine(socket: &Path, args: &DoctorArgs) -> Report {
     }
 
     // docker-proxy.
-    let proxies = processes_named("docker-proxy");
+    let proxies = processes_named(gate_user::runtime::DOCKER_PROXY);
     if proxies > 0 {
         // Without an agent, the pinned gate knows only the ports the last agent saw; with
         // one, every TCP and UDP port: what is left is a protocol the lookup does not see.
@@ -505,8 +505,11 @@ fn examine(socket: &Path, args: &DoctorArgs) -> Report {
         );
     }
 
-    // Rootless engines' published ports, which nothing follows.
-    findings.extend(super::rootless::findings(&super::rootless::relayed_ports()));
+    // Rootless engines' published ports: each one's container, known to the agent or not.
+    findings.extend(super::rootless::findings(
+        &super::rootless::relayed_ports(),
+        status.as_ref().ok().map(|s| &**s),
+    ));
 
     // Units that start containers themselves, and whether they wait for the gate.
     findings.extend(super::boot_units::findings());

@@ -27,7 +27,7 @@ use gate_user::{
     datapath::{self, Capacities, GateConfig},
     netfilter,
     policy::{PortSpec, Prefix, SourceSpec, Target, check_interface},
-    runtime::Engine,
+    runtime::{Engine, rootless::RootlessOptions},
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -137,7 +137,14 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         RuntimeChoice::None => (vec![], vec![]),
         RuntimeChoice::Auto => [docker, podman].into_iter().partition(|(_, s)| s.exists()),
     };
+    let rootless = (matches!(args.runtime, RuntimeChoice::Auto | RuntimeChoice::Podman)
+        && args.rootless_podman.as_os_str() != "off")
+        .then_some(RootlessOptions {
+            podman: args.rootless_podman,
+            root: args.rootless_podman_root,
+        });
     let options = AgentOptions {
+        rootless,
         bridges,
         auto_bridges,
         uplinks,

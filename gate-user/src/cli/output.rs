@@ -48,6 +48,21 @@ pub fn format_list(list: &RuleList) -> String {
             "denied: {denial} (closes what labels and the default policy open; `portgate allow {denial}` lifts it)"
         );
     }
+    for c in &list.rootless {
+        let _ = writeln!(
+            out,
+            "rootless {} (user {}): {} {} (its rules' address {} is a stand-in, only the allow map's key)",
+            c.container,
+            c.user,
+            if c.published.is_empty() {
+                "publishes nothing".to_owned()
+            } else {
+                c.published.join(", ")
+            },
+            if c.gated { "gated" } else { "NOT GATED" },
+            c.stand_in_address
+        );
+    }
     out
 }
 
@@ -271,6 +286,20 @@ pub fn format_status(status: &Status) -> String {
             .map(|b| format!(" on {b}"))
             .unwrap_or_default();
         let firewall = engine.firewall.as_deref().unwrap_or("unknown");
+        if engine.engine == "podman-rootless" {
+            // Each user's own Podman, read with `podman ps` as that user.
+            let _ = writeln!(
+                out,
+                "engine:   {} ({} as each user, {} users) {state}{error}, {} containers, {} syncs, {} events",
+                engine.engine,
+                engine.socket,
+                status.rootless_users.len(),
+                engine.containers,
+                engine.syncs,
+                engine.events
+            );
+            continue;
+        }
         let _ = writeln!(
             out,
             "engine:   {} {version}{backend} (firewall {firewall}) {state}{error}, {} containers, {} syncs, {} events, {}",
@@ -330,6 +359,30 @@ pub fn format_status(status: &Status) -> String {
     );
     for ungated in &status.ungated {
         let _ = writeln!(out, "UNGATED:  {}", format_ungated(ungated));
+    }
+    for c in &status.rootless {
+        let gated = if c.gated { "gated" } else { "NOT GATED" };
+        let _ = writeln!(
+            out,
+            "rootless: {} (user {}, {}) {} {gated} at the host's socket",
+            c.container,
+            c.user,
+            c.engine,
+            if c.published.is_empty() {
+                "publishes nothing".to_owned()
+            } else {
+                c.published.join(", ")
+            }
+        );
+    }
+    for u in status.rootless_users.iter().filter(|u| u.error.is_some()) {
+        let _ = writeln!(
+            out,
+            "ROOTLESS: user {} ({}): {}",
+            u.user,
+            u.helpers.join(", "),
+            u.error.as_deref().unwrap_or_default()
+        );
     }
     let _ = writeln!(out, "pins:     {}", status.bpffs);
     let _ = writeln!(out, "rules in: {}", status.state_file);

@@ -36,7 +36,7 @@ fn parse_cmdline(cmdline: &[u8]) -> Option<ProxiedPort> {
         .split(|b| *b == 0)
         .filter_map(|a| std::str::from_utf8(a).ok())
         .collect();
-    if !args.first()?.ends_with("docker-proxy") {
+    if !args.first()?.ends_with(gate_user::runtime::DOCKER_PROXY) {
         return None;
     }
     let value = |flag: &str| {

@@ -1,25 +1,25 @@
-//! Rootless engines, which the agent does not follow: rootless Podman publishes through a
-//! listening socket of the host owned by the user's `rootlessport` (or `pasta`,
-//! `slirp4netns`; rootless Docker's `rootlesskit`), which relays to the container. Nothing
-//! gates those ports, so `doctor` names each one `UNPROTECTED`, with its user.
+//! Rootless engines in `doctor`: rootless Podman publishes through a listening socket of the
+//! host owned by the user's `rootlessport` (or `pasta`, `slirp4netns`; rootless Docker's
+//! `rootlesskit`), which relays to the container. The agent follows each user's rootless
+//! Podman and its socket lookup judges those ports; `doctor` checks, port by port, that the
+//! agent knows the container behind each relayed port, and names what nothing gates.
 
-use std::{collections::BTreeMap, path::Path};
+use gate_user::{
+    api::Status,
+    procfs,
+    runtime::rootless::{RELAYS, ROOTLESS_DOCKER},
+};
 
 use super::doctor::{Finding, Level};
 
-/// The processes that relay a rootless engine's published ports from the host.
-const RELAYS: [&str; 5] = [
-    "rootlessport",
-    "pasta",
-    "pasta.avx2",
-    "slirp4netns",
-    "rootlesskit",
-];
+/// What it takes to gate rootless Docker's ports.
+const ROOTLESS_DOCKER_ADVICE: &str = "run the container with rootless Podman, rootful Podman or Docker, which the agent follows, or filter the port in the host's input firewall";
 
 /// A listening socket of a rootless relay.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct RelayedPort {
     pub user: String,
+    pub uid: u32,
     pub relay: String,
     pub proto: &'static str,
     pub port: u16,
@@ -27,27 +27,27 @@ pub(super) struct RelayedPort {
 
 /// Every port a rootless relay listens on, from /proc.
 pub(super) fn relayed_ports() -> Vec<RelayedPort> {
-    let listening = listening_sockets();
+    let listening = procfs::listening_sockets();
     let mut ports = Vec::new();
-    for dir in super::doctor::process_dirs() {
-        let Some(comm) = std::fs::read_to_string(dir.join("comm")).ok() else {
+    for dir in procfs::process_dirs() {
+        let Some(comm) = procfs::comm(&dir) else {
             continue;
         };
-        let comm = comm.trim();
-        if !RELAYS.contains(&comm) {
+        if !RELAYS.contains(&comm.as_str()) && comm != ROOTLESS_DOCKER {
             continue;
         }
-        let Some(uid) = process_uid(&dir) else {
+        let Some(uid) = procfs::process_uid(&dir) else {
             continue;
         };
         if uid == 0 {
             continue; // rootful Podman's own helpers are the agent's to follow
         }
-        for inode in socket_inodes(&dir) {
+        for inode in procfs::socket_inodes(&dir) {
             if let Some((proto, port)) = listening.get(&inode) {
                 ports.push(RelayedPort {
-                    user: user_name(uid),
-                    relay: comm.to_owned(),
+                    user: procfs::user_name(uid),
+                    uid,
+                    relay: comm.clone(),
                     proto,
                     port: *port,
                 });
@@ -59,93 +59,134 @@ pub(super) fn relayed_ports() -> Vec<RelayedPort> {
     ports
 }
 
-/// The doctor's findings: one per relayed port.
-pub(super) fn findings(ports: &[RelayedPort]) -> Vec<Finding> {
-    ports
+/// The host port and protocol of a published port as `status` prints it
+/// ("[ADDR:]HOST->CONTAINER/PROTO").
+fn host_port_of(published: &str) -> Option<(u16, &str)> {
+    let (host, container) = published.split_once("->")?;
+    let port = host.rsplit(':').next()?.parse().ok()?;
+    let proto = container.split_once('/')?.1;
+    Some((port, proto))
+}
+
+/// The doctor's findings: one per relayed port, and one per user whose rootless engine the
+/// agent cannot read. `status`: the agent's, when one answers.
+pub(super) fn findings(ports: &[RelayedPort], status: Option<&Status>) -> Vec<Finding> {
+    let mut findings: Vec<Finding> = ports
         .iter()
-        .map(|p| Finding {
-            check: "container",
-            subject: format!("{}:{}/{}", p.user, p.port, p.proto),
-            level: Level::Unprotected,
-            detail: format!(
-                "a rootless engine of user {} publishes {}/{} through {}, a listening socket of the host: the agent does not follow rootless engines, so nothing gates it",
+        .map(|p| {
+            // The agent names the user as the passwd of the root its Podman runs in does
+            // (--rootless-podman-root): go by uid.
+            let user = status
+                .and_then(|s| s.rootless_users.iter().find(|u| u.uid == p.uid))
+                .map_or_else(|| p.user.clone(), |u| u.user.clone());
+            port_finding(&RelayedPort { user, ..p.clone() }, status)
+        })
+        .collect();
+    for user in status
+        .map(|s| s.rootless_users.as_slice())
+        .unwrap_or_default()
+    {
+        let Some(error) = &user.error else { continue };
+        findings.push(Finding {
+            check: "rootless",
+            subject: format!("user {}", user.user),
+            level: Level::Warning,
+            detail: if user.followed {
+                format!(
+                    "the agent cannot read the rootless Podman of user {} ({error}); it enforces the containers it last read",
+                    user.user
+                )
+            } else {
+                error.clone()
+            },
+            advice: Some(if user.followed {
+                format!(
+                    "check that `podman ps` works as user {} with XDG_RUNTIME_DIR=/run/user/{} (agent --rootless-podman names the program)",
+                    user.user, user.uid
+                )
+            } else {
+                ROOTLESS_DOCKER_ADVICE.to_owned()
+            }),
+        });
+    }
+    findings
+}
+
+fn port_finding(p: &RelayedPort, status: Option<&Status>) -> Finding {
+    let subject = format!("{}:{}/{}", p.user, p.port, p.proto);
+    let unprotected = |detail: String, advice: String| Finding {
+        check: "container",
+        subject: subject.clone(),
+        level: Level::Unprotected,
+        detail,
+        advice: Some(advice),
+    };
+    if p.relay == ROOTLESS_DOCKER {
+        return unprotected(
+            format!(
+                "rootless Docker of user {} publishes {}/{} through rootlesskit, a listening socket of the host: the agent does not follow rootless Docker, so nothing gates it",
+                p.user, p.port, p.proto
+            ),
+            ROOTLESS_DOCKER_ADVICE.to_owned(),
+        );
+    }
+    let Some(status) = status else {
+        return unprotected(
+            format!(
+                "a rootless Podman of user {} publishes {}/{} through {}, a listening socket of the host, and no agent answers to follow it",
                 p.user, p.port, p.proto, p.relay
             ),
-            advice: Some(
-                "filter the port in the host's input firewall, or run the container with rootful Podman or Docker, which the agent follows".to_owned(),
-            ),
-        })
-        .collect()
-}
-
-/// Listening TCP sockets and bound UDP sockets of this network namespace, by inode.
-fn listening_sockets() -> BTreeMap<u64, (&'static str, u16)> {
-    let mut sockets = BTreeMap::new();
-    for (file, proto, state) in [
-        ("/proc/net/tcp", "tcp", "0A"),
-        ("/proc/net/tcp6", "tcp", "0A"),
-        ("/proc/net/udp", "udp", "07"),
-        ("/proc/net/udp6", "udp", "07"),
-    ] {
-        let text = std::fs::read_to_string(file).unwrap_or_default();
-        sockets.extend(parse_proc_net(&text, state).map(|(inode, port)| (inode, (proto, port))));
-    }
-    sockets
-}
-
-/// (inode, local port) of the sockets in `state` in a /proc/net/{tcp,udp}[6] table.
-fn parse_proc_net<'a>(text: &'a str, state: &'a str) -> impl Iterator<Item = (u64, u16)> + 'a {
-    text.lines().skip(1).filter_map(move |line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.get(3) != Some(&state) {
-            return None;
-        }
-        let port = u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
-        let inode = fields.get(9)?.parse().ok()?;
-        Some((inode, port))
-    })
-}
-
-/// The socket inodes among a process's open files.
-fn socket_inodes(process: &Path) -> Vec<u64> {
-    let Ok(fds) = std::fs::read_dir(process.join("fd")) else {
-        return Vec::new();
+            "start the agent (`--runtime auto` follows rootless Podman), or filter the port in the host's input firewall".to_owned(),
+        );
     };
-    fds.flatten()
-        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-        .filter_map(|target| {
-            let target = target.to_string_lossy().into_owned();
-            target
-                .strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-/// The real uid of a process (`Uid:` in its status).
-fn process_uid(process: &Path) -> Option<u32> {
-    let status = std::fs::read_to_string(process.join("status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// The user's name from /etc/passwd, else the uid.
-fn user_name(uid: u32) -> String {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    passwd
-        .lines()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split(':').collect();
-            (fields.get(2)? == &uid.to_string().as_str()).then(|| fields[0].to_owned())
-        })
-        .unwrap_or_else(|| uid.to_string())
+    if !status.engines.iter().any(|e| e.engine == "podman-rootless") {
+        return unprotected(
+            format!(
+                "a rootless Podman of user {} publishes {}/{} through {}, a listening socket of the host, and the agent does not follow rootless Podman",
+                p.user, p.port, p.proto, p.relay
+            ),
+            "run the agent with `--runtime auto` or `--runtime podman`, without `--rootless-podman off`".to_owned(),
+        );
+    }
+    let container = status.rootless.iter().find(|c| {
+        c.user == p.user
+            && c.published
+                .iter()
+                .filter_map(|text| host_port_of(text))
+                .any(|(port, proto)| port == p.port && proto == p.proto)
+    });
+    match container {
+        Some(c) if c.gated => Finding {
+            check: "container",
+            subject,
+            level: Level::Ok,
+            detail: format!(
+                "rootless Podman container {} publishes {}/{} through {}; the gate judges each new connection at the host's socket (rules name it {})",
+                c.container, p.port, p.proto, p.relay, c.container
+            ),
+            advice: None,
+        },
+        _ => {
+            let why = status
+                .rootless_users
+                .iter()
+                .find(|u| u.user == p.user)
+                .and_then(|u| u.error.clone())
+                .unwrap_or_else(|| {
+                    "no running container of the user's Podman publishes it, as the agent last read it".to_owned()
+                });
+            unprotected(
+                format!(
+                    "user {}'s {} listens on {}/{}, a socket of the host the agent does not know as a container's port: {why}",
+                    p.user, p.relay, p.port, p.proto
+                ),
+                format!(
+                    "check `podman ps` as user {}; meanwhile filter the port in the host's input firewall",
+                    p.user
+                ),
+            )
+        }
+    }
 }
 
 #[cfg(test)]
@@ -153,9 +194,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn listening_sockets_are_read_from_proc_net() {
-        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 4242 1 0 100 0 0 10 0\n   1: 0100007F:8871 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0 100 0 0 10 0\n";
-        let found: Vec<(u64, u16)> = parse_proc_net(tcp, "0A").collect();
-        assert_eq!(found, [(4242, 8080)], "only the listening socket");
+    fn published_texts_give_their_host_port() {
+        assert_eq!(host_port_of("8080->80/tcp"), Some((8080, "tcp")));
+        assert_eq!(host_port_of("127.0.0.1:5353->53/udp"), Some((5353, "udp")));
+        assert_eq!(host_port_of("[::1]:8443->443/tcp"), Some((8443, "tcp")));
+        assert_eq!(host_port_of("nonsense"), None);
     }
 }

@@ -30,7 +30,7 @@ mod uninstall;
 mod upgrade;
 
 pub use pins::{Pins, lock_pin_dir};
-pub use relays::{RELAY_PROCESSES, recorded_relay_ports};
+pub use relays::recorded_relay_ports;
 pub use sources::Lookup;
 pub use stats::decode_drop_event;
 pub use sync::AllowSync;

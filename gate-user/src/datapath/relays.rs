@@ -19,22 +19,9 @@ use aya::{
 use gate_common::{COMM_LEN, RelayPort, map_names, program_names};
 use tracing::info;
 
-use super::{Datapath, DatapathError, Result, io_err, map_err, owned_fd, sys, take_over};
+use crate::runtime::RELAY_PROCESSES;
 
-/// The processes that relay a published port from a listening socket of the host to a
-/// container: Docker's userland proxy (up to Docker 27; Docker 28's daemon binds the socket
-/// itself and hands it over), rootless Podman's `rootlessport`, `pasta` and `slirp4netns`,
-/// rootless Docker's `rootlesskit`.
-pub const RELAY_PROCESSES: [&str; 8] = [
-    "docker-proxy",
-    "rootlessport",
-    "pasta",
-    "pasta.avx2",
-    "passt",
-    "passt.avx2",
-    "slirp4netns",
-    "rootlesskit",
-];
+use super::{Datapath, DatapathError, Result, io_err, map_err, owned_fd, sys, take_over};
 
 /// The hooks: program, pin name of its link, cgroup attach point.
 pub(super) const LINKS: [(&str, &str, u32); 3] = [

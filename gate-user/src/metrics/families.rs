@@ -268,6 +268,28 @@ impl Snapshot {
             Family::counter("engine_events", "Snapshots taken because the engine reported an event.")
                 .samples(status.engines.iter().map(|e| (engine(&e.engine), e.events))),
             Family::gauge(
+                "rootless_published_port",
+                "Each published port of a container of a user's rootless engine (a listening socket of the host): 1 when the gate judges connections to it, else 0.",
+            )
+            .samples(status.rootless.iter().flat_map(|c| {
+                c.published.iter().map(|published| {
+                    let labels = vec![
+                        ("user", c.user.clone()),
+                        ("container", c.container.clone()),
+                        ("engine", c.engine.clone()),
+                        ("published", published.clone()),
+                    ];
+                    (labels, flag(c.gated))
+                })
+            })),
+            Family::gauge(
+                "rootless_user_followed",
+                "1 for each user whose rootless engine the agent reads, 0 for one it cannot read (or does not follow: rootless Docker).",
+            )
+            .samples(status.rootless_users.iter().map(|u| {
+                (vec![("user", u.user.clone())], flag(u.followed && u.error.is_none()))
+            })),
+            Family::gauge(
                 "netfilter_delegation_installed",
                 "1 when the netfilter rule that hands a bridge's published ports to the gate is in place, else 0.",
             )

@@ -24,6 +24,8 @@
 //! | `portgate_datapath_events_total` | event | `flow_created`, `flow_insert_failed`, `audit_passed`, ... |
 //! | `portgate_engine_syncs_total` | engine | container engine snapshots taken |
 //! | `portgate_engine_events_total` | engine | snapshots taken because of engine events |
+//! | `portgate_rootless_published_port` | user, container, engine, published | 1 per published port of a rootless container the gate judges |
+//! | `portgate_rootless_user_followed` | user | 1 per user whose rootless Podman the agent reads, 0 when it cannot |
 //! | `portgate_drop_events_reported_total` | | drop events the agent read from the kernel |
 //! | `portgate_drop_events_suppressed_total` | | drop events lost to the rate limit or a full queue |
 //!

@@ -119,6 +119,24 @@ fn status() -> Status {
         label_errors: vec![],
         blocks: 0,
         uplinks: vec![],
+        rootless: vec![crate::api::RootlessContainer {
+            container: "alice/web".into(),
+            user: "alice".into(),
+            engine: "podman-rootless".into(),
+            id: "77e5b7dfff34".into(),
+            published: vec!["8080->80/tcp".into()],
+            gated: true,
+            stand_in_address: "fd70:6f72:7467:6174:77e5:b7df:ff34:0".into(),
+        }],
+        rootless_users: vec![crate::api::RootlessUserView {
+            user: "bob".into(),
+            uid: 1002,
+            helpers: vec!["conmon".into()],
+            listening: vec![],
+            containers: 0,
+            followed: true,
+            error: Some("`podman ps` as user bob failed".into()),
+        }],
     }
 }
 
@@ -236,6 +254,8 @@ fn exposition_is_openmetrics_with_portgate_names() {
         ("portgate_engine_containers", "gauge"),
         ("portgate_engine_syncs", "counter"),
         ("portgate_engine_events", "counter"),
+        ("portgate_rootless_published_port", "gauge"),
+        ("portgate_rootless_user_followed", "gauge"),
         ("portgate_netfilter_delegation_installed", "gauge"),
         ("portgate_drop_events_reported", "counter"),
         ("portgate_drop_events_suppressed", "counter"),
@@ -407,6 +427,19 @@ fn values_and_labels() {
     assert_eq!(v("portgate_engine_connected", &[("engine", "docker")]), 1);
     assert_eq!(v("portgate_engine_containers", &[("engine", "docker")]), 2);
     assert_eq!(v("portgate_engine_syncs_total", &[("engine", "docker")]), 5);
+    assert_eq!(
+        v(
+            "portgate_rootless_published_port",
+            &[
+                ("user", "alice"),
+                ("container", "alice/web"),
+                ("engine", "podman-rootless"),
+                ("published", "8080->80/tcp")
+            ]
+        ),
+        1
+    );
+    assert_eq!(v("portgate_rootless_user_followed", &[("user", "bob")]), 0);
     assert_eq!(
         v("portgate_engine_events_total", &[("engine", "docker")]),
         3

@@ -247,9 +247,18 @@ impl FromStr for Target {
             return Err(PolicyError::Address(s.to_owned()));
         }
         let name = s.strip_prefix('/').unwrap_or(s);
-        let mut chars = name.chars();
-        let valid = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        let valid_name = |name: &str| {
+            let mut chars = name.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        };
+        // A rootless engine's container: `USER/NAME`.
+        let valid = match name.split_once('/') {
+            Some((user, container)) => valid_name(user) && valid_name(container),
+            None => valid_name(name) && !name.starts_with('_'),
+        };
         if valid {
             Ok(Self::Container(name.to_owned()))
         } else {
@@ -474,5 +483,24 @@ mod tests {
             "-web".parse::<Target>(),
             Err(PolicyError::Target(_))
         ));
+        // A rootless engine's container, named with its user.
+        assert_eq!(target("alice/web"), Target::Container("alice/web".into()));
+        assert_eq!(
+            target("_svc-1/my_app.1"),
+            Target::Container("_svc-1/my_app.1".into())
+        );
+        for bad in [
+            "alice/",
+            "/alice/",
+            "alice//web",
+            "a/b/c",
+            "alice/-web",
+            "_web",
+        ] {
+            assert!(
+                matches!(bad.parse::<Target>(), Err(PolicyError::Target(_))),
+                "{bad}"
+            );
+        }
     }
 }

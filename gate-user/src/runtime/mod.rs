@@ -27,6 +27,24 @@ use tracing::{info, warn};
 use crate::policy::{ALLOW_LABEL, LabelOrigin, PortSpec, Protocol, Published, Workload};
 
 mod podman;
+pub mod rootless;
+
+/// Docker's userland proxy (up to Docker 27 it binds the published port itself; Docker 28's
+/// daemon binds it and hands it over).
+pub const DOCKER_PROXY: &str = "docker-proxy";
+
+/// Every process that relays a published port from a listening socket of the host to a
+/// container: what the gate's relay hooks record.
+pub const RELAY_PROCESSES: [&str; 8] = [
+    DOCKER_PROXY,
+    rootless::RELAYS[0],
+    rootless::RELAYS[1],
+    rootless::RELAYS[2],
+    rootless::RELAYS[3],
+    rootless::RELAYS[4],
+    rootless::RELAYS[5],
+    rootless::ROOTLESS_DOCKER,
+];
 
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
@@ -42,6 +60,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub enum Engine {
     Docker,
     Podman,
+    /// Each user's rootless Podman, read with that user's `podman ps` ([`rootless`]).
+    #[serde(rename = "podman-rootless")]
+    RootlessPodman,
 }
 
 impl fmt::Display for Engine {
@@ -49,6 +70,7 @@ impl fmt::Display for Engine {
         f.write_str(match self {
             Engine::Docker => "docker",
             Engine::Podman => "podman",
+            Engine::RootlessPodman => "podman-rootless",
         })
     }
 }
@@ -90,6 +112,8 @@ pub struct Container {
     pub networks: Vec<Attachment>,
     /// Ports the container exposes (`EXPOSE` in the image, `--expose`), one port per spec.
     pub exposed: Vec<PortSpec>,
+    /// The user whose rootless engine runs it; none for the rootful engines.
+    pub user: Option<String>,
 }
 
 impl Container {
@@ -111,6 +135,12 @@ impl Container {
         }
     }
 
+    /// Run by a user's rootless engine: its published ports are listening sockets of the
+    /// host, judged by the gate's socket lookup; its address is a stand-in.
+    pub fn is_rootless(&self) -> bool {
+        self.engine == Engine::RootlessPodman
+    }
+
     /// On the host's network: what it listens on is the host's own ports, behind no bridge.
     pub fn is_host_network(&self) -> bool {
         self.network_mode == "host"
@@ -127,6 +157,8 @@ pub struct Snapshot {
     /// Linux bridges of the engine's bridge networks.
     pub bridges: Vec<String>,
     pub info: EngineInfo,
+    /// The users whose rootless engines were found (the rootless watcher only).
+    pub rootless: Vec<rootless::RootlessUser>,
 }
 
 /// What `status` says about an engine, and what the netfilter delegation needs to know.
@@ -264,7 +296,7 @@ async fn take_snapshot(
 ) -> Result<Snapshot, bollard::errors::Error> {
     let info = engine_info(engine, docker, socket).await;
     let podman_bridges = match engine {
-        Engine::Docker => HashMap::new(),
+        Engine::Docker | Engine::RootlessPodman => HashMap::new(),
         Engine::Podman => podman::network_interfaces(socket)
             .await
             .unwrap_or_else(|err| {
@@ -323,6 +355,7 @@ async fn take_snapshot(
         containers,
         bridges: networks.bridges(),
         info,
+        rootless: Vec::new(),
     })
 }
 
@@ -338,7 +371,7 @@ async fn engine_info(engine: Engine, docker: &Docker, socket: &std::path::Path) 
         }
     };
     match engine {
-        Engine::Docker => {
+        Engine::Docker | Engine::RootlessPodman => {
             // Docker 28 names its firewall backend; older ones only had iptables.
             let firewall = match docker.info().await {
                 Ok(info) => Some(
@@ -629,6 +662,7 @@ fn container_facts(engine: Engine, inspect: ContainerInspectResponse) -> Option<
         network_mode,
         networks,
         exposed,
+        user: None,
     })
 }
 

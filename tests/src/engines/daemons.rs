@@ -70,6 +70,7 @@ impl Engines {
                 "needs root (starts container engines, creates network namespaces)".into(),
             ));
         }
+        hold_host_lock().map_err(InitError::Failed)?;
         let skip = |why: String| InitError::Skip(format!("engine set {}: {why}", set.name()));
         if !is_static_busybox(Path::new("/bin/busybox")) {
             return Err(skip(
@@ -899,4 +900,34 @@ impl Drop for PodmanNetwork {
             Duration::from_secs(60),
         );
     }
+}
+
+/// Where engine test processes take turns: they share the host's daemons, bridges and
+/// forwarding settings.
+const HOST_LOCK: &str = "/run/lock/portgate-engine-tests.lock";
+
+/// Waits for, then holds until this process ends, the host-wide lock of the engine tests
+/// (flock on a file opened close-on-exec, so the daemons the tests start do not inherit it).
+fn hold_host_lock() -> Result<()> {
+    static HELD: OnceLock<std::fs::File> = OnceLock::new();
+    if HELD.get().is_some() {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/run/lock").context("mkdir /run/lock")?;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(HOST_LOCK)
+        .with_context(|| format!("open {HOST_LOCK}"))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        eprintln!("waiting for another engine test process ({HOST_LOCK})");
+        // SAFETY: as above.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            bail!("flock {HOST_LOCK}: {}", io::Error::last_os_error());
+        }
+    }
+    let _ = HELD.set(file);
+    Ok(())
 }
