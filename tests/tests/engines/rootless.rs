@@ -425,11 +425,46 @@ fn rootless_podman_ports_are_closed_until_allowed() {
             "/usr/bin/podman",
         ]);
     }
-    let agent = EngineAgent::start(engines, &extra);
+    let mut agent = EngineAgent::start(engines, &extra);
     closed_without_rule(&sc, &user, &agent, &ports);
     opened_by_rules(&sc, &user, &agent, &ports);
     follows_the_container(&sc, &user, &agent, &ports);
     reported(&user, &agent, &ports);
+    started_while_no_agent_runs(&sc, &user, &mut agent);
+}
+
+/// A rootless container started while no agent runs: its relay's port was recorded by the
+/// gate's hooks, so it is refused over IPv4 and IPv6 until the agent is back and a rule
+/// allows it.
+fn started_while_no_agent_runs(sc: &Scenario, user: &RootlessUser, agent: &mut Agent<'_>) {
+    agent.stop();
+    let port = free_port();
+    user.run_httpd("late", "late", port, &[]);
+    wait_host_serving(port, &body_of("late"));
+    for addr in [sc.published(port), sc.published6(port)] {
+        assert!(
+            sc.get(addr, Duration::from_secs(3)).is_err(),
+            "a rootless container started while no agent runs answered at {addr}"
+        );
+    }
+    agent.spawn();
+    agent.wait_ready();
+    agent.wait_engines_connected(&["podman-rootless"]);
+    sc.assert_times_out(
+        sc.published6(port),
+        "rootless, started with no agent, agent back",
+    );
+    agent.allow(&format!("{}/late", user.name), "80/tcp");
+    sc.assert_answers(
+        sc.published(port),
+        &body_of("late"),
+        "rootless late, after allow",
+    );
+    sc.assert_answers(
+        sc.published6(port),
+        &body_of("late"),
+        "rootless late, IPv6, after allow",
+    );
 }
 
 /// With the agent and no rule: closed over IPv4 and IPv6, refused already on the uplink.
