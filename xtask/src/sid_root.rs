@@ -45,6 +45,10 @@ const PROGRAMS: &[&str] = &[
     "usr/bin/docker",
     "usr/bin/containerd",
     "usr/bin/podman",
+    // Rootless Podman: a root cached before these were in PACKAGES is rebuilt.
+    "usr/bin/newuidmap",
+    "usr/bin/pasta",
+    "usr/bin/slirp4netns",
 ];
 const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
 /// debootstrap of sid takes a few minutes here; a hung mirror must not hang setup forever.
