@@ -7,7 +7,8 @@ use anyhow::Context as _;
 use gate_common::PortAddrKey;
 use tracing::{info, warn};
 
-use super::{Agent, DEFAULT_BRIDGES};
+use super::Agent;
+use crate::runtime::bridges;
 use crate::{datapath::sys, netfilter, policy::map_addr, ports};
 
 impl Agent {
@@ -22,12 +23,12 @@ impl Agent {
                 .filter_map(|s| s.snapshot.as_ref())
                 .flat_map(|s| s.bridges.iter().cloned());
             wanted.extend(
-                DEFAULT_BRIDGES
+                bridges::DEFAULTS
                     .iter()
                     .map(|b| (*b).to_owned())
                     .chain(engine_bridges),
             );
-            wanted.extend(super::service::engine_named_bridges());
+            wanted.extend(bridges::engine_named_bridges());
         }
         wanted
     }

@@ -35,7 +35,6 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-pub use self::service::is_engine_bridge_name;
 use self::views::{counter_name, protocol_name};
 use crate::{
     api::{
@@ -50,8 +49,6 @@ use crate::{
     runtime::{self, Engine, RuntimeEvent, Snapshot},
 };
 
-/// Bridges `--bridge auto` gates whenever they exist, besides those of the engines' networks.
-const DEFAULT_BRIDGES: [&str; 2] = ["docker0", "podman0"];
 /// How often the agent re-checks bridges and the netfilter delegation rules.
 const TICK: Duration = Duration::from_secs(2);
 /// How long answers being written may take to finish when the agent stops.

@@ -3,15 +3,12 @@
 //! here.
 
 mod args;
-mod boot_units;
 mod check;
 mod colour;
 mod doctor;
 mod generate;
 mod leftovers;
 mod output;
-mod proxies;
-mod rootless;
 
 use std::path::{Path, PathBuf};
 

@@ -29,8 +29,8 @@ pub mod sys;
 mod uninstall;
 mod upgrade;
 
-pub use pins::{Pins, lock_pin_dir};
-pub use relays::recorded_relay_ports;
+pub use pins::{PinnedGate, Pins, lock_pin_dir};
+pub use relays::{cgroup2_root, recorded_relay_ports};
 pub use sources::Lookup;
 pub use stats::decode_drop_event;
 pub use sync::AllowSync;
@@ -383,7 +383,7 @@ impl Datapath {
 
 /// Whether a kernel of this release (`uname -r`) has TCX links: Linux 6.6 and later. A
 /// release that does not parse is given the benefit of the doubt (attaching says the rest).
-fn has_tcx(release: &str) -> bool {
+pub fn has_tcx(release: &str) -> bool {
     let mut numbers = release
         .split(|c: char| !c.is_ascii_digit())
         .map(|n| n.parse::<u32>().ok());

@@ -40,7 +40,38 @@ impl Pins {
 
 /// Pin name of the egress link of `bridge`.
 pub(super) fn egress_link(bridge: &str) -> String {
-    format!("{bridge}-egress")
+    format!("{bridge}{EGRESS_SUFFIX}")
+}
+
+/// The suffix of a bridge's egress link pin.
+const EGRESS_SUFFIX: &str = "-egress";
+
+/// What the pin directory says about the gate, with or without an agent: the bridges with
+/// an egress link pinned, and whether the socket lookup's link is.
+#[derive(Debug, Default)]
+pub struct PinnedGate {
+    pub bridges: BTreeSet<String>,
+    pub host_ports: bool,
+}
+
+impl PinnedGate {
+    pub fn read(bpffs_dir: &Path) -> Self {
+        let mut pinned = Self::default();
+        let Ok(entries) = fs::read_dir(Pins::new(bpffs_dir).links()) else {
+            return pinned;
+        };
+        for name in entries
+            .filter_map(std::result::Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+        {
+            if let Some(bridge) = name.strip_suffix(EGRESS_SUFFIX) {
+                pinned.bridges.insert(bridge.to_owned());
+            } else if name == HOST_PORTS_LINK {
+                pinned.host_ports = true;
+            }
+        }
+        pinned
+    }
 }
 
 /// Pin name of the ingress link of bridge port `port`.

@@ -125,7 +125,7 @@ fn comm(name: &str) -> [u8; COMM_LEN] {
 
 /// The root of the cgroup v2 hierarchy, from /proc/self/mountinfo (`/sys/fs/cgroup` on a
 /// unified host, `/sys/fs/cgroup/unified` on a hybrid one).
-fn cgroup2_root() -> Result<PathBuf> {
+pub fn cgroup2_root() -> Result<PathBuf> {
     let path = Path::new("/proc/self/mountinfo");
     let mountinfo = fs::read_to_string(path).map_err(io_err(path))?;
     mountinfo

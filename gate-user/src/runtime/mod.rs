@@ -25,7 +25,9 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::policy::{ALLOW_LABEL, LabelOrigin, PortSpec, Protocol, Published, Workload};
+use bridges::{PodmanBridges, bridge_of};
 
+pub mod bridges;
 mod podman;
 pub mod rootless;
 
@@ -490,76 +492,12 @@ impl NetworkIndex {
     }
 }
 
-/// What Podman said about its networks' bridges.
-#[derive(Debug, Default)]
-struct PodmanBridges {
-    /// Podman runs the CNI backend.
-    cni: bool,
-    /// `network_interface` by network name, from Podman's own API.
-    by_network: HashMap<String, String>,
-}
-
 /// The parent interface of a macvlan network, as both engines take it (`-o parent=eth0`).
 fn macvlan_parent(network: &Network) -> Option<String> {
     if network.driver.as_deref() != Some("macvlan") {
         return None;
     }
     network.options.as_ref()?.get("parent").cloned()
-}
-
-/// The Linux bridge behind a bridge network, as each engine names it.
-fn bridge_of(engine: Engine, podman: &PodmanBridges, network: &Network) -> Option<String> {
-    if network.driver.as_deref() != Some("bridge") {
-        return None;
-    }
-    if let Some(name) = network
-        .options
-        .as_ref()
-        .and_then(|o| o.get("com.docker.network.bridge.name"))
-    {
-        return Some(name.clone());
-    }
-    if engine == Engine::Podman
-        && let Some(bridge) = network
-            .name
-            .as_deref()
-            .map(|name| if name == "bridge" { "podman" } else { name })
-            .and_then(|name| podman.by_network.get(name))
-    {
-        return Some(bridge.clone());
-    }
-    let cni = podman.cni;
-    match (engine, network.name.as_deref(), network.id.as_deref()) {
-        (Engine::Docker, Some("bridge"), _) => Some("docker0".to_owned()),
-        (Engine::Docker, _, Some(id)) => Some(format!("br-{}", id.get(..12).unwrap_or(id))),
-        // Podman's compatible API calls its default network "bridge"; the bridges of other
-        // networks are only in netavark's network files, or CNI's configuration lists. CNI's
-        // default network may exist only in Podman's memory, with bridge cni-podman0.
-        (Engine::Podman, Some("podman" | "bridge"), _) => Some(if cni {
-            podman::cni_bridge(podman::CNI_CONFIG_DIR, "podman")
-                .unwrap_or_else(|| "cni-podman0".to_owned())
-        } else {
-            "podman0".to_owned()
-        }),
-        (Engine::Podman, Some(name), _) if cni => podman::cni_bridge(podman::CNI_CONFIG_DIR, name),
-        (Engine::Podman, Some(name), _) => podman_network_interface(name),
-        _ => None,
-    }
-}
-
-/// Where netavark (Podman 4 as root) keeps its network definitions.
-const PODMAN_NETWORKS_DIR: &str = "/etc/containers/networks";
-
-fn podman_network_interface(network: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct NetworkFile {
-        network_interface: Option<String>,
-    }
-    let path = std::path::Path::new(PODMAN_NETWORKS_DIR).join(format!("{network}.json"));
-    let text = std::fs::read_to_string(path).ok()?;
-    serde_json::from_str::<NetworkFile>(&text)
-        .ok()?
-        .network_interface
 }
 
 /// A binding's host address; absent or empty means every address.

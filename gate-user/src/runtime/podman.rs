@@ -1,5 +1,6 @@
 //! What only Podman's own API and files say: its network backend (netavark or CNI), where
-//! netavark keeps its firewall, and the bridges of CNI networks.
+//! netavark keeps its firewall, and the bridges of its networks (netavark's network files,
+//! CNI's configuration lists).
 
 use std::{collections::HashMap, path::Path, process::Command};
 
@@ -155,6 +156,22 @@ pub(super) fn cni_bridge(dir: &str, network: &str) -> Option<String> {
             .find(|p| p.kind.as_deref() == Some("bridge"))
             .and_then(|p| p.bridge)
     })
+}
+
+/// Where netavark (Podman 4 as root) keeps its network definitions.
+const PODMAN_NETWORKS_DIR: &str = "/etc/containers/networks";
+
+/// The bridge of netavark network `network`, from its network file.
+pub(super) fn network_interface_of(network: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct NetworkFile {
+        network_interface: Option<String>,
+    }
+    let path = std::path::Path::new(PODMAN_NETWORKS_DIR).join(format!("{network}.json"));
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str::<NetworkFile>(&text)
+        .ok()?
+        .network_interface
 }
 
 #[cfg(test)]

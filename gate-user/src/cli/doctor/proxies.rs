@@ -12,7 +12,55 @@ use gate_common::RelayPort;
 use gate_common::{AllowKey, AllowValue, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, map_names};
 use gate_user::{datapath::recorded_relay_ports, policy::map_addr};
 
-use super::doctor::{Finding, Level};
+use super::{Facts, Finding, Level};
+
+/// docker-proxy: each proxied port the gate cannot judge, then one finding for the proxies.
+pub(super) fn check(facts: &Facts<'_>) -> Vec<Finding> {
+    let proxies = processes_named(gate_user::runtime::DOCKER_PROXY);
+    if proxies == 0 {
+        return vec![Finding::new(
+            "docker_proxy",
+            "docker-proxy",
+            Level::Ok,
+            "not in use".to_owned(),
+            None,
+        )];
+    }
+    // Without an agent, the pinned gate knows only the ports the last agent saw; with one,
+    // every TCP and UDP port: what is left is a protocol the lookup does not see.
+    let mut proxied = proxied_ports();
+    if facts.status.is_ok() || !facts.pinned.host_ports {
+        proxied.retain(|p| !matches!(p.proto.as_str(), "tcp" | "udp"));
+    }
+    let mut findings = unknown_to_the_gate(facts.bpffs, &proxied);
+    let gated = facts.status.is_ok() || facts.pinned.host_ports;
+    findings.push(Finding::new(
+        "docker_proxy",
+        "docker-proxy",
+        if gated { Level::Ok } else { Level::Unprotected },
+        format!(
+            "{proxies} docker-proxy process(es) relay published ports from the host's own stack (IPv6 clients, hairpin); {}",
+            if gated {
+                "the gate's socket lookup admits only allowed ports (connections through lo are not gated)"
+            } else {
+                "nothing gates them (no socket-lookup link)"
+            }
+        ),
+        Some(if gated {
+            "optional: `\"userland-proxy\": false` in /etc/docker/daemon.json makes Docker use DNAT only".to_owned()
+        } else {
+            "start the agent: it gates them with a socket lookup".to_owned()
+        }),
+    ));
+    findings
+}
+
+/// How many processes run the program `name`.
+fn processes_named(name: &str) -> usize {
+    gate_user::procfs::process_dirs()
+        .filter(|dir| gate_user::procfs::comm(dir).as_deref() == Some(name))
+        .count()
+}
 
 /// A port docker-proxy relays: its host address, protocol and host port.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,8 +71,8 @@ pub(super) struct ProxiedPort {
 }
 
 /// The ports of every running docker-proxy, from their command lines.
-pub(super) fn proxied_ports() -> Vec<ProxiedPort> {
-    super::doctor::process_dirs()
+fn proxied_ports() -> Vec<ProxiedPort> {
+    gate_user::procfs::process_dirs()
         .filter_map(|dir| std::fs::read(dir.join("cmdline")).ok())
         .filter_map(|cmdline| parse_cmdline(&cmdline))
         .collect()
@@ -54,7 +102,7 @@ fn parse_cmdline(cmdline: &[u8]) -> Option<ProxiedPort> {
 
 /// Findings for the proxied ports the pinned gate under `bpffs` does not know (called when
 /// no agent answers).
-pub(super) fn unknown_to_the_gate(bpffs: &Path, ports: &[ProxiedPort]) -> Vec<Finding> {
+fn unknown_to_the_gate(bpffs: &Path, ports: &[ProxiedPort]) -> Vec<Finding> {
     let path = bpffs
         .join(LAYOUT_VERSION)
         .join("maps")

@@ -10,7 +10,7 @@ use gate_user::{
     runtime::rootless::{RELAYS, ROOTLESS_DOCKER},
 };
 
-use super::doctor::{Finding, Level};
+use super::{Finding, Level};
 
 /// What it takes to gate rootless Docker's ports.
 const ROOTLESS_DOCKER_ADVICE: &str = "run the container with rootless Podman, rootful Podman or Docker, which the agent follows, or filter the port in the host's input firewall";
