@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use super::Agent;
 use crate::{
-    datapath::AllowSync,
+    datapath::{AllowSync, Desired},
     policy::{Context, Target, Workload, map_addr},
     runtime::Container,
 };
@@ -91,38 +91,28 @@ impl Agent {
                 && (!saved_ids.contains(&value.rule_id) || container_rules.contains(&value.rule_id))
         };
         self.datapath.reset_rule_stats(&resolved.new_ids)?;
-        // The block list first: a block takes effect before anything it covers opens.
         let blocks = self
             .saved
             .blocks
             .union(&self.file.blocks)
             .copied()
             .collect();
-        let ended = self
-            .datapath
-            .sync_blocks(&blocks)
-            .context("writing the block list")?;
-        if ended > 0 {
+        let containers = self.containers();
+        let host_ports = |allow: &BTreeMap<AllowKey, AllowValue>| host_ports(&containers, allow);
+        let applied = self.datapath.apply(&Desired {
+            blocks: &blocks,
+            entries: &resolved.entries,
+            keep_stale: &waits_for_engines,
+            // Until every engine has reported, the host ports stay as the last agent left them.
+            host_ports: all_known.then_some(&host_ports as _),
+        })?;
+        if applied.ended > 0 {
             info!(
-                connections = ended,
+                connections = applied.ended,
                 "ended the connections from newly blocked sources"
             );
         }
-        // New access lists, then the entries that point at them, then the old lists go.
-        let allow = self
-            .datapath
-            .write_access_lists(&resolved.entries)
-            .context("writing the access lists")?;
-        let sync = self.datapath.sync_allow(&allow, waits_for_engines)?;
-        // Until every engine has reported, the host ports stay as the last agent left them.
-        if all_known {
-            self.datapath
-                .sync_host_ports(&host_ports(&self.containers(), &allow))
-                .context("writing the published host ports")?;
-        }
-        self.datapath
-            .remove_unused_access_lists()
-            .context("removing unused access lists")?;
+        let sync = applied.allow;
         self.via_interfaces = context.interfaces;
         if sync != self.allow_sync {
             match not_fitted_warning(&sync, self.datapath.capacities().allow) {

@@ -17,6 +17,7 @@
 //! The directories are root-only (0700); `uninstall` removes these names only, never other
 //! tools' pins.
 
+mod apply;
 mod flows;
 mod links;
 mod macvlan;
@@ -29,6 +30,7 @@ pub mod sys;
 mod uninstall;
 mod upgrade;
 
+pub use apply::{Applied, ApplyError, Desired};
 pub use pins::{PinnedGate, Pins, lock_pin_dir};
 pub use relays::{cgroup2_root, recorded_relay_ports};
 pub use sources::Lookup;
