@@ -211,6 +211,26 @@ pub fn format_ungated(ungated: &UngatedContainer) -> String {
 
 pub fn format_status(status: &Status) -> String {
     let mut out = String::new();
+    status_gate(&mut out, status);
+    status_engines(&mut out, status);
+    status_labels(&mut out, status);
+    status_exposure(&mut out, status);
+    let _ = writeln!(out, "pins:     {}", status.bpffs);
+    let _ = writeln!(out, "rules in: {}", status.state_file);
+    for (kind, title) in [("pass", "passed"), ("drop", "dropped"), ("event", "events")] {
+        if let Some(counters) = status.counters.get(kind) {
+            let list: Vec<String> = counters
+                .iter()
+                .map(|(name, v)| format!("{name} {v}"))
+                .collect();
+            let _ = writeln!(out, "{title:<9} {}", list.join(", "));
+        }
+    }
+    out
+}
+
+/// The mode, bridges, rules, tracked flows and drops.
+fn status_gate(out: &mut String, status: &Status) {
     let host = if status.gate_host_traffic {
         "gated"
     } else {
@@ -268,6 +288,10 @@ pub fn format_status(status: &Status) -> String {
             drops.bridge, drops.reason, drops.packets
         );
     }
+}
+
+/// The engines followed and the netfilter delegation.
+fn status_engines(out: &mut String, status: &Status) {
     for engine in &status.engines {
         let state = if engine.connected {
             "connected"
@@ -319,6 +343,10 @@ pub fn format_status(status: &Status) -> String {
             rule.bridge, rule.backend, rule.chain
         );
     }
+}
+
+/// Which labels open ports, and labels that open nothing.
+fn status_labels(out: &mut String, status: &Status) {
     let labels = match status.label_policy {
         _ if !status.labels => "off (portgate.allow labels are ignored)",
         LabelPolicy::Off => "off (portgate.allow labels are ignored)",
@@ -340,6 +368,10 @@ pub fn format_status(status: &Status) -> String {
             error.container, error.error
         );
     }
+}
+
+/// Uplinks, blocks, published ports gated or not, rootless containers.
+fn status_exposure(out: &mut String, status: &Status) {
     if !status.uplinks.is_empty() {
         let names: Vec<&str> = status.uplinks.iter().map(|u| u.name.as_str()).collect();
         let _ = writeln!(
@@ -384,16 +416,4 @@ pub fn format_status(status: &Status) -> String {
             u.error.as_deref().unwrap_or_default()
         );
     }
-    let _ = writeln!(out, "pins:     {}", status.bpffs);
-    let _ = writeln!(out, "rules in: {}", status.state_file);
-    for (kind, title) in [("pass", "passed"), ("drop", "dropped"), ("event", "events")] {
-        if let Some(counters) = status.counters.get(kind) {
-            let list: Vec<String> = counters
-                .iter()
-                .map(|(name, v)| format!("{name} {v}"))
-                .collect();
-            let _ = writeln!(out, "{title:<9} {}", list.join(", "));
-        }
-    }
-    out
 }
