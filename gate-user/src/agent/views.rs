@@ -147,21 +147,7 @@ impl Agent {
     }
 
     pub(super) fn status(&self) -> anyhow::Result<Status> {
-        let values = self.datapath.counters()?;
         let (containers, gated_bridges) = (self.containers(), self.gated_bridges());
-        let mut by_kind: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-        for (index, name, kind) in counters::ALL {
-            let kind = match kind {
-                counters::Kind::Pass => "pass",
-                counters::Kind::Drop => "drop",
-                counters::Kind::Event => "event",
-            };
-            let value = values.get(*index as usize).copied().unwrap_or(0);
-            by_kind
-                .entry(kind.to_owned())
-                .or_default()
-                .insert((*name).to_owned(), value);
-        }
         Ok(Status {
             mode: if self.options.gate.audit {
                 "audit"
@@ -194,25 +180,7 @@ impl Agent {
                 capacity: self.datapath.capacities().flows,
                 cut: self.datapath.flows_cut(),
             },
-            engines: self
-                .engines
-                .iter()
-                .map(|(engine, s)| EngineStatus {
-                    engine: engine.to_string(),
-                    socket: s.socket.display().to_string(),
-                    connected: s.connected,
-                    containers: s.snapshot.as_ref().map_or(0, |s| s.containers.len()),
-                    syncs: s.syncs,
-                    events: s.events,
-                    last_error: s.last_error.clone(),
-                    version: s.snapshot.as_ref().and_then(|s| s.info.version.clone()),
-                    network_backend: s
-                        .snapshot
-                        .as_ref()
-                        .and_then(|s| s.info.network_backend.clone()),
-                    firewall: s.snapshot.as_ref().and_then(|s| s.info.firewall.clone()),
-                })
-                .collect(),
+            engines: self.engine_statuses(),
             bridge_drops: self
                 .datapath
                 .bridge_drops()?
@@ -233,23 +201,8 @@ impl Agent {
                 .iter()
                 .filter_map(|c| exposure::ungated(c, &gated_bridges))
                 .collect(),
-            netfilter: self
-                .delegation
-                .as_ref()
-                .map(|d| {
-                    d.status()
-                        .into_iter()
-                        .map(|n| NetfilterStatus {
-                            bridge: n.bridge,
-                            backend: n.backend,
-                            chain: n.chain,
-                            installed: n.installed,
-                            replies: n.replies,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-            counters: by_kind,
+            netfilter: self.netfilter_statuses(),
+            counters: self.counters_by_kind()?,
             label_errors: self.label_errors(),
             blocks: self.saved.blocks.union(&self.file.blocks).count(),
             uplinks: self
@@ -265,6 +218,63 @@ impl Agent {
             rootless: exposure::rootless(&containers),
             rootless_users: self.rootless_users(),
         })
+    }
+
+    /// The datapath's counters by kind (pass, drop, event) and name.
+    fn counters_by_kind(&self) -> anyhow::Result<BTreeMap<String, BTreeMap<String, u64>>> {
+        let values = self.datapath.counters()?;
+        let mut by_kind: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (index, name, kind) in counters::ALL {
+            let kind = match kind {
+                counters::Kind::Pass => "pass",
+                counters::Kind::Drop => "drop",
+                counters::Kind::Event => "event",
+            };
+            let value = values.get(*index as usize).copied().unwrap_or(0);
+            by_kind
+                .entry(kind.to_owned())
+                .or_default()
+                .insert((*name).to_owned(), value);
+        }
+        Ok(by_kind)
+    }
+
+    fn engine_statuses(&self) -> Vec<EngineStatus> {
+        self.engines
+            .iter()
+            .map(|(engine, s)| {
+                let info = s.snapshot.as_ref().map(|s| &s.info);
+                EngineStatus {
+                    engine: engine.to_string(),
+                    socket: s.socket.display().to_string(),
+                    connected: s.connected,
+                    containers: s.snapshot.as_ref().map_or(0, |s| s.containers.len()),
+                    syncs: s.syncs,
+                    events: s.events,
+                    last_error: s.last_error.clone(),
+                    version: info.and_then(|i| i.version.clone()),
+                    network_backend: info.and_then(|i| i.network_backend.clone()),
+                    firewall: info.and_then(|i| i.firewall.clone()),
+                }
+            })
+            .collect()
+    }
+
+    fn netfilter_statuses(&self) -> Vec<NetfilterStatus> {
+        let Some(delegation) = &self.delegation else {
+            return Vec::new();
+        };
+        delegation
+            .status()
+            .into_iter()
+            .map(|n| NetfilterStatus {
+                bridge: n.bridge,
+                backend: n.backend,
+                chain: n.chain,
+                installed: n.installed,
+                replies: n.replies,
+            })
+            .collect()
     }
 }
 
