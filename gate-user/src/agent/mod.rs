@@ -323,19 +323,7 @@ impl Agent {
             });
         }
         let (events_tx, mut events) = mpsc::channel(16);
-        if let Some(rootless) = self.options.rootless.clone() {
-            tasks.spawn(runtime::rootless::watch(rootless, events_tx.clone()));
-        }
-        for (engine, state) in &self.engines {
-            if *engine == Engine::RootlessPodman {
-                continue;
-            }
-            tasks.spawn(runtime::watch(
-                *engine,
-                state.socket.clone(),
-                events_tx.clone(),
-            ));
-        }
+        self.watch_engines(&mut tasks, &events_tx);
         let mut tick = tokio::time::interval(TICK);
         info!(socket = %socket.path().display(), "agent ready");
         let (requests_tx, mut requests) = mpsc::channel(16);
@@ -356,43 +344,13 @@ impl Agent {
                     service::notify("READY=1");
                 }
                 Some(()) = links.recv() => self.on_links_changed(),
-                Some((request, mut stream)) = requests.recv() => match request {
-                    Request::Watch => {
-                        tasks.spawn(stream_watch(stream, self.watchers.subscribe()));
-                    }
-                    Request::List => {
-                        // The views of every rule are built with the answer, off the loop.
-                        let (mut list, views) = self.list();
-                        replies.spawn(async move {
-                            server::reply_with(&mut stream, move || {
-                                list.rules = views.build(|_| true);
-                                Response::Ok(Reply::List(Box::new(list)))
-                            })
-                            .await;
-                        });
-                    }
-                    request => {
-                        let response = self.handle(request);
-                        replies.spawn(async move { server::reply(&mut stream, response).await });
-                    }
-                },
+                Some((request, stream)) = requests.recv() => {
+                    self.on_request(request, stream, &mut tasks, &mut replies);
+                }
                 Some(event) = events.recv() => self.on_runtime_event(event),
                 Some(drop) = drops.recv() => self.on_drop_event(drop),
                 Some(reply) = scrapes.recv() => {
-                    // The loop reads the datapath; the text is written on a blocking thread.
-                    let body: metrics::Body = match self.metrics_input() {
-                        Ok((status, views)) => Box::new(move || {
-                            metrics::encode(&status, &views.build(|_| true)).unwrap_or_else(|err| {
-                                error!("encoding metrics: {err}");
-                                String::new()
-                            })
-                        }),
-                        Err(err) => {
-                            error!("building metrics: {err:#}");
-                            metrics::written(String::new())
-                        }
-                    };
-                    let _ = reply.send(body);
+                    let _ = reply.send(self.scrape());
                 }
                 _ = tick.tick() => {
                     self.on_tick();
@@ -420,6 +378,68 @@ impl Agent {
         }
         replies.shutdown().await;
         Ok(())
+    }
+
+    /// Answers one control request: a watch streams from a task of its own, a list's views
+    /// are built off the loop, the rest is answered here and written by a task.
+    fn on_request(
+        &mut self,
+        request: Request,
+        mut stream: UnixStream,
+        tasks: &mut JoinSet<()>,
+        replies: &mut JoinSet<()>,
+    ) {
+        match request {
+            Request::Watch => {
+                tasks.spawn(stream_watch(stream, self.watchers.subscribe()));
+            }
+            Request::List => {
+                let (mut list, views) = self.list();
+                replies.spawn(async move {
+                    server::reply_with(&mut stream, move || {
+                        list.rules = views.build(|_| true);
+                        Response::Ok(Reply::List(Box::new(list)))
+                    })
+                    .await;
+                });
+            }
+            request => {
+                let response = self.handle(request);
+                replies.spawn(async move { server::reply(&mut stream, response).await });
+            }
+        }
+    }
+
+    /// One scrape: the loop reads the datapath; the text is written on a blocking thread.
+    fn scrape(&self) -> metrics::Body {
+        match self.metrics_input() {
+            Ok((status, views)) => Box::new(move || {
+                metrics::encode(&status, &views.build(|_| true)).unwrap_or_else(|err| {
+                    error!("encoding metrics: {err}");
+                    String::new()
+                })
+            }),
+            Err(err) => {
+                error!("building metrics: {err:#}");
+                metrics::written(String::new())
+            }
+        }
+    }
+
+    /// A task per engine the agent follows, and one for every user's rootless Podman.
+    fn watch_engines(&self, tasks: &mut JoinSet<()>, events: &mpsc::Sender<RuntimeEvent>) {
+        if let Some(rootless) = self.options.rootless.clone() {
+            tasks.spawn(runtime::rootless::watch(rootless, events.clone()));
+        }
+        for (engine, state) in &self.engines {
+            if *engine != Engine::RootlessPodman {
+                tasks.spawn(runtime::watch(
+                    *engine,
+                    state.socket.clone(),
+                    events.clone(),
+                ));
+            }
+        }
     }
 
     fn on_runtime_event(&mut self, event: RuntimeEvent) {
