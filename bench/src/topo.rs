@@ -26,13 +26,13 @@ use anyhow::{Context as _, Result, bail};
 
 use portgate_cmd as proc;
 
-pub const BRIDGE: &str = "pgbr0";
+pub use portgate_test_support::topology::BRIDGE;
 /// A second bridge, never up: the program-cost agent attaches there.
 pub const PROG_BRIDGE: &str = "pgbr1";
-pub const HOST_ADDR: &str = "10.98.0.1";
-pub const CLIENT_ADDR: &str = "10.98.0.2";
-pub const BRIDGE_ADDR: &str = "10.99.0.1";
-pub const SERVER_ADDR: &str = "10.99.0.2";
+pub const HOST_ADDR: &str = portgate_test_support::topology::HOST_V4;
+pub const CLIENT_ADDR: &str = portgate_test_support::topology::CLIENT_V4;
+pub const BRIDGE_ADDR: &str = portgate_test_support::topology::BRIDGE_V4;
+pub const SERVER_ADDR: &str = portgate_test_support::topology::CONTAINER_V4;
 pub const SERVER_IP: [u8; 4] = [10, 99, 0, 2];
 pub const HOST_IP: [u8; 4] = [10, 98, 0, 1];
 pub const CLIENT_IP: [u8; 4] = [10, 98, 0, 2];

@@ -11,6 +11,8 @@
 //!   (`PORTGATE_REQUIRE_ROOT`, `PORTGATE_REQUIRE_ENGINES`, `CI`) is set to anything but
 //!   empty, `0` or `false`. `.ci/run` sets them.
 
+pub mod topology;
+
 use std::{ffi::OsString, fmt::Display, io::Write as _};
 
 /// The variables that turn every skip into a failure.

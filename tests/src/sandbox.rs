@@ -32,17 +32,10 @@ use std::sync::Once;
 
 use crate::{run_ok, unique_name};
 
-/// The bridge the agent gates, inside the host namespace.
-pub const BRIDGE: &str = "pgbr0";
-
-pub const HOST_V4: &str = "10.98.0.1";
-pub const HOST_V6: &str = "fd98::1";
-pub const CLIENT_V4: &str = "10.98.0.2";
-pub const CLIENT_V6: &str = "fd98::2";
-pub const BRIDGE_V4: &str = "10.99.0.1";
-pub const BRIDGE_V6: &str = "fd99::1";
-pub const CONTAINER_V4: &str = "10.99.0.2";
-pub const CONTAINER_V6: &str = "fd99::2";
+pub use portgate_test_support::topology::{
+    BRIDGE, BRIDGE_V4, BRIDGE_V6, CLIENT_V4, CLIENT_V6, CONTAINER_V4, CONTAINER_V6, HOST_V4,
+    HOST_V6,
+};
 pub const NEIGHBOUR_V4: &str = "10.99.0.3";
 pub const NEIGHBOUR_V6: &str = "fd99::3";
 /// The client's second addresses.

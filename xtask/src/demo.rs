@@ -26,11 +26,10 @@ use portgate_cmd as proc;
 
 use crate::setup;
 
-const BRIDGE: &str = "pgbr0";
-const CLIENT_ADDR: &str = "10.98.0.2";
-const HOST_ADDR: &str = "10.98.0.1";
-const BRIDGE_ADDR: &str = "10.99.0.1";
-const CONTAINER_ADDR: &str = "10.99.0.2";
+use portgate_test_support::topology::{
+    BRIDGE, BRIDGE_V4 as BRIDGE_ADDR, CLIENT_V4 as CLIENT_ADDR, CONTAINER_V4 as CONTAINER_ADDR,
+    HOST_V4 as HOST_ADDR,
+};
 const PORT: u16 = 80;
 const BODY: &str = "hello from the container";
 /// How long the client waits for the TCP handshake: a dropped SYN shows up as this timeout.
