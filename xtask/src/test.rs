@@ -48,7 +48,7 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
         );
     }
 
-    let mut stages = vec![
+    let stages = vec![
         Stage {
             name: "setup",
             blocks_later: true,
@@ -112,31 +112,7 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
         Stage {
             name: "end-to-end tests (portgate-tests), engine set debian12",
             blocks_later: false,
-            command: Some({
-                let mut cmd = cargo(&["test", "-p", "portgate-tests"]);
-                // Without debian12 among the sets, every test binary but the engines one.
-                if !wanted("debian12") {
-                    for name in test_binaries_but_engines()? {
-                        cmd.args(["--test", &name]);
-                    }
-                }
-                cmd.args(["--", "--test-threads=2"]).args(extra_args);
-                // Last, so that the host is left with Debian 12's own engines running (this
-                // set's start stops the daemons the other sets' stages started).
-                cmd.env("PORTGATE_ENGINE_SET", "debian12");
-                with_portgate_bin(&mut cmd);
-                if std::env::var_os(crate::previous::ENV).is_none()
-                    && let Ok(target) = proc::target_dir()
-                {
-                    cmd.env(crate::previous::ENV, crate::previous::bin_path(&target));
-                }
-                if std::env::var_os("PORTGATE_DEB").is_none()
-                    && let Ok(target) = proc::target_dir()
-                {
-                    cmd.env("PORTGATE_DEB", target.join(crate::deb::PATH));
-                }
-                cmd
-            }),
+            command: Some(end_to_end_tests(wanted("debian12"), extra_args)?),
         },
         Stage {
             // Keeps the benchmark harness working; its figures go to target/bench, not docs/.
@@ -146,6 +122,12 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
         },
     ];
 
+    let outcomes = run_stages(stages);
+    summarize(&outcomes)
+}
+
+/// Runs the stages in order; a failed stage that blocks later ones skips the rest.
+fn run_stages(mut stages: Vec<Stage>) -> Vec<(Stage, Outcome)> {
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut blocked = false;
     let total = stages.len();
@@ -179,9 +161,14 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
         outcomes.push(outcome);
     }
 
+    stages.into_iter().zip(outcomes).collect()
+}
+
+/// Prints a line per stage; an error when one failed.
+fn summarize(outcomes: &[(Stage, Outcome)]) -> Result<()> {
     println!("\n==================== summary ====================");
     let mut failed = 0;
-    for (stage, outcome) in stages.iter().zip(&outcomes) {
+    for (stage, outcome) in outcomes {
         match outcome {
             Outcome::Passed(took) => {
                 println!("PASS  {:<48} {:>6.1} s", stage.name, took.as_secs_f64())
@@ -201,6 +188,34 @@ pub fn run(extra_args: &[String], engine_sets: &[String]) -> Result<()> {
         bail!("{failed} stage(s) failed");
     }
     Ok(())
+}
+
+/// The end-to-end tests on engine set debian12 (without it among the sets, every test
+/// binary but the engines one), with the binaries they start.
+fn end_to_end_tests(debian12: bool, extra_args: &[String]) -> Result<Command> {
+    let mut cmd = cargo(&["test", "-p", "portgate-tests"]);
+    // Without debian12 among the sets, every test binary but the engines one.
+    if !debian12 {
+        for name in test_binaries_but_engines()? {
+            cmd.args(["--test", &name]);
+        }
+    }
+    cmd.args(["--", "--test-threads=2"]).args(extra_args);
+    // Last, so that the host is left with Debian 12's own engines running (this
+    // set's start stops the daemons the other sets' stages started).
+    cmd.env("PORTGATE_ENGINE_SET", "debian12");
+    with_portgate_bin(&mut cmd);
+    if std::env::var_os(crate::previous::ENV).is_none()
+        && let Ok(target) = proc::target_dir()
+    {
+        cmd.env(crate::previous::ENV, crate::previous::bin_path(&target));
+    }
+    if std::env::var_os("PORTGATE_DEB").is_none()
+        && let Ok(target) = proc::target_dir()
+    {
+        cmd.env("PORTGATE_DEB", target.join(crate::deb::PATH));
+    }
+    Ok(cmd)
 }
 
 /// The engine tests alone (one test process: the sets' tests share docker0 and podman0's
