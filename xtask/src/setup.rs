@@ -97,11 +97,88 @@ pub fn run(mode: Mode) -> Result<()> {
         (Mode::Install, true) => println!("== setup: installing what is missing"),
         (Mode::Install, false) => println!("== setup: not root, so reporting only"),
     }
-    let mut missing: Vec<String> = Vec::new();
-    let mut changed: Vec<String> = Vec::new();
-    let mut present = 0usize;
+    let mut progress = Progress {
+        install,
+        ..Progress::default()
+    };
+    apt_packages(&mut progress)?;
+    cargo_tools(&mut progress)?;
+    let toolchains = debian_toolchain(&mut progress)?;
+    // Which toolchain builds the eBPF object (report only).
+    if let Some(list) = &toolchains {
+        println!("info: {}", bpf_toolchain_note(list));
+    }
+    bpffs(&mut progress)?;
+    // Needs debootstrap, from the apt packages.
+    sid(&mut progress)?;
+    progress.finish(mode)
+}
 
-    // 1. apt packages.
+/// What setup found in place, installed, and could not install.
+#[derive(Default)]
+struct Progress {
+    install: bool,
+    missing: Vec<String>,
+    changed: Vec<String>,
+    present: usize,
+}
+
+impl Progress {
+    fn present(&mut self, line: &str) {
+        println!("ok: {line}");
+        self.present += 1;
+    }
+
+    /// Installs `what` with `how` (saying `installing`), or, without the right to, notes it
+    /// as missing (saying `missing`).
+    fn need(
+        &mut self,
+        what: String,
+        installing: &str,
+        missing: &str,
+        how: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        if self.install {
+            println!("{installing}");
+            how()?;
+            self.changed.push(what);
+        } else {
+            println!("missing: {missing}");
+            self.missing.push(what);
+        }
+        Ok(())
+    }
+
+    fn finish(self, mode: Mode) -> Result<()> {
+        let present = self.present;
+        if !self.missing.is_empty() {
+            println!(
+                "setup: {present} present, missing: {}",
+                self.missing.join("; ")
+            );
+            if mode == Mode::Install {
+                bail!(
+                    "setup must run as root to install what is missing: run `cargo xtask setup` as root"
+                );
+            }
+            bail!(
+                "setup --check: {} missing; run `cargo xtask setup` as root",
+                self.missing.len()
+            );
+        }
+        if self.changed.is_empty() {
+            println!("setup: everything already in place ({present} checks ok), nothing changed");
+        } else {
+            println!(
+                "setup: {present} already in place, installed: {}",
+                self.changed.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
+fn apt_packages(progress: &mut Progress) -> Result<()> {
     let packages: Vec<&str> = BUILD_PACKAGES
         .iter()
         .chain(TOOL_PACKAGES)
@@ -112,167 +189,137 @@ pub fn run(mode: Mode) -> Result<()> {
         .iter()
         .filter(|pkg| !absent.iter().any(|a| a == *pkg))
     {
-        println!("ok: {pkg} already installed");
-        present += 1;
+        progress.present(&format!("{pkg} already installed"));
     }
-    if !absent.is_empty() {
-        let list = absent.join(" ");
-        if install {
-            println!("installing apt packages: {list}");
+    if absent.is_empty() {
+        return Ok(());
+    }
+    let list = absent.join(" ");
+    progress.need(
+        format!("apt packages ({list})"),
+        &format!("installing apt packages: {list}"),
+        &format!("apt packages {list}"),
+        || {
             apt_get(&["update"])?;
             let mut args = vec!["install", "-y", "--no-install-recommends"];
             args.extend(absent.iter().map(String::as_str));
-            apt_get(&args)?;
-            changed.push(format!("apt packages ({list})"));
+            apt_get(&args)
+        },
+    )
+}
+
+/// A tool `cargo install` builds: its name, the version wanted, the version found, how to
+/// install it, and a note for the log.
+type CargoTool = (
+    &'static str,
+    &'static str,
+    Option<String>,
+    fn() -> Result<()>,
+    &'static str,
+);
+
+/// bpf-linker, and cargo-deb for `cargo xtask deb`.
+fn cargo_tools(progress: &mut Progress) -> Result<()> {
+    let tools: [CargoTool; 2] = [
+        (
+            "bpf-linker",
+            BPF_LINKER_VERSION,
+            bpf_linker_version(),
+            install_bpf_linker,
+            "against Debian's LLVM 22",
+        ),
+        (
+            "cargo-deb",
+            CARGO_DEB_VERSION,
+            cargo_deb_version(),
+            install_cargo_deb,
+            "",
+        ),
+    ];
+    for (name, version, found, install, how) in tools {
+        if found
+            .as_deref()
+            .is_some_and(|f| reports_version(f, version))
+        {
+            progress.present(&format!("{name} {version} already installed"));
+            continue;
+        }
+        let found = found.map_or_else(|| "not found".to_owned(), |v| format!("found {v:?}"));
+        let how = if how.is_empty() {
+            String::new()
         } else {
-            println!("missing: apt packages {list}");
-            missing.push(format!("apt packages: {list}"));
-        }
+            format!(" {how}")
+        };
+        progress.need(
+            format!("{name} {version}"),
+            &format!("installing {name} {version}{how} ({found}; builds for a minute or more)"),
+            &format!("{name} {version} ({found})"),
+            install,
+        )?;
     }
+    Ok(())
+}
 
-    // 2. bpf-linker.
-    match bpf_linker_version() {
-        Some(version) if reports_version(&version, BPF_LINKER_VERSION) => {
-            println!("ok: bpf-linker {BPF_LINKER_VERSION} already installed");
-            present += 1;
-        }
-        found => {
-            let found = found.map_or_else(|| "not found".to_owned(), |v| format!("found {v:?}"));
-            if install {
-                println!(
-                    "installing bpf-linker {BPF_LINKER_VERSION} against Debian's LLVM 22 ({found}; builds for a minute or so)"
-                );
-                install_bpf_linker()?;
-                changed.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
-            } else {
-                println!("missing: bpf-linker {BPF_LINKER_VERSION} ({found})");
-                missing.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
-            }
-        }
-    }
-
-    // 2b. cargo-deb, for `cargo xtask deb`.
-    match cargo_deb_version() {
-        Some(version) if reports_version(&version, CARGO_DEB_VERSION) => {
-            println!("ok: cargo-deb {CARGO_DEB_VERSION} already installed");
-            present += 1;
-        }
-        found => {
-            let found = found.map_or_else(|| "not found".to_owned(), |v| format!("found {v:?}"));
-            if install {
-                println!(
-                    "installing cargo-deb {CARGO_DEB_VERSION} ({found}; builds for a few minutes)"
-                );
-                install_cargo_deb()?;
-                changed.push(format!("cargo-deb {CARGO_DEB_VERSION}"));
-            } else {
-                println!("missing: cargo-deb {CARGO_DEB_VERSION} ({found})");
-                missing.push(format!("cargo-deb {CARGO_DEB_VERSION}"));
-            }
-        }
-    }
-
-    // 3. The rustup toolchain `debian` -> /usr.
-    let toolchains = match rustup_toolchains() {
-        Ok(toolchains) => Some(toolchains),
+/// The rustup toolchain `debian` -> /usr; returns rustup's toolchains, when rustup is there.
+fn debian_toolchain(progress: &mut Progress) -> Result<Option<Vec<String>>> {
+    let list = match rustup_toolchains() {
+        Ok(list) => list,
         // Setup does not install rustup itself; without install rights, report it with the rest.
-        Err(err) if !install => {
+        Err(err) if !progress.install => {
             println!("missing: {err:#}");
-            missing.push("rustup".to_owned());
-            None
+            progress.missing.push("rustup".to_owned());
+            return Ok(None);
         }
         Err(err) => return Err(err),
     };
-    match &toolchains {
-        None => {}
-        Some(list) if list.iter().any(|t| t == DEBIAN_TOOLCHAIN) => {
-            println!("ok: rustup toolchain `{DEBIAN_TOOLCHAIN}` already linked");
-            present += 1;
-        }
-        Some(_) if install => {
-            println!(
-                "installing: rustup toolchain link {DEBIAN_TOOLCHAIN} /usr (Debian's Rust with the prebuilt BPF core)"
-            );
-            proc::run(Command::new("rustup").args([
-                "toolchain",
-                "link",
-                DEBIAN_TOOLCHAIN,
-                "/usr",
-            ]))?;
-            changed.push(format!("rustup toolchain `{DEBIAN_TOOLCHAIN}`"));
-        }
-        Some(_) => {
-            println!(
-                "missing: rustup toolchain `{DEBIAN_TOOLCHAIN}` (rustup toolchain link {DEBIAN_TOOLCHAIN} /usr)"
-            );
-            missing.push(format!("rustup toolchain `{DEBIAN_TOOLCHAIN}`"));
-        }
+    if list.iter().any(|t| t == DEBIAN_TOOLCHAIN) {
+        progress.present(&format!(
+            "rustup toolchain `{DEBIAN_TOOLCHAIN}` already linked"
+        ));
+    } else {
+        progress.need(
+            format!("rustup toolchain `{DEBIAN_TOOLCHAIN}`"),
+            &format!("installing: rustup toolchain link {DEBIAN_TOOLCHAIN} /usr (Debian's Rust with the prebuilt BPF core)"),
+            &format!("rustup toolchain `{DEBIAN_TOOLCHAIN}` (rustup toolchain link {DEBIAN_TOOLCHAIN} /usr)"),
+            || proc::run(Command::new("rustup").args(["toolchain", "link", DEBIAN_TOOLCHAIN, "/usr"])),
+        )?;
     }
+    Ok(Some(list))
+}
 
-    // 4. Which toolchain builds the eBPF object (report only).
-    if let Some(list) = &toolchains {
-        println!("info: {}", bpf_toolchain_note(list));
-    }
-
-    // 5. bpffs.
+fn bpffs(progress: &mut Progress) -> Result<()> {
     if bpffs_mounted()? {
-        println!("ok: bpffs already mounted at {BPFFS}");
-        present += 1;
-    } else if install {
-        println!("installing: mount -t bpf bpf {BPFFS}");
-        proc::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
-        changed.push(format!("bpffs at {BPFFS}"));
-    } else {
-        println!("missing: bpffs is not mounted at {BPFFS} (mount -t bpf bpf {BPFFS})");
-        missing.push(format!("bpffs at {BPFFS}"));
+        progress.present(&format!("bpffs already mounted at {BPFFS}"));
+        return Ok(());
     }
+    progress.need(
+        format!("bpffs at {BPFFS}"),
+        &format!("installing: mount -t bpf bpf {BPFFS}"),
+        &format!("bpffs is not mounted at {BPFFS} (mount -t bpf bpf {BPFFS})"),
+        || proc::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS])),
+    )
+}
 
-    // 6. The Debian sid root (needs debootstrap, from step 1).
+/// The Debian sid root the `sid` engine set runs from.
+fn sid(progress: &mut Progress) -> Result<()> {
     let root = sid_root::path();
-    match sid_root::incomplete(&root) {
-        None => {
-            println!(
-                "ok: Debian sid root {} already built ({})",
-                root.display(),
-                sid_root::versions(&root)
-            );
-            present += 1;
-        }
-        Some(why) if install => {
-            println!("installing: the Debian sid root {} ({why})", root.display());
-            sid_root::build(&root)?;
-            changed.push(format!("Debian sid root {}", root.display()));
-        }
-        Some(why) => {
-            println!(
-                "missing: the Debian sid root {} is {why} (`cargo xtask setup` builds it)",
-                root.display()
-            );
-            missing.push(format!("Debian sid root {}", root.display()));
-        }
-    }
-
-    if !missing.is_empty() {
-        println!("setup: {present} present, missing: {}", missing.join("; "));
-        if mode == Mode::Install {
-            bail!(
-                "setup must run as root to install what is missing: run `cargo xtask setup` as root"
-            );
-        }
-        bail!(
-            "setup --check: {} missing; run `cargo xtask setup` as root",
-            missing.len()
-        );
-    }
-    if changed.is_empty() {
-        println!("setup: everything already in place ({present} checks ok), nothing changed");
-    } else {
-        println!(
-            "setup: {present} already in place, installed: {}",
-            changed.join(", ")
-        );
-    }
-    Ok(())
+    let Some(why) = sid_root::incomplete(&root) else {
+        progress.present(&format!(
+            "Debian sid root {} already built ({})",
+            root.display(),
+            sid_root::versions(&root)
+        ));
+        return Ok(());
+    };
+    progress.need(
+        format!("Debian sid root {}", root.display()),
+        &format!("installing: the Debian sid root {} ({why})", root.display()),
+        &format!(
+            "the Debian sid root {} is {why} (`cargo xtask setup` builds it)",
+            root.display()
+        ),
+        || sid_root::build(&root),
+    )
 }
 
 /// A quick check of what `cargo build` needs; the list is empty when nothing is missing.
