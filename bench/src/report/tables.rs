@@ -18,6 +18,14 @@ pub(super) fn cell(stat: Option<Stat>, ratio: Option<f64>) -> String {
 
 /// The data path, the control plane, the program's cost: everything but the flood.
 pub(super) fn data_path_sections(results: &Results, plot_file: &str) -> String {
+    let mut md = data_path_section(results, plot_file);
+    md.push_str(&control_plane_section(results));
+    md.push_str(&program_cost_section(results));
+    md
+}
+
+/// The data-path tables, one per metric, and the bare host's.
+fn data_path_section(results: &Results, plot_file: &str) -> String {
     let ns = &results.meta.ns;
     let mut md = String::new();
 
@@ -77,6 +85,13 @@ pub(super) fn data_path_sections(results: &Results, plot_file: &str) -> String {
     }
 
     md.push_str(&bare_section(results));
+    md
+}
+
+/// Loading N rules, and allow → first packet.
+fn control_plane_section(results: &Results) -> String {
+    let ns = &results.meta.ns;
+    let mut md = String::new();
     let _ = writeln!(md, "## Control plane\n");
     let _ = writeln!(
         md,
@@ -141,7 +156,12 @@ pub(super) fn data_path_sections(results: &Results, plot_file: &str) -> String {
             int(hi)
         );
     }
+    md
+}
 
+/// The program's own cost per packet, sources, and the live path's run-time statistics.
+fn program_cost_section(results: &Results) -> String {
+    let mut md = String::new();
     let _ = writeln!(
         md,
         "## The program's own cost per packet (BPF_PROG_TEST_RUN)\n"
