@@ -83,65 +83,13 @@ fn build_ebpf(toolchain: &str, out_dir: &Path) -> anyhow::Result<()> {
         _ => tool.rustc_is_nightly()?,
     };
 
-    let mut cmd = tool.command("cargo");
-    cmd.args([
-        "build",
-        "--package",
-        PACKAGE,
-        "--bins",
-        "--message-format=json",
-        "--release",
-        "--target",
-        target,
-    ]);
-    if use_build_std {
-        cmd.args(["-Z", "build-std=core"]);
-    }
-    cmd.args(["--features", ""]);
-    cmd.env(
-        "CARGO_ENCODED_RUSTFLAGS",
-        format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"),
-    );
-    // The toolchain chosen above, not the one building this script.
-    cmd.env_remove("RUSTC")
-        .env_remove("RUSTC_WORKSPACE_WRAPPER");
-    // A target directory of its own (cargo would wait for its own lock on the outer one),
-    // apart from the object copied to OUT_DIR.
-    cmd.arg("--target-dir")
-        .arg(out_dir.join("aya-build").join("target").join(PACKAGE));
-
+    let mut cmd = nested_build(&tool, target, &arch, use_build_std, out_dir);
     let output = cmd
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("cannot run {cmd:?}"))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let mut executables = Vec::new();
-    // What cargo and rustc said, in order: compiler messages (stdout) and lines that are not
-    // JSON; cargo's own lines (stderr) follow.
-    let mut said: Vec<String> = Vec::new();
-    for line in stdout.lines() {
-        let Ok(message) = serde_json::from_str::<Value>(line) else {
-            said.push(line.to_owned());
-            continue;
-        };
-        match message["reason"].as_str() {
-            Some("compiler-artifact") => {
-                if let (Some(name), Some(executable)) = (
-                    message["target"]["name"].as_str(),
-                    message["executable"].as_str(),
-                ) {
-                    executables.push((name.to_owned(), PathBuf::from(executable)));
-                }
-            }
-            Some("compiler-message") => {
-                if let Some(rendered) = message["message"]["rendered"].as_str() {
-                    said.extend(rendered.trim_end().lines().map(str::to_owned));
-                }
-            }
-            _ => {}
-        }
-    }
+    let (executables, said) = read_cargo_json(&String::from_utf8_lossy(&output.stdout));
 
     if !output.status.success() {
         // Cargo shows a failed build script's stderr in full, under `--- stderr`: cargo's
@@ -176,6 +124,73 @@ fn build_ebpf(toolchain: &str, out_dir: &Path) -> anyhow::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// The nested `cargo build` of the eBPF object, with `tool`'s toolchain.
+fn nested_build(
+    tool: &Tool,
+    target: &str,
+    arch: &str,
+    use_build_std: bool,
+    out_dir: &Path,
+) -> Command {
+    let mut cmd = tool.command("cargo");
+    cmd.args([
+        "build",
+        "--package",
+        PACKAGE,
+        "--bins",
+        "--message-format=json",
+        "--release",
+        "--target",
+        target,
+    ]);
+    if use_build_std {
+        cmd.args(["-Z", "build-std=core"]);
+    }
+    cmd.args(["--features", ""]);
+    cmd.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"),
+    );
+    // The toolchain chosen above, not the one building this script.
+    cmd.env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    // A target directory of its own (cargo would wait for its own lock on the outer one),
+    // apart from the object copied to OUT_DIR.
+    cmd.arg("--target-dir")
+        .arg(out_dir.join("aya-build").join("target").join(PACKAGE));
+    cmd
+}
+
+/// The executables cargo built, and what cargo and rustc said, in order: compiler messages
+/// and lines that are not JSON (cargo's own lines, on stderr, follow).
+fn read_cargo_json(stdout: &str) -> (Vec<(String, PathBuf)>, Vec<String>) {
+    let mut executables = Vec::new();
+    let mut said: Vec<String> = Vec::new();
+    for line in stdout.lines() {
+        let Ok(message) = serde_json::from_str::<Value>(line) else {
+            said.push(line.to_owned());
+            continue;
+        };
+        match message["reason"].as_str() {
+            Some("compiler-artifact") => {
+                if let (Some(name), Some(executable)) = (
+                    message["target"]["name"].as_str(),
+                    message["executable"].as_str(),
+                ) {
+                    executables.push((name.to_owned(), PathBuf::from(executable)));
+                }
+            }
+            Some("compiler-message") => {
+                if let Some(rendered) = message["message"]["rendered"].as_str() {
+                    said.extend(rendered.trim_end().lines().map(str::to_owned));
+                }
+            }
+            _ => {}
+        }
+    }
+    (executables, said)
 }
 
 /// A status line of cargo's (`   Compiling gate-ebpf v0.1.0 (...)`, `    Finished ...`).
