@@ -171,33 +171,9 @@ impl Agent {
             lock::lock_state_dir(&options.state_dir)?,
             datapath::lock_pin_dir(&options.bpffs)?,
         ];
-        if options.bridges.is_empty() && !options.auto_bridges {
-            bail!(
-                "no bridge to gate: pass --bridge IFACE (for example docker0 or podman0) or --bridge auto"
-            );
-        }
-        for bridge in &options.bridges {
-            if sys::ifindex(bridge).is_none() {
-                bail!("bridge {bridge}: no such interface");
-            }
-        }
-        for uplink in &options.uplinks {
-            if sys::ifindex(uplink).is_none() {
-                bail!("uplink {uplink}: no such interface");
-            }
-        }
+        check_interfaces(&options)?;
         let store = RuleStore::new(&options.state_dir);
-        let mut saved = store.load()?;
-        let limit = options.capacities.rules;
-        if let Some(max_id) = saved.rules.max_id().filter(|id| *id >= limit) {
-            bail!(
-                "{} holds {} rules, with ids up to {max_id}: start the agent with --max-rules {} or more",
-                store.path().display(),
-                saved.rules.rules().len(),
-                max_id + 1
-            );
-        }
-        saved.rules = saved.rules.with_limit(limit);
+        let saved = load_saved(&store, options.capacities.rules)?;
         let file = read_policy_file(&options, &saved)?;
         let datapath = Datapath::load_with(&options.bpffs, options.gate, options.capacities)
             .with_context(|| format!("loading the gate under {}", options.bpffs.display()))?;
@@ -235,29 +211,7 @@ impl Agent {
             engines_later,
             _locks: locks,
         };
-        // Rules first, then programs: the new programs never run on a stale allow map. Until
-        // the engines have reported, entries for containers stay as the last agent left them.
-        agent.reconcile().context("writing the allow map")?;
-        // An older layout's tracked connections too: they continue through the new programs.
-        agent.adopt_older_flows();
-        agent.attach_bridges(true)?;
-        agent
-            .datapath
-            .open_black_holes()
-            .context("opening the sockets refused connections vanish into")?;
-        agent
-            .datapath
-            .attach_host_ports()
-            .context("gating published host ports that reach local sockets")?;
-        agent
-            .datapath
-            .attach_relay_hooks()
-            .context("recording the ports container relays bind")?;
-        agent.sync_ports()?;
-        agent.sync_uplinks(true)?;
-        agent.adopt_older_flows();
-        datapath::retire_other_layouts(&agent.options.bpffs)
-            .context("detaching an older gate's programs")?;
+        agent.attach_all()?;
         info!(
             rules = agent.saved.rules.rules().len(),
             bridges = ?agent.datapath.bridges().iter().map(|b| &b.name).collect::<Vec<_>>(),
@@ -267,6 +221,31 @@ impl Agent {
             "gate loaded"
         );
         Ok(agent)
+    }
+
+    /// Writes the maps, then attaches every program, then retires an older layout: the
+    /// new programs never run on a stale allow map. Until the engines have reported, entries
+    /// for containers stay as the last agent left them.
+    fn attach_all(&mut self) -> anyhow::Result<()> {
+        self.reconcile().context("writing the allow map")?;
+        // An older layout's tracked connections too: they continue through the new programs.
+        self.adopt_older_flows();
+        self.attach_bridges(true)?;
+        self.datapath
+            .open_black_holes()
+            .context("opening the sockets refused connections vanish into")?;
+        self.datapath
+            .attach_host_ports()
+            .context("gating published host ports that reach local sockets")?;
+        self.datapath
+            .attach_relay_hooks()
+            .context("recording the ports container relays bind")?;
+        self.sync_ports()?;
+        self.sync_uplinks(true)?;
+        self.adopt_older_flows();
+        datapath::retire_other_layouts(&self.options.bpffs)
+            .context("detaching an older gate's programs")?;
+        Ok(())
     }
 
     /// Copies an older layout's tracked connections into this one's tables
@@ -472,6 +451,41 @@ impl Agent {
 
 /// The policy file as the options name it, checked against the saved sets: an empty policy
 /// when it is optional and absent.
+/// The bridges and uplinks the options name exist (with `--bridge auto`, none need be named).
+fn check_interfaces(options: &AgentOptions) -> anyhow::Result<()> {
+    if options.bridges.is_empty() && !options.auto_bridges {
+        bail!(
+            "no bridge to gate: pass --bridge IFACE (for example docker0 or podman0) or --bridge auto"
+        );
+    }
+    for bridge in &options.bridges {
+        if sys::ifindex(bridge).is_none() {
+            bail!("bridge {bridge}: no such interface");
+        }
+    }
+    for uplink in &options.uplinks {
+        if sys::ifindex(uplink).is_none() {
+            bail!("uplink {uplink}: no such interface");
+        }
+    }
+    Ok(())
+}
+
+/// The saved rules, refused when they hold ids `--max-rules` does not give slots for.
+fn load_saved(store: &RuleStore, limit: u32) -> anyhow::Result<Saved> {
+    let mut saved = store.load()?;
+    if let Some(max_id) = saved.rules.max_id().filter(|id| *id >= limit) {
+        bail!(
+            "{} holds {} rules, with ids up to {max_id}: start the agent with --max-rules {} or more",
+            store.path().display(),
+            saved.rules.rules().len(),
+            max_id + 1
+        );
+    }
+    saved.rules = saved.rules.with_limit(limit);
+    Ok(saved)
+}
+
 pub(super) fn read_policy_file(
     options: &AgentOptions,
     saved: &Saved,
