@@ -131,17 +131,7 @@ fn namespaces() -> Vec<PathBuf> {
         .into_iter()
         .flat_map(|dir| fs::read_dir(dir).into_iter().flatten().flatten())
         .map(|entry| entry.path());
-    let of_processes = fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .map(|e| e.path().join("ns/net"));
+    let of_processes = crate::procfs::process_dirs().map(|dir| dir.join("ns/net"));
     pinned
         .chain(of_processes)
         .filter(|path| {
