@@ -237,9 +237,14 @@ impl Agent {
         self.datapath
             .attach_host_ports()
             .context("gating published host ports that reach local sockets")?;
-        self.datapath
-            .attach_relay_hooks()
-            .context("recording the ports container relays bind")?;
+        // They guard the time no agent runs; without them (no cgroup v2 hierarchy) this agent
+        // still gates everything, and `doctor` names what is missing.
+        if let Err(err) = self.datapath.attach_relay_hooks() {
+            warn!(
+                "not recording the ports container relays take ({:#}): a container started while no agent runs answers through its relay until the agent is back",
+                anyhow::Error::from(err)
+            );
+        }
         self.sync_ports()?;
         self.sync_uplinks(true)?;
         self.adopt_older_flows();

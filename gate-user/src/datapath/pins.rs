@@ -52,6 +52,8 @@ const EGRESS_SUFFIX: &str = "-egress";
 pub struct PinnedGate {
     pub bridges: BTreeSet<String>,
     pub host_ports: bool,
+    /// Every relay hook's link is pinned (see `relays.rs`).
+    pub relay_hooks: bool,
 }
 
 impl PinnedGate {
@@ -60,6 +62,7 @@ impl PinnedGate {
         let Ok(entries) = fs::read_dir(Pins::new(bpffs_dir).links()) else {
             return pinned;
         };
+        let mut relay_links = 0;
         for name in entries
             .filter_map(std::result::Result::ok)
             .filter_map(|e| e.file_name().into_string().ok())
@@ -68,8 +71,14 @@ impl PinnedGate {
                 pinned.bridges.insert(bridge.to_owned());
             } else if name == HOST_PORTS_LINK {
                 pinned.host_ports = true;
+            } else if super::relays::LINKS
+                .iter()
+                .any(|(_, link, _)| *link == name)
+            {
+                relay_links += 1;
             }
         }
+        pinned.relay_hooks = relay_links == super::relays::LINKS.len();
         pinned
     }
 }

@@ -142,6 +142,7 @@ fn examine(socket: &Path, args: &DoctorArgs) -> Report {
     findings.extend(engines::check(&facts));
     findings.extend(bridges::check_netfilter(&facts));
     findings.extend(containers::check(&facts));
+    findings.extend(proxies::check_hooks(&facts));
     findings.extend(proxies::check(&facts));
     findings.extend(host::check());
     findings.extend(service::check());

@@ -14,6 +14,30 @@ use gate_user::{datapath::recorded_relay_ports, policy::map_addr};
 
 use super::{Facts, Finding, Level};
 
+/// Whether the relay hooks are pinned, where a gate is.
+pub(super) fn check_hooks(facts: &Facts<'_>) -> Option<Finding> {
+    if !facts.pinned.host_ports {
+        return None; // no gate installed: the agent finding says so
+    }
+    Some(if facts.pinned.relay_hooks {
+        Finding::new(
+            "relays",
+            "relay hooks",
+            Level::Ok,
+            "attached: the ports container relays take are refused until an engine publishes them, also while no agent runs".to_owned(),
+            None,
+        )
+    } else {
+        Finding::new(
+            "relays",
+            "relay hooks",
+            Level::Unprotected,
+            "not attached (see the agent's log): a container started while no agent runs answers through its relay (docker-proxy: IPv6 and hairpin; rootless Podman) until the agent is back".to_owned(),
+            Some("mount a cgroup v2 hierarchy (systemd does) and restart the agent".to_owned()),
+        )
+    })
+}
+
 /// docker-proxy: each proxied port the gate cannot judge, then one finding for the proxies.
 pub(super) fn check(facts: &Facts<'_>) -> Vec<Finding> {
     let proxies = processes_named(gate_user::runtime::DOCKER_PROXY);
