@@ -51,6 +51,7 @@ use crate::sandbox::in_netns;
 
 mod agent;
 pub mod boot;
+mod containers;
 mod daemons;
 mod firewall;
 mod http;
@@ -58,7 +59,9 @@ mod process;
 mod scenario;
 mod sets;
 
-pub use self::{agent::*, daemons::*, firewall::*, http::*, process::*, scenario::*, sets::*};
+pub use self::{
+    agent::*, containers::*, daemons::*, firewall::*, http::*, process::*, scenario::*, sets::*,
+};
 
 /// The image every container runs: Debian's static busybox, nothing else.
 pub const IMAGE: &str = "local/busybox:latest";
