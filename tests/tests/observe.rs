@@ -231,7 +231,11 @@ fn control_requests_are_answered_while_drop_events_stream() {
          {during:#?}"
     );
     assert!(
-        watch.child.try_wait().expect("poll portgate watch").is_none(),
+        watch
+            .child
+            .try_wait()
+            .expect("poll portgate watch")
+            .is_none(),
         "portgate watch ended while events streamed"
     );
     let status = agent.status_json();

@@ -208,7 +208,13 @@ fn a_rule_for_a_while_expires_by_itself_and_survives_a_restart_until_then() {
     let _ssh = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:22"));
     let mut agent = Agent::start(&sb);
     let allowed_at = Instant::now();
-    agent.cli_ok(&["allow", CONTAINER_V4, "80", "--for", &format!("{FOR_SECS}s")]);
+    agent.cli_ok(&[
+        "allow",
+        CONTAINER_V4,
+        "80",
+        "--for",
+        &format!("{FOR_SECS}s"),
+    ]);
     agent.cli_ok(&["allow", CONTAINER_V4, "22", "--for", "1h"]);
     assert!(tcp_answers_from(&sb, &sb.client, CLIENT_V4, web4()));
     let left = |list: &Value| {
