@@ -730,11 +730,11 @@ fn containers_reach_the_outside_with_no_rule() {
 fn replies_rule_lets_no_podman_container_through_a_port_forward() {
     let (_serial, engines) = setup!();
     if engines.set != EngineSet::Sid {
-        eprintln!(
-            "note: engine set {}: its Podman keeps its rules in iptables, so the agent adds no \
-             replies rule; nothing to test here",
+        portgate_tests::not_applicable(format_args!(
+            "engine set {}: its Podman keeps its rules in iptables, so the agent adds no \
+             replies rule",
             engines.set.name()
-        );
+        ));
         return;
     }
     let sc = Scenario::new();
@@ -911,11 +911,10 @@ fn nftables_forward_policy_drop_is_delegated_too() {
 fn docker28_routed_and_unprotected_networks_are_gated() {
     let (_serial, engines) = setup!();
     if engines.set != EngineSet::Sid {
-        eprintln!(
-            "note: engine set {}: its Docker has no gateway_mode_ipv4 (Docker 27 and later); \
-             nothing to test here",
+        portgate_tests::not_applicable(format_args!(
+            "engine set {}: its Docker has no gateway_mode_ipv4 (Docker 27 and later)",
             engines.set.name()
-        );
+        ));
         return;
     }
     let sc = Scenario::new();
