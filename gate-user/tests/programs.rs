@@ -1315,15 +1315,20 @@ fn an_older_layouts_tracked_flows_are_adopted() {
     let odd = gate.dir.join("v0").join("maps");
     std::fs::create_dir_all(&odd).expect("v0");
     let odd_flows = odd.join(gate_common::map_names::FLOWS);
-    std::process::Command::new("bpftool")
-        .arg("map")
-        .arg("create")
-        .arg(&odd_flows)
-        .args([
-            "type", "lru_hash", "key", "4", "value", "4", "entries", "8", "name", "FLOWS",
-        ])
-        .status()
-        .expect("bpftool");
+    let odd_str = odd_flows.to_str().expect("UTF-8 path");
+    bpftool_json(&[
+        "map", "create", odd_str, "type", "lru_hash", "key", "4", "value", "4", "entries", "8",
+        "name", "FLOWS",
+    ]);
+    bpftool_json(&[
+        "map", "update", "pinned", odd_str, "key", "1", "0", "0", "0", "value", "2", "0", "0", "0",
+    ]);
+    let odd_map = bpftool_json(&["map", "show", "pinned", odd_str]);
+    assert_eq!(
+        (&odd_map["type"], &odd_map["bytes_key"]),
+        (&serde_json::json!("lru_hash"), &serde_json::json!(4)),
+        "the odd table is pinned, with its own shape: {odd_map}"
+    );
 
     let adopted = gate.datapath.adopt_flows(&gate.dir).expect("adopt");
     assert_eq!(adopted, 2, "the answered and the unanswered connection");
