@@ -285,6 +285,13 @@ fn rule_follows_the_container_across_restarts() {
     allowed.start();
     let new_address = allowed.wait_serving(80);
     eprintln!("{aname}: {old_address} -> {new_address}; filler {fname} got {filler_address}");
+    // What the test is about: had the address stayed, a rule kept on the old address would
+    // pass too.
+    assert_ne!(
+        new_address, old_address,
+        "{aname} got its old address back after docker stop + start (filler {fname} got \
+         {filler_address}): the rule following it shows nothing"
+    );
     let took = sc.assert_answers_within(
         sc.published(aport),
         &body_of(&aname),
