@@ -321,9 +321,30 @@ fn deb_installs_gates_once_ready_and_removes_cleanly() {
     );
     let agent = &mut agent.0;
     let seen = wait_notification(&notify, "READY=1", Duration::from_secs(30));
+    // READY means gated at that moment, not a little later: the agent is stopped (SIGSTOP)
+    // as soon as READY=1 arrives, and what it had done by then is checked without it. The
+    // delegation rule is in place (FORWARD, policy DROP, would drop the published port by
+    // itself), so a published port that times out is the gate's drop.
+    // SAFETY: kill has no memory preconditions; the pid is our child's, not yet reaped.
+    assert_eq!(unsafe { libc::kill(agent.id() as i32, libc::SIGSTOP) }, 0);
     eprintln!("package test: READY=1 after {:?}", started.elapsed());
     let agent_log = || std::fs::read_to_string(boot.path().join("agent.log")).unwrap_or_default();
-    // READY means gated: at that moment the bridge is attached and new connections drop.
+    let firewall = format!(
+        "{}{}",
+        ok(sandbox.command_in(&sandbox.host, "iptables").args(["-S"])),
+        ok(sandbox
+            .command_in(&sandbox.host, "nft")
+            .args(["list", "ruleset"]))
+    );
+    assert!(
+        firewall.contains(&format!("portgate: delegate {BRIDGE} to the eBPF gate")),
+        "READY=1 ({seen:?}) before the delegation rule was installed:\n{firewall}\n{}",
+        agent_log()
+    );
+    assert_tcp_times_out(&sandbox, &sandbox.client, published);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(agent.id() as i32, libc::SIGCONT) }, 0);
+    // And what the agent says: the bridge attached, new connections dropped.
     let status: Value = serde_json::from_str(&ok(sandbox
         .command_in(&sandbox.host, "portgate")
         .args(["status", "--json"])))
