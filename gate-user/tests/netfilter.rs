@@ -622,7 +622,15 @@ fn an_operators_drop_in_forward_still_drops_published_ports() {
         net.router.ensure(&mut delegation, &[BR]),
         [status(BR, "iptables-nft", "FORWARD")]
     );
-    net.assert_only_the_operators_drop_holds();
+    net.assert_only_the_operators_drop_holds(&[
+        "iptables-nft",
+        "-D",
+        "FORWARD",
+        "-s",
+        BLOCKED,
+        "-j",
+        "DROP",
+    ]);
 }
 
 #[test]
@@ -647,7 +655,15 @@ fn an_operators_drop_in_docker_user_still_drops_published_ports() {
         net.router.ensure(&mut delegation, &[BR]),
         [status(BR, "iptables-nft", "DOCKER-USER")]
     );
-    net.assert_only_the_operators_drop_holds();
+    net.assert_only_the_operators_drop_holds(&[
+        "iptables-nft",
+        "-D",
+        "DOCKER-USER",
+        "-s",
+        BLOCKED,
+        "-j",
+        "DROP",
+    ]);
 }
 
 #[test]
@@ -659,8 +675,12 @@ fn an_operators_drop_in_native_nftables_still_drops_published_ports() {
             r#"table inet pgfw {{
     chain forward {{
         type filter hook forward priority 0; policy drop;
-        ip saddr {BLOCKED} drop
+        ip saddr @blocked drop
         iifname "{BR}" accept
+    }}
+    set blocked {{
+        type ipv4_addr
+        elements = {{ {BLOCKED} }}
     }}
 }}
 "#
@@ -671,7 +691,7 @@ fn an_operators_drop_in_native_nftables_still_drops_published_ports() {
         net.router.ensure(&mut delegation, &[BR]),
         [status(BR, "nftables", "inet pgfw forward")]
     );
-    net.assert_only_the_operators_drop_holds();
+    net.assert_only_the_operators_drop_holds(&["nft", "flush", "set", "inet", "pgfw", "blocked"]);
 }
 
 #[test]

@@ -42,7 +42,15 @@ fn an_operators_drop_in_forward_holds_for_a_bridge_docker_does_not_own() {
         .exec(&["iptables-nft", "-A", "FORWARD", "-i", BR, "-j", "ACCEPT"]);
     let mut delegation = Delegation::new();
     let statuses = net.router.ensure(&mut delegation, &[BR]);
-    net.assert_only_the_operators_drop_holds();
+    net.assert_only_the_operators_drop_holds(&[
+        "iptables-nft",
+        "-D",
+        "FORWARD",
+        "-s",
+        BLOCKED,
+        "-j",
+        "DROP",
+    ]);
     assert_eq!(statuses, [status(BR, "iptables-nft", "FORWARD")]);
     assert_eq!(
         net.router.rules("iptables-nft", "DOCKER-USER"),

@@ -4,6 +4,7 @@
 
 mod support;
 
+use gate_common::{FlowKey, ipv4_mapped, tcp};
 use support::*;
 
 #[test]
@@ -284,28 +285,73 @@ fn fin_and_rst_end_a_connection() {
             Verdict::Pass
         );
     };
+    let state = |port| {
+        let key = FlowKey {
+            container_addr: ipv4_mapped(CONTAINER4),
+            remote_addr: ipv4_mapped(REMOTE4),
+            container_port: 80,
+            remote_port: port,
+            proto: 6,
+            _pad: [0; 3],
+        };
+        gate.flow(&key)
+            .unwrap_or_else(|| panic!("the connection from port {port} is tracked"))
+            .tcp_state
+    };
+    // One connection closed with FINs, one reset, one left up as the control.
     open(&gate, 41000);
+    open(&gate, 41001);
+    open(&gate, 41002);
     // A FIN keeps the closing handshake flowing.
     assert_eq!(
         gate.toward(&tcp4(REMOTE4, CONTAINER4, 41000, 80, FIN_ACK)),
         Verdict::Pass
     );
+    gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 41000, FIN_ACK));
     assert_eq!(
         gate.toward(&tcp4(REMOTE4, CONTAINER4, 41000, 80, ACK)),
         Verdict::Pass
     );
+    gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 41001, RST));
+    assert_eq!(state(41000), tcp::FIN_WAIT, "after the FINs");
+    assert_eq!(state(41001), tcp::CLOSED, "after the RST");
+    assert_eq!(state(41002), tcp::ESTABLISHED, "the control");
 
-    open(&gate, 41001);
+    // Ended: a SYN on the same ports opens a new connection (judged, counted as new), where
+    // on the control's ports it is still the same connection.
+    let new_before = gate.counter("new_allowed");
+    assert_eq!(
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 41002, 80, SYN)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        gate.counter("new_allowed"),
+        new_before,
+        "a SYN on a live connection's ports is that connection"
+    );
+    for (port, by) in [(41000, "FIN"), (41001, "RST")] {
+        assert_eq!(
+            gate.toward(&tcp4(REMOTE4, CONTAINER4, port, 80, SYN)),
+            Verdict::Pass
+        );
+        assert_eq!(
+            gate.counter("new_allowed"),
+            new_before + u64::from(port - 40999),
+            "the {by} ended the connection from port {port}: a SYN on its ports is a new one"
+        );
+    }
+
+    open(&gate, 41003);
     gate.deny("10.99.0.2", "80");
     // Established connections outlive a deny...
     assert_eq!(
-        gate.toward(&tcp4(REMOTE4, CONTAINER4, 41001, 80, ACK)),
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 41003, 80, ACK)),
         Verdict::Pass
     );
     // ...until reset; a new SYN on the same ports is then a new connection, and denied.
-    gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 41001, RST));
+    gate.sent_by_container(&tcp4(CONTAINER4, REMOTE4, 80, 41003, RST));
     assert_eq!(
-        gate.toward(&tcp4(REMOTE4, CONTAINER4, 41001, 80, SYN)),
+        gate.toward(&tcp4(REMOTE4, CONTAINER4, 41003, 80, SYN)),
         Verdict::Drop
     );
 }
@@ -1269,15 +1315,20 @@ fn an_older_layouts_tracked_flows_are_adopted() {
     let odd = gate.dir.join("v0").join("maps");
     std::fs::create_dir_all(&odd).expect("v0");
     let odd_flows = odd.join(gate_common::map_names::FLOWS);
-    std::process::Command::new("bpftool")
-        .arg("map")
-        .arg("create")
-        .arg(&odd_flows)
-        .args([
-            "type", "lru_hash", "key", "4", "value", "4", "entries", "8", "name", "FLOWS",
-        ])
-        .status()
-        .expect("bpftool");
+    let odd_str = odd_flows.to_str().expect("UTF-8 path");
+    bpftool_json(&[
+        "map", "create", odd_str, "type", "lru_hash", "key", "4", "value", "4", "entries", "8",
+        "name", "FLOWS",
+    ]);
+    bpftool_json(&[
+        "map", "update", "pinned", odd_str, "key", "1", "0", "0", "0", "value", "2", "0", "0", "0",
+    ]);
+    let odd_map = bpftool_json(&["map", "show", "pinned", odd_str]);
+    assert_eq!(
+        (&odd_map["type"], &odd_map["bytes_key"]),
+        (&serde_json::json!("lru_hash"), &serde_json::json!(4)),
+        "the odd table is pinned, with its own shape: {odd_map}"
+    );
 
     let adopted = gate.datapath.adopt_flows(&gate.dir).expect("adopt");
     assert_eq!(adopted, 2, "the answered and the unanswered connection");

@@ -10,6 +10,10 @@
 //! - where a skip is a failure (CI), it panics instead: when any of [`REQUIRE_VARS`]
 //!   (`PORTGATE_REQUIRE_ROOT`, `PORTGATE_REQUIRE_ENGINES`, `CI`) is set to anything but
 //!   empty, `0` or `false`. `.ci/run` sets them.
+//!
+//! A test whose subject this machine's set does not have (an engine set without the feature)
+//! is not skipped: it calls [`not_applicable`], which says so the same way, as
+//! `not applicable: <test>: <why>`, and never fails, and returns.
 
 pub mod topology;
 
@@ -36,6 +40,23 @@ pub fn skip(why: impl Display) {
     let _ = std::io::stderr()
         .lock()
         .write_all(format!("skipped: {test}: {why}\n").as_bytes());
+}
+
+/// Says that the running test has nothing to check here, and why (e.g. this engine set has
+/// no such feature): prints `not applicable: <test>: <why>` past libtest's capture, like
+/// [`skip`], so that a test that checked nothing does not read as a bare "ok". Not a skip:
+/// it never fails the test, also where skips are failures. The caller returns afterwards.
+#[track_caller]
+pub fn not_applicable(why: impl Display) {
+    // One write of the whole line, as in `skip`.
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(not_applicable_line(&current_test_name(), why).as_bytes());
+}
+
+/// The line [`not_applicable`] prints.
+pub fn not_applicable_line(test: &str, why: impl Display) -> String {
+    format!("not applicable: {test}: {why}\n")
 }
 
 /// Whether the test may run as far as privileges go: true for root; otherwise [`skip`]s with
@@ -114,6 +135,14 @@ mod tests {
         assert_eq!(
             skips_forbidden_by(env(&[("CI", "true"), ("PORTGATE_REQUIRE_ENGINES", "0")])),
             Some("CI")
+        );
+    }
+
+    #[test]
+    fn not_applicable_names_the_test_and_why() {
+        assert_eq!(
+            not_applicable_line("engines::a_test", "this set has no such thing"),
+            "not applicable: engines::a_test: this set has no such thing\n"
         );
     }
 

@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// The skip policy of every test crate (`portgate-test-support`): `skip(why)` prints
 /// `skipped: <test>: <why>` past libtest's capture, or fails the test where skips are
 /// failures (`PORTGATE_REQUIRE_ROOT`, `PORTGATE_REQUIRE_ENGINES` or `CI` set, as in CI).
-pub use portgate_test_support::{current_test_name, skip};
+/// `not_applicable(why)` prints `not applicable: <test>: <why>` the same way, and never
+/// fails: for a test whose subject this machine's engine set does not have.
+pub use portgate_test_support::{current_test_name, not_applicable, skip};
 
 /// Whether the test may run. When not root, skips the test saying why and returns false
 /// (or fails it where skips are failures, see [`skip`]): a skip is never silently a pass.

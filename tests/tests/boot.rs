@@ -21,7 +21,7 @@ use portgate_tests::engines::{
     Engine, EngineAgent, Engines, FOLLOW_TIMEOUT, IMAGE, Scenario, body_of, boot, free_port,
     hairpin_answers, httpd_script, unique,
 };
-use portgate_tests::{sandbox::in_netns, skip};
+use portgate_tests::{not_applicable, sandbox::in_netns, skip};
 
 const PROBE_EVERY: Duration = Duration::from_millis(20);
 
@@ -167,7 +167,7 @@ fn containers_restarted_at_boot_never_answer_before_allow() {
     };
     if engines.root.is_some() {
         // Not a skip: this set's engines run in a chroot the boot simulation does not stop.
-        eprintln!("note: the boot simulation runs on the host's own engines (engine set debian12)");
+        not_applicable("the boot simulation runs on the host's own engines (engine set debian12)");
         return;
     }
     if let Err(why) = engines.may_restart_dockerd() {

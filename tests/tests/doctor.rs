@@ -58,7 +58,9 @@ fn doctor_reports_host_network_containers_unprotected_and_macvlan_ones_gated() {
     };
     if engines.root.is_some() {
         // Not a skip: the doctor's engine checks are the host's default sockets.
-        eprintln!("note: the doctor test runs on the host's own engines (engine set debian12)");
+        portgate_tests::not_applicable(
+            "the doctor test runs on the host's own engines (engine set debian12)",
+        );
         return;
     }
     let id = unique("");

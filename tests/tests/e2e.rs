@@ -672,6 +672,11 @@ fn a_second_agent_refuses_before_it_touches_the_gate() {
     assert!(message.contains(&format!("pid {pid}")), "{message}");
     assert_tcp_times_out(&sb, &sb.client, sa("10.99.0.2:80"));
     assert_eq!(agent.status_json()["bridges"][0]["attached"], true);
+
+    // Control: the timeouts above were the running agent's gate, which still takes rules:
+    // allowed, port 80 answers on the same path.
+    agent.allow(CONTAINER_V4, "80/tcp");
+    assert_tcp_answers(&sb, &sb.client, sa("10.99.0.2:80"));
 }
 
 #[test]

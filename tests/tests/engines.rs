@@ -287,6 +287,13 @@ fn rule_follows_the_container_across_restarts() {
     allowed.start();
     let new_address = allowed.wait_serving(80);
     eprintln!("{aname}: {old_address} -> {new_address}; filler {fname} got {filler_address}");
+    // What the test is about: had the address stayed, a rule kept on the old address would
+    // pass too.
+    assert_ne!(
+        new_address, old_address,
+        "{aname} got its old address back after docker stop + start (filler {fname} got \
+         {filler_address}): the rule following it shows nothing"
+    );
     let took = sc.assert_answers_within(
         sc.published(aport),
         &body_of(&aname),
@@ -732,11 +739,11 @@ fn containers_reach_the_outside_with_no_rule() {
 fn replies_rule_lets_no_podman_container_through_a_port_forward() {
     let (_serial, engines) = setup!();
     if engines.set != EngineSet::Sid {
-        eprintln!(
-            "note: engine set {}: its Podman keeps its rules in iptables, so the agent adds no \
-             replies rule; nothing to test here",
+        portgate_tests::not_applicable(format_args!(
+            "engine set {}: its Podman keeps its rules in iptables, so the agent adds no \
+             replies rule",
             engines.set.name()
-        );
+        ));
         return;
     }
     let sc = Scenario::new();
@@ -913,11 +920,10 @@ fn nftables_forward_policy_drop_is_delegated_too() {
 fn docker28_routed_and_unprotected_networks_are_gated() {
     let (_serial, engines) = setup!();
     if engines.set != EngineSet::Sid {
-        eprintln!(
-            "note: engine set {}: its Docker has no gateway_mode_ipv4 (Docker 27 and later); \
-             nothing to test here",
+        portgate_tests::not_applicable(format_args!(
+            "engine set {}: its Docker has no gateway_mode_ipv4 (Docker 27 and later)",
             engines.set.name()
-        );
+        ));
         return;
     }
     let sc = Scenario::new();

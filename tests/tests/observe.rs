@@ -177,7 +177,7 @@ fn control_requests_are_answered_while_drop_events_stream() {
     require_root!();
     let sb = Sandbox::new();
     let agent = Agent::start(&sb);
-    let _watch = Watch::start(&agent);
+    let mut watch = Watch::start(&agent);
     // A steady stream of blocked datagrams keeps the agent loop busy with drop events.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flood = {
@@ -194,6 +194,9 @@ fn control_requests_are_answered_while_drop_events_stream() {
             }
         })
     };
+    // What the watcher got before the requests start does not count.
+    thread::sleep(Duration::from_millis(200));
+    let before = watch.lines.try_iter().count();
     let mut failures = Vec::new();
     for i in 0..60 {
         let output = agent.cli(&["status", "--json"]);
@@ -204,11 +207,36 @@ fn control_requests_are_answered_while_drop_events_stream() {
             ));
         }
     }
+    // The events that reached the watcher while the requests were answered.
+    let during: Vec<Value> = watch.lines.try_iter().collect();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flood.join().expect("flood thread");
     assert!(
         failures.is_empty(),
         "control requests lost while events streamed: {failures:?}"
+    );
+    let flood_events = during
+        .iter()
+        .filter(|e| {
+            e["destination_port"] == 9 && e["protocol"] == "udp" && e["reason"] == "not_allowed"
+        })
+        .count();
+    println!(
+        "{} events while the requests ran ({before} before), {flood_events} of the flood",
+        during.len()
+    );
+    assert!(
+        flood_events >= 10,
+        "the watcher got {flood_events} drop events of the flood while the requests ran: \
+         {during:#?}"
+    );
+    assert!(
+        watch
+            .child
+            .try_wait()
+            .expect("poll portgate watch")
+            .is_none(),
+        "portgate watch ended while events streamed"
     );
     let status = agent.status_json();
     assert!(

@@ -321,9 +321,29 @@ fn deb_installs_gates_once_ready_and_removes_cleanly() {
     );
     let agent = &mut agent.0;
     let seen = wait_notification(&notify, "READY=1", Duration::from_secs(30));
+    // READY means gated at that moment, not a little later: the agent is stopped (SIGSTOP)
+    // as soon as READY=1 arrives, and what it had done by then is checked without it: the
+    // gate's link on the bridge is pinned (the agent pins a link once it is attached), and
+    // the published port is closed. (The delegation rule is a thread's, installed
+    // independently: it is checked in the status below.)
+    // SAFETY: kill has no memory preconditions; the pid is our child's, not yet reaped.
+    assert_eq!(unsafe { libc::kill(agent.id() as i32, libc::SIGSTOP) }, 0);
     eprintln!("package test: READY=1 after {:?}", started.elapsed());
     let agent_log = || std::fs::read_to_string(boot.path().join("agent.log")).unwrap_or_default();
-    // READY means gated: at that moment the bridge is attached and new connections drop.
+    let link = Path::new(PINS)
+        .join(gate_common::LAYOUT_VERSION)
+        .join("links")
+        .join(format!("{BRIDGE}-egress"));
+    assert!(
+        link.exists(),
+        "READY=1 ({seen:?}) before {BRIDGE} was attached: no {}\n{}",
+        link.display(),
+        agent_log()
+    );
+    assert_tcp_times_out(&sandbox, &sandbox.client, published);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(agent.id() as i32, libc::SIGCONT) }, 0);
+    // And what the agent says: the bridge attached, new connections dropped.
     let status: Value = serde_json::from_str(&ok(sandbox
         .command_in(&sandbox.host, "portgate")
         .args(["status", "--json"])))

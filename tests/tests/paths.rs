@@ -53,6 +53,23 @@ fn a_forged_source_opens_no_path_into_another_container() {
         "the forged packet should be counted as foreign_source: {status}"
     );
 
+    // Control: once allowed, the same request from the same client port gets 5353's echo,
+    // so the silence above was the gate's, not a server or path that never answers.
+    agent.allow(CONTAINER_V4, "5353/udp");
+    let allowed = udp_request_from(
+        &sb,
+        &sb.client,
+        sa("10.98.0.2:40000"),
+        sa("10.99.0.2:5353"),
+        b"in through a rule",
+        SHOULD_ANSWER,
+    );
+    assert_eq!(
+        allowed.as_deref(),
+        Some(&b"in through a rule"[..]),
+        "the client's request to the container's port 5353, allowed, should get its echo"
+    );
+
     // Control: the same exchange, opened by the container itself, is a tracked flow.
     let _outside = UdpEchoServer::start(&sb, &sb.client, sa("10.98.0.2:40001"));
     let answered = udp_request_from(

@@ -4,7 +4,10 @@
 //! agent; the client has two addresses of each family and the remote namespace comes in on
 //! another interface. Need root; without it each test says it is skipped.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use portgate_tests::agent::{counter, find_rule, rules};
 use portgate_tests::net::{exchange, sa, tcp_answers_from, tcp_connect_from};
@@ -197,28 +200,73 @@ fn the_block_list_overrides_every_allow_and_is_replaced_from_a_file_at_once() {
 #[test]
 fn a_rule_for_a_while_expires_by_itself_and_survives_a_restart_until_then() {
     require_root!();
+    // Long enough that the restart ends well before it, short enough for a test. The agent
+    // keeps expiries in whole Unix seconds: the rule ends between 9 and 10 s after `allow`.
+    const FOR_SECS: u64 = 10;
     let sb = Sandbox::new();
     let _web = TcpEchoServer::start(&sb, &sb.container, web4());
     let _ssh = TcpEchoServer::start(&sb, &sb.container, sa("10.99.0.2:22"));
     let mut agent = Agent::start(&sb);
-    agent.cli_ok(&["allow", CONTAINER_V4, "80", "--for", "3s"]);
+    let allowed_at = Instant::now();
+    agent.cli_ok(&[
+        "allow",
+        CONTAINER_V4,
+        "80",
+        "--for",
+        &format!("{FOR_SECS}s"),
+    ]);
     agent.cli_ok(&["allow", CONTAINER_V4, "22", "--for", "1h"]);
     assert!(tcp_answers_from(&sb, &sb.client, CLIENT_V4, web4()));
+    let left = |list: &Value| {
+        find_rule(list, CONTAINER_V4, "tcp", 80, 80)
+            .unwrap_or_else(|| panic!("the rule for port 80 is listed: {list}"))
+            ["expires_in_seconds"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("the rule for port 80 has a time left: {list}"))
+    };
     let list = agent.list_json();
-    let left = find_rule(&list, CONTAINER_V4, "tcp", 80, 80).expect("rule")["expires_in_seconds"]
-        .as_u64()
-        .expect("time left");
-    assert!(left <= 3, "{list}");
+    let before = left(&list);
+    assert!(
+        (FOR_SECS - 2..=FOR_SECS).contains(&before),
+        "{FOR_SECS}s just asked for: {list}"
+    );
 
     agent.restart();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while tcp_answers_from(&sb, &sb.client, CLIENT_V4, web4()) {
+    let restarted_in = allowed_at.elapsed();
+    assert!(
+        restarted_in < Duration::from_secs(FOR_SECS - 4),
+        "the restart took {restarted_in:?}, too close to the rule's {FOR_SECS}s to check it survived"
+    );
+    // The restarted agent still has the rule, with the time it had left, and applies it.
+    let list = agent.list_json();
+    let after = left(&list);
+    assert!(
+        after <= before && after + restarted_in.as_secs() + 2 >= before,
+        "{before}s left before the restart, {after}s after it ({restarted_in:?} later): {list}"
+    );
+    assert!(
+        tcp_answers_from(&sb, &sb.client, CLIENT_V4, web4()),
+        "port 80 answers right after the restart, its rule still running ({:?} of {FOR_SECS}s)",
+        allowed_at.elapsed()
+    );
+
+    // Then it ends by itself, about on time: not before its time, nor long after.
+    let deadline = Duration::from_secs(FOR_SECS + 5);
+    let closed_at = loop {
+        let asked_at = allowed_at.elapsed();
+        if !tcp_answers_from(&sb, &sb.client, CLIENT_V4, web4()) {
+            break asked_at;
+        }
         assert!(
-            std::time::Instant::now() < deadline,
-            "port 80 still answers well after its rule expired"
+            asked_at < deadline,
+            "port 80 still answers {asked_at:?} after a rule for {FOR_SECS}s"
         );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        closed_at >= Duration::from_secs(FOR_SECS - 1),
+        "port 80 closed {closed_at:?} after a rule for {FOR_SECS}s"
+    );
     let list = agent.list_json();
     assert_eq!(
         rules(&list).len(),

@@ -322,8 +322,10 @@ impl Router {
         })
     }
 
-    /// After `ensure`: the client reaches the published port, the blocked client does not.
-    pub fn assert_only_the_operators_drop_holds(&self) {
+    /// After `ensure`: the client reaches the published port, the blocked client does not;
+    /// then, the operator's DROP lifted by the command `lift` (run in the router), the
+    /// blocked client does too: its path works, only the DROP stopped it.
+    pub fn assert_only_the_operators_drop_holds(&self, lift: &[&str]) {
         assert_eq!(
             connect(&self.client, PUBLISHED).expect("published port from the client"),
             "hello"
@@ -332,6 +334,13 @@ impl Router {
         assert!(
             timed_out(&blocked),
             "the operator's DROP for {BLOCKED} must still drop it, got {blocked:?}"
+        );
+        self.router.exec(lift);
+        assert_eq!(
+            connect(&self.blocked, PUBLISHED).unwrap_or_else(|e| panic!(
+                "published port from {BLOCKED} once the operator's DROP is gone ({lift:?}): {e}"
+            )),
+            "hello"
         );
     }
 }
