@@ -206,4 +206,25 @@ fn doctor_reports_host_network_containers_unprotected_and_macvlan_ones_gated() {
         docker0.len() == 1 && docker0[0]["level"] == "ok",
         "docker0 stays gated (pinned) without the agent: {docker0:#?}"
     );
+    let hooks = findings(&report, "relays", "relay hooks");
+    assert!(
+        hooks.len() == 1 && hooks[0]["level"] == "ok",
+        "the relay hooks stay pinned without the agent: {hooks:#?}"
+    );
+    // Their pins gone (as after a failed attach), doctor says what that leaves open.
+    for link in ["relay-bound4", "relay-bound6", "relay-adopted"] {
+        let pin = agent
+            .bpffs
+            .join(gate_common::LAYOUT_VERSION)
+            .join("links")
+            .join(link);
+        std::fs::remove_file(&pin).expect("remove a relay hook's pin");
+    }
+    let report: Value =
+        serde_json::from_slice(&doctor(&agent, true).stdout).expect("doctor --json");
+    let hooks = findings(&report, "relays", "relay hooks");
+    assert!(
+        hooks.len() == 1 && hooks[0]["level"] == "unprotected",
+        "without the relay hooks doctor says unprotected: {hooks:#?}"
+    );
 }
