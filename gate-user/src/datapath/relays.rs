@@ -80,27 +80,28 @@ impl Datapath {
 
     /// Removes the recorded ports that no relay process of this namespace has held for two
     /// calls in a row (a relay's socket and the tables /proc shows it in are read one after
-    /// the other), and returns the ports recorded now. A host service that takes such a port
+    /// the other). A host service that takes such a port
     /// after the relay is gone is the host's own again.
-    pub fn sync_relay_ports(&mut self) -> Result<BTreeSet<RelayPort>> {
-        let held = crate::procfs::ports_held_by(&RELAY_PROCESSES);
+    pub fn sync_relay_ports(&mut self) -> Result<()> {
         let name = map_names::RELAY_PORTS;
         let unheld_before = std::mem::take(&mut self.relay_ports_unheld);
         let mut ports: HashMap<_, RelayPort, u8> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        let mut recorded: BTreeSet<RelayPort> = ports.keys().filter_map(|k| k.ok()).collect();
+        let recorded: BTreeSet<RelayPort> = ports.keys().filter_map(|k| k.ok()).collect();
+        if recorded.is_empty() {
+            return Ok(()); // nothing to forget: no walk over /proc
+        }
+        let held = crate::procfs::ports_held_by(&RELAY_PROCESSES);
         let unheld: BTreeSet<RelayPort> = recorded
-            .iter()
+            .into_iter()
             .filter(|p| !held.contains(&(p.proto, p.port)))
-            .copied()
             .collect();
         for port in unheld.intersection(&unheld_before) {
             // Gone meanwhile is as good as removed.
             let _ = ports.remove(port);
-            recorded.remove(port);
         }
         self.relay_ports_unheld = unheld;
-        Ok(recorded)
+        Ok(())
     }
 }
 
